@@ -1,0 +1,21 @@
+"""fused_tp: tensor-parallel linear layers whose shard matmul and bias run in one Triton kernel.
+
+    kernels/     Triton kernels and launchers (no torch.distributed)
+    autograd.py  the autograd Functions and functional forms (the only code calling torch.distributed)
+    modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear
+"""
+
+from .autograd import column_parallel_linear, row_parallel_linear
+from .kernels import kernel_path, path_counts
+from .modules import ColumnParallelLinear, RowParallelLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "column_parallel_linear",
+    "kernel_path",
+    "path_counts",
+    "row_parallel_linear",
+]

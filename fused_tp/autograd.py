@@ -1,0 +1,173 @@
+"""Autograd Functions of the tensor-parallel layers: the only code in fused_tp that calls torch.distributed.
+
+R is the size of the process group, r this rank's index in it. Shards follow torch.tensor_split(t, R, dim)[r]:
+sizes need not divide evenly, the first ranks get one more. One code path serves every R; at R = 1 the
+collectives are skipped, nothing else. A missing process group with torch.distributed not initialised is R = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from . import kernels
+
+
+def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(R, r) of `group`; (1, 0) when no group is given and torch.distributed is not initialised."""
+    if group is None and not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def shard_range(size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the slice that torch.tensor_split(range(size), world_size)[rank] takes."""
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def _all_reduce(t: torch.Tensor, group, world: int, async_op: bool = False):
+    # Shapes are replicated across ranks, so every rank skips an empty or single-rank reduce alike.
+    if world == 1 or t.numel() == 0:
+        return None
+    return dist.all_reduce(t, group=group, async_op=async_op)
+
+
+def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch.Tensor:
+    """Concatenate every rank's t [..., n_i] along the last dim, where n_i are the shard sizes of `size`."""
+    if world == 1:
+        return t
+    sizes = [stop - start for start, stop in (shard_range(size, world, i) for i in range(world))]
+    if sizes[0] == 0 or t.shape[:-1].numel() == 0:  # nothing to send on any rank
+        return t.new_empty((*t.shape[:-1], size))
+    # all_gather wants equal, contiguous pieces: pad the short shards to the first (longest) one, trim after.
+    piece = F.pad(t, (0, sizes[0] - t.shape[-1])) if t.shape[-1] < sizes[0] else t.contiguous()
+    pieces = [torch.empty_like(piece) for _ in range(world)]
+    dist.all_gather(pieces, piece, group=group)
+    return torch.cat([p[..., :n] for p, n in zip(pieces, sizes)], dim=-1)
+
+
+class _ColumnParallelLinear(Function):
+    """Column-parallel linear: W is split by output features.
+
+    x        [..., K]      replicated input
+    w_shard  [N_r, K]      this rank's rows of W
+    b_shard  [N_r]         this rank's slice of b
+    y_shard  [..., N_r]    forward:  y_shard = x @ w_shard.T + b_shard                  (no collective)
+                           dgrad:    grad_x = all_reduce(grad_y_shard @ w_shard)
+                           wgrad:    grad_w_shard = grad_y_shard.T @ x ;  grad_b_shard = grad_y_shard.sum(rows)
+    The all-reduce of grad_x runs while wgrad computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_shard, b_shard, group, world):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if need_w else None, w_shard if need_x else None)
+        ctx.group, ctx.world = group, world
+        return kernels.linear(x, w_shard, b_shard)
+
+    @staticmethod
+    def backward(ctx, grad_y_shard):
+        x, w_shard = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = work = None
+        if need_x:
+            grad_x = kernels.grad_input(grad_y_shard, w_shard)
+            work = _all_reduce(grad_x, ctx.group, ctx.world, async_op=True)
+        grad_w, grad_b = kernels.grad_params(grad_y_shard, x, weight=need_w, bias=need_b)
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _RowParallelLinear(Function):
+    """Row-parallel linear: W is split by input features; the bias is replicated and added once.
+
+    x_shard  [..., K_r]    this rank's slice of the input features
+    w_shard  [N, K_r]      this rank's columns of W
+    b        [N]           full bias, the same on every rank
+    y        [..., N]      forward:  y = all_reduce(x_shard @ w_shard.T + (b if r == 0 else 0))
+                           dgrad:    grad_x_shard = grad_y @ w_shard                     (no collective)
+                           wgrad:    grad_w_shard = grad_y.T @ x_shard ;  grad_b = grad_y.sum(rows) on every rank
+    The bias is added inside the kernel on rank 0 only, so the sum carries it once. Its gradient is computed on
+    every rank from the replicated grad_y, so the replicated bias stays identical under any optimizer.
+    """
+
+    @staticmethod
+    def forward(ctx, x_shard, w_shard, b, group, world, rank):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
+        y = kernels.linear(x_shard, w_shard, b if rank == 0 else None)
+        _all_reduce(y, group, world)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_shard, w_shard = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x_shard = kernels.grad_input(grad_y, w_shard) if need_x else None
+        grad_w, grad_b = kernels.grad_params(grad_y, x_shard, weight=need_w, bias=need_b)
+        return grad_x_shard, grad_w, grad_b, None, None, None
+
+
+class _GatherLastDim(Function):
+    """y_shard [..., N_r] -> y [..., N] on every rank; backward keeps this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, y_shard, group, world, rank, size):
+        ctx.slice = shard_range(size, world, rank)
+        return _all_gather_last_dim(y_shard, group, world, size)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        start, stop = ctx.slice
+        return grad_y[..., start:stop], None, None, None, None
+
+
+class _ScatterLastDim(Function):
+    """x [..., K] -> x[..., K_r] (a view, no copy); backward all-gathers, so every rank gets the full gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, world, rank):
+        ctx.group, ctx.world, ctx.size = group, world, x.shape[-1]
+        start, stop = shard_range(x.shape[-1], world, rank)
+        return x[..., start:stop]
+
+    @staticmethod
+    def backward(ctx, grad_x_shard):
+        return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
+
+
+def column_parallel_linear(x, weight, bias=None, *, process_group=None):
+    """This rank's output features: x [..., K] replicated, weight [N_r, K], bias [N_r]  ->  [..., N_r].
+
+    Backward all-reduces grad_x over `process_group` (default: the default group).
+    """
+    kernels.check_linear_args(x, weight, bias)
+    world, _ = group_size_rank(process_group)
+    return _ColumnParallelLinear.apply(x, weight, bias, process_group, world)
+
+
+def row_parallel_linear(x, weight, bias=None, *, process_group=None):
+    """The full output, summed over ranks: x [..., K_r], weight [N, K_r], bias [N] replicated  ->  [..., N].
+
+    Forward all-reduces over `process_group` (default: the default group); the bias is counted once.
+    """
+    kernels.check_linear_args(x, weight, bias)
+    world, rank = group_size_rank(process_group)
+    return _RowParallelLinear.apply(x, weight, bias, process_group, world, rank)
+
+
+def gather_last_dim(y_shard, size, *, process_group=None):
+    """Every rank's shard [..., N_r] of a last dim of `size` features, concatenated: [..., size] on every rank."""
+    world, rank = group_size_rank(process_group)
+    return _GatherLastDim.apply(y_shard, process_group, world, rank, size)
+
+
+def scatter_last_dim(x, *, process_group=None):
+    """This rank's slice [..., K_r] of a replicated x [..., K]; backward all-gathers the gradient."""
+    world, rank = group_size_rank(process_group)
+    return _ScatterLastDim.apply(x, process_group, world, rank)

@@ -1,0 +1,26 @@
+"""Triton kernels and their launchers. Nothing here calls torch.distributed."""
+
+from .configs import KernelConfig, pick_config
+from .matmul import (
+    INTERPRETED,
+    SUPPORTED_DTYPES,
+    check_linear_args,
+    grad_input,
+    grad_params,
+    kernel_path,
+    linear,
+    path_counts,
+)
+
+__all__ = [
+    "INTERPRETED",
+    "KernelConfig",
+    "SUPPORTED_DTYPES",
+    "check_linear_args",
+    "grad_input",
+    "grad_params",
+    "kernel_path",
+    "linear",
+    "path_counts",
+    "pick_config",
+]

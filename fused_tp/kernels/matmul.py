@@ -1,0 +1,242 @@
+"""One Triton matmul kernel serves the forward and both backward products of a linear layer.
+
+    C[M, N] = A[M, K] @ B[K, N]  (+ bias[N] on the fp32 accumulator)  (and rowsum[M] = sum_k A[M, k])
+
+A and B are read through their strides, so the three products of y = x @ w.T + b are one kernel:
+
+    op            A                  B                C              extras
+    forward       x       [M, K]     w.T    [K, N]    y      [M, N]  + bias
+    grad_input    grad_y  [M, N]     w      [N, K]    grad_x [M, K]
+    grad_weight   grad_y.T[N, M]     x      [M, K]    grad_w [N, K]  rowsum = grad_b [N]
+
+Where kernels run: CUDA tensors through compiled Triton; any tensor through Triton's interpreter when
+TRITON_INTERPRET=1 was set before this module was imported; CPU tensors otherwise through a torch path that
+computes the same function (fp32 accumulation, bias on the accumulator, one rounding). `kernel_path` says which
+one a device gets and `path_counts` how many launches took each path.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from .configs import pick_config
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _matmul_kernel(
+    # pointers
+    a_ptr,  # [M, K] A operand
+    b_ptr,  # [K, N] B operand
+    bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS)
+    c_ptr,  # [M, N] output
+    rowsum_ptr,  # [M]    sum over K of A (written only when ROWSUM)
+    # sizes
+    M,
+    N,
+    K,
+    # strides, in elements
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_bias,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWSUM: tl.constexpr,
+    UPCAST: tl.constexpr,  # convert operands to fp32 before tl.dot (the interpreter's 16-bit dot is wrong)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
+):
+    # Grouped tile order (Triton tutorial 03): GROUP_M row-tiles share each column of B while it is in L2.
+    # N == 0 still gets one column of programs, so that ROWSUM is computed when the output has no columns.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Row and column offsets in int64: a tensor of 2^31 elements or more must not wrap. The K offsets stay
+    # small (BLOCK_K * stride) and the pointers advance in 64-bit arithmetic.
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ROWSUM:
+            # Only the first column of programs sums A, so each row of A is summed exactly once.
+            if pid_n == 0:
+                rowsum += tl.sum(a.to(tl.float32), axis=1)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+INTERPRETED = isinstance(_matmul_kernel, InterpretedFunction)
+
+# How many launches took each path since import (or the last reset), keyed by path name.
+path_counts: collections.Counter = collections.Counter()
+_warned_torch_path = False
+
+
+def kernel_path(device: torch.device | str) -> str:
+    """Which implementation runs for tensors on `device`: "triton", "triton-interpreter" or "torch"."""
+    if INTERPRETED:
+        return "triton-interpreter"
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise TypeError / ValueError naming the argument if (x, weight, bias) is not a valid F.linear call."""
+    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+    # The weight is the reference: it is what a layer owns, the input and bias are what the caller passes.
+    for name, t in (("input", x), ("bias", bias)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{name}: expected dtype {weight.dtype} (the weight's), got {t.dtype}")
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"{name}: expected device {weight.device} (the weight's), got {t.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2 dims [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input: expected last dim {weight.shape[1]} (weight.shape[1]), got shape {tuple(x.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _matmul(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, rowsum: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """C = A @ B (+ bias), and sum_k A[:, k] if `rowsum`; A [M, K], B [K, N] with any strides."""
+    (M, K), N = a.shape, b.shape[1]
+    dtype, path = a.dtype, kernel_path(a.device)
+    path_counts[path] += 1
+    if path == "torch":
+        _warn_torch_path_once()
+        a32 = a.float()
+        c = a32 @ b.float()
+        if bias is not None:
+            c += bias.float()
+        return c.to(dtype), (a32.sum(1).to(dtype) if rowsum else None)
+
+    # The interpreter multiplies bf16 bit patterns in tl.dot, gets bf16 elementwise ops and sums wrong, and
+    # truncates fp32 -> bf16 casts (FIELD-NOTES). Its fp32 arithmetic and bf16 -> fp32 casts are exact, so there
+    # 16-bit operands are widened before the dot, the kernel writes fp32, and torch rounds once to nearest even:
+    # the same function the compiled kernel computes, up to the order of fp32 sums.
+    fp32_out = path == "triton-interpreter" and dtype != torch.float32
+    out_dtype = torch.float32 if fp32_out else dtype
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    sums = torch.empty((M,), device=a.device, dtype=out_dtype) if rowsum else None
+    if M == 0:
+        return c.to(dtype), (sums.to(dtype) if rowsum else None)
+
+    cfg = pick_config(M, N, K, dtype, interpreted=INTERPRETED)
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * max(triton.cdiv(N, cfg.BLOCK_N), 1),)
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
+    _matmul_kernel[grid](
+        a, b, bias if bias is not None else c, c, sums if rowsum else c,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        HAS_BIAS=bias is not None,
+        ROWSUM=rowsum,
+        UPCAST=fp32_out,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        **cfg.meta(),
+    )  # fmt: skip
+    if fp32_out:
+        return c.to(dtype), (sums.to(dtype) if rowsum else None)
+    return c, sums
+
+
+def _warn_torch_path_once() -> None:
+    global _warned_torch_path
+    if not _warned_torch_path:
+        _warned_torch_path = True
+        warnings.warn(
+            "fused_tp: CPU tensors run a torch path, not the Triton kernels; set TRITON_INTERPRET=1 before "
+            "importing fused_tp to run the kernels through Triton's interpreter",
+            stacklevel=3,
+        )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., D] as a matrix [prod(...), D]; a view where strides allow (reshape copies only otherwise)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias, the contract of F.linear.
+
+    x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] contiguous, in x's dtype.
+    """
+    check_linear_args(x, weight, bias)
+    N, K = weight.shape
+    y, _ = _matmul(_rows(x), weight.t(), bias)
+    return y.view(*x.shape[:-1], N)
+
+
+def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_x = grad_y @ weight.   grad_y [..., N], weight [N, K]  ->  grad_x [..., K]."""
+    N, K = weight.shape
+    grad_x, _ = _matmul(_rows(grad_y), weight)
+    return grad_x.view(*grad_y.shape[:-1], K)
+
+
+def grad_params(
+    grad_y: torch.Tensor, x: torch.Tensor, *, weight: bool = True, bias: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_w, grad_b) = (grad_y.T @ x, grad_y.sum over rows) in one pass; either may be skipped (None).
+
+    grad_y [..., N], x [..., K]  ->  grad_w [N, K], grad_b [N]
+    """
+    g2, x2 = _rows(grad_y), _rows(x)
+    if not weight and not bias:
+        return None, None
+    # The bias gradient alone is the same kernel with an empty B: only the row sums of grad_y.T remain.
+    grad_w, grad_b = _matmul(g2.t(), x2 if weight else x2[:, :0], rowsum=bias)
+    return (grad_w if weight else None), grad_b

@@ -1,0 +1,118 @@
+"""Drop-in tensor-parallel replacements for nn.Linear. Parameters, sharding and options; no math of their own."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .autograd import (
+    column_parallel_linear,
+    gather_last_dim,
+    group_size_rank,
+    row_parallel_linear,
+    scatter_last_dim,
+)
+
+
+class _ParallelLinear(nn.Module):
+    """What Column and Row share: shards of a dense nn.Linear, by torch.tensor_split along `_split_dim`."""
+
+    _split_dim: int  # the dim of the dense weight [out_features, in_features] that is split across ranks
+
+    def __init__(self, in_features, out_features, bias, process_group, device, dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.process_group = process_group
+        self.world_size, self.rank = group_size_rank(process_group)
+        # Building the dense layer and slicing it makes the shards equal, value for value, to those of an
+        # nn.Linear built under the same seed, whatever the world size.
+        dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self._load_dense(dense.weight, dense.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options):
+        """This rank's shard of `linear` (copied; `linear` is not modified), with the keyword options of __init__."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     device="meta", dtype=w.dtype, **options)  # fmt: skip
+        module._load_dense(w, linear.bias)
+        return module
+
+    def _load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        def param(t: torch.Tensor, dim: int | None) -> nn.Parameter:
+            part = t.detach() if dim is None else torch.tensor_split(t.detach(), self.world_size, dim)[self.rank]
+            return nn.Parameter(part.clone(memory_format=torch.contiguous_format), requires_grad=t.requires_grad)
+
+        self.weight = param(weight, self._split_dim)
+        # Column splits the bias with the output features; Row keeps all of it on every rank.
+        bias_dim = 0 if self._split_dim == 0 else None
+        self.register_parameter("bias", None if bias is None else param(bias, bias_dim))
+
+    def _check_group(self) -> None:
+        world, rank = group_size_rank(self.process_group)
+        if (world, rank) != (self.world_size, self.rank):
+            raise RuntimeError(
+                f"process_group: the layer was built for rank {self.rank} of {self.world_size}, "
+                f"but the group now gives rank {rank} of {world}"
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight_shard={tuple(self.weight.shape)}, rank={self.rank}, world_size={self.world_size}"
+        )
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """nn.Linear with the output features split across ranks: weight [N_r, in_features], bias [N_r].
+
+    The input [..., in_features] is replicated. forward returns this rank's features [..., N_r], or with
+    gather_output=True all of them, [..., out_features], on every rank.
+    """
+
+    _split_dim = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gather_output: bool = False,
+                 process_group=None, device=None, dtype=None):  # fmt: skip
+        self.gather_output = gather_output
+        super().__init__(in_features, out_features, bias, process_group, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_group()
+        y = column_parallel_linear(x, self.weight, self.bias, process_group=self.process_group)
+        if self.gather_output:
+            y = gather_last_dim(y, self.out_features, process_group=self.process_group)
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gather_output={self.gather_output}"
+
+
+class RowParallelLinear(_ParallelLinear):
+    """nn.Linear with the input features split across ranks: weight [out_features, K_r], bias [out_features].
+
+    forward takes this rank's input features [..., K_r] (or with input_is_parallel=False the replicated input
+    [..., in_features], of which it uses its own slice) and returns [..., out_features], summed over ranks, on
+    every rank. The bias is added once.
+    """
+
+    _split_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_is_parallel: bool = True,
+                 process_group=None, device=None, dtype=None):  # fmt: skip
+        self.input_is_parallel = input_is_parallel
+        super().__init__(in_features, out_features, bias, process_group, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_group()
+        if not self.input_is_parallel:
+            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"input: expected last dim {self.in_features} (in_features), got {got}")
+            x = scatter_last_dim(x, process_group=self.process_group)
+        return row_parallel_linear(x, self.weight, self.bias, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"

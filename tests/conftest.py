@@ -1,0 +1,46 @@
+"""Test set-up: where kernels run, hypothesis profiles, and the pools of gloo ranks.
+
+Without a GPU the Triton kernels run through Triton's interpreter; TRITON_INTERPRET must be set before fused_tp's
+kernel module is imported, which is why it is set here, before any test module imports fused_tp. With a GPU the
+kernels run compiled, and the multi-rank tests run gloo ranks that share the GPU.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# "ci" (the default) is derandomized so that CI runs the same examples every time; "dev" explores more.
+# deadline=None: the first call of a new kernel specialisation compiles.
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, max_examples=100, **_common)
+settings.register_profile("dev", max_examples=200, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def device():
+    return DEVICE
+
+
+@pytest.fixture(scope="session")
+def rank_pools():
+    """rank_pools(world_size) -> a RankPool of long-lived gloo ranks, started on first use, closed at the end."""
+    from rankpool import RankPool
+
+    pools = {}
+
+    def get(world_size):
+        if world_size not in pools:
+            pools[world_size] = RankPool(world_size, DEVICE)
+        return pools[world_size]
+
+    yield get
+    for pool in pools.values():
+        pool.close()

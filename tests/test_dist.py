@@ -1,0 +1,150 @@
+"""Real collectives: the layers on 2, 3 and 4 gloo ranks (sharing the GPU where there is one).
+
+Hypothesis draws each example here, in the parent; every rank of a long-lived pool runs it (tests/rankpool.py)."""
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from strategies import dtypes, make_tensor, seeds
+from test_errors import BAD_CALLS
+from tolerance import MLP_STAGES, assert_close, tol, linear_reference, mlp_reference
+from torch import nn
+
+import dist_cases
+
+WORLDS = [2, 3, 4]
+sizes = st.one_of(st.sampled_from([1, 2, 3, 5, 7, 13]), st.integers(1, 70))
+tokens = st.one_of(st.sampled_from([0, 1, 3]), st.integers(1, 40))
+dist_settings = settings(max_examples=20)
+
+
+def _dense_linear(in_features, out_features, has_bias, dtype, seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, has_bias).to(dtype)
+    return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+
+
+def _inputs(lead, in_features, out_features, dtype, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (make_tensor(lead + (in_features,), "contiguous", dtype, "cpu", gen),
+            make_tensor(lead + (out_features,), "contiguous", dtype, "cpu", gen))  # fmt: skip
+
+
+def _assert_replicated(name, outs):
+    for rank, out in enumerate(outs[1:], 1):
+        assert torch.equal(out[name], outs[0][name]), f"{name} differs between rank 0 and rank {rank}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@dist_settings
+@given(tokens=tokens, hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds)
+@example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0)  # ffn < world: an empty shard
+def test_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed):
+    """Column -> GELU -> Row built with from_linear: output and every gradient match the dense MLP."""
+    w1, b1 = _dense_linear(hidden, ffn, has_bias, dtype, seed)
+    w2, b2 = _dense_linear(ffn, hidden, has_bias, dtype, seed + 1)
+    x, grad_y = _inputs((2, tokens), hidden, hidden, dtype, seed)
+
+    outs = rank_pools(world).run(dist_cases.layers_step, "mlp", device, [(w1, b1), (w2, b2)], x, grad_y)
+
+    ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y)
+    tol_mlp = tol(dtype, max(hidden, ffn, 2 * tokens), rounds=world, stages=MLP_STAGES)
+    for rank, out in enumerate(outs):
+        assert_close(f"y on rank {rank}", out["y"], ref["y"], mag["y"], tol_mlp)
+        assert_close(f"grad_x on rank {rank}", out["grad_x"], ref["grad_x"], mag["grad_x"], tol_mlp)
+    _assert_replicated("y", outs)
+    _assert_replicated("grad_x", outs)
+    # Column (layer 0) shards split the dense rows of w1 and b1; Row (layer 1) splits the columns of w2.
+    assert torch.equal(torch.cat([o["w0"] for o in outs], 0), w1)
+    assert torch.equal(torch.cat([o["w1"] for o in outs], 1), w2)
+    assert_close("grad_w1", torch.cat([o["grad_w0"] for o in outs], 0), ref["grad_w1"], mag["grad_w1"], tol_mlp)
+    assert_close("grad_w2", torch.cat([o["grad_w1"] for o in outs], 1), ref["grad_w2"], mag["grad_w2"], tol_mlp)
+    if has_bias:
+        assert torch.equal(torch.cat([o["b0"] for o in outs], 0), b1)
+        assert_close("grad_b1", torch.cat([o["grad_b0"] for o in outs], 0), ref["grad_b1"], mag["grad_b1"], tol_mlp)
+        _assert_replicated("b1", outs)
+        _assert_replicated("grad_b1", outs)  # the replicated row bias gets the same gradient on every rank
+        assert_close("grad_b2", outs[0]["grad_b1"], ref["grad_b2"], mag["grad_b2"], tol_mlp)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@dist_settings
+@given(tokens=tokens, in_features=sizes, out_features=sizes, dtype=dtypes, seed=seeds)
+def test_column_gather_output(rank_pools, device, world, tokens, in_features, out_features, dtype, seed):
+    """gather_output=True: every rank gets all output features (uneven splits too); grads stay per shard."""
+    w, b = _dense_linear(in_features, out_features, True, dtype, seed)
+    x, grad_y = _inputs((tokens,), in_features, out_features, dtype, seed)
+
+    outs = rank_pools(world).run(dist_cases.layers_step, "column_gather", device, [(w, b)], x, grad_y)
+
+    y_ref, y_mag = linear_reference(x, w, b)
+    gx_ref, gx_mag = linear_reference(grad_y, w.t())
+    gw_ref, gw_mag = linear_reference(grad_y.t(), x.t())
+    for rank, out in enumerate(outs):
+        assert_close(f"y on rank {rank}", out["y"], y_ref, y_mag, tol(dtype, in_features))
+        assert_close(f"grad_x on rank {rank}", out["grad_x"], gx_ref, gx_mag, tol(dtype, out_features, world))
+    _assert_replicated("y", outs)
+    _assert_replicated("grad_x", outs)
+    assert_close("grad_w", torch.cat([o["grad_w0"] for o in outs], 0), gw_ref, gw_mag, tol(dtype, tokens))
+    g64 = grad_y.double()
+    assert_close("grad_b", torch.cat([o["grad_b0"] for o in outs], 0), g64.sum(0), g64.abs().sum(0),
+                 tol(dtype, tokens))  # fmt: skip
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@dist_settings
+@given(tokens=tokens, in_features=sizes, out_features=sizes, dtype=dtypes, seed=seeds)
+def test_row_full_input_and_bias_once(rank_pools, device, world, tokens, in_features, out_features, dtype, seed):
+    """input_is_parallel=False: each rank uses its slice and every rank gets the full input gradient; the bias
+    lands once in the sum (a zero input gives the bias exactly, not world_size times it)."""
+    w, b = _dense_linear(in_features, out_features, True, dtype, seed)
+    x, grad_y = _inputs((tokens,), in_features, out_features, dtype, seed)
+
+    outs = rank_pools(world).run(dist_cases.layers_step, "row_scatter", device, [(w, b)], x, grad_y)
+
+    y_ref, y_mag = linear_reference(x, w, b)
+    gx_ref, gx_mag = linear_reference(grad_y, w.t())
+    gw_ref, gw_mag = linear_reference(grad_y.t(), x.t())
+    g64 = grad_y.double()
+    for rank, out in enumerate(outs):
+        assert torch.equal(out["y_zero_input"], b.expand(tokens, -1)), f"rank {rank}: bias not added exactly once"
+        assert_close(f"y on rank {rank}", out["y"], y_ref, y_mag, tol(dtype, in_features, rounds=world))
+        assert_close(f"grad_x on rank {rank}", out["grad_x"], gx_ref, gx_mag, tol(dtype, out_features))
+        assert_close(f"grad_b on rank {rank}", out["grad_b0"], g64.sum(0), g64.abs().sum(0), tol(dtype, tokens))
+    for name in ("y", "grad_x", "grad_b0"):
+        _assert_replicated(name, outs)
+    assert_close("grad_w", torch.cat([o["grad_w0"] for o in outs], 1), gw_ref, gw_mag, tol(dtype, tokens))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@dist_settings
+@given(in_features=sizes, out_features=sizes, has_bias=st.booleans(), dtype=dtypes, seed=seeds)
+def test_constructor_shards_are_slices_of_nn_linear(rank_pools, world, in_features, out_features, has_bias,
+                                                    dtype, seed):  # fmt: skip
+    """Under the same seed, each rank's constructor makes exactly its slice of nn.Linear's parameters."""
+    outs = rank_pools(world).run(dist_cases.init_shards, seed, in_features, out_features, has_bias, dtype)
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_features, out_features, has_bias, dtype=dtype)
+    for rank, out in enumerate(outs):
+        w, b, text = out["ColumnParallelLinear"]
+        assert torch.equal(w, torch.tensor_split(dense.weight.detach(), world, 0)[rank])
+        assert (b is None) == (not has_bias)
+        if has_bias:
+            assert torch.equal(b, torch.tensor_split(dense.bias.detach(), world, 0)[rank])
+        assert f"rank={rank}, world_size={world}" in text and f"out_features={out_features}" in text
+        w, b, text = out["RowParallelLinear"]
+        assert torch.equal(w, torch.tensor_split(dense.weight.detach(), world, 1)[rank])
+        if has_bias:
+            assert torch.equal(b, dense.bias.detach())
+        assert f"weight_shard=({out_features}, {w.shape[1]})" in text
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_bad_input_raises_on_every_rank_without_a_hang(rank_pools, device, world):
+    outs = rank_pools(world).run(dist_cases.bad_calls, device, 9, 6)
+    for rank, out in enumerate(outs):
+        for name, (_, error, message) in BAD_CALLS.items():
+            assert out[name] is not None, f"rank {rank}: {name} did not raise"
+            assert out[name][0] == error.__name__ and message in out[name][1], f"rank {rank}: {name}: {out[name]}"
+        assert out["all_reduce after the errors"] == world

@@ -1,0 +1,73 @@
+"""Bad input raises a clear error naming the argument, before any collective, and modifies nothing.
+
+BAD_CALLS is also run on every rank of a gloo group (tests/test_dist.py), which must stay usable afterwards."""
+
+import pytest
+import torch
+
+import fused_tp
+from fused_tp import kernels
+
+
+def _other_device(device):
+    return "cpu" if device == "cuda" else "meta"
+
+
+# name -> (call(column, row, row_full_input, device), error type, what the message must say)
+BAD_CALLS = {
+    "column: input of the wrong width": (
+        lambda c, r, rf, d: c(torch.randn(2, c.in_features + 1, device=d)), ValueError, "input: expected last dim"),
+    "column: input dtype differs from the weight's": (
+        lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=d, dtype=torch.float16)), TypeError,
+        "input: expected dtype torch.float32"),
+    "column: integer input": (
+        lambda c, r, rf, d: c(torch.ones(2, c.in_features, device=d, dtype=torch.int64)), TypeError,
+        "input: expected dtype float32, float16 or bfloat16"),
+    "column: input on another device": (
+        lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=_other_device(d))), ValueError,
+        "input: expected device"),
+    "column: a list as input": (lambda c, r, rf, d: c([1.0, 2.0]), TypeError, "input: expected a torch.Tensor"),
+    "row: input of the full width where the shard is expected": (
+        lambda c, r, rf, d: r(torch.randn(2, r.in_features + 1, device=d)), ValueError, "input: expected last dim"),
+    "row (input_is_parallel=False): input of the wrong width": (
+        lambda c, r, rf, d: rf(torch.randn(2, rf.in_features - 1, device=d)), ValueError,
+        "input: expected last dim"),
+    "row (input_is_parallel=False): a scalar input": (
+        lambda c, r, rf, d: rf(torch.tensor(1.0, device=d)), ValueError, "input: expected last dim"),
+    "column_parallel_linear: bias of the wrong shape": (
+        lambda c, r, rf, d: fused_tp.column_parallel_linear(
+            torch.randn(2, c.in_features, device=d), c.weight, torch.zeros(c.weight.shape[0] + 1, device=d)),
+        ValueError, "bias: expected shape"),
+    "row_parallel_linear: bias in another dtype": (
+        lambda c, r, rf, d: fused_tp.row_parallel_linear(
+            torch.randn(2, r.weight.shape[1], device=d), r.weight, r.bias.detach().half()),
+        TypeError, "bias: expected dtype torch.float32"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_call_raises_naming_the_argument(device, name):
+    call, error, message = BAD_CALLS[name]
+    col = fused_tp.ColumnParallelLinear(7, 5, device=device)
+    row = fused_tp.RowParallelLinear(7, 5, device=device)
+    row_full = fused_tp.RowParallelLinear(7, 5, input_is_parallel=False, device=device)
+    before = [p.detach().clone() for m in (col, row, row_full) for p in m.parameters()]
+    with pytest.raises(error, match=message):
+        call(col, row, row_full, device)
+    after = [p.detach() for m in (col, row, row_full) for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_kernel_launcher_checks(device):
+    x, w = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
+    with pytest.raises(ValueError, match=r"input: expected last dim 4 \(weight.shape\[1\]\), got shape \(3, 5\)"):
+        kernels.linear(torch.randn(3, 5, device=device), w)
+    with pytest.raises(ValueError, match=r"weight: expected 2 dims"):
+        kernels.linear(x, w[0])
+    with pytest.raises(TypeError, match=r"weight: expected dtype float32, float16 or bfloat16, got torch.float64"):
+        kernels.linear(x, w.double())
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
+        fused_tp.ColumnParallelLinear.from_linear(torch.nn.Conv1d(2, 3, 1))

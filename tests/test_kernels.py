@@ -1,0 +1,136 @@
+"""The kernels against a float64 reference: forward, grad_input, grad_weight and grad_bias, any shape and stride."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from strategies import dims, dtypes, layouts, make_tensor, seeds
+from tolerance import assert_close, tol, linear_reference
+
+from fused_tp import kernels
+from fused_tp.kernels import matmul
+
+
+def _tf32(device):
+    return device == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
+def _clones(*ts):
+    return [None if t is None else (t.clone(), t.stride()) for t in ts]
+
+
+def _assert_unmodified(before, *ts):
+    for saved, t in zip(before, ts):
+        if t is not None:
+            assert torch.equal(t, saved[0]) and t.stride() == saved[1], "an argument was modified"
+
+
+@given(M=dims, K=dims, N=dims, dtype=dtypes, has_bias=st.booleans(), x_layout=layouts, w_layout=layouts,
+       lead=st.sampled_from([(), (2,), (1, 3)]), seed=seeds)  # fmt: skip
+@example(M=0, K=5, N=3, dtype=torch.float32, has_bias=True, x_layout="contiguous", w_layout="contiguous", lead=(), seed=0)
+@example(M=4, K=0, N=3, dtype=torch.bfloat16, has_bias=True, x_layout="contiguous", w_layout="contiguous", lead=(), seed=0)
+@example(M=4, K=0, N=3, dtype=torch.float16, has_bias=False, x_layout="sliced", w_layout="contiguous", lead=(), seed=0)
+@example(M=4, K=5, N=0, dtype=torch.float32, has_bias=True, x_layout="contiguous", w_layout="contiguous", lead=(), seed=0)
+@example(M=1, K=1, N=1, dtype=torch.bfloat16, has_bias=True, x_layout="expanded", w_layout="transposed", lead=(), seed=0)
+@example(M=67, K=131, N=61, dtype=torch.bfloat16, has_bias=True, x_layout="transposed", w_layout="transposed", lead=(1, 3), seed=1)
+def test_forward(device, M, K, N, dtype, has_bias, x_layout, w_layout, lead, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_tensor(lead + (M, K), x_layout, dtype, device, gen)
+    w = make_tensor((N, K), w_layout, dtype, device, gen)
+    b = make_tensor((N,), "contiguous", dtype, device, gen) if has_bias else None
+    before = _clones(x, w, b)
+
+    y = kernels.linear(x, w, b)
+
+    ref, mag = linear_reference(x, w, b)
+    assert y.dtype == dtype and y.device == x.device and y.is_contiguous()
+    assert_close("y", y, ref, mag, tol(dtype, K, tf32=_tf32(device)))
+    _assert_unmodified(before, x, w, b)
+
+
+@given(M=dims, K=dims, N=dims, dtype=dtypes, g_layout=layouts, w_layout=layouts, seed=seeds)
+@example(M=67, K=131, N=61, dtype=torch.bfloat16, g_layout="transposed", w_layout="sliced", seed=2)
+@example(M=3, K=4, N=0, dtype=torch.float16, g_layout="contiguous", w_layout="contiguous", seed=2)
+def test_grad_input(device, M, K, N, dtype, g_layout, w_layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grad_y = make_tensor((M, N), g_layout, dtype, device, gen)
+    w = make_tensor((N, K), w_layout, dtype, device, gen)
+    before = _clones(grad_y, w)
+
+    grad_x = kernels.grad_input(grad_y, w)
+
+    ref, mag = linear_reference(grad_y, w.t())
+    assert_close("grad_x", grad_x, ref, mag, tol(dtype, N, tf32=_tf32(device)))
+    _assert_unmodified(before, grad_y, w)
+
+
+@given(M=dims, K=dims, N=dims, dtype=dtypes, need=st.sampled_from([(True, True), (True, False), (False, True)]),
+       g_layout=layouts, x_layout=layouts, lead=st.sampled_from([(), (2,)]), seed=seeds)  # fmt: skip
+@example(M=0, K=3, N=4, dtype=torch.float32, need=(True, True), g_layout="contiguous", x_layout="contiguous", lead=(), seed=0)
+@example(M=5, K=0, N=4, dtype=torch.bfloat16, need=(True, True), g_layout="contiguous", x_layout="contiguous", lead=(), seed=0)
+@example(M=131, K=67, N=61, dtype=torch.bfloat16, need=(False, True), g_layout="expanded", x_layout="sliced", lead=(2,), seed=3)
+def test_grad_params(device, M, K, N, dtype, need, g_layout, x_layout, lead, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grad_y = make_tensor(lead + (M, N), g_layout, dtype, device, gen)
+    x = make_tensor(lead + (M, K), x_layout, dtype, device, gen)
+    before = _clones(grad_y, x)
+
+    grad_w, grad_b = kernels.grad_params(grad_y, x, weight=need[0], bias=need[1])
+
+    rows = M * (lead[0] if lead else 1)
+    g2, x2 = grad_y.reshape(rows, N), x.reshape(rows, K)
+    if need[0]:
+        ref, mag = linear_reference(g2.t(), x2.t())
+        assert_close("grad_w", grad_w, ref, mag, tol(dtype, rows, tf32=_tf32(device)))
+    else:
+        assert grad_w is None
+    if need[1]:
+        g64 = g2.double().cpu()
+        assert_close("grad_b", grad_b, g64.sum(0), g64.abs().sum(0), tol(dtype, rows))
+    else:
+        assert grad_b is None
+    _assert_unmodified(before, grad_y, x)
+
+
+def test_kernel_code_runs(device, monkeypatch):
+    """The suite exercises Triton kernel code: compiled on a GPU, the interpreter on CPU; never the torch path."""
+    launches = []
+    kernel = matmul._matmul_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(matmul, "_matmul_kernel", Spy())
+    x, w, b = (torch.randn(s, device=device) for s in ((9, 7), (5, 7), (5,)))
+    before = kernels.path_counts.copy()
+    y = kernels.linear(x, w, b)
+    ref, mag = linear_reference(x, w, b)
+    assert_close("y", y, ref, mag, tol(torch.float32, 7, tf32=_tf32(device)))
+    assert launches, "the Triton kernel was not launched"
+    expected = "triton" if device == "cuda" else "triton-interpreter"
+    assert kernels.kernel_path(device) == expected
+    assert kernels.path_counts[expected] == before[expected] + 1 and kernels.path_counts["torch"] == before["torch"]
+    if device == "cpu":
+        assert kernels.INTERPRETED, "CPU tests must run the kernels through TRITON_INTERPRET=1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, dtype):
+    monkeypatch.setattr(matmul, "INTERPRETED", False)
+    monkeypatch.setattr(matmul, "_warned_torch_path", False)
+    assert kernels.kernel_path("cpu") == "torch"
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (make_tensor(s, "contiguous", dtype, "cpu", gen) for s in ((6, 9), (4, 9), (4,)))
+    with pytest.warns(UserWarning, match="torch path"):
+        y = kernels.linear(x, w, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grad_w, grad_b = kernels.grad_params(y, x)
+    ref, mag = linear_reference(x, w, b)
+    assert_close("y", y, ref, mag, tol(dtype, 9))
+    ref, mag = linear_reference(y.t(), x.t())
+    assert_close("grad_w", grad_w, ref, mag, tol(dtype, 6))

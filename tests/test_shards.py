@@ -1,0 +1,100 @@
+"""Shard properties in one process: the layers' autograd Functions run once per simulated rank (collectives
+skipped), and the test does what the all-reduce would. Column shards concatenated, and row partial sums with the
+bias once, equal the dense layer; gradients likewise. tests/test_dist.py runs the same with real collectives."""
+
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from strategies import dims, dtypes, make_tensor, seeds
+from tolerance import assert_close, tol, linear_reference
+
+from fused_tp.autograd import _ColumnParallelLinear, _RowParallelLinear, shard_range
+
+worlds = st.integers(1, 4)
+
+
+@given(size=st.integers(0, 50), world=worlds)
+def test_shard_range_is_tensor_split(size, world):
+    parts = torch.tensor_split(torch.arange(size), world)
+    for rank in range(world):
+        start, stop = shard_range(size, world, rank)
+        assert torch.equal(torch.arange(size)[start:stop], parts[rank])
+
+
+def _dense(M, K, N, dtype, has_bias, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_tensor((M, K), "contiguous", dtype, device, gen)
+    w = make_tensor((N, K), "contiguous", dtype, device, gen)
+    b = make_tensor((N,), "contiguous", dtype, device, gen) if has_bias else None
+    grad_y = make_tensor((M, N), "contiguous", dtype, device, gen)
+    return x, w, b, grad_y
+
+
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+@given(world=worlds, M=dims, K=dims, N=dims, dtype=dtypes, has_bias=st.booleans(), seed=seeds)
+@example(world=4, M=5, K=7, N=3, dtype=torch.bfloat16, has_bias=True, seed=0)  # a rank with no output features
+def test_column_shards_equal_dense(device, world, M, K, N, dtype, has_bias, seed):
+    x, w, b, grad_y = _dense(M, K, N, dtype, has_bias, device, seed)
+    ys, gxs, gws, gbs = [], [], [], []
+    for rank in range(world):
+        x_r = _leaf(x)
+        w_r = _leaf(torch.tensor_split(w, world, 0)[rank])
+        b_r = _leaf(None if b is None else torch.tensor_split(b, world, 0)[rank])
+        y_r = _ColumnParallelLinear.apply(x_r, w_r, b_r, None, 1)
+        y_r.backward(torch.tensor_split(grad_y, world, 1)[rank])
+        ys.append(y_r.detach())
+        gxs.append(x_r.grad)
+        gws.append(w_r.grad)
+        gbs.append(None if b is None else b_r.grad)
+
+    ref, mag = linear_reference(x, w, b)
+    assert_close("y", torch.cat(ys, -1), ref, mag, tol(dtype, K))
+    grad_x = gxs[0].clone()
+    for g in gxs[1:]:
+        grad_x += g  # what the all-reduce does, in the same dtype
+    ref, mag = linear_reference(grad_y, w.t())
+    assert_close("grad_x", grad_x, ref, mag, tol(dtype, N, rounds=world))
+    ref, mag = linear_reference(grad_y.t(), x.t())
+    assert_close("grad_w", torch.cat(gws, 0), ref, mag, tol(dtype, M))
+    if b is not None:
+        g64 = grad_y.double().cpu()
+        assert_close("grad_b", torch.cat(gbs, 0), g64.sum(0), g64.abs().sum(0), tol(dtype, M))
+
+
+@given(world=worlds, M=dims, K=dims, N=dims, dtype=dtypes, has_bias=st.booleans(), seed=seeds)
+@example(world=3, M=4, K=2, N=5, dtype=torch.float16, has_bias=True, seed=0)  # a rank with no input features
+def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, seed):
+    x, w, b, grad_y = _dense(M, K, N, dtype, has_bias, device, seed)
+    partials, gxs, gws, gbs = [], [], [], []
+    for rank in range(world):
+        x_r = _leaf(torch.tensor_split(x, world, 1)[rank])
+        w_r = _leaf(torch.tensor_split(w, world, 1)[rank])
+        b_r = _leaf(b)
+        p_r = _RowParallelLinear.apply(x_r, w_r, b_r, None, 1, rank)
+        p_r.backward(grad_y)
+        partials.append(p_r.detach())
+        gxs.append(x_r.grad)
+        gws.append(w_r.grad)
+        gbs.append(None if b is None else b_r.grad)
+
+    y = partials[0].clone()
+    for p in partials[1:]:
+        y += p
+    ref, mag = linear_reference(x, w, b)
+    assert_close("y", y, ref, mag, tol(dtype, K, rounds=world))
+    if b is not None and world > 1:
+        # the bias is in rank 0's partial sum only: with x = 0 the other ranks' partials would be exactly 0
+        zero = _RowParallelLinear.apply(torch.zeros_like(x[:, :1]), w[:, :1], b, None, 1, 1)
+        assert torch.equal(zero, torch.zeros_like(zero))
+    ref, mag = linear_reference(grad_y, w.t())
+    assert_close("grad_x", torch.cat(gxs, -1), ref, mag, tol(dtype, N))
+    ref, mag = linear_reference(grad_y.t(), x.t())
+    assert_close("grad_w", torch.cat(gws, 1), ref, mag, tol(dtype, M))
+    if b is not None:
+        for g in gbs[1:]:
+            assert torch.equal(g, gbs[0]), "the replicated bias got different gradients on different ranks"
+        g64 = grad_y.double().cpu()
+        assert_close("grad_b", gbs[0], g64.sum(0), g64.abs().sum(0), tol(dtype, M))
