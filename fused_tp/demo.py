@@ -75,21 +75,21 @@ def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> 
         x = torch.randn(args.tokens, hidden, generator=gen).to(device, dtype)
         grad_y = torch.randn(args.tokens, hidden, generator=gen).to(device, dtype)
 
-        def step(model, inp):
+        def step(model, inp, grad_out):
             inp = inp.detach().requires_grad_()
             model.zero_grad(set_to_none=True)
             out = model(inp)
-            out.backward(grad_y)
+            out.backward(grad_out)
             return out.detach(), inp.grad
 
         def timed(model):
-            step(model, x)  # warm-up: compiles the kernels on a GPU
+            step(model, x, grad_y)  # warm-up: compiles the kernels on a GPU
             times = []
             for _ in range(args.steps):
                 if device != "cpu":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                result = step(model, x)
+                result = step(model, x, grad_y)
                 if device != "cpu":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
@@ -101,7 +101,7 @@ def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> 
         (y_dense, gx_dense), t_dense = timed(dense)
         ref = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden)).double()
         ref.load_state_dict({k: v.double().cpu() for k, v in dense.state_dict().items()})
-        y_ref, gx_ref = step(ref, x.double().cpu())
+        y_ref, gx_ref = step(ref, x.double().cpu(), grad_y.double().cpu())
 
         own = slice(*shard_range(ffn, world, rank))  # this rank's ffn features: rows of w1, columns of w2
         # (name, this rank's TP tensor, the matching slice of the dense one, of the float64 one, replicated?)

@@ -118,6 +118,27 @@ def test_kernel_code_runs(device, monkeypatch):
         assert kernels.INTERPRETED, "CPU tests must run the kernels through TRITON_INTERPRET=1"
 
 
+@pytest.mark.parametrize(
+    "shape, layout, tma",
+    [((40, 64, 72), "contiguous", True), ((40, 64, 72), "transposed", True), ((40, 63, 72), "contiguous", False),
+     ((40, 64, 72), "sliced", False), ((40, 64, 72), "expanded", False), ((40, 64, 37), "contiguous", False)],
+)  # fmt: skip
+def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, tma):
+    """Aligned operands (either major order) move through tensor descriptors; others fall back to pointers, and
+    path_counts says which happened. Both give the right result."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    M, K, N = shape
+    gen = torch.Generator().manual_seed(0)
+    x = make_tensor((M, K), layout, torch.bfloat16, device, gen)
+    w = make_tensor((N, K), layout, torch.bfloat16, device, gen)
+    before = kernels.path_counts["tma"]
+    y = kernels.linear(x, w)  # C [40, N]: N * 2 bytes must be a multiple of 16 for the descriptor store
+    assert kernels.path_counts["tma"] - before == int(tma)
+    ref, mag = linear_reference(x, w)
+    assert_close("y", y, ref, mag, tol(torch.bfloat16, K))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, dtype):
     monkeypatch.setattr(matmul, "INTERPRETED", False)

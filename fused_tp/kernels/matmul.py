@@ -18,6 +18,7 @@ one a device gets and `path_counts` how many launches took each path.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import warnings
 
@@ -26,12 +27,14 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .configs import pick_config
+from .configs import INTERPRETER_PROGRAMS, pick_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
+# Sizes are not specialised on their value (divisible by 16, equal to 1): masks and descriptors cover any size,
+# and a new shape must not mean a new compile. Strides stay specialised: a unit stride makes loads coalesced.
+@triton.jit(do_not_specialize=["M", "N", "K", "num_programs"])
 def _matmul_kernel(
     # pointers
     a_ptr,  # [M, K] A operand
@@ -51,6 +54,7 @@ def _matmul_kernel(
     stride_cm,
     stride_cn,
     stride_bias,
+    num_programs,  # the grid; each program walks the output tiles pid, pid + num_programs, ...
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -60,58 +64,89 @@ def _matmul_kernel(
     ROWSUM: tl.constexpr,
     UPCAST: tl.constexpr,  # convert operands to fp32 before tl.dot (the interpreter's 16-bit dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
+    TMA: tl.constexpr,  # move tiles with tensor descriptors (Hopper's bulk copy engine) instead of pointers
+    A_T: tl.constexpr,  # TMA: A is stored M-contiguous (stride_am == 1), so its tiles load as [BLOCK_K, BLOCK_M]
+    B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
 ):
-    # Grouped tile order (Triton tutorial 03): GROUP_M row-tiles share each column of B while it is in L2.
-    # N == 0 still gets one column of programs, so that ROWSUM is computed when the output has no columns.
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
+    # N == 0 still gets one column of tiles, so that ROWSUM is computed when the output has no columns.
     num_pid_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)
     num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if TMA:
+        # Descriptors address the operands in their stored order; out-of-bounds parts of a tile load as 0 and
+        # are not stored, so no masks are needed.
+        if A_T:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [K, M], [stride_ak, 1], [BLOCK_K, BLOCK_M])
+        else:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        if B_T:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
+        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    # Row and column offsets in int64: a tensor of 2^31 elements or more must not wrap. The K offsets stay
-    # small (BLOCK_K * stride) and the pointers advance in 64-bit arithmetic.
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue.
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=True):
+        # Grouped tile order (Triton tutorial 03): GROUP_M row-tiles share each column of B while it is in L2.
+        first_pid_m = (tile // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        # Row and column offsets in int64: a tensor of 2^31 elements or more must not wrap.
+        a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+        b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for kt in range(k_tiles):
+            k0 = kt * BLOCK_K
+            if TMA:
+                if A_T:
+                    a = a_desc.load([k0, pid_m * BLOCK_M]).T
+                else:
+                    a = a_desc.load([pid_m * BLOCK_M, k0])
+                if B_T:
+                    b = b_desc.load([pid_n * BLOCK_N, k0]).T
+                else:
+                    b = b_desc.load([k0, pid_n * BLOCK_N])
+            else:
+                ks = k0 + offs_k
+                a = tl.load(a_rows + ks[None, :].to(tl.int64) * stride_ak, mask=mask_m[:, None] & (ks[None, :] < K),
+                            other=0.0)  # fmt: skip
+                b = tl.load(b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :],
+                            other=0.0)  # fmt: skip
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if ROWSUM:
+                # Only the first column of tiles sums A, so each row of A is summed exactly once.
+                if pid_n == 0:
+                    rowsum += tl.sum(a.to(tl.float32), axis=1)
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if TMA:
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
+        else:
+            c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
         if ROWSUM:
-            # Only the first column of programs sums A, so each row of A is summed exactly once.
             if pid_n == 0:
-                rowsum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    if ROWSUM:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+                tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
 
 
 INTERPRETED = isinstance(_matmul_kernel, InterpretedFunction)
 
-# How many launches took each path since import (or the last reset), keyed by path name.
+# How many launches took each path since import, keyed by path name; "tma" counts the launches (of "triton" or
+# "triton-interpreter") that moved tiles with tensor descriptors rather than pointers.
 path_counts: collections.Counter = collections.Counter()
 _warned_torch_path = False
 
@@ -175,22 +210,71 @@ def _matmul(
         return c.to(dtype), (sums.to(dtype) if rowsum else None)
 
     cfg = pick_config(M, N, K, dtype, interpreted=INTERPRETED)
-    grid = (triton.cdiv(M, cfg.BLOCK_M) * max(triton.cdiv(N, cfg.BLOCK_N), 1),)
+    tiles = triton.cdiv(M, cfg.BLOCK_M) * max(triton.cdiv(N, cfg.BLOCK_N), 1)
+    programs = min(tiles, _program_slots(a.device)) if cfg.persistent else tiles
+    layout = _tma_layout(a, b, c)
+    path_counts["tma"] += layout is not None
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
-    _matmul_kernel[grid](
+    _matmul_kernel[(programs,)](
         a, b, bias if bias is not None else c, c, sums if rowsum else c,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         bias.stride(0) if bias is not None else 0,
+        programs,
         HAS_BIAS=bias is not None,
         ROWSUM=rowsum,
         UPCAST=fp32_out,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
+        TMA=layout is not None,
+        A_T=layout is not None and layout[0],
+        B_T=layout is not None and layout[1],
         **cfg.meta(),
     )  # fmt: skip
     if fp32_out:
         return c.to(dtype), (sums.to(dtype) if rowsum else None)
     return c, sums
+
+
+@functools.cache
+def _program_slots(device: torch.device) -> int:
+    """How many programs a persistent launch starts: one per SM."""
+    if INTERPRETED:
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Tensor descriptors need sm_90 or newer (and an allocator for the descriptors made on the device)."""
+    if INTERPRETED:
+        return True
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
+    return True
+
+
+def _tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[bool, bool] | None:
+    """(A_T, B_T) where tensor descriptors can address A, B and C, else None (the kernel then uses pointers).
+
+    A descriptor needs a unit stride in one dim, the other stride a positive multiple of 16 bytes, and a
+    16-byte aligned base: odd widths, stride-0 views and unaligned slices take the pointer path.
+    """
+
+    def contiguous_dim(t: torch.Tensor) -> int | None:
+        if t.data_ptr() % 16:
+            return None
+        for inner, outer in ((1, 0), (0, 1)):
+            if t.stride(inner) == 1 and t.stride(outer) > 0 and t.stride(outer) * t.element_size() % 16 == 0:
+                return inner
+        return None
+
+    if 0 in (*a.shape, *b.shape) or not _has_tma(a.device):
+        return None
+    dims = contiguous_dim(a), contiguous_dim(b), contiguous_dim(c)
+    if None in dims or dims[2] != 1:
+        return None
+    return dims[0] == 0, dims[1] == 0
 
 
 def _warn_torch_path_once() -> None:

@@ -1,0 +1,66 @@
+"""What the bench scripts share: the card and versions, interleaved timing, and writing results side by side."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import statistics
+
+import torch
+import triton
+import triton.testing
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def env() -> dict:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def results_dir(gpu: str) -> pathlib.Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    path = RESULTS / slug
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def time_interleaved(providers: dict, rounds: int = 3) -> dict:
+    """{name: (median ms, spread)}: each provider timed by do_bench (median; it clears L2 before every call),
+    `rounds` times, alternating the order; spread is (max - min) / median over the rounds."""
+    times = {name: [] for name in providers}
+    names = list(providers)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(triton.testing.do_bench(providers[name], warmup=25, rep=100, return_mode="median"))
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = (med, (max(ts) - min(ts)) / med)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(path: pathlib.Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def geomean(xs) -> float:
+    xs = list(xs)
+    return statistics.geometric_mean(xs) if xs else float("nan")

@@ -1,0 +1,77 @@
+"""Time every candidate config of the matmul kernel on the bench shapes, beside cuBLAS, and keep every timing.
+
+    python bench/sweep_configs.py [--dtype bf16] [--quick]
+
+Writes bench/results/<gpu>/sweep_configs_<dtype>.json (every config's ms per op and shape) and prints, per op
+and shape, the best config and its ratio against cuBLAS next to the ratio of the config fused_tp picks today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from bench_linear import QUICK, SHAPES, ops  # noqa: E402
+from common import DTYPES, env, markdown_table, results_dir, write  # noqa: E402
+
+from fused_tp.kernels.configs import KernelConfig, pin_config  # noqa: E402
+
+CANDIDATES = [
+    KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 256, 64, num_warps=8, num_stages=3, persistent=False),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(128, 128, 64, num_warps=4, num_stages=4),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4, persistent=False),
+    KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 128, 128, num_warps=8, num_stages=3),
+    KernelConfig(64, 256, 64, num_warps=4, num_stages=4),
+    KernelConfig(64, 128, 128, num_warps=4, num_stages=4),
+    KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
+    KernelConfig(64, 128, 64, num_warps=4, num_stages=5, persistent=False),
+]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    dtype, info = DTYPES[args.dtype], env()
+    rows, best = [], []
+    for M, K, N in QUICK if args.quick else SHAPES:
+        for op, (base, fused, _, flops) in ops(M, K, N, dtype).items():
+            want = base()
+            base_ms = triton.testing.do_bench(base, warmup=25, rep=100, return_mode="median")
+            default_ms = triton.testing.do_bench(fused, warmup=25, rep=100, return_mode="median")
+            timings = []
+            for cfg in CANDIDATES:
+                if cfg.BLOCK_M > 64 and M <= 64:
+                    continue
+                with pin_config(cfg):
+                    try:
+                        got = fused()
+                        ok = all(torch.allclose(g.float(), w.float(), rtol=5e-2, atol=5e-2) for g, w in
+                                 zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)))
+                        ms = triton.testing.do_bench(fused, warmup=25, rep=100, return_mode="median") if ok else None
+                    except Exception as e:  # a config that does not compile (shared memory) is a result too
+                        ok, ms = False, None
+                        print(f"  {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                timings.append((cfg, ms, ok))
+                rows.append(dict(op=op, M=M, K=K, N=N, config=repr(cfg), ms=ms, correct=ok, baseline_ms=base_ms,
+                                 tflops=None if ms is None else flops / ms * 1e-9, **info))  # fmt: skip
+            good = [(ms, cfg) for cfg, ms, ok in timings if ms is not None]
+            ms, cfg = min(good, key=lambda t: t[0])
+            best.append(dict(op=op, M=M, K=K, N=N, best_ratio=base_ms / ms, default_ratio=base_ms / default_ms,
+                             best=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
+                                  f"{' p' if cfg.persistent else ''}"))  # fmt: skip
+            print(best[-1], flush=True)
+    write(results_dir(info["gpu"]) / f"sweep_configs_{args.dtype}.json", {"env": info, "best": best, "rows": rows})
+    print("\n" + markdown_table(best, ["op", "M", "K", "N", "best", "best_ratio", "default_ratio"]))
+
+
+if __name__ == "__main__":
+    main()
