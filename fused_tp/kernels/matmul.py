@@ -1,13 +1,16 @@
 """One Triton matmul kernel serves the forward and both backward products of a linear layer.
 
-    C[M, N] = A[M, K] @ B[K, N]  (+ bias[N] on the fp32 accumulator)  (and rowsum[M] = sum_k A[M, k])
+    C[M, N] = A[M, K] @ B[K, N]  (+ bias[N] on the fp32 accumulator)
 
 A and B are read through their strides, so the three products of y = x @ w.T + b are one kernel:
 
-    op            A                  B                C              extras
+    op            A                  B                C
     forward       x       [M, K]     w.T    [K, N]    y      [M, N]  + bias
     grad_input    grad_y  [M, N]     w      [N, K]    grad_x [M, K]
-    grad_weight   grad_y.T[N, M]     x      [M, K]    grad_w [N, K]  rowsum = grad_b [N]
+    grad_weight   grad_y.T[N, M]     x      [M, K]    grad_w [N, K]
+
+The bias gradient, the column sums of grad_y, is a second kernel: a reduction over rows. (Summing A's rows inside
+the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
 
 Where kernels run: CUDA tensors through compiled Triton; any tensor through Triton's interpreter when
 TRITON_INTERPRET=1 was set before this module was imported; CPU tensors otherwise through a torch path that
@@ -27,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .configs import INTERPRETER_PROGRAMS, pick_config
+from .configs import COLSUM_CONFIG, INTERPRETER_PROGRAMS, pick_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,7 +44,6 @@ def _matmul_kernel(
     b_ptr,  # [K, N] B operand
     bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS)
     c_ptr,  # [M, N] output
-    rowsum_ptr,  # [M]    sum over K of A (written only when ROWSUM)
     # sizes
     M,
     N,
@@ -61,7 +63,6 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ROWSUM: tl.constexpr,
     UPCAST: tl.constexpr,  # convert operands to fp32 before tl.dot (the interpreter's 16-bit dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
     TMA: tl.constexpr,  # move tiles with tensor descriptors (Hopper's bulk copy engine) instead of pointers
@@ -69,8 +70,7 @@ def _matmul_kernel(
     B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    # N == 0 still gets one column of tiles, so that ROWSUM is computed when the output has no columns.
-    num_pid_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     if TMA:
@@ -103,7 +103,6 @@ def _matmul_kernel(
         b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for kt in range(k_tiles):
             k0 = kt * BLOCK_K
             if TMA:
@@ -125,10 +124,6 @@ def _matmul_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            if ROWSUM:
-                # Only the first column of tiles sums A, so each row of A is summed exactly once.
-                if pid_n == 0:
-                    rowsum += tl.sum(a.to(tl.float32), axis=1)
 
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
@@ -138,9 +133,31 @@ def _matmul_kernel(
         else:
             c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-        if ROWSUM:
-            if pid_n == 0:
-                tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def _colsum_kernel(
+    g_ptr,  # [M, N] input
+    out_ptr,  # [N]    column sums
+    M,
+    N,
+    stride_gm,
+    stride_gn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per BLOCK_N columns walks all rows in order: a fixed summation order, so the result is the same
+    # on every run and every rank (no atomics).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    cols = g_ptr + offs_n[None, :].to(tl.int64) * stride_gn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        g = tl.load(cols + rows[:, None].to(tl.int64) * stride_gm, mask=(rows[:, None] < M) & mask_n[None, :],
+                    other=0.0)  # fmt: skip
+        acc += g.to(tl.float32)
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 INTERPRETED = isinstance(_matmul_kernel, InterpretedFunction)
@@ -183,56 +200,71 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _matmul(
-    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, rowsum: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """C = A @ B (+ bias), and sum_k A[:, k] if `rowsum`; A [M, K], B [K, N] with any strides."""
+def _out(shape, like: torch.Tensor, path: str) -> torch.Tensor:
+    """An output buffer for a kernel: in the operands' dtype, or fp32 where the interpreter must not round.
+
+    The interpreter multiplies bf16 bit patterns in tl.dot, gets bf16 elementwise ops and sums wrong, and truncates
+    fp32 -> bf16 casts (FIELD-NOTES). Its fp32 arithmetic and bf16 -> fp32 casts are exact, so there 16-bit
+    operands are widened before any arithmetic, the kernels write fp32, and `_rounded` rounds once to nearest
+    even: the same function the compiled kernels compute, up to the order of fp32 sums.
+    """
+    wide = path == "triton-interpreter" and like.dtype != torch.float32
+    return torch.empty(shape, device=like.device, dtype=torch.float32 if wide else like.dtype)
+
+
+def _rounded(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """C = A @ B (+ bias); A [M, K], B [K, N] with any strides; C [M, N] contiguous."""
     (M, K), N = a.shape, b.shape[1]
-    dtype, path = a.dtype, kernel_path(a.device)
+    path = kernel_path(a.device)
     path_counts[path] += 1
     if path == "torch":
         _warn_torch_path_once()
-        a32 = a.float()
-        c = a32 @ b.float()
-        if bias is not None:
-            c += bias.float()
-        return c.to(dtype), (a32.sum(1).to(dtype) if rowsum else None)
+        c = a.float() @ b.float()
+        return (c if bias is None else c + bias.float()).to(a.dtype)
 
-    # The interpreter multiplies bf16 bit patterns in tl.dot, gets bf16 elementwise ops and sums wrong, and
-    # truncates fp32 -> bf16 casts (FIELD-NOTES). Its fp32 arithmetic and bf16 -> fp32 casts are exact, so there
-    # 16-bit operands are widened before the dot, the kernel writes fp32, and torch rounds once to nearest even:
-    # the same function the compiled kernel computes, up to the order of fp32 sums.
-    fp32_out = path == "triton-interpreter" and dtype != torch.float32
-    out_dtype = torch.float32 if fp32_out else dtype
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    sums = torch.empty((M,), device=a.device, dtype=out_dtype) if rowsum else None
-    if M == 0:
-        return c.to(dtype), (sums.to(dtype) if rowsum else None)
-
-    cfg = pick_config(M, N, K, dtype, interpreted=INTERPRETED)
-    tiles = triton.cdiv(M, cfg.BLOCK_M) * max(triton.cdiv(N, cfg.BLOCK_N), 1)
-    programs = min(tiles, _program_slots(a.device)) if cfg.persistent else tiles
+    c = _out((M, N), a, path)
+    if M == 0 or N == 0:
+        return _rounded(c, a.dtype)
     layout = _tma_layout(a, b, c)
     path_counts["tma"] += layout is not None
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
+    cfg = pick_config(M, N, K, a.dtype, interpreted=INTERPRETED, tma=layout is not None)
+    tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+    programs = min(tiles, _program_slots(a.device)) if cfg.persistent else tiles
+    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     _matmul_kernel[(programs,)](
-        a, b, bias if bias is not None else c, c, sums if rowsum else c,
+        a, b, bias if bias is not None else c, c,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         bias.stride(0) if bias is not None else 0,
         programs,
         HAS_BIAS=bias is not None,
-        ROWSUM=rowsum,
-        UPCAST=fp32_out,
+        UPCAST=c.dtype != a.dtype,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
         TMA=layout is not None,
         A_T=layout is not None and layout[0],
         B_T=layout is not None and layout[1],
         **cfg.meta(),
     )  # fmt: skip
-    if fp32_out:
-        return c.to(dtype), (sums.to(dtype) if rowsum else None)
-    return c, sums
+    return _rounded(c, a.dtype)
+
+
+def _colsum(g: torch.Tensor) -> torch.Tensor:
+    """g [M, N] with any strides -> g.sum(0) [N], summed in fp32 and rounded once."""
+    M, N = g.shape
+    path = kernel_path(g.device)
+    path_counts[path] += 1
+    if path == "torch":
+        _warn_torch_path_once()
+        return g.float().sum(0).to(g.dtype)
+    out = _out((N,), g, path)
+    if N:
+        cfg = COLSUM_CONFIG
+        _colsum_kernel[(triton.cdiv(N, cfg.BLOCK_N),)](g, out, M, N, g.stride(0), g.stride(1), **cfg.meta())
+    return _rounded(out, g.dtype)
 
 
 @functools.cache
@@ -300,27 +332,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     check_linear_args(x, weight, bias)
     N, K = weight.shape
-    y, _ = _matmul(_rows(x), weight.t(), bias)
+    y = _matmul(_rows(x), weight.t(), bias)
     return y.view(*x.shape[:-1], N)
 
 
 def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_x = grad_y @ weight.   grad_y [..., N], weight [N, K]  ->  grad_x [..., K]."""
     N, K = weight.shape
-    grad_x, _ = _matmul(_rows(grad_y), weight)
+    grad_x = _matmul(_rows(grad_y), weight)
     return grad_x.view(*grad_y.shape[:-1], K)
 
 
 def grad_params(
     grad_y: torch.Tensor, x: torch.Tensor, *, weight: bool = True, bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(grad_w, grad_b) = (grad_y.T @ x, grad_y.sum over rows) in one pass; either may be skipped (None).
+    """(grad_w, grad_b) = (grad_y.T @ x, grad_y summed over rows): the matmul kernel and the column-sum kernel;
+    either may be skipped (None).
 
     grad_y [..., N], x [..., K]  ->  grad_w [N, K], grad_b [N]
     """
-    g2, x2 = _rows(grad_y), _rows(x)
-    if not weight and not bias:
-        return None, None
-    # The bias gradient alone is the same kernel with an empty B: only the row sums of grad_y.T remain.
-    grad_w, grad_b = _matmul(g2.t(), x2 if weight else x2[:, :0], rowsum=bias)
-    return (grad_w if weight else None), grad_b
+    g2 = _rows(grad_y)
+    grad_w = _matmul(g2.t(), _rows(x)) if weight else None
+    grad_b = _colsum(g2) if bias else None
+    return grad_w, grad_b
