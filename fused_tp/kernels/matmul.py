@@ -231,6 +231,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
         return _rounded(c, a.dtype)
     layout = _tma_layout(a, b, c)
     path_counts["tma"] += layout is not None
+    if layout is not None and not INTERPRETED:
+        # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
+        triton.set_allocator(_descriptor_scratch)
     cfg = pick_config(M, N, K, a.dtype, interpreted=INTERPRETED, tma=layout is not None)
     tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     programs = min(tiles, _program_slots(a.device)) if cfg.persistent else tiles
@@ -277,13 +280,13 @@ def _program_slots(device: torch.device) -> int:
 
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
-    """Tensor descriptors need sm_90 or newer (and an allocator for the descriptors made on the device)."""
-    if INTERPRETED:
-        return True
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
-    return True
+    """Tensor descriptors need sm_90 or newer."""
+    return INTERPRETED or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors a kernel makes on the device, from torch's allocator."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[bool, bool] | None:
