@@ -136,7 +136,8 @@ def _report(args, backend, device, path, launches, pairs, sq, timing) -> None:
     rel = lambda num, den: (num / den).item() if den > 0 else 0.0  # noqa: E731
     print(f"fused_tp demo: Column -> GELU -> Row MLP, {args.world_size} ranks ({backend}, {device.type}), "
           f"{args.dtype}, tokens {args.tokens}, hidden {args.hidden}, ffn {4 * args.hidden}")  # fmt: skip
-    print(f"kernel path: {path} ({sum(launches.values())} kernel launches per rank in 1 + {args.steps} steps)\n")
+    print(f"kernel path: {path} ({launches[path]} kernel launches per rank in 1 + {args.steps} steps, "
+          f"{launches['tma']} of them through tensor descriptors)\n")  # fmt: skip
     print(f"{'relative error':<18}{'TP vs dense':>14}{'TP vs fp64':>14}{'dense vs fp64':>16}")
     for i, (name, *_) in enumerate(pairs):
         print(f"{name:<18}{rel(norm[i, 0], norm[i, 1]):>14.2e}{rel(norm[i, 2], norm[i, 3]):>14.2e}"
