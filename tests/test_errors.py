@@ -71,3 +71,12 @@ def test_kernel_launcher_checks(device):
 def test_from_linear_rejects_other_modules():
     with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
         fused_tp.ColumnParallelLinear.from_linear(torch.nn.Conv1d(2, 3, 1))
+
+
+def test_layer_refuses_a_group_of_another_size(device, monkeypatch):
+    import fused_tp.modules
+
+    layer = fused_tp.ColumnParallelLinear(4, 6, device=device)  # built at world size 1
+    monkeypatch.setattr(fused_tp.modules, "group_size_rank", lambda group: (2, 1))
+    with pytest.raises(RuntimeError, match="process_group: the layer was built for rank 0 of 1, but the group now"):
+        layer(torch.randn(3, 4, device=device))

@@ -60,6 +60,16 @@ def linear_reference(x, w, b=None):
     return y, mag
 
 
+def layer_reference(x, w, b, grad_y):
+    """{name: (value, magnitude)} in float64 for y, grad_x, grad_w (and grad_b) of y = x @ w.T + b, x [M, K]."""
+    g64 = grad_y.detach().double().cpu()
+    ref = {"y": linear_reference(x, w, b), "grad_x": linear_reference(grad_y, w.t()),
+           "grad_w": linear_reference(grad_y.t(), x.t())}  # fmt: skip
+    if b is not None:
+        ref["grad_b"] = (g64.sum(0), g64.abs().sum(0))
+    return ref
+
+
 # Rounded stages on the longest chain of the MLP's gradients: h, then grad_a, grad_h and the last GEMM.
 MLP_STAGES = 4
 
