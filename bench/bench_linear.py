@@ -48,6 +48,12 @@ def ops(M, K, N, dtype):
     }  # fmt: skip
 
 
+def errors(got, want, check) -> tuple[float, float]:
+    """Norm-wise relative errors of fused_tp's output against the baseline's and against float64 on a slice."""
+    pairs = zip(got, want) if isinstance(got, tuple) else [(got, want)]
+    return max(rel_err(g, w) for g, w in pairs), rel_err(*check(got))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -61,9 +67,7 @@ def main():
     rows = []
     for M, K, N in QUICK if args.quick else SHAPES:
         for op, (base, fused, check, flops) in ops(M, K, N, dtype).items():
-            want, got = base(), fused()
-            err_base = max(rel_err(g, w) for g, w in zip(got, want)) if isinstance(got, tuple) else rel_err(got, want)
-            err_f64 = rel_err(*check(got))
+            err_base, err_f64 = errors(fused(), base(), check)
             if not (err_base <= CHECK[dtype] and err_f64 <= CHECK[dtype]):
                 raise SystemExit(f"{op} {M}x{K}x{N}: wrong result (vs baseline {err_base:.2e}, vs fp64 {err_f64:.2e})")
             t = time_interleaved({"baseline": base, "fused_tp": fused})
