@@ -14,9 +14,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton.testing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import DTYPES, env, geomean, markdown_table, rel_err, results_dir, time_interleaved, write  # noqa: E402
+from common import (DTYPES, env, geomean, markdown_table, plot_ratios, rel_err, results_dir,  # noqa: E402
+                    time_interleaved, write)
 
 from fused_tp import kernels  # noqa: E402
 
@@ -48,6 +50,14 @@ def ops(M, K, N, dtype):
     }  # fmt: skip
 
 
+def copy_rate() -> float:
+    """The card's device-to-device copy rate in GB/s (bytes read plus bytes written), the floor for M <= 128."""
+    src = torch.empty(2**30, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() / ms * 1e-6
+
+
 def errors(got, want, check) -> tuple[float, float]:
     """Norm-wise relative errors of fused_tp's output against the baseline's and against float64 on a slice."""
     pairs = zip(got, want) if isinstance(got, tuple) else [(got, want)]
@@ -63,6 +73,7 @@ def main():
     dtype = DTYPES[args.dtype]
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     info = env()
+    info["copy_gbps"] = copy_rate()
     tag = args.dtype + ("-tf32" if args.tf32 and dtype == torch.float32 else "")
     rows = []
     for M, K, N in QUICK if args.quick else SHAPES:
@@ -77,42 +88,20 @@ def main():
                        spread=max(sb, sf), err_vs_fp64=err_f64, **info)  # fmt: skip
             if M <= 128:  # bound by reading (or writing) the weight
                 nbytes = N * K * dtype.itemsize
-                row.update(baseline_weight_gbps=nbytes / tb * 1e-6, fused_tp_weight_gbps=nbytes / tf * 1e-6)
+                row.update(baseline_weight_gbps=nbytes / tb * 1e-6, fused_tp_weight_gbps=nbytes / tf * 1e-6,
+                           fused_tp_of_copy_rate=nbytes / tf * 1e-6 / info["copy_gbps"])  # fmt: skip
             rows.append(row)
             print(f"{op:>17} {M:>6} {K:>6} {N:>6}  ratio {row['ratio']:.3f}  ({tf:.4f} vs {tb:.4f} ms)", flush=True)
 
     summary = {op: geomean(r["ratio"] for r in rows if r["op"] == op) for op in dict.fromkeys(r["op"] for r in rows)}
     out = results_dir(info["gpu"]) / f"bench_linear_{tag}{'_quick' if args.quick else ''}"
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
-    plot(rows, out.with_suffix(".png"), f"fused_tp vs cuBLAS, {tag}, {info['gpu']}, torch {info['torch']}, "
-         f"triton {info['triton']}")  # fmt: skip
+    plot_ratios(rows, out.with_suffix(".png"), f"fused_tp vs cuBLAS, {tag}, {info['gpu']}, torch {info['torch']}, "
+                f"triton {info['triton']}", series="op", label=lambda r: f"{r['M']}x{r['K']}x{r['N']}")  # fmt: skip
     cols = ["op", "M", "K", "N", "baseline_tflops", "fused_tp_tflops", "ratio", "spread"]
     print("\n" + markdown_table(rows, cols))
     print("\ngeometric mean of ratios (baseline_ms / fused_tp_ms; > 1 is faster):", 
           ", ".join(f"{op} {g:.3f}" for op, g in summary.items()))
-
-
-def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ops_ = list(dict.fromkeys(r["op"] for r in rows))
-    shapes = list(dict.fromkeys((r["M"], r["K"], r["N"]) for r in rows))
-    fig, ax = plt.subplots(figsize=(max(8, len(shapes) * 0.7), 4.5))
-    width = 0.8 / len(ops_)
-    for i, op in enumerate(ops_):
-        ratio = {(r["M"], r["K"], r["N"]): r["ratio"] for r in rows if r["op"] == op}
-        ax.bar([j + i * width for j in range(len(shapes))], [ratio.get(s, 0) for s in shapes], width, label=op)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-    ax.set_xticklabels([f"{m}x{k}x{n}" for m, k, n in shapes], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speed vs cuBLAS (baseline ms / fused_tp ms)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

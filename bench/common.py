@@ -64,3 +64,27 @@ def write(path: pathlib.Path, payload: dict) -> None:
 def geomean(xs) -> float:
     xs = list(xs)
     return statistics.geometric_mean(xs) if xs else float("nan")
+
+
+def plot_ratios(rows: list[dict], path: pathlib.Path, title: str, series: str, label) -> None:
+    """Bars of each row's ratio: one bar group per case (`label(row)`), one colour per value of `row[series]`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r[series] for r in rows))
+    cases = list(dict.fromkeys(label(r) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.7), 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ratio = {label(r): r["ratio"] for r in rows if r[series] == name}
+        ax.bar([j + i * width for j in range(len(cases))], [ratio.get(c, 0) for c in cases], width, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speed vs baseline (baseline ms / fused_tp ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,5 +1,6 @@
 """The kernels against a float64 reference: forward, grad_input, grad_weight and grad_bias, any shape and stride."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from strategies import dims, dtypes, layouts, make_tensor, seeds
 from tolerance import assert_close, tol, linear_reference
 
 from fused_tp import kernels
-from fused_tp.kernels import matmul
+from fused_tp.kernels import configs, matmul
 
 
 def _tf32(device):
@@ -71,6 +72,8 @@ def test_grad_input(device, M, K, N, dtype, g_layout, w_layout, seed):
 @example(M=0, K=3, N=4, dtype=torch.float32, need=(True, True), g_layout="contiguous", x_layout="contiguous", lead=(), seed=0)
 @example(M=5, K=0, N=4, dtype=torch.bfloat16, need=(True, True), g_layout="contiguous", x_layout="contiguous", lead=(), seed=0)
 @example(M=131, K=67, N=61, dtype=torch.bfloat16, need=(False, True), g_layout="expanded", x_layout="sliced", lead=(2,), seed=3)
+@example(M=150, K=3, N=5, dtype=torch.bfloat16, need=(False, True), g_layout="transposed", x_layout="contiguous",
+         lead=(2,), seed=4)  # 300 rows of 5 columns: the column sum runs in row chunks and a second pass
 def test_grad_params(device, M, K, N, dtype, need, g_layout, x_layout, lead, seed):
     gen = torch.Generator().manual_seed(seed)
     grad_y = make_tensor(lead + (M, N), g_layout, dtype, device, gen)
@@ -92,6 +95,58 @@ def test_grad_params(device, M, K, N, dtype, need, g_layout, x_layout, lead, see
     else:
         assert grad_b is None
     _assert_unmodified(before, grad_y, x)
+
+
+@given(M=dims, K=st.integers(0, 600), N=dims, dtype=dtypes, op=st.sampled_from(["forward", "grad_input", "grad_weight"]),
+       split_k=st.sampled_from([None, 1, 2, 3, 5, 16]), a_layout=layouts, b_layout=layouts, seed=seeds)  # fmt: skip
+@example(M=8, K=512, N=8, dtype=torch.bfloat16, op="forward", split_k=None, a_layout="contiguous",
+         b_layout="contiguous", seed=0)  # one tile, 8 K-steps: the rule splits it by itself
+@example(M=5, K=200, N=3, dtype=torch.float16, op="forward", split_k=16, a_layout="expanded", b_layout="sliced",
+         seed=0)  # more splits asked for than K-steps
+def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k, a_layout, b_layout, seed):
+    """Splitting the K loop over programs (fp32 partials, bias in split 0's only, summed in split order) gives the
+    float64 result within the same tolerance, bitwise the same on a second run; path_counts says it split."""
+    gen = torch.Generator().manual_seed(seed)
+    if op == "forward":  # x [M, K] @ w.T
+        a = make_tensor((M, K), a_layout, dtype, device, gen)
+        w, b = make_tensor((N, K), b_layout, dtype, device, gen), make_tensor((N,), "contiguous", dtype, device, gen)
+        run, ref = (lambda: kernels.linear(a, w, b)), linear_reference(a, w, b)
+    elif op == "grad_input":  # grad_y [M, K] @ w [K, N]
+        a, w = make_tensor((M, K), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
+        run, ref = (lambda: kernels.grad_input(a, w)), linear_reference(a, w.t())
+    else:  # grad_y [K, M] and x [K, N]: grad_w = grad_y.T @ x sums over the K rows
+        a, x = make_tensor((K, M), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
+        run, ref = (lambda: kernels.grad_params(a, x, bias=False)[0]), linear_reference(a.t(), x.t())
+    base = configs.pick_config(M, N, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
+    cfg = dataclasses.replace(base, split_k=split_k)
+    slots = matmul._program_slots(torch.device(device))
+    k_tiles = -(-K // cfg.BLOCK_K)
+    expect_split = M * N > 0 and k_tiles > 1 and configs.choose_split_k(M, N, K, cfg, slots, dtype.itemsize) > 1
+    before = kernels.path_counts["split_k"]
+    with configs.pin_config(cfg):
+        out, again = run(), run()
+    assert kernels.path_counts["split_k"] - before == 2 * expect_split
+    assert_close(op, out, *ref, tol(dtype, K, tf32=_tf32(device)))
+    assert torch.equal(out, again), "split-K must be deterministic"
+
+
+def test_split_k_rule():
+    """The rule splits where few tiles would leave SMs idle, never where the tiles fill them, within its bounds."""
+    big = configs.CONFIGS[("16bit", "tma", "large")]
+    small = configs.CONFIGS[("16bit", "tma", "small_m")]
+    assert configs.choose_split_k(8192, 14336, 8192, big, 132, 2) == 1  # 1792 tiles
+    assert configs.choose_split_k(1, 8192, 14336, small, 132, 2) > 1  # decode: 64 tiles stream the weight
+    assert configs.choose_split_k(3072, 768, 32768, big, 132, 2) > 1  # narrow weight gradient: 72 long tiles
+    assert configs.choose_split_k(3, 3, 64, small, 132, 2) == 1  # one K-step: nothing to split
+    assert configs.choose_split_k(1, 8192, 14336, dataclasses.replace(small, split_k=3), 132, 2) == 3  # pinned
+    for M, N, K in [(1, 64, 10**6), (128, 128, 256), (64, 4096, 4096)]:
+        s = configs.choose_split_k(M, N, K, small, 132, 2)
+        assert 1 <= s <= min(configs.MAX_SPLIT_K, max(1, -(-K // small.BLOCK_K) // 2))
+    # the bias gradient's column sums: few long columns are cut into row chunks, many short ones are not
+    assert configs.colsum_chunks(32768, 48, 132, configs.COLSUM_CONFIG) > 1
+    assert configs.colsum_chunks(128, 224, 132, configs.COLSUM_CONFIG) == 1
+    with pytest.raises(ValueError, match="split_k: expected None or a positive integer, got 0"):
+        dataclasses.replace(small, split_k=0)
 
 
 def test_kernel_code_runs(device, monkeypatch):

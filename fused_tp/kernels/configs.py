@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,11 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     persistent: bool = True  # one program per SM walking the tiles, rather than one program per tile
+    split_k: int | None = None  # programs sharing one output tile's K loop; None: `choose_split_k` decides
+
+    def __post_init__(self):
+        if self.split_k is not None and (not isinstance(self.split_k, int) or self.split_k < 1):
+            raise ValueError(f"split_k: expected None or a positive integer, got {self.split_k!r}")
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
@@ -66,6 +73,51 @@ class ColsumConfig:
 
 # The bias gradient's column sums: 64 columns a program (224 programs for N = 14336 on 132 SMs), 64 rows a step.
 COLSUM_CONFIG = ColsumConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+# The same kernel adds split-K partials [splits, M * N]: few rows, many columns, so wide blocks of few rows.
+SPLIT_SUM_CONFIG = ColsumConfig(BLOCK_M=8, BLOCK_N=512, num_warps=4)
+
+
+def colsum_chunks(M: int, col_blocks: int, slots: int, cfg: ColsumConfig) -> int:
+    """Row chunks of a column sum: enough programs for two per SM, no chunk under two row blocks."""
+    return max(1, min(math.ceil(2 * slots / col_blocks), M // (2 * cfg.BLOCK_M)))
+
+# Split-K cost model (see `choose_split_k`), in H100 units: an SM's share of the bf16 tensor-core rate and of the
+# memory bandwidth, the whole card's bandwidth for the partial sums, and what starting and finishing a tile costs
+# in K-steps (pipeline fill, epilogue).
+SM_FLOPS = 730e12 / 132
+MEM_BYTES_PER_S = 3.0e12
+SM_BYTES_PER_S = MEM_BYTES_PER_S / 132
+TILE_OVERHEAD_STEPS = 2
+MAX_SPLIT_K = 16
+
+
+def choose_split_k(M: int, N: int, K: int, cfg: KernelConfig, slots: int, itemsize: int) -> int:
+    """How many programs share each output tile's K loop, so that few tiles (or a last, partial wave of tiles)
+    still keep `slots` SMs busy.
+
+    A persistent grid of `slots` programs runs the (split, tile) items in waves. The model's time for s splits:
+    waves(s) * (K-steps per split + TILE_OVERHEAD_STEPS) * step, plus writing and reading s fp32 partial sums of
+    C through memory. A step is one BLOCK_M x BLOCK_N x BLOCK_K product: the larger of its tensor-core time and
+    the time the SM takes to load its two operand tiles. The fewest splits within 2% of the best time win. A pure
+    function of the problem, so every rank of a group splits alike.
+    """
+    if cfg.split_k is not None:
+        return cfg.split_k
+    tiles = math.ceil(M / cfg.BLOCK_M) * math.ceil(N / cfg.BLOCK_N)
+    k_tiles = math.ceil(K / cfg.BLOCK_K)
+    if not cfg.persistent or k_tiles < 2:
+        return 1
+    step = max(2 * cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K / SM_FLOPS,
+               (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * itemsize / SM_BYTES_PER_S)  # fmt: skip
+
+    def cost(s: int) -> float:
+        waves = math.ceil(tiles * s / slots)
+        partials = 0.0 if s == 1 else 2 * s * M * N * 4 / MEM_BYTES_PER_S
+        return waves * (math.ceil(k_tiles / s) + TILE_OVERHEAD_STEPS) * step + partials
+
+    costs = {s: cost(s) for s in range(1, min(MAX_SPLIT_K, k_tiles // 2) + 1)}
+    best = min(costs.values())
+    return min(s for s, c in costs.items() if c <= 1.02 * best)
 
 _pinned: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar("fused_tp_pinned", default=None)
 
@@ -82,14 +134,19 @@ def pin_config(config: KernelConfig):
         _pinned.reset(token)
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> KernelConfig:
-    """The config for a C[M, N] = A[M, K] @ B[K, N] launch with operands of `dtype`; `tma` when the operands
-    move through tensor descriptors."""
-    pinned = _pinned.get()
-    if pinned is not None:
-        return pinned
-    if interpreted:
-        return INTERPRETER_CONFIG
-    width = "32bit" if dtype == torch.float32 else "16bit"
-    rows = "small_m" if M <= (128 if tma else 64) else "large"
-    return CONFIGS[(width, "tma" if tma else "pointers", rows)]
+def pinned_config() -> KernelConfig | None:
+    """The config `pin_config` set for the current context, if any."""
+    return _pinned.get()
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int) -> KernelConfig:
+    """The config for a C[M, N] = A[M, K] @ B[K, N] launch with operands of `dtype` on a persistent grid of up to
+    `slots` programs; `tma` when the operands move through tensor descriptors. Its split_k is always set."""
+    cfg = _pinned.get()
+    if cfg is None and interpreted:
+        cfg = INTERPRETER_CONFIG
+    elif cfg is None:
+        width = "32bit" if dtype == torch.float32 else "16bit"
+        rows = "small_m" if M <= (128 if tma else 64) else "large"
+        cfg = CONFIGS[(width, "tma" if tma else "pointers", rows)]
+    return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize))

@@ -12,6 +12,11 @@ A and B are read through their strides, so the three products of y = x @ w.T + b
 The bias gradient, the column sums of grad_y, is a second kernel: a reduction over rows. (Summing A's rows inside
 the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
 
+Split-K: where C has too few tiles to keep every SM busy (decode rows, a weight gradient of a narrow layer), the
+K loop is split over `splits` programs per tile. Each writes its fp32 partial sum to a workspace [splits, M, N], the
+bias going into split 0's partial only (as the row-parallel layer adds it on rank 0 only), and the column-sum
+kernel adds the partials in split order and rounds once: the same function, deterministic, no atomics.
+
 Where kernels run: CUDA tensors through compiled Triton; any tensor through Triton's interpreter when
 TRITON_INTERPRET=1 was set before this module was imported; CPU tensors otherwise through a torch path that
 computes the same function (fp32 accumulation, bias on the accumulator, one rounding). `kernel_path` says which
@@ -30,20 +35,21 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .configs import COLSUM_CONFIG, INTERPRETER_PROGRAMS, pick_config
+from . import configs
+from .configs import COLSUM_CONFIG, INTERPRETER_PROGRAMS, SPLIT_SUM_CONFIG, colsum_chunks, pick_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # Sizes are not specialised on their value (divisible by 16, equal to 1): masks and descriptors cover any size,
 # and a new shape must not mean a new compile. Strides stay specialised: a unit stride makes loads coalesced.
-@triton.jit(do_not_specialize=["M", "N", "K", "num_programs"])
+@triton.jit(do_not_specialize=["M", "N", "K", "num_programs", "splits", "k_tiles_per_split"])
 def _matmul_kernel(
     # pointers
     a_ptr,  # [M, K] A operand
     b_ptr,  # [K, N] B operand
-    bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS)
-    c_ptr,  # [M, N] output
+    bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS; by split 0 only)
+    c_ptr,  # [M, N] output, or with SPLIT the fp32 partial sums [splits, M, N]
     # sizes
     M,
     N,
@@ -56,7 +62,11 @@ def _matmul_kernel(
     stride_cm,
     stride_cn,
     stride_bias,
-    num_programs,  # the grid; each program walks the output tiles pid, pid + num_programs, ...
+    stride_cs,  # between the partial sums of two splits (SPLIT only)
+    # the work: (split, tile) items, split-major; each program walks the items pid, pid + num_programs, ...
+    splits,
+    k_tiles_per_split,  # every split runs this many K-steps; the last one's tail past K loads as zeros
+    num_programs,
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -68,11 +78,12 @@ def _matmul_kernel(
     TMA: tl.constexpr,  # move tiles with tensor descriptors (Hopper's bulk copy engine) instead of pointers
     A_T: tl.constexpr,  # TMA: A is stored M-contiguous (stride_am == 1), so its tiles load as [BLOCK_K, BLOCK_M]
     B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
+    SPLIT: tl.constexpr,  # C holds fp32 partial sums, one [M, N] slab per split, stored through pointers
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
     if TMA:
         # Descriptors address the operands in their stored order; out-of-bounds parts of a tile load as 0 and
         # are not stored, so no masks are needed.
@@ -84,10 +95,14 @@ def _matmul_kernel(
             b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
-        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
+        if not SPLIT:
+            c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
 
     # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue.
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=True):
+    for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=True):
+        # Split-major: the programs running at one time share one K-range of A and B in L2.
+        split = item // num_tiles
+        tile = item % num_tiles
         # Grouped tile order (Triton tutorial 03): GROUP_M row-tiles share each column of B while it is in L2.
         first_pid_m = (tile // num_pid_in_group) * GROUP_M
         group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
@@ -103,8 +118,8 @@ def _matmul_kernel(
         b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(k_tiles):
-            k0 = kt * BLOCK_K
+        for kt in range(k_tiles_per_split):
+            k0 = (split * k_tiles_per_split + kt) * BLOCK_K
             if TMA:
                 if A_T:
                     a = a_desc.load([k0, pid_m * BLOCK_M]).T
@@ -126,44 +141,61 @@ def _matmul_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+            bias_n = tl.where(split == 0, N, 0)  # split 0 alone adds the bias
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < bias_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        if TMA:
+        if SPLIT:
+            # fp32 partials, stored in two column halves: the layout change before a store then needs half the
+            # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
+            c_rows = c_ptr + split.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm
+            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            offs_hi = offs_lo + BLOCK_N // 2
+            tl.store(c_rows + offs_lo[None, :].to(tl.int64) * stride_cn, acc_lo,
+                     mask=mask_m[:, None] & (offs_lo[None, :] < N))  # fmt: skip
+            tl.store(c_rows + offs_hi[None, :].to(tl.int64) * stride_cn, acc_hi,
+                     mask=mask_m[:, None] & (offs_hi[None, :] < N))  # fmt: skip
+        elif TMA:
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
         else:
             c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "N"])
+@triton.jit(do_not_specialize=["M", "N", "rows_per_program"])
 def _colsum_kernel(
     g_ptr,  # [M, N] input
-    out_ptr,  # [N]    column sums
+    out_ptr,  # [chunks, N] column sums of each chunk of rows_per_program rows (chunks = the grid's second dim)
     M,
     N,
     stride_gm,
     stride_gn,
+    rows_per_program,  # a multiple of BLOCK_M
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # One program per BLOCK_N columns walks all rows in order: a fixed summation order, so the result is the same
-    # on every run and every rank (no atomics).
+    # Program (i, j) sums rows [j * rows_per_program, (j + 1) * rows_per_program) of BLOCK_N columns, in a fixed
+    # order, so the result is the same on every run and every rank (no atomics).
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    first = tl.program_id(1) * rows_per_program
+    last = tl.minimum(first + rows_per_program, M)
     cols = g_ptr + offs_n[None, :].to(tl.int64) * stride_gn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(first, last, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        g = tl.load(cols + rows[:, None].to(tl.int64) * stride_gm, mask=(rows[:, None] < M) & mask_n[None, :],
+        g = tl.load(cols + rows[:, None].to(tl.int64) * stride_gm, mask=(rows[:, None] < last) & mask_n[None, :],
                     other=0.0)  # fmt: skip
         acc += g.to(tl.float32)
-    tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+    out = out_ptr + tl.program_id(1).to(tl.int64) * N + offs_n
+    tl.store(out, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 INTERPRETED = isinstance(_matmul_kernel, InterpretedFunction)
 
-# How many launches took each path since import, keyed by path name; "tma" counts the launches (of "triton" or
-# "triton-interpreter") that moved tiles with tensor descriptors rather than pointers.
+# How many launches took each path since import, keyed by path name; "tma" counts the matmul launches (of "triton"
+# or "triton-interpreter") that moved tiles with tensor descriptors rather than pointers, "split_k" those that split
+# their K loop.
 path_counts: collections.Counter = collections.Counter()
 _warned_torch_path = False
 
@@ -229,30 +261,48 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
     c = _out((M, N), a, path)
     if M == 0 or N == 0:
         return _rounded(c, a.dtype)
-    layout = _tma_layout(a, b, c)
-    path_counts["tma"] += layout is not None
-    if layout is not None and not INTERPRETED:
+    tma = _tma_layout(a, b, c)
+    cfg, splits, k_tiles_per_split, programs = _launch_plan(
+        M, N, K, a.dtype, tma is not None, _program_slots(a.device), configs.pinned_config())
+    # Split partials are fp32 whatever the operands; every element of every slab is written.
+    out = torch.empty((splits, M, N), device=a.device, dtype=torch.float32) if splits > 1 else c
+    path_counts["tma"] += tma is not None
+    path_counts["split_k"] += splits > 1
+    if tma is not None and not INTERPRETED:
         # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
         triton.set_allocator(_descriptor_scratch)
-    cfg = pick_config(M, N, K, a.dtype, interpreted=INTERPRETED, tma=layout is not None)
-    tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-    programs = min(tiles, _program_slots(a.device)) if cfg.persistent else tiles
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     _matmul_kernel[(programs,)](
-        a, b, bias if bias is not None else c, c,
+        a, b, bias if bias is not None else c, out,
         M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(-2), out.stride(-1),
         bias.stride(0) if bias is not None else 0,
-        programs,
+        out.stride(0) if splits > 1 else 0,
+        splits, k_tiles_per_split, programs,
         HAS_BIAS=bias is not None,
         UPCAST=c.dtype != a.dtype,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
-        TMA=layout is not None,
-        A_T=layout is not None and layout[0],
-        B_T=layout is not None and layout[1],
+        TMA=tma is not None,
+        A_T=tma is not None and tma[0],
+        B_T=tma is not None and tma[1],
+        SPLIT=splits > 1,
         **cfg.meta(),
     )  # fmt: skip
+    if splits > 1:
+        _launch_colsum(out.view(splits, M * N), c.view(M * N), SPLIT_SUM_CONFIG)
     return _rounded(c, a.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: bool, slots: int, pinned) -> tuple:
+    """(config, splits, K-steps per split, programs) of a launch; cached, since choosing costs more host time
+    than a decode-sized kernel runs. `pinned` (configs.pinned_config()) is part of the key: pick_config reads it."""
+    cfg = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma, slots=slots)
+    k_tiles = triton.cdiv(K, cfg.BLOCK_K)
+    k_tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
+    splits = triton.cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
+    items = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N) * splits
+    return cfg, splits, k_tiles_per_split, min(items, slots) if cfg.persistent else items
 
 
 def _colsum(g: torch.Tensor) -> torch.Tensor:
@@ -264,10 +314,27 @@ def _colsum(g: torch.Tensor) -> torch.Tensor:
         _warn_torch_path_once()
         return g.float().sum(0).to(g.dtype)
     out = _out((N,), g, path)
-    if N:
-        cfg = COLSUM_CONFIG
-        _colsum_kernel[(triton.cdiv(N, cfg.BLOCK_N),)](g, out, M, N, g.stride(0), g.stride(1), **cfg.meta())
+    _launch_colsum(g, out, COLSUM_CONFIG)
     return _rounded(out, g.dtype)
+
+
+def _launch_colsum(g: torch.Tensor, out: torch.Tensor, cfg) -> None:
+    """out[N] (contiguous) = g[M, N].sum(0), summed in fp32 in a fixed order.
+
+    Few, long columns (a bias gradient over 32768 tokens of 3072 features is 48 column blocks) would leave most
+    SMs idle, so the rows are cut into chunks whose fp32 sums a second pass of the same kernel adds up."""
+    M, N = g.shape
+    if N == 0:
+        return
+    col_blocks = triton.cdiv(N, cfg.BLOCK_N)
+    chunks = colsum_chunks(M, col_blocks, _program_slots(g.device), cfg)
+    rows_per_program = max(1, triton.cdiv(triton.cdiv(M, chunks), cfg.BLOCK_M)) * cfg.BLOCK_M
+    chunks = max(1, triton.cdiv(M, rows_per_program))
+    partial = out if chunks == 1 else torch.empty((chunks, N), device=g.device, dtype=torch.float32)
+    _colsum_kernel[(col_blocks, chunks)](g, partial, M, N, g.stride(0), g.stride(1), rows_per_program,
+                                         **cfg.meta())  # fmt: skip
+    if chunks > 1:
+        _launch_colsum(partial, out, cfg)
 
 
 @functools.cache

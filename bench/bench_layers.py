@@ -1,0 +1,102 @@
+"""fused_tp's layers against the same built from nn.Linear, side by side, at world size 1.
+
+    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick]
+
+Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden) and the Column -> GELU -> Row MLP,
+each from `from_linear` of the nn.Linear layers it is timed against (same weights, same inputs), forward alone and
+forward + backward (grads of the input and every parameter; parameter grads set to None before each step, in
+both). Outputs and gradients are checked against the baseline before timing. Writes
+bench/results/<gpu>/bench_layers_<dtype>.json and .png; prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from bench_linear import CHECK  # noqa: E402
+from common import (DTYPES, env, geomean, markdown_table, plot_ratios, rel_err, results_dir,  # noqa: E402
+                    time_interleaved, write)
+
+import fused_tp  # noqa: E402
+
+# (tokens, hidden, ffn): a Llama-3-8B MLP whole and a Llama-3-70B MLP's shard at TP 4 (ffn 28672 / 4), a TP 2
+# shard of the 8B one, and decode token counts.
+CASES = [(8192, 4096, 14336), (8192, 8192, 7168), (4096, 4096, 7168), (128, 8192, 7168), (16, 4096, 14336)]
+QUICK = [(8192, 4096, 14336), (16, 4096, 14336)]
+
+
+def models(tokens, hidden, ffn, dtype):
+    """{layer: (baseline module, fused_tp module, input, grad of the output)}."""
+    torch.manual_seed(0)
+    up, down = (nn.Linear(hidden, ffn, device="cuda", dtype=dtype), nn.Linear(ffn, hidden, device="cuda", dtype=dtype))
+    col, row = fused_tp.ColumnParallelLinear.from_linear(up), fused_tp.RowParallelLinear.from_linear(down)
+    x, h = (torch.randn(tokens, hidden, device="cuda", dtype=dtype), torch.randn(tokens, ffn, device="cuda", dtype=dtype))
+    return {
+        "column": (up, col, x, torch.randn(tokens, ffn, device="cuda", dtype=dtype)),
+        "row": (down, row, h, torch.randn(tokens, hidden, device="cuda", dtype=dtype)),
+        "mlp": (nn.Sequential(up, nn.GELU(), down), nn.Sequential(col, nn.GELU(), row), x,
+                torch.randn(tokens, hidden, device="cuda", dtype=dtype)),
+    }  # fmt: skip
+
+
+def steps(module, x, grad_y):
+    """(forward, forward + backward) closures over fixed inputs; the backward one returns every gradient."""
+    x = x.detach().requires_grad_()
+    params = list(module.parameters())
+
+    def forward():
+        with torch.no_grad():
+            return module(x)
+
+    def forward_backward():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        module(x).backward(grad_y)
+        return (x.grad, *(p.grad for p in params))
+
+    return forward, forward_backward
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
+    args = p.parse_args()
+    dtype, info = DTYPES[args.dtype], env()
+    rows = []
+    for tokens, hidden, ffn in QUICK if args.quick else CASES:
+        for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
+            (base_f, base_fb), (fused_f, fused_fb) = steps(base_mod, x, grad_y), steps(fused_mod, x, grad_y)
+            err = max(rel_err(fused_f(), base_f()), *(rel_err(a, b) for a, b in zip(fused_fb(), base_fb())))
+            if not err <= CHECK[dtype]:
+                raise SystemExit(f"{layer} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}")
+            for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
+                t = time_interleaved({"baseline": base, "fused_tp": fused})
+                (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
+                rows.append(dict(layer=layer, step=step, dtype=args.dtype, tokens=tokens, hidden=hidden, ffn=ffn,
+                                 baseline_ms=tb, fused_tp_ms=tf, ratio=tb / tf, spread=max(sb, sf), err_vs_baseline=err,
+                                 **info))  # fmt: skip
+                print(f"{layer:>7} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}", flush=True)
+
+    series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
+    summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
+    out = results_dir(info["gpu"]) / f"bench_layers_{args.dtype}{'_quick' if args.quick else ''}"
+    write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
+    for r in rows:
+        r["series"] = series(r)
+    plot_ratios(rows, out.with_suffix(".png"), f"fused_tp layers vs nn.Linear, world size 1, {args.dtype}, "
+                f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}", series="series",
+                label=lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip
+    print("\n" + markdown_table(rows, ["layer", "step", "tokens", "hidden", "ffn", "baseline_ms", "fused_tp_ms",
+                                       "ratio", "spread"]))  # fmt: skip
+    print("\ngeometric mean of ratios (> 1 is faster):", ", ".join(f"{s} {g:.3f}" for s, g in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
