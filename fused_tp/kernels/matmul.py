@@ -295,8 +295,8 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
 
 @functools.lru_cache(maxsize=4096)
 def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: bool, slots: int, pinned) -> tuple:
-    """(config, splits, K-steps per split, programs) of a launch; cached, since choosing costs more host time
-    than a decode-sized kernel runs. `pinned` (configs.pinned_config()) is part of the key: pick_config reads it."""
+    """(config, splits, K-steps per split, programs) of a launch; cached, so that the split rule's search is not
+    paid in host time on every launch. `pinned` (configs.pinned_config()) is in the key: pick_config reads it."""
     cfg = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma, slots=slots)
     k_tiles = triton.cdiv(K, cfg.BLOCK_K)
     k_tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
