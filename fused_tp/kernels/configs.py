@@ -82,8 +82,8 @@ def colsum_chunks(M: int, col_blocks: int, slots: int, cfg: ColsumConfig) -> int
     return max(1, min(math.ceil(2 * slots / col_blocks), M // (2 * cfg.BLOCK_M)))
 
 # Split-K cost model (see `choose_split_k`), in H100 units: an SM's share of the bf16 tensor-core rate and of the
-# memory bandwidth, the whole card's bandwidth for the partial sums, and what starting and finishing a tile costs
-# in K-steps (pipeline fill, epilogue).
+# memory bandwidth (their ratio is the card's flops-per-byte balance), the whole card's bandwidth for the partial
+# sums, and what starting and finishing a tile costs in K-steps (pipeline fill, epilogue).
 SM_FLOPS = 730e12 / 132
 MEM_BYTES_PER_S = 3.0e12
 SM_BYTES_PER_S = MEM_BYTES_PER_S / 132
@@ -92,23 +92,27 @@ MAX_SPLIT_K = 16
 
 
 def choose_split_k(M: int, N: int, K: int, cfg: KernelConfig, slots: int, itemsize: int) -> int:
-    """How many programs share each output tile's K loop, so that few tiles (or a last, partial wave of tiles)
-    still keep `slots` SMs busy.
+    """How many programs share each output tile's K loop, so that fewer tiles than `slots` SMs, each with a long
+    K loop, still keep every SM busy (the weight gradient of a narrow layer over many tokens).
 
     A persistent grid of `slots` programs runs the (split, tile) items in waves. The model's time for s splits:
     waves(s) * (K-steps per split + TILE_OVERHEAD_STEPS) * step, plus writing and reading s fp32 partial sums of
-    C through memory. A step is one BLOCK_M x BLOCK_N x BLOCK_K product: the larger of its tensor-core time and
-    the time the SM takes to load its two operand tiles. The fewest splits within 2% of the best time win. A pure
-    function of the problem, so every rank of a group splits alike.
+    C through memory; a step is one BLOCK_M x BLOCK_N x BLOCK_K product on the tensor cores. The fewest splits
+    within 2% of the best time win. Not split, as measured slower on the H100 (bench/NOTES.md, attempt 9):
+    memory-bound products, fewer flops per byte of operands and result than the card's rate over its bandwidth
+    (decode rows stream the weight, and fewer SMs already fill the memory bus), and outputs with at least `slots`
+    tiles (a partial last wave cost less than the partials). A pure function of the problem, so every rank of a
+    group splits alike.
     """
     if cfg.split_k is not None:
         return cfg.split_k
     tiles = math.ceil(M / cfg.BLOCK_M) * math.ceil(N / cfg.BLOCK_N)
     k_tiles = math.ceil(K / cfg.BLOCK_K)
-    if not cfg.persistent or k_tiles < 2:
+    if not cfg.persistent or tiles == 0 or tiles >= slots or k_tiles < 2:
         return 1
-    step = max(2 * cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K / SM_FLOPS,
-               (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * itemsize / SM_BYTES_PER_S)  # fmt: skip
+    if 2 * M * N * K / ((M * K + K * N + M * N) * itemsize) < SM_FLOPS / SM_BYTES_PER_S:  # flops per byte
+        return 1
+    step = 2 * cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K / SM_FLOPS
 
     def cost(s: int) -> float:
         waves = math.ceil(tiles * s / slots)
@@ -118,6 +122,7 @@ def choose_split_k(M: int, N: int, K: int, cfg: KernelConfig, slots: int, itemsi
     costs = {s: cost(s) for s in range(1, min(MAX_SPLIT_K, k_tiles // 2) + 1)}
     best = min(costs.values())
     return min(s for s, c in costs.items() if c <= 1.02 * best)
+
 
 _pinned: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar("fused_tp_pinned", default=None)
 

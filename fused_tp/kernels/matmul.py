@@ -12,10 +12,11 @@ A and B are read through their strides, so the three products of y = x @ w.T + b
 The bias gradient, the column sums of grad_y, is a second kernel: a reduction over rows. (Summing A's rows inside
 the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
 
-Split-K: where C has too few tiles to keep every SM busy (decode rows, a weight gradient of a narrow layer), the
-K loop is split over `splits` programs per tile. Each writes its fp32 partial sum to a workspace [splits, M, N], the
-bias going into split 0's partial only (as the row-parallel layer adds it on rank 0 only), and the column-sum
-kernel adds the partials in split order and rounds once: the same function, deterministic, no atomics.
+Split-K: where a compute-bound C has too few tiles to keep every SM busy (the weight gradient of a narrow layer
+over many tokens; configs.choose_split_k says when), the K loop is split over `splits` programs per tile. Each
+writes its fp32 partial sum to a workspace [splits, M, N], the bias going into split 0's partial only (as the
+row-parallel layer adds it on rank 0 only), and the column-sum kernel adds the partials in split order and
+rounds once: the same function, deterministic, no atomics.
 
 Where kernels run: CUDA tensors through compiled Triton; any tensor through Triton's interpreter when
 TRITON_INTERPRET=1 was set before this module was imported; CPU tensors otherwise through a torch path that
