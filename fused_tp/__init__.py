@@ -1,11 +1,13 @@
 """fused_tp: tensor-parallel linear layers whose shard matmul and bias run in one Triton kernel.
 
     kernels/     Triton kernels and launchers (no torch.distributed)
-    autograd.py  the autograd Functions and functional forms (the only code calling torch.distributed)
+    autograd.py  the autograd Functions and functional forms (with guard.py, the only code calling torch.distributed)
+    guard.py     the optional rank-consistency guard
     modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear
 """
 
 from .autograd import column_parallel_linear, row_parallel_linear
+from .guard import RankMismatchError, check_ranks
 from .kernels import kernel_path, path_counts
 from .modules import ColumnParallelLinear, RowParallelLinear
 
@@ -13,7 +15,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ColumnParallelLinear",
+    "RankMismatchError",
     "RowParallelLinear",
+    "check_ranks",
     "column_parallel_linear",
     "kernel_path",
     "path_counts",

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from . import kernels
+from . import guard, kernels
 
 
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -141,14 +141,70 @@ class _ScatterLastDim(Function):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
+def _preflight(where: str, group, world: int, check, facts) -> None:
+    """Run a call's argument checks; with the rank guard on, also agree with the other ranks (fused_tp/guard.py).
+
+    Without the guard a bad argument raises on the rank that has it, before any collective; the other ranks then
+    wait in the call's first collective until the group's timeout. With it, every rank raises at once."""
+    if world == 1 or not guard.enabled():
+        check()
+        return
+    try:
+        check()
+        error = None
+    except (TypeError, ValueError) as e:
+        error = e
+    guard.agree(where, group, f"{facts()}; grad mode {torch.is_grad_enabled()}; group of {world}", error)
+
+
+def _param_facts(weight, bias, replicated_dim: int) -> str:
+    """The weight's replicated size and which parameters take gradients (a shard's own size may differ)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return guard.describe("weight", weight)
+    bias_grad = "none" if bias is None else f"grad={getattr(bias, 'requires_grad', None)}"
+    return f"weight [.., {weight.shape[replicated_dim]}] grad={weight.requires_grad}; bias {bias_grad}"
+
+
+def column_call(x, weight, bias, group, gather_size: int | None):
+    """Column-parallel linear; with `gather_size` (the layer's out_features) the output gathered on every rank."""
+    world, rank = group_size_rank(group)
+    _preflight("column-parallel linear", group, world, lambda: kernels.check_linear_args(x, weight, bias),
+               lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}")
+    y = _ColumnParallelLinear.apply(x, weight, bias, group, world)
+    return y if gather_size is None else _GatherLastDim.apply(y, group, world, rank, gather_size)
+
+
+def row_call(x, weight, bias, group, scatter_size: int | None):
+    """Row-parallel linear on this rank's input features, or with `scatter_size` (the layer's in_features) on the
+    replicated full input, of which it takes its slice."""
+    world, rank = group_size_rank(group)
+
+    def check():
+        if scatter_size is not None and (not isinstance(x, torch.Tensor) or x.dim() == 0
+                                         or x.shape[-1] != scatter_size):  # fmt: skip
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input: expected last dim {scatter_size} (in_features), got {got}")
+        start, stop = shard_range(scatter_size, world, rank) if scatter_size is not None else (0, None)
+        kernels.check_linear_args(x if scatter_size is None else x[..., start:stop], weight, bias)
+
+    def facts():
+        # The shard's last dim is this rank's own; the full input and every leading dim are replicated.
+        leading = scatter_size is None and isinstance(x, torch.Tensor) and x.dim() > 0
+        input_facts = guard.describe("input", x, leading_only=leading)
+        return f"{input_facts}; {_param_facts(weight, bias, 0)}; scatter {scatter_size}"
+
+    _preflight("row-parallel linear", group, world, check, facts)
+    if scatter_size is not None:
+        x = _ScatterLastDim.apply(x, group, world, rank)
+    return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
+
+
 def column_parallel_linear(x, weight, bias=None, *, process_group=None):
     """This rank's output features: x [..., K] replicated, weight [N_r, K], bias [N_r]  ->  [..., N_r].
 
     Backward all-reduces grad_x over `process_group` (default: the default group).
     """
-    kernels.check_linear_args(x, weight, bias)
-    world, _ = group_size_rank(process_group)
-    return _ColumnParallelLinear.apply(x, weight, bias, process_group, world)
+    return column_call(x, weight, bias, process_group, None)
 
 
 def row_parallel_linear(x, weight, bias=None, *, process_group=None):
@@ -156,18 +212,4 @@ def row_parallel_linear(x, weight, bias=None, *, process_group=None):
 
     Forward all-reduces over `process_group` (default: the default group); the bias is counted once.
     """
-    kernels.check_linear_args(x, weight, bias)
-    world, rank = group_size_rank(process_group)
-    return _RowParallelLinear.apply(x, weight, bias, process_group, world, rank)
-
-
-def gather_last_dim(y_shard, size, *, process_group=None):
-    """Every rank's shard [..., N_r] of a last dim of `size` features, concatenated: [..., size] on every rank."""
-    world, rank = group_size_rank(process_group)
-    return _GatherLastDim.apply(y_shard, process_group, world, rank, size)
-
-
-def scatter_last_dim(x, *, process_group=None):
-    """This rank's slice [..., K_r] of a replicated x [..., K]; backward all-gathers the gradient."""
-    world, rank = group_size_rank(process_group)
-    return _ScatterLastDim.apply(x, process_group, world, rank)
+    return row_call(x, weight, bias, process_group, None)

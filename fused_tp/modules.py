@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autograd import (
-    column_parallel_linear,
-    gather_last_dim,
-    group_size_rank,
-    row_parallel_linear,
-    scatter_last_dim,
-)
+from .autograd import column_call, group_size_rank, row_call
 
 
 class _ParallelLinear(nn.Module):
@@ -81,10 +75,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_group()
-        y = column_parallel_linear(x, self.weight, self.bias, process_group=self.process_group)
-        if self.gather_output:
-            y = gather_last_dim(y, self.out_features, process_group=self.process_group)
-        return y
+        gather_size = self.out_features if self.gather_output else None
+        return column_call(x, self.weight, self.bias, self.process_group, gather_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gather_output={self.gather_output}"
@@ -107,12 +99,8 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_group()
-        if not self.input_is_parallel:
-            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
-                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"input: expected last dim {self.in_features} (in_features), got {got}")
-            x = scatter_last_dim(x, process_group=self.process_group)
-        return row_parallel_linear(x, self.weight, self.bias, process_group=self.process_group)
+        scatter_size = None if self.input_is_parallel else self.in_features
+        return row_call(x, self.weight, self.bias, self.process_group, scatter_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"

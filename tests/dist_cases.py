@@ -87,3 +87,76 @@ def bad_calls(device, in_features, out_features):
     dist.all_reduce(t)
     results["all_reduce after the errors"] = t.item()
     return results
+
+
+def guarded_calls(device, in_features, out_features):
+    """Calls that are valid on each rank alone but not as one collective call, and bad arguments on some ranks,
+    under the rank guard. {case: (error type, message) or None}, and whether the group still works after."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    col = fused_tp.ColumnParallelLinear(in_features, out_features, device=device)
+    row = fused_tp.RowParallelLinear(out_features, in_features, device=device)
+    row_full = fused_tp.RowParallelLinear(out_features, in_features, input_is_parallel=False, device=device)
+    x = torch.randn(4, in_features, device=device)
+    cases = {
+        "agree": lambda: row(col(x)).sum().backward(),
+        "tokens differ": lambda: row(col(x[: 2 + rank])),
+        "input needs grad on rank 0 only": lambda: col(x.clone().requires_grad_(rank == 0)),
+        "bad width on the last rank": lambda: col(x[:, : in_features - (rank == dist.get_world_size() - 1)]),
+        "bad width on every rank": lambda: col(x[:, :-1]),
+        "full input of the wrong width on rank 0": lambda: row_full(torch.randn(3, out_features + (rank == 0))),
+        "no grad on rank 1 only": lambda: _maybe_no_grad(rank == 1, lambda: col(x.requires_grad_())),
+    }
+    out = {}
+    with fused_tp.check_ranks():
+        for name, call in cases.items():
+            try:
+                call()
+                out[name] = None
+            except Exception as e:
+                out[name] = (type(e).__name__, str(e))
+    # Without the guard, the agreeing call gives the same result bitwise (the guard changes no math).
+    with fused_tp.check_ranks():
+        guarded = row(col(x))
+    with fused_tp.check_ranks(False):
+        plain = row(col(x))
+    out["guard changes nothing"] = torch.equal(guarded, plain)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    out["all_reduce after"] = t.item()
+    return out
+
+
+def _maybe_no_grad(off, fn):
+    with torch.set_grad_enabled(not off):
+        return fn()
+
+
+def faulty_step(rank, world_size, init_method, device, timeout_s, fault, results):
+    """A rank process of tests/test_faults.py: one Column -> Row step in which the last rank fails.
+
+    fault "dies": the last rank exits (as a killed or crashed process does) between its forward's two layers;
+          "stalls": it sleeps there instead, as a rank stuck in a long stall or a deadlock does.
+    The other ranks put (rank, error type, message, seconds from the collective's start to the error) on `results`.
+    """
+    import os
+    import time
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))  # fmt: skip
+    col = fused_tp.ColumnParallelLinear(8, 16, device=device)
+    row = fused_tp.RowParallelLinear(16, 8, device=device)
+    h = col(torch.randn(4, 8, device=device))
+    dist.barrier()  # every rank is alive and in step up to here
+    if rank == world_size - 1:
+        if fault == "dies":
+            os._exit(3)
+        time.sleep(10 * timeout_s)
+    start = time.monotonic()
+    try:
+        row(h)  # the row layer's all-reduce waits for the last rank
+        results.put((rank, None, "returned", time.monotonic() - start))
+    except Exception as e:
+        results.put((rank, type(e).__name__, str(e), time.monotonic() - start))

@@ -141,3 +141,26 @@ def test_bad_input_raises_on_every_rank_without_a_hang(rank_pools, device, world
             assert out[name] is not None, f"rank {rank}: {name} did not raise"
             assert out[name][0] == error.__name__ and message in out[name][1], f"rank {rank}: {name}: {out[name]}"
         assert out["all_reduce after the errors"] == world
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_rank_guard_raises_the_same_error_on_every_rank(rank_pools, device, world):
+    """With check_ranks(), calls the ranks disagree about raise one RankMismatchError, identical on every rank,
+    before any collective of the call; a bad argument on one rank raises on all; the group stays usable."""
+    outs = rank_pools(world).run(dist_cases.guarded_calls, device, 6, 5)
+    mismatches = {
+        "tokens differ": "input: (2, 6)",
+        "input needs grad on rank 0 only": "grad=True",
+        "bad width on the last rank": "raised ValueError: input: expected last dim 6 (weight.shape[1])",
+        "full input of the wrong width on rank 0": "raised ValueError: input: expected last dim 5 (in_features)",
+        "no grad on rank 1 only": "grad mode False",
+    }
+    for rank, out in enumerate(outs):
+        assert out["agree"] is None and out["guard changes nothing"], f"rank {rank}: {out}"
+        for name, text in mismatches.items():
+            assert out[name] is not None and out[name][0] == "RankMismatchError", f"rank {rank}: {name}: {out[name]}"
+            assert text in out[name][1], f"rank {rank}: {name}: {out[name][1]}"
+            assert out[name] == outs[0][name], f"{name}: rank {rank} raised another error than rank 0"
+        # Every rank failed the same check: each raises that check's own error, the same everywhere.
+        assert out["bad width on every rank"] == ("ValueError", "input: expected last dim 6 (weight.shape[1]), got shape (4, 5)")
+        assert out["all_reduce after"] == world
