@@ -114,7 +114,8 @@ def _matmul_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        # Row and column offsets in int64: a tensor of 2^31 elements or more must not wrap.
+        # Every pointer offset is int64 (tests/test_scale.py checks the IR): a tensor of 2^31 elements or more, or
+        # a view with a large stride, must not wrap.
         a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
         b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
 
@@ -143,7 +144,7 @@ def _matmul_kernel(
 
         if HAS_BIAS:
             bias_n = tl.where(split == 0, N, 0)  # split 0 alone adds the bias
-            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < bias_n, other=0.0)
+            bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < bias_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
         if SPLIT:
             # fp32 partials, stored in two column halves: the layout change before a store then needs half the
@@ -188,7 +189,7 @@ def _colsum_kernel(
         g = tl.load(cols + rows[:, None].to(tl.int64) * stride_gm, mask=(rows[:, None] < last) & mask_n[None, :],
                     other=0.0)  # fmt: skip
         acc += g.to(tl.float32)
-    out = out_ptr + tl.program_id(1).to(tl.int64) * N + offs_n
+    out = out_ptr + tl.program_id(1).to(tl.int64) * N + offs_n.to(tl.int64)
     tl.store(out, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 

@@ -1,0 +1,59 @@
+"""The element type of every pointer offset in the compiled IR of fused_tp's kernels, printed as JSON.
+
+    python tests/ir_offsets.py      (with TRITON_INTERPRET unset: under the interpreter, Triton's own helpers such
+                                     as tl.cdiv are interpreted functions and the code generator cannot call them)
+
+The kernels are compiled for sm_90, which needs no GPU. tests/test_scale.py runs this in a subprocess.
+"""
+
+import json
+import re
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+
+from fused_tp.kernels import matmul
+
+_MATMUL_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee")
+VARIANTS = {
+    "matmul, pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False),
+    "matmul, pointers, split-K": dict(HAS_BIAS=True, UPCAST=True, TMA=False, A_T=False, B_T=False, SPLIT=True),
+    "matmul, descriptors": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False),
+    "matmul, descriptors, split-K": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=True),
+}
+
+
+@triton.jit
+def _int32_indexing(src_ptr, dst_ptr, stride, BLOCK: tl.constexpr):
+    """What the check must catch: rows * stride in int32."""
+    rows = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + rows, tl.load(src_ptr + rows * stride))
+
+
+def ttir(kernel, constexprs: dict, pointer_types: dict) -> str:
+    signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ttir"]
+
+
+def offset_types(ir: str) -> list[str]:
+    """The element type of each tt.addptr's offset operand (after the comma of its operand types)."""
+    return [m.group(1) for m in re.finditer(r"tt\.addptr [^:]*:[^,]*, (?:tensor<[0-9x]*)?(i\d+)", ir)]
+
+
+def main() -> dict:
+    out = {}
+    for name, switches in VARIANTS.items():
+        c = "*fp32" if switches["SPLIT"] else "*bf16"
+        out[name] = offset_types(ttir(matmul._matmul_kernel, {**_MATMUL_META, **switches},
+                                      dict(a_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", c_ptr=c)))  # fmt: skip
+    out["column sum"] = offset_types(ttir(matmul._colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64),
+                                          dict(g_ptr="*bf16", out_ptr="*fp32")))  # fmt: skip
+    out["int32 indexing"] = offset_types(ttir(_int32_indexing, dict(BLOCK=16), dict(src_ptr="*fp32", dst_ptr="*fp32")))
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
