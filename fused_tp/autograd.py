@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 from . import guard, kernels
 
@@ -70,6 +71,9 @@ class _ColumnParallelLinear(Function):
         return kernels.linear(x, w_shard, b_shard)
 
     @staticmethod
+    # Triton kernels and collectives build no graph: once_differentiable makes a second derivative raise
+    # instead of silently leaving out this layer's terms.
+    @once_differentiable
     def backward(ctx, grad_y_shard):
         x, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -105,6 +109,7 @@ class _RowParallelLinear(Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x_shard, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -137,6 +142,7 @@ class _ScatterLastDim(Function):
         return x[..., start:stop]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_x_shard):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 

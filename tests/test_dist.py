@@ -164,3 +164,18 @@ def test_rank_guard_raises_the_same_error_on_every_rank(rank_pools, device, worl
         # Every rank failed the same check: each raises that check's own error, the same everywhere.
         assert out["bad width on every rank"] == ("ValueError", "input: expected last dim 6 (weight.shape[1]), got shape (4, 5)")
         assert out["all_reduce after"] == world
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_are_bitwise_deterministic_run_to_run(rank_pools, device, world, dtype):
+    """The same step twice (fresh layers, same weights and inputs) gives the same bits on every rank: output,
+    input gradient and every parameter gradient."""
+    w1, b1 = _dense_linear(37, 53, True, dtype, 0)
+    w2, b2 = _dense_linear(53, 37, True, dtype, 1)
+    x, grad_y = _inputs((2, 19), 37, 37, dtype, 2)
+    pool = rank_pools(world)
+    first, again = (pool.run(dist_cases.layers_step, "mlp", device, [(w1, b1), (w2, b2)], x, grad_y) for _ in range(2))
+    for rank, (a, b) in enumerate(zip(first, again)):
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"rank {rank}: {name} differs between two runs"

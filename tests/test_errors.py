@@ -20,6 +20,9 @@ BAD_CALLS = {
     "column: input dtype differs from the weight's": (
         lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=d, dtype=torch.float16)), TypeError,
         "input: expected dtype torch.float32"),
+    "column: input that needs grad, in another dtype than the weight's": (
+        lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=d, dtype=torch.bfloat16, requires_grad=True)),
+        TypeError, "input: expected dtype torch.float32"),
     "column: integer input": (
         lambda c, r, rf, d: c(torch.ones(2, c.in_features, device=d, dtype=torch.int64)), TypeError,
         "input: expected dtype float32, float16 or bfloat16"),

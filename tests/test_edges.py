@@ -1,0 +1,203 @@
+"""Edges of the contract: NaN and Inf, determinism, what is saved for backward, unsupported uses, and adversarial
+inputs to the layers (odd views, outputs of earlier ops, frozen parameters)."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given
+from hypothesis import strategies as st
+from strategies import dims, dtypes, layouts, make_tensor, seeds
+from tolerance import assert_close, linear_reference, tol
+from torch import nn
+
+import fused_tp
+from fused_tp import kernels
+from fused_tp.kernels import configs
+
+SPECIALS = (float("nan"), float("inf"), float("-inf"))
+small = st.one_of(st.sampled_from([1, 2, 3, 67]), st.integers(1, 40))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of t, so that equality holds for NaNs too."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _op(op, tensors):
+    """(run, float64 reference, K) of one of the three products on named operands."""
+    if op == "forward":
+        x, w, b = tensors["x"], tensors["w"], tensors["b"]
+        return (lambda: kernels.linear(x, w, b)), lambda: x.double() @ w.double().T + b.double(), x.shape[-1]
+    if op == "grad_input":
+        g, w = tensors["g"], tensors["w"]
+        return (lambda: kernels.grad_input(g, w)), lambda: g.double() @ w.double(), g.shape[-1]
+    g, x = tensors["g"], tensors["x"]
+    return (lambda: kernels.grad_params(g, x)), lambda: (g.double().T @ x.double(), g.double().sum(0)), g.shape[0]
+
+
+@given(M=small, K=small, N=small, dtype=dtypes, op=st.sampled_from(["forward", "grad_input", "grad_params"]),
+       split_k=st.sampled_from([None, 2]),
+       specials=st.lists(st.tuples(st.sampled_from(["x", "w", "b", "g"]), st.floats(0, 1, exclude_max=True),
+                                   st.sampled_from(SPECIALS)), min_size=1, max_size=3),
+       seed=seeds)  # fmt: skip
+@example(M=3, K=4, N=5, dtype=torch.bfloat16, op="forward", split_k=None, seed=0,
+         specials=[("x", 0.0, float("inf")), ("w", 0.0, float("-inf"))])  # inf * -inf = -inf, summed with others
+@example(M=3, K=4, N=5, dtype=torch.float16, op="grad_params", split_k=2, seed=0,
+         specials=[("g", 0.5, float("inf")), ("g", 0.9, float("-inf"))])  # inf - inf = NaN in a column sum
+def test_nan_and_inf_propagate_as_in_f_linear(device, M, K, N, dtype, op, split_k, specials, seed):
+    """NaN and +-Inf in any operand give NaN and +-Inf exactly where F.linear and the float64 result have them (no
+    masking, no zeroing, including the split-K path); every other element is within the usual tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = dict(x=(M, K), w=(N, K), b=(N,), g=(M, N))
+    tensors = {name: make_tensor(shape, "contiguous", dtype, "cpu", gen) for name, shape in shapes.items()}
+    for name, where, value in specials:
+        flat = tensors[name].view(-1)
+        flat[int(where * flat.numel())] = value
+    tensors = {name: t.to(device) for name, t in tensors.items()}
+    run, reference, k = _op(op, tensors)
+    cfg = dataclasses.replace(configs.pick_config(M, N, K, dtype, interpreted=kernels.INTERPRETED, tma=False,
+                                                  slots=1), split_k=split_k)  # fmt: skip
+    with configs.pin_config(cfg):
+        outs = run()
+    refs, t = reference(), tensors
+    if op == "grad_params":
+        theirs = (t["g"].T @ t["x"], t["g"].sum(0))
+    else:
+        outs, refs = (outs,), (refs,)
+        theirs = (F.linear(t["x"], t["w"], t["b"]),) if op == "forward" else (t["g"] @ t["w"],)
+    for out, ref, torch_out in zip(outs, refs, theirs):
+        out, ref = out.cpu(), ref.cpu()
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(out), kind(ref)), f"{op}: {kind.__name__} differs from the float64 result"
+            assert torch.equal(kind(out), kind(torch_out.cpu())), f"{op}: {kind.__name__} differs from torch's"
+        finite = ref.isfinite()
+        mag = ref.abs()  # only finite elements are compared; their magnitudes need no special values
+        assert_close(op, out[finite], ref[finite], mag[finite] + 10, tol(dtype, k))
+
+
+@given(M=dims, K=dims, N=dims, dtype=dtypes, a_layout=layouts, b_layout=layouts, seed=seeds)
+def test_kernels_are_bitwise_deterministic(device, M, K, N, dtype, a_layout, b_layout, seed):
+    """The same inputs give the same bits, run after run, for all three products (fixed configs and sum order)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = make_tensor((M, K), a_layout, dtype, device, gen), make_tensor((N, K), b_layout, dtype, device, gen)
+    b, g = make_tensor((N,), "contiguous", dtype, device, gen), make_tensor((M, N), a_layout, dtype, device, gen)
+    runs = [(kernels.linear(x, w, b), kernels.grad_input(g, w), *kernels.grad_params(g, x)) for _ in range(2)]
+    for name, first, again in zip(("y", "grad_x", "grad_w", "grad_b"), *runs):
+        assert torch.equal(_bits(first), _bits(again)), f"{name} differs between two runs"
+
+
+def _saved(fn):
+    """The tensors autograd saved while fn() ran, as (shape, dtype), and fn's result."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("x_grad, w_grad", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("cls", [fused_tp.ColumnParallelLinear, fused_tp.RowParallelLinear])
+def test_forward_saves_only_what_backward_needs(device, cls, x_grad, w_grad):
+    """x is saved only if the weight takes a gradient, the weight only if x does; never more bytes than the
+    nn.Linear it replaces saves; nothing under no_grad or inference mode."""
+    dense = nn.Linear(24, 16, device=device)
+    layer = cls.from_linear(dense)
+    for module in (dense, layer):
+        module.weight.requires_grad_(w_grad)
+    x = torch.randn(8, 24, device=device, requires_grad=x_grad)
+    saved, y = _saved(lambda: layer(x))
+    expected = ([((8, 24), torch.float32)] if w_grad else []) + ([((16, 24), torch.float32)] if x_grad else [])
+    assert sorted(saved) == sorted(expected)
+    theirs, _ = _saved(lambda: dense(x))
+    nbytes = lambda s: sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in s)  # noqa: E731
+    assert nbytes(saved) <= nbytes(theirs)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            saved, y = _saved(lambda: layer(x))
+        assert saved == [] and y.grad_fn is None and not y.requires_grad
+
+
+def test_a_second_derivative_raises():
+    """Double backward through a layer raises instead of silently leaving out the layer's second-order terms."""
+    layer = fused_tp.ColumnParallelLinear(6, 4)
+    x = torch.randn(3, 6, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)  # grad_y = 2y depends on x
+    with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with"):
+        grad_x.pow(2).sum().backward()
+
+
+def _view(kind, shape, dtype, device, gen, grad):
+    """An input of `shape` [M, K] made the way earlier ops hand it over; returns (leaf, view)."""
+    M, K = shape
+    values = lambda *s: torch.randn(s, generator=gen).to(dtype).to(device)  # noqa: E731
+    if kind == "overlapping":  # rows share elements: x[i, j] = base[i + j]
+        base = values(M + K).requires_grad_(grad)
+        return base, base.as_strided((M, K), (1, 1))
+    if kind == "step-2 slice":
+        base = values(M, 2 * K).requires_grad_(grad)
+        return base, base[:, ::2]
+    if kind == "permuted":  # [K, M] from a 3-D op's output, read as [M, K] through a permute
+        base = values(1, K, M).requires_grad_(grad)
+        return base, (base * 1).permute(0, 2, 1)[0]
+    if kind == "transposed matmul output":
+        base = values(K, 3).requires_grad_(grad)
+        return base, (base @ values(3, M)).t()
+    if kind == "expanded":
+        base = values(1, K).requires_grad_(grad)
+        return base, base.expand(M, K)
+    base = values(M, K).requires_grad_(grad)
+    return base, base
+
+
+VIEWS = ("contiguous", "overlapping", "step-2 slice", "permuted", "transposed matmul output", "expanded")
+
+
+@given(M=dims, K=dims, N=dims, dtype=dtypes, view=st.sampled_from(VIEWS),
+       layer=st.sampled_from(["column", "row", "row full input", "column gather"]),
+       x_grad=st.booleans(), w_grad=st.booleans(), bias=st.sampled_from([None, True, False]), seed=seeds)  # fmt: skip
+@example(M=3, K=4099, N=2, dtype=torch.bfloat16, view="overlapping", layer="row", x_grad=True, w_grad=False,
+         bias=False, seed=0)  # a large prime K over overlapping rows; weight and bias frozen
+@example(M=0, K=1, N=1, dtype=torch.float16, view="expanded", layer="column", x_grad=True, w_grad=True, bias=True,
+         seed=0)
+def test_layers_take_any_input_view_and_frozen_parameters(device, M, K, N, dtype, view, layer, x_grad, w_grad, bias,
+                                                          seed):  # fmt: skip
+    """Column and Row (world size 1) on inputs that are odd views or outputs of earlier ops, with weight and bias
+    frozen or not, a bias without grad, or none: output and each gradient that should exist match float64, the
+    others stay None, the input is unmodified."""
+    gen = torch.Generator().manual_seed(seed)
+    leaf, x = _view(view, (M, K), dtype, device, gen, x_grad)
+    dense = nn.Linear(K, N, bias is not None, device=device, dtype=dtype)
+    dense.weight.requires_grad_(w_grad)
+    if bias is not None:
+        dense.bias.requires_grad_(bias)
+    cls = fused_tp.ColumnParallelLinear if layer.startswith("column") else fused_tp.RowParallelLinear
+    options = {"column gather": dict(gather_output=True), "row full input": dict(input_is_parallel=False)}
+    module = cls.from_linear(dense, **options.get(layer, {}))
+    if x.requires_grad:
+        x.retain_grad()
+    before = x.detach().clone()
+    grad_y = make_tensor((M, N), "contiguous", dtype, device, gen)
+
+    y = module(x)
+    if y.requires_grad:
+        y.backward(grad_y)
+
+    assert torch.equal(x.detach(), before)
+    assert_close("y", y, *linear_reference(x, dense.weight, dense.bias), tol(dtype, K))
+    assert (x.grad is None) == (not x_grad)
+    if x_grad:
+        assert_close("grad_x", x.grad, *linear_reference(grad_y, dense.weight.t()), tol(dtype, N))
+    assert (module.weight.grad is None) == (not w_grad)
+    if w_grad:
+        assert_close("grad_w", module.weight.grad, *linear_reference(grad_y.t(), x.t()), tol(dtype, M))
+    if bias is not None:
+        assert (module.bias.grad is None) == (not bias)
+        if bias:
+            g64 = grad_y.double().cpu()
+            assert_close("grad_b", module.bias.grad, g64.sum(0), g64.abs().sum(0), tol(dtype, M))
