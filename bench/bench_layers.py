@@ -5,7 +5,8 @@
 Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden) and the Column -> GELU -> Row MLP,
 each from `from_linear` of the nn.Linear layers it is timed against (same weights, same inputs), forward alone and
 forward + backward (grads of the input and every parameter; parameter grads set to None before each step, in
-both). Outputs and gradients are checked against the baseline before timing. Writes
+both), and the peak memory each step allocates beyond what was allocated before it. Outputs and gradients are
+checked against the baseline before timing. Writes
 bench/results/<gpu>/bench_layers_<dtype>.json and .png; prints a markdown table.
 """
 
@@ -45,7 +46,8 @@ def models(tokens, hidden, ffn, dtype):
 
 
 def steps(module, x, grad_y):
-    """(forward, forward + backward) closures over fixed inputs; the backward one returns every gradient."""
+    """(forward, forward + backward, clear) closures over fixed inputs; forward + backward returns every gradient,
+    clear drops them."""
     x = x.detach().requires_grad_()
     params = list(module.parameters())
 
@@ -53,14 +55,27 @@ def steps(module, x, grad_y):
         with torch.no_grad():
             return module(x)
 
+    def clear():
+        for t in (x, *params):
+            t.grad = None
+
     def forward_backward():
-        x.grad = None
-        for p in params:
-            p.grad = None
+        clear()
         module(x).backward(grad_y)
         return (x.grad, *(p.grad for p in params))
 
-    return forward, forward_backward
+    return forward, forward_backward, clear
+
+
+def peak_mib(step, clear) -> float:
+    """Memory that one step allocates at its peak, beyond what was allocated before it (gradients dropped first)."""
+    clear()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def main():
@@ -72,17 +87,20 @@ def main():
     rows = []
     for tokens, hidden, ffn in QUICK if args.quick else CASES:
         for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
-            (base_f, base_fb), (fused_f, fused_fb) = steps(base_mod, x, grad_y), steps(fused_mod, x, grad_y)
+            (base_f, base_fb, base_clear), (fused_f, fused_fb, fused_clear) = (steps(base_mod, x, grad_y),
+                                                                                steps(fused_mod, x, grad_y))  # fmt: skip
             err = max(rel_err(fused_f(), base_f()), *(rel_err(a, b) for a, b in zip(fused_fb(), base_fb())))
             if not err <= CHECK[dtype]:
                 raise SystemExit(f"{layer} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}")
             for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
                 t = time_interleaved({"baseline": base, "fused_tp": fused})
                 (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
+                mb, mf = peak_mib(base, base_clear), peak_mib(fused, fused_clear)
                 rows.append(dict(layer=layer, step=step, dtype=args.dtype, tokens=tokens, hidden=hidden, ffn=ffn,
                                  baseline_ms=tb, fused_tp_ms=tf, ratio=tb / tf, spread=max(sb, sf), err_vs_baseline=err,
-                                 **info))  # fmt: skip
-                print(f"{layer:>7} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}", flush=True)
+                                 baseline_peak_mib=mb, fused_tp_peak_mib=mf, **info))  # fmt: skip
+                print(f"{layer:>7} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}  "
+                      f"peak MiB {mb:.0f} vs {mf:.0f}", flush=True)
 
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
@@ -94,7 +112,7 @@ def main():
                 f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}", series="series",
                 label=lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip
     print("\n" + markdown_table(rows, ["layer", "step", "tokens", "hidden", "ffn", "baseline_ms", "fused_tp_ms",
-                                       "ratio", "spread"]))  # fmt: skip
+                                       "ratio", "spread", "baseline_peak_mib", "fused_tp_peak_mib"]))  # fmt: skip
     print("\ngeometric mean of ratios (> 1 is faster):", ", ".join(f"{s} {g:.3f}" for s, g in summary.items()))
 
 

@@ -21,6 +21,7 @@ from tolerance import assert_close, linear_reference, tol
 
 from fused_tp import kernels, path_counts
 
+
 @pytest.fixture(scope="module")
 def ir_offsets():
     """{kernel variant: the element types of its pointer offsets}, from tests/ir_offsets.py in a subprocess."""
