@@ -123,10 +123,10 @@ def test_forward_saves_only_what_backward_needs(device, cls, x_grad, w_grad):
         assert saved == [] and y.grad_fn is None and not y.requires_grad
 
 
-def test_a_second_derivative_raises():
+def test_a_second_derivative_raises(device):
     """Double backward through a layer raises instead of silently leaving out the layer's second-order terms."""
-    layer = fused_tp.ColumnParallelLinear(6, 4)
-    x = torch.randn(3, 6, requires_grad=True)
+    layer = fused_tp.ColumnParallelLinear(6, 4, device=device)
+    x = torch.randn(3, 6, device=device, requires_grad=True)
     (grad_x,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)  # grad_y = 2y depends on x
     with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with"):
         grad_x.pow(2).sum().backward()
