@@ -212,3 +212,21 @@ def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, dtype
     assert_close("y", y, ref, mag, tol(dtype, 9))
     ref, mag = linear_reference(y.t(), x.t())
     assert_close("grad_w", grad_w, ref, mag, tol(dtype, 6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="tensor descriptors on a GPU (sm_90 or newer)")  # fmt: skip
+def test_descriptor_scratch_is_reused_per_stream():
+    """Launches on one stream share one scratch buffer for their descriptors; another stream gets its own."""
+    x, w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16), torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    matmul._scratch.clear()
+    y, again = kernels.linear(x, w), kernels.linear(x, w)
+    assert len(matmul._scratch) == 1
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = kernels.linear(x, w)
+    torch.cuda.synchronize()
+    assert len(matmul._scratch) == 2
+    assert torch.equal(y, again) and torch.equal(y, other)
+    assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))

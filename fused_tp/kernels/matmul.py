@@ -353,9 +353,22 @@ def _has_tma(device: torch.device) -> bool:
     return INTERPRETED or torch.cuda.get_device_capability(device)[0] >= 9
 
 
+_scratch: dict = {}  # (device index, stream) -> the descriptor scratch of the launches on that stream
+
+
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the descriptors a kernel makes on the device, from torch's allocator."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+    """Global memory for the descriptors a kernel makes on the device: one buffer per (device, stream), reused.
+
+    Launches on one stream run in order, so a kernel's descriptors are dead before the next one writes its own.
+    Reuse saves an allocation per launch (host time) and keeps the scratch out of each step's peak memory. A
+    stream being captured into a CUDA graph gets its own buffer from the graph's pool, not kept here."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+    key = (torch.cuda.current_device(), stream)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < size:  # torch's blocks are 512-byte aligned, past any `alignment` asked for
+        buf = _scratch[key] = torch.empty(size, device="cuda", dtype=torch.int8)
+    return buf
 
 
 def _tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[bool, bool] | None:
