@@ -136,8 +136,11 @@ def faulty_step(rank, world_size, init_method, device, timeout_s, fault, results
     """A rank process of tests/test_faults.py: one Column -> Row step in which the last rank fails.
 
     fault "dies": the last rank exits (as a killed or crashed process does) between its forward's two layers;
-          "stalls": it sleeps there instead, as a rank stuck in a long stall or a deadlock does.
-    The other ranks put (rank, error type, message, seconds from the collective's start to the error) on `results`.
+          "stalls": it sleeps there instead, as a rank stuck in a long stall or a deadlock does;
+          "bad argument": it calls the row layer with an input of the wrong width (guard off), which raises on that
+          rank alone, before the all-reduce; the rank then stays alive, as a job that caught the error would.
+    The other ranks put (rank, error type, message, seconds from the collective's start to the error) on `results`;
+    with "bad argument", the last rank puts its own error too.
     """
     import os
     import time
@@ -153,6 +156,11 @@ def faulty_step(rank, world_size, init_method, device, timeout_s, fault, results
     if rank == world_size - 1:
         if fault == "dies":
             os._exit(3)
+        if fault == "bad argument":
+            try:
+                row(h[:, :-1])
+            except ValueError as e:
+                results.put((rank, type(e).__name__, str(e), 0.0))
         time.sleep(10 * timeout_s)
     start = time.monotonic()
     try:
