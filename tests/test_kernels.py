@@ -117,7 +117,7 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     else:  # grad_y [K, M] and x [K, N]: grad_w = grad_y.T @ x sums over the K rows
         a, x = make_tensor((K, M), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
         run, ref = (lambda: kernels.grad_params(a, x, bias=False)[0]), linear_reference(a.t(), x.t())
-    base = configs.pick_config(M, N, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
+    base, _ = configs.pick_config(M, N, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
     cfg = dataclasses.replace(base, split_k=split_k)
     slots = matmul._program_slots(torch.device(device))
     k_tiles = -(-K // cfg.BLOCK_K)

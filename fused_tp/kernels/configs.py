@@ -1,9 +1,17 @@
-"""Launch configurations of the matmul kernel, in one place.
+"""Launch configurations of the matmul kernel, in one place: the config space, its pruning rules, the tuned tables
+and the rule that picks a config for a launch.
 
 A config is a choice of tile sizes and launch options; it never changes which function the kernel computes,
-only the order of its fp32 sums. The choice is a pure function of the problem (sizes, dtype, layout, device
-kind), so every rank of a process group picks the same config for the same shape and replicated results stay
-bitwise identical across ranks (run-time autotuning per process would not guarantee that).
+only the order of its fp32 sums. The choice is a pure function of the problem (product, sizes, dtype, layout,
+GPU model), so every rank of a process group picks the same config for the same shape and replicated results stay
+bitwise identical across ranks (run-time autotuning per process would not guarantee that). In order of precedence:
+
+    pinned   `with pin_config(cfg):` in the calling context, else FUSED_TP_CONFIG="BLOCK_M=128,BLOCK_N=256,..."
+    table    a tuned table shipped in fused_tp/kernels/tuned/ for this GPU: the entry of the product, dtype and
+             operand path whose shape bucket is nearest (`python -m fused_tp tune` writes them)
+    rule     CONFIGS below (and INTERPRETER_CONFIG under Triton's interpreter when no table names it)
+
+`fused_tp.path_counts["config_<source>"]` counts the launches each source configured.
 """
 
 from __future__ import annotations
@@ -11,10 +19,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import json
 import math
+import os
+import pathlib
 from dataclasses import dataclass
 
 import torch
+
+PRODUCTS = ("fwd", "dgrad", "wgrad")  # y = x @ w.T + b;  grad_x = grad_y @ w;  grad_w = grad_y.T @ x
+PIN_ENV = "FUSED_TP_CONFIG"
+TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
+SHARED_MEMORY_BYTES = 232448  # what one program may use on sm_90 (227 KiB)
 
 
 @dataclass(frozen=True)
@@ -29,8 +46,38 @@ class KernelConfig:
     split_k: int | None = None  # programs sharing one output tile's K loop; None: `choose_split_k` decides
 
     def __post_init__(self):
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name}: expected a power of two of at least 16 (tl.dot's smallest tile), got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        for name in ("GROUP_M", "num_stages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if self.split_k is not None and (not isinstance(self.split_k, int) or self.split_k < 1):
             raise ValueError(f"split_k: expected None or a positive integer, got {self.split_k!r}")
+
+    @classmethod
+    def from_dict(cls, fields: dict, where: str) -> "KernelConfig":
+        """A config from its fields (a tuned table's entry, FUSED_TP_CONFIG); ValueError naming `where` if bad."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown config field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def shared_memory(self, itemsize: int, tma: bool) -> int:
+        """Bytes of shared memory a program needs: num_stages A and B tiles, and the output tile a descriptor store
+        stages (a lower bound: the compiler may add layout-conversion scratch)."""
+        stages = self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K * itemsize
+        return stages + (self.BLOCK_M * self.BLOCK_N * itemsize if tma else 0)
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
@@ -59,6 +106,47 @@ CONFIGS = {
     ("32bit", "pointers", "large"): KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     ("32bit", "pointers", "small_m"): KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
 }
+
+
+# The space `python -m fused_tp tune` searches for each product (the same for all three: the products differ in
+# layout, which the tuning measures, not in what tiles are possible). 16-bit and 32-bit operands share it;
+# `candidates` drops what does not fit in shared memory for the operand width.
+SPACE = (
+    KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 256, 64, num_warps=8, num_stages=3, persistent=False),
+    KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(128, 128, 64, num_warps=4, num_stages=4),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4, persistent=False),
+    KernelConfig(128, 128, 128, num_warps=8, num_stages=3),
+    KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    KernelConfig(64, 256, 64, num_warps=4, num_stages=4),
+    KernelConfig(64, 128, 128, num_warps=4, num_stages=4),
+    KernelConfig(64, 128, 64, num_warps=4, num_stages=5, persistent=False),
+    KernelConfig(64, 128, 32, num_warps=4, num_stages=4),
+    KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
+)
+
+
+def fits(cfg: KernelConfig, itemsize: int, tma: bool) -> bool:
+    """Pruning rule 1: the program's tiles fit in shared memory."""
+    return cfg.shared_memory(itemsize, tma) <= SHARED_MEMORY_BYTES
+
+
+def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:
+    """Pruning rule 2: a tile no more than twice the next power of two of the output in either dim (a 256-row
+    tile over 16 rows of decode computes 94% padding); 64 always passes."""
+    return cfg.BLOCK_M <= max(64, 2 * bucket(M)) and cfg.BLOCK_N <= max(64, 2 * bucket(N))
+
+
+def candidates(M: int, N: int, K: int, dtype: torch.dtype, tma: bool) -> list[KernelConfig]:
+    """The configs of SPACE worth timing for C[M, N] = A[M, K] @ B[K, N] with operands of `dtype`."""
+    return [c for c in SPACE if fits(c, dtype.itemsize, tma) and not_oversized(c, M, N)]
+
+
+def bucket(n: int) -> int:
+    """A size's shape bucket: the next power of two (0 stays 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -139,19 +227,117 @@ def pin_config(config: KernelConfig):
         _pinned.reset(token)
 
 
+@functools.lru_cache(maxsize=16)
+def parse_config(text: str) -> KernelConfig:
+    """FUSED_TP_CONFIG's value, "BLOCK_M=128,BLOCK_N=256,BLOCK_K=64,num_warps=8,num_stages=3[,persistent=0]"."""
+    fields = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{PIN_ENV}: expected NAME=INTEGER items separated by commas, got {part!r}")
+        fields[name.strip()] = int(value)
+    if "persistent" in fields:
+        fields["persistent"] = bool(fields["persistent"])
+    return KernelConfig.from_dict(fields, PIN_ENV)
+
+
 def pinned_config() -> KernelConfig | None:
-    """The config `pin_config` set for the current context, if any."""
-    return _pinned.get()
-
-
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int) -> KernelConfig:
-    """The config for a C[M, N] = A[M, K] @ B[K, N] launch with operands of `dtype` on a persistent grid of up to
-    `slots` programs; `tma` when the operands move through tensor descriptors. Its split_k is always set."""
+    """The config pinned for the current context: pin_config's, else FUSED_TP_CONFIG's, else None."""
     cfg = _pinned.get()
-    if cfg is None and interpreted:
-        cfg = INTERPRETER_CONFIG
-    elif cfg is None:
-        width = "32bit" if dtype == torch.float32 else "16bit"
-        rows = "small_m" if M <= (128 if tma else 64) else "large"
-        cfg = CONFIGS[(width, "tma" if tma else "pointers", rows)]
-    return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize))
+    if cfg is None and os.environ.get(PIN_ENV):
+        cfg = parse_config(os.environ[PIN_ENV])
+    return cfg
+
+
+def table_key(M: int, N: int, K: int) -> str:
+    return f"{bucket(M)}x{bucket(N)}x{bucket(K)}"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(gpu: str) -> dict:
+    """{(product, dtype name, path): {bucket (M, N, K): config}} for `gpu` from the tables in TABLE_DIR; empty if
+    none names it. A malformed table raises ValueError naming its file and entry."""
+    found = {}
+    for path in sorted(TABLE_DIR.glob("*.json")):
+        found.update(load_table(path).get(gpu, {}))
+    return found
+
+
+def load_table(path: pathlib.Path) -> dict:
+    """{gpu: {(product, dtype, path): {bucket: config}}} of one tuned table file.
+
+    The file: {"format": 1, "gpus": {gpu name: {product: {dtype: {"tma" | "pointers": {"MxNxK" bucket:
+    {"config": {KernelConfig fields}, ...measured fields, kept for people, ignored here}}}}}}}."""
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"tuned table {path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("gpus"), dict):
+        raise ValueError(f'tuned table {path}: expected {{"format": 1, "gpus": {{...}}}}')
+    out = {}
+    for gpu, products in data["gpus"].items():
+        for product, dtypes in _items(products, f"{path}: {gpu}"):
+            if product not in PRODUCTS:
+                raise ValueError(f"tuned table {path}: {gpu}: unknown product {product!r} (known: {PRODUCTS})")
+            for dtype, routes in _items(dtypes, f"{path}: {gpu}/{product}"):
+                if dtype not in DTYPE_NAMES.values():
+                    raise ValueError(f"tuned table {path}: {gpu}/{product}: unknown dtype {dtype!r}")
+                for route, entries in _items(routes, f"{path}: {gpu}/{product}/{dtype}"):
+                    if route not in ("tma", "pointers"):
+                        raise ValueError(f"tuned table {path}: {gpu}/{product}/{dtype}: unknown path {route!r}")
+                    where = f"tuned table {path}: {gpu}/{product}/{dtype}/{route}"
+                    table = out.setdefault(gpu, {}).setdefault((product, dtype, route), {})
+                    for key, entry in _items(entries, where):
+                        dims = key.split("x")
+                        if len(dims) != 3 or not all(d.isdigit() for d in dims):
+                            raise ValueError(f"{where}: bucket {key!r} is not MxNxK")
+                        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+                            raise ValueError(f"{where}/{key}: expected an object with a 'config' object")
+                        table[tuple(map(int, dims))] = KernelConfig.from_dict(entry["config"], f"{where}/{key}")
+    return out
+
+
+def _items(d, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"tuned table {where}: expected an object, got {type(d).__name__}")
+    return d.items()
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def table_config(gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool) -> KernelConfig | None:
+    """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
+    (ties: the smaller bucket); None if the table has no entry for this product, dtype and path."""
+    entries = tuned_table(gpu).get((product, DTYPE_NAMES[dtype], "tma" if tma else "pointers"))
+    if not entries:
+        return None
+    want = [math.log2(max(bucket(n), 1)) for n in (M, N, K)]
+    nearest = min(entries, key=lambda b: (sum(abs(math.log2(max(x, 1)) - w) for x, w in zip(b, want)), b))
+    return entries[nearest]
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
+                product: str = "fwd", gpu: str = "") -> tuple[KernelConfig, str]:  # fmt: skip
+    """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
+    persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors.
+    Its split_k is always set. source: "pinned", "table" or "rule". A pinned config whose tiles do not fit in
+    shared memory raises ValueError before the launch."""
+    cfg, source = pinned_config(), "pinned"
+    if cfg is not None and not fits(cfg, dtype.itemsize, tma):
+        raise ValueError(
+            f"pinned config {cfg}: needs {cfg.shared_memory(dtype.itemsize, tma)} bytes of shared memory for "
+            f"{DTYPE_NAMES[dtype]} operands{' through tensor descriptors' if tma else ''}; a program has "
+            f"{SHARED_MEMORY_BYTES}"
+        )
+    if cfg is None:
+        cfg, source = table_config(gpu, product, M, N, K, dtype, tma), "table"
+    if cfg is None:
+        source = "rule"
+        if interpreted:
+            cfg = INTERPRETER_CONFIG
+        else:
+            width = "32bit" if dtype == torch.float32 else "16bit"
+            rows = "small_m" if M <= (128 if tma else 64) else "large"
+            cfg = CONFIGS[(width, "tma" if tma else "pointers", rows)]
+    return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source

@@ -197,7 +197,7 @@ INTERPRETED = isinstance(_matmul_kernel, InterpretedFunction)
 
 # How many launches took each path since import, keyed by path name; "tma" counts the matmul launches (of "triton"
 # or "triton-interpreter") that moved tiles with tensor descriptors rather than pointers, "split_k" those that split
-# their K loop.
+# their K loop, "config_pinned" / "config_table" / "config_rule" where their config came from (configs.py).
 path_counts: collections.Counter = collections.Counter()
 _warned_torch_path = False
 
@@ -250,8 +250,9 @@ def _rounded(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """C = A @ B (+ bias); A [M, K], B [K, N] with any strides; C [M, N] contiguous."""
+def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product: str) -> torch.Tensor:
+    """C = A @ B (+ bias); A [M, K], B [K, N] with any strides; C [M, N] contiguous. `product` (configs.PRODUCTS)
+    names which of the layer's products this is, for the tuned tables."""
     (M, K), N = a.shape, b.shape[1]
     path = kernel_path(a.device)
     path_counts[path] += 1
@@ -264,8 +265,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
     if M == 0 or N == 0:
         return _rounded(c, a.dtype)
     tma = _tma_layout(a, b, c)
-    cfg, splits, k_tiles_per_split, programs = _launch_plan(
-        M, N, K, a.dtype, tma is not None, _program_slots(a.device), configs.pinned_config())
+    cfg, source, splits, k_tiles_per_split, programs = _launch_plan(
+        M, N, K, a.dtype, tma is not None, _program_slots(a.device), product, gpu_name(a.device),
+        configs.pinned_config())  # fmt: skip
+    path_counts["config_" + source] += 1
     # Split partials are fp32 whatever the operands; every element of every slab is written.
     out = torch.empty((splits, M, N), device=a.device, dtype=torch.float32) if splits > 1 else c
     path_counts["tma"] += tma is not None
@@ -296,15 +299,17 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) 
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: bool, slots: int, pinned) -> tuple:
-    """(config, splits, K-steps per split, programs) of a launch; cached, so that the split rule's search is not
-    paid in host time on every launch. `pinned` (configs.pinned_config()) is in the key: pick_config reads it."""
-    cfg = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma, slots=slots)
+def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: bool, slots: int, product: str, gpu: str,
+                 pinned) -> tuple:  # fmt: skip
+    """(config, its source, splits, K-steps per split, programs) of a launch; cached, so that the table lookup and
+    the split rule's search are not paid in host time on every launch. `pinned` (configs.pinned_config()) is in the
+    key: pick_config reads it."""
+    cfg, source = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma, slots=slots, product=product, gpu=gpu)
     k_tiles = triton.cdiv(K, cfg.BLOCK_K)
     k_tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
     splits = triton.cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
     items = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N) * splits
-    return cfg, splits, k_tiles_per_split, min(items, slots) if cfg.persistent else items
+    return cfg, source, splits, k_tiles_per_split, min(items, slots) if cfg.persistent else items
 
 
 def _colsum(g: torch.Tensor) -> torch.Tensor:
@@ -345,6 +350,13 @@ def _program_slots(device: torch.device) -> int:
     if INTERPRETED:
         return INTERPRETER_PROGRAMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def gpu_name(device: torch.device) -> str:
+    """The name tuned tables are keyed by: the CUDA device's, or "triton-interpreter" under the interpreter."""
+    return "triton-interpreter" if INTERPRETED else torch.cuda.get_device_name(device)
+
 
 
 @functools.cache
@@ -417,14 +429,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     check_linear_args(x, weight, bias)
     N, K = weight.shape
-    y = _matmul(_rows(x), weight.t(), bias)
+    y = _matmul(_rows(x), weight.t(), bias, "fwd")
     return y.view(*x.shape[:-1], N)
 
 
 def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_x = grad_y @ weight.   grad_y [..., N], weight [N, K]  ->  grad_x [..., K]."""
     N, K = weight.shape
-    grad_x = _matmul(_rows(grad_y), weight)
+    grad_x = _matmul(_rows(grad_y), weight, None, "dgrad")
     return grad_x.view(*grad_y.shape[:-1], K)
 
 
@@ -437,6 +449,6 @@ def grad_params(
     grad_y [..., N], x [..., K]  ->  grad_w [N, K], grad_b [N]
     """
     g2 = _rows(grad_y)
-    grad_w = _matmul(g2.t(), _rows(x)) if weight else None
+    grad_w = _matmul(g2.t(), _rows(x), None, "wgrad") if weight else None
     grad_b = _colsum(g2) if bias else None
     return grad_w, grad_b

@@ -1,0 +1,231 @@
+"""`python -m fused_tp tune`: time every config of the space on each shape, keep every timing, write a tuned table.
+
+For each product (fwd: y = x @ w.T + b, dgrad: grad_x = grad_y @ w, wgrad: grad_w = grad_y.T @ x with grad_b) and
+shape (tokens M, in-features K, out-features N), every config of `configs.candidates` runs pinned, its output is
+checked against torch, then it is timed beside torch (cuBLAS on a GPU) in the same process. Written to --out:
+
+    timings_<kernel>_<dtype>.json   every timing: product, shape, path, config, ms, TF/s, torch's ms, ratio
+    <gpu-slug>.json                 the tuned table (configs.load_table's format): the fastest config per product,
+                                    dtype, operand path and shape bucket, merged with the products and dtypes a
+                                    table already there holds; copy it into fused_tp/kernels/tuned/ to ship it
+    tune_<kernel>_<dtype>.png       TF/s of each config on each shape (with matplotlib installed)
+and a markdown table of the best configs and their speed against torch on stdout.
+
+On a machine without a GPU it runs through Triton's interpreter (TRITON_INTERPRET=1 set before fused_tp is
+imported), timed by the wall clock, which says nothing about speed but exercises the whole command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels, path_counts
+from .kernels import configs
+from .kernels.matmul import INTERPRETED, gpu_name
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (M tokens, K, N): the speed issue's shapes (Llama-3-70B/8B MLP shards at TP 1-8, odd and decode shapes).
+PRESETS = {
+    "speed": [(8192, 8192, 14336), (8192, 14336, 8192), (8192, 8192, 7168), (8192, 7168, 8192), (8192, 8192, 3584),
+              (8192, 3584, 8192), (4096, 4096, 7168), (4096, 7168, 4096), (16384, 4096, 1792), (32768, 768, 3072),
+              (1000, 4000, 3000), (4097, 4095, 1023)]
+             + [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))],
+    "quick": [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (16, 8192, 14336)],
+    "tiny": [(8, 16, 24), (33, 40, 17)],  # for the interpreter
+}  # fmt: skip
+# Relative Frobenius error against torch that a config's output must stay within (one rounding of the output,
+# different fp32 summation orders): a wrong config fails by orders of magnitude more.
+CHECK = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", choices=[*configs.PRODUCTS, "all"], default="all", help="which product")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--shapes", default="speed",
+                        help=f"a preset ({', '.join(PRESETS)}) or a file of M,K,N lines (default speed)")  # fmt: skip
+    parser.add_argument("--out", default="tune-out", help="directory for the results (default tune-out)")
+
+
+def load_shapes(spec: str) -> list[tuple[int, int, int]]:
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = pathlib.Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--shapes: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    shapes = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#")[0].strip()
+        if line:
+            parts = re.split(r"[,\s]+", line)
+            if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise SystemExit(f"--shapes: {spec}, line {n}: expected three positive integers M,K,N, got {line!r}")
+            shapes.append(tuple(int(p) for p in parts))
+    if not shapes:
+        raise SystemExit(f"--shapes: {spec} lists no shapes")
+    return shapes
+
+
+def wall_clock(fn) -> float:
+    """Median ms of 3 runs after one warm-up: the interpreter's timer (do_bench needs a GPU)."""
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_timer(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def problem(product: str, M: int, K: int, N: int, dtype, device):
+    """(fused_tp call, torch call, the launcher's (M, N, K), flops) of one product on fresh operands."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *s: torch.randn(s, generator=gen, device=device).to(dtype)  # noqa: E731
+    if product == "fwd":
+        x, w, b = rand(M, K), rand(N, K), rand(N)
+        return (lambda: kernels.linear(x, w, b)), (lambda: F.linear(x, w, b)), (M, N, K), 2 * M * N * K
+    if product == "dgrad":
+        g, w = rand(M, N), rand(N, K)
+        return (lambda: kernels.grad_input(g, w)), (lambda: g @ w), (M, K, N), 2 * M * N * K
+    g, x = rand(M, N), rand(M, K)
+    return (lambda: kernels.grad_params(g, x)), (lambda: (g.t() @ x, g.sum(0))), (N, K, M), 2 * M * N * K
+
+
+def _rel_err(out, ref) -> float:
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    errs = []
+    for o, r in zip(outs, refs):
+        den = r.double().norm().item()
+        errs.append((o.double() - r.double()).norm().item() / (den or 1.0))
+    return max(errs)
+
+
+def run(args: argparse.Namespace, timer=None) -> dict:
+    """The tune command; `timer(fn) -> ms` is injectable (the tests pass a fake one). Returns what it wrote."""
+    from tqdm import tqdm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not INTERPRETED:
+        raise SystemExit("tune: needs a GPU, or TRITON_INTERPRET=1 set before fused_tp is imported (interpreter)")
+    timer = timer or (gpu_timer if device == "cuda" else wall_clock)
+    dtype, shapes = DTYPES[args.dtype], load_shapes(args.shapes)
+    products = configs.PRODUCTS if args.kernel == "all" else (args.kernel,)
+    gpu = gpu_name(torch.device(device))
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype}
+
+    work = []
+    for product in products:
+        for M, K, N in shapes:
+            ours, theirs, (m, n, k), flops = problem(product, M, K, N, dtype, device)
+            before = path_counts["tma"]
+            ref = theirs()
+            ours()  # which operand path this product takes (the tuned table is keyed by it)
+            route = "tma" if path_counts["tma"] > before else "pointers"
+            for cfg in configs.candidates(m, n, k, dtype, route == "tma"):
+                work.append((product, (M, K, N), (m, n, k), route, flops, ours, theirs, ref, cfg))
+    rows, baselines = [], {}
+    for product, shape, dims, route, flops, ours, theirs, ref, cfg in tqdm(work, desc="tune", unit="config"):
+        if (product, shape) not in baselines:
+            baselines[(product, shape)] = timer(theirs)
+        with configs.pin_config(cfg):
+            err = _rel_err(ours(), ref)
+            # A config whose output is wrong is kept in the timings, marked, and never chosen.
+            ms = timer(ours) if err <= CHECK[dtype] else None
+        base_ms = baselines[(product, shape)]
+        rows.append(dict(product=product, M=shape[0], K=shape[1], N=shape[2], launch_mnk=list(dims), path=route,
+                         config=cfg.to_dict(), ms=ms, tflops=ms and flops / ms / 1e9, torch_ms=base_ms,
+                         torch_tflops=flops / base_ms / 1e9, ratio=ms and base_ms / ms, rel_err=err,
+                         passed_check=ms is not None))  # fmt: skip
+
+    best = {}
+    for r in rows:
+        key = (r["product"], r["M"], r["K"], r["N"])
+        if r["ms"] is not None and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    table = {}
+    for r in best.values():
+        m, n, k = r["launch_mnk"]
+        entries = table.setdefault(r["product"], {}).setdefault(args.dtype, {}).setdefault(r["path"], {})
+        key = configs.table_key(m, n, k)
+        # Two shapes in one bucket: the larger problem's winner, since it carries more of a model's time.
+        if key not in entries or entries[key]["flops"] < 2 * m * n * k:
+            entries[key] = dict(config=r["config"], shape_MKN=[r["M"], r["K"], r["N"]], ms=r["ms"],
+                                tflops=r["tflops"], torch_ms=r["torch_ms"], ratio=r["ratio"], flops=2 * m * n * k)  # fmt: skip
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    written = {
+        "timings": out_dir / f"timings_{args.kernel}_{args.dtype}.json",
+        "table": out_dir / f"{slug}.json",
+    }
+    written["timings"].write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    tuned = {"format": 1, "env": env, "gpus": {gpu: table}}
+    if written["table"].exists():  # other dtypes or products tuned before: keep them
+        old = json.loads(written["table"].read_text())
+        for product, dtypes in old.get("gpus", {}).get(gpu, {}).items():
+            for name, routes in dtypes.items():
+                if product not in table or name not in table[product]:
+                    table.setdefault(product, {})[name] = routes
+    written["table"].write_text(json.dumps(tuned, indent=1) + "\n")
+    configs.load_table(written["table"])  # what was written must load
+    plot = _plot(rows, out_dir / f"tune_{args.kernel}_{args.dtype}.png", f"fused_tp tune, {args.dtype}, {gpu}")
+    if plot:
+        written["plot"] = plot
+    print(_markdown(sorted(best.values(), key=lambda r: (r["product"], r["M"], r["K"], r["N"]))))
+    print("\nwrote " + ", ".join(str(p) for p in written.values()))
+    return written
+
+
+def _markdown(rows) -> str:
+    cols = ["product", "M", "K", "N", "path", "config", "ms", "tflops", "torch_ms", "ratio"]
+
+    def fmt(r, c):
+        v = r[c]
+        if c == "config":
+            return ",".join(f"{k}={v[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                    "persistent"))  # fmt: skip
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows])
+
+
+def _plot(rows, path: pathlib.Path, title: str):
+    try:
+        import matplotlib
+    except ImportError:
+        print("tune: matplotlib is not installed, so no plot (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    products = list(dict.fromkeys(r["product"] for r in rows))
+    fig, axes = plt.subplots(len(products), 1, figsize=(12, 3.5 * len(products)), squeeze=False)
+    for ax, product in zip(axes[:, 0], products):
+        mine = [r for r in rows if r["product"] == product]
+        shapes = list(dict.fromkeys((r["M"], r["K"], r["N"]) for r in mine))
+        for i, shape in enumerate(shapes):
+            points = [r["tflops"] for r in mine if (r["M"], r["K"], r["N"]) == shape and r["ms"] is not None]
+            ax.scatter([i] * len(points), points, s=10, color="tab:blue")
+            base = next(r for r in mine if (r["M"], r["K"], r["N"]) == shape)
+            ax.scatter([i], [base["torch_tflops"]], marker="_", s=200, color="k")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(["x".join(map(str, s)) for s in shapes], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(f"{product} TF/s")
+    axes[0, 0].set_title(title + " (dots: configs; bar: torch)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

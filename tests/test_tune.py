@@ -1,0 +1,187 @@
+"""Tuned tables and pinning: bucketing and the nearest-bucket lookup, malformed tables, FUSED_TP_CONFIG and
+pin_config, configs that do not fit, and `python -m fused_tp tune` end to end under the interpreter with a fake
+timer, its table then driving the kernels' first call."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from tolerance import assert_close, linear_reference, tol
+
+from fused_tp import kernels, tune
+from fused_tp.kernels import configs, matmul
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    """An empty directory of tuned tables in place of the shipped one; the caches that read it are cleared."""
+    monkeypatch.setattr(configs, "TABLE_DIR", tmp_path)
+    configs.tuned_table.cache_clear()
+    matmul._launch_plan.cache_clear()
+    yield tmp_path
+    configs.tuned_table.cache_clear()
+    matmul._launch_plan.cache_clear()
+
+
+def _entry(cfg: configs.KernelConfig) -> dict:
+    return {"config": cfg.to_dict(), "ms": 1.0}
+
+
+A = configs.KernelConfig(64, 128, 32, num_warps=4, num_stages=2)
+B = configs.KernelConfig(128, 64, 64, num_warps=8, num_stages=2)
+
+
+def _write(table_dir, gpus, name="t.json"):
+    (table_dir / name).write_text(json.dumps({"format": 1, "gpus": gpus}))
+
+
+def test_buckets_and_the_nearest_entry(table_dir):
+    assert [configs.bucket(n) for n in (0, 1, 2, 3, 16, 17, 1000, 4096, 4097)] == [0, 1, 2, 4, 16, 32, 1024, 4096, 8192]
+    _write(table_dir, {"gpu x": {"fwd": {"bf16": {"tma": {"16x8192x16384": _entry(A), "8192x8192x8192": _entry(B)}}}}})
+    pick = lambda *mnk, product="fwd", dtype=torch.bfloat16, tma=True, gpu="gpu x": configs.table_config(  # noqa: E731
+        gpu, product, *mnk, dtype, tma)
+    assert pick(16, 8192, 14336) == A  # its own bucket
+    assert pick(7000, 8000, 9000) == B  # 8192 x 8192 x 16384: one log2 step from B's bucket, more from A's
+    assert pick(100, 8192, 16384) == A  # nearer A (16 rows) than B (8192)
+    assert pick(16, 8192, 14336, product="dgrad") is None  # no entry for the product, dtype, path or GPU
+    assert pick(16, 8192, 14336, dtype=torch.float16) is None
+    assert pick(16, 8192, 14336, tma=False) is None
+    assert pick(16, 8192, 14336, gpu="gpu y") is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not readable JSON"),
+    ('{"format": 2, "gpus": {}}', 'expected {"format": 1'),
+    ('{"format": 1, "gpus": {"g": {"fwdd": {}}}}', "unknown product 'fwdd'"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"int8": {}}}}}', "unknown dtype 'int8'"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tmaa": {}}}}}}', "unknown path 'tmaa'"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8": {"config": {}}}}}}}}', "bucket '16x8' is not MxNxK"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"ms": 1}}}}}}}', "expected an object with a 'config'"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_Q": 64}}}}}}}}',
+     "g/fwd/bf16/tma/16x8x8: unknown config field 'BLOCK_Q'"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_M": 48, "BLOCK_N": 64, '
+     '"BLOCK_K": 64}}}}}}}}', "BLOCK_M: expected a power of two of at least 16 (tl.dot's smallest tile), got 48"),
+])  # fmt: skip
+def test_a_malformed_table_raises_naming_the_file_and_entry(table_dir, content, message):
+    (table_dir / "bad.json").write_text(content)
+    with pytest.raises(ValueError, match="tuned table .*bad.json") as e:
+        configs.tuned_table("g")
+    assert message in str(e.value)
+
+
+def test_a_table_entry_configures_the_launch(table_dir, device):
+    x, w, b = torch.randn(16, 64, device=device), torch.randn(32, 64, device=device), torch.randn(32, device=device)
+    gpu = matmul.gpu_name(torch.device(device))
+    route = "tma" if matmul._tma_layout(x, w.t(), torch.empty(16, 32, device=device)) else "pointers"
+    _write(table_dir, {gpu: {"fwd": {"fp32": {route: {"16x32x64": _entry(A)}}}}})
+    before = kernels.path_counts.copy()
+    y = kernels.linear(x, w, b)
+    assert kernels.path_counts["config_table"] == before["config_table"] + 1
+    cfg, source = configs.pick_config(16, 32, 64, torch.float32, interpreted=matmul.INTERPRETED, tma=route == "tma",
+                                      slots=3, product="fwd", gpu=gpu)  # fmt: skip
+    assert source == "table" and dataclasses_equal(cfg, A)
+    assert_close("y", y, *linear_reference(x, w, b), tol(torch.float32, 64, tf32=device == "cuda"))
+
+
+def test_pin_by_environment_variable_and_context_manager(device, monkeypatch):
+    x, w = torch.randn(5, 40, device=device), torch.randn(7, 40, device=device)
+    monkeypatch.setenv("FUSED_TP_CONFIG", "BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, persistent=0")
+    assert configs.pinned_config() == configs.KernelConfig(32, 32, 16, num_warps=4, num_stages=2, persistent=False)
+    before = kernels.path_counts["config_pinned"]
+    y = kernels.linear(x, w)
+    assert kernels.path_counts["config_pinned"] == before + 1
+    assert_close("y", y, *linear_reference(x, w), tol(torch.float32, 40, tf32=device == "cuda"))
+    with configs.pin_config(A):  # the context manager wins over the environment
+        assert configs.pinned_config() == A
+    monkeypatch.setenv("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N")
+    with pytest.raises(ValueError, match="FUSED_TP_CONFIG: expected NAME=INTEGER items"):
+        kernels.linear(x, w)
+    monkeypatch.setenv("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N=32,BLOCK_K=16,num_warps=3")
+    with pytest.raises(ValueError, match="FUSED_TP_CONFIG: num_warps: expected 1, 2, 4, 8 or 16, got 3"):
+        kernels.linear(x, w)
+
+
+def test_a_pinned_config_that_does_not_fit_raises_before_the_launch(device):
+    x, w = torch.randn(5, 40, device=device), torch.randn(7, 40, device=device)
+    huge = configs.KernelConfig(256, 256, 128, num_warps=8, num_stages=4)
+    before = kernels.path_counts.copy()
+    with configs.pin_config(huge), pytest.raises(ValueError, match=r"pinned config .* needs \d+ bytes of shared memory"):
+        kernels.linear(x, w)
+    assert kernels.path_counts["config_pinned"] == before["config_pinned"]
+    with pytest.raises(ValueError, match="BLOCK_K: expected a power of two of at least 16"):
+        configs.KernelConfig(64, 64, 8)
+
+
+def test_pruning_rules():
+    for dtype in (torch.float32, torch.bfloat16):
+        for tma in (True, False):
+            kept = configs.candidates(8192, 8192, 8192, dtype, tma)
+            assert kept and all(c.shared_memory(dtype.itemsize, tma) <= configs.SHARED_MEMORY_BYTES for c in kept)
+    assert len(configs.candidates(8192, 8192, 8192, torch.float32, True)) < len(configs.SPACE)  # fp32 drops some
+    assert all(c.BLOCK_M <= 64 for c in configs.candidates(16, 8192, 8192, torch.bfloat16, True))  # decode rows
+
+
+def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_path, device, capsys):
+    """The tune command under the interpreter with a fake timer that makes the config with the largest BLOCK_K
+    fastest: every (product, shape, candidate) is kept, the table names the fastest, and once dropped in, the
+    kernels' first call of that shape runs it without any tuning."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+
+    def score(cfg):  # fewest K-steps first, then the smallest tile; no two configs of SPACE tie
+        return 1.0 / cfg.BLOCK_K + cfg.BLOCK_M * 1e-6 + cfg.BLOCK_N * 1e-8 + cfg.num_stages * 1e-10 + cfg.persistent * 1e-11
+
+    def fake_timer(fn):
+        cfg = configs.pinned_config()
+        return 1.0 if cfg is None else score(cfg)
+
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("# M, K, N\n20, 48, 100\n")
+    out = tmp_path / "out"
+    args = argparse.Namespace(kernel="all", dtype="bf16", shapes=str(shapes), out=str(out))
+    written = tune.run(args, timer=fake_timer)
+
+    rows = json.loads(written["timings"].read_text())["rows"]
+    for product in configs.PRODUCTS:
+        mine = [r for r in rows if r["product"] == product]
+        m, n, k = mine[0]["launch_mnk"]
+        route = mine[0]["path"]
+        assert len(mine) == len(configs.candidates(m, n, k, torch.bfloat16, route == "tma")) > 1
+        assert all(r["passed_check"] for r in mine)
+    assert "| fwd | 20 | 48 | 100 |" in capsys.readouterr().out
+    table = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]
+    fwd = next(r for r in rows if r["product"] == "fwd")
+    entry = table["fwd"]["bf16"][fwd["path"]][configs.table_key(*fwd["launch_mnk"])]
+    fastest = min(configs.candidates(*fwd["launch_mnk"], torch.bfloat16, fwd["path"] == "tma"), key=score)
+    assert configs.KernelConfig.from_dict(entry["config"], "t") == fastest
+
+    (table_dir / "triton-interpreter.json").write_text(written["table"].read_text())  # drop it in
+    configs.tuned_table.cache_clear()  # as a fresh process would start
+    matmul._launch_plan.cache_clear()
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=gen).to(torch.bfloat16) for s in ((20, 48), (100, 48), (100,)))
+    before = kernels.path_counts.copy()
+    y = kernels.linear(x, w, b)
+    assert kernels.path_counts["config_table"] == before["config_table"] + 1
+    cfg, source = configs.pick_config(20, 100, 48, torch.bfloat16, interpreted=True, tma=fwd["path"] == "tma", slots=3,
+                                      product="fwd", gpu="triton-interpreter")  # fmt: skip
+    assert source == "table" and dataclasses_equal(cfg, fastest)
+    assert_close("y", y, *linear_reference(x, w, b), tol(torch.bfloat16, 48))
+
+
+def dataclasses_equal(cfg, other):
+    """Equal but for split_k, which pick_config always fills in."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, split_k=None) == other
+
+
+@pytest.mark.parametrize("text, message", [("1,2\n", "expected three positive integers"), ("", "lists no shapes")])
+def test_a_bad_shapes_file_is_refused(tmp_path, text, message):
+    path = tmp_path / "s.txt"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        tune.load_shapes(str(path))
+    with pytest.raises(SystemExit, match="neither a preset"):
+        tune.load_shapes(str(tmp_path / "missing.txt"))
