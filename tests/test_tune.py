@@ -185,3 +185,16 @@ def test_a_bad_shapes_file_is_refused(tmp_path, text, message):
         tune.load_shapes(str(path))
     with pytest.raises(SystemExit, match="neither a preset"):
         tune.load_shapes(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("rule_slower_by, chosen", [(0.02, "rule"), (0.05, "fastest")])
+def test_a_tuned_config_must_beat_the_rule_by_the_margin(rule_slower_by, chosen):
+    rule = configs.rule_config(100, torch.bfloat16, matmul.INTERPRETED, tma=True)
+    row = dict(product="fwd", M=100, K=64, N=64, launch_mnk=[100, 64, 64], path="tma", torch_ms=1.0, ratio=1.0,
+               tflops=1.0)  # fmt: skip
+    rows = [dict(row, config=A.to_dict(), ms=1.0), dict(row, config=rule.to_dict(), ms=1.0 + rule_slower_by),
+            dict(row, config=B.to_dict(), ms=None)]  # B failed its check: never chosen  # fmt: skip
+    (pick,), table = tune.choose(rows, torch.bfloat16)
+    want = rule if chosen == "rule" else A
+    assert pick["config"] == want.to_dict() and pick["rule_ms"] == 1.0 + rule_slower_by
+    assert table["fwd"]["bf16"]["tma"]["128x64x64"]["config"] == want.to_dict()

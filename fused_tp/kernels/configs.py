@@ -110,7 +110,8 @@ CONFIGS = {
 
 # The space `python -m fused_tp tune` searches for each product (the same for all three: the products differ in
 # layout, which the tuning measures, not in what tiles are possible). 16-bit and 32-bit operands share it;
-# `candidates` drops what does not fit in shared memory for the operand width.
+# `candidates` drops what does not fit in shared memory for the operand width. Every config of CONFIGS is in it,
+# so the tuner always times the rule's choice too.
 SPACE = (
     KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
     KernelConfig(128, 256, 64, num_warps=8, num_stages=3, persistent=False),
@@ -125,6 +126,8 @@ SPACE = (
     KernelConfig(64, 128, 64, num_warps=4, num_stages=5, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
+    KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
+    KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
 )
 
 
@@ -317,6 +320,15 @@ def table_config(gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dt
     return entries[nearest]
 
 
+def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> KernelConfig:
+    """The config where no pin and no table decides: INTERPRETER_CONFIG, or CONFIGS by width, path and rows."""
+    if interpreted:
+        return INTERPRETER_CONFIG
+    width = "32bit" if dtype == torch.float32 else "16bit"
+    rows = "small_m" if M <= (128 if tma else 64) else "large"
+    return CONFIGS[(width, "tma" if tma else "pointers", rows)]
+
+
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
                 product: str = "fwd", gpu: str = "") -> tuple[KernelConfig, str]:  # fmt: skip
     """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
@@ -333,11 +345,5 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, t
     if cfg is None:
         cfg, source = table_config(gpu, product, M, N, K, dtype, tma), "table"
     if cfg is None:
-        source = "rule"
-        if interpreted:
-            cfg = INTERPRETER_CONFIG
-        else:
-            width = "32bit" if dtype == torch.float32 else "16bit"
-            rows = "small_m" if M <= (128 if tma else 64) else "large"
-            cfg = CONFIGS[(width, "tma" if tma else "pointers", rows)]
+        cfg, source = rule_config(M, dtype, interpreted, tma), "rule"
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
