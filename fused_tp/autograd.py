@@ -14,6 +14,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from . import guard, kernels
+from .kernels import configs
 
 
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -67,7 +68,7 @@ class _ColumnParallelLinear(Function):
     def forward(ctx, x, w_shard, b_shard, group, world):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w_shard if need_x else None)
-        ctx.group, ctx.world = group, world
+        ctx.group, ctx.world, ctx.tuning = group, world, configs.current_tuning()
         return kernels.linear(x, w_shard, b_shard)
 
     @staticmethod
@@ -78,10 +79,11 @@ class _ColumnParallelLinear(Function):
         x, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = work = None
-        if need_x:
-            grad_x = kernels.grad_input(grad_y_shard, w_shard)
-            work = _all_reduce(grad_x, ctx.group, ctx.world, async_op=True)
-        grad_w, grad_b = kernels.grad_params(grad_y_shard, x, weight=need_w, bias=need_b)
+        with configs.tuning(ctx.tuning):  # autograd's thread does not inherit the forward's context
+            if need_x:
+                grad_x = kernels.grad_input(grad_y_shard, w_shard)
+                work = _all_reduce(grad_x, ctx.group, ctx.world, async_op=True)
+            grad_w, grad_b = kernels.grad_params(grad_y_shard, x, weight=need_w, bias=need_b)
         if work is not None:
             work.wait()
         return grad_x, grad_w, grad_b, None, None
@@ -104,6 +106,7 @@ class _RowParallelLinear(Function):
     def forward(ctx, x_shard, w_shard, b, group, world, rank):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
+        ctx.tuning = configs.current_tuning()
         y = kernels.linear(x_shard, w_shard, b if rank == 0 else None)
         _all_reduce(y, group, world)
         return y
@@ -113,8 +116,9 @@ class _RowParallelLinear(Function):
     def backward(ctx, grad_y):
         x_shard, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x_shard = kernels.grad_input(grad_y, w_shard) if need_x else None
-        grad_w, grad_b = kernels.grad_params(grad_y, x_shard, weight=need_w, bias=need_b)
+        with configs.tuning(ctx.tuning):
+            grad_x_shard = kernels.grad_input(grad_y, w_shard) if need_x else None
+            grad_w, grad_b = kernels.grad_params(grad_y, x_shard, weight=need_w, bias=need_b)
         return grad_x_shard, grad_w, grad_b, None, None, None
 
 
@@ -147,20 +151,45 @@ class _ScatterLastDim(Function):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
-def _preflight(where: str, group, world: int, check, facts) -> None:
+def _preflight(where: str, group, world: int, check, facts) -> configs.Tuning | None:
     """Run a call's argument checks; with the rank guard on, also agree with the other ranks (fused_tp/guard.py).
+    Returns the call's tuning scope (run-time autotuning on a group), else None.
 
     Without the guard a bad argument raises on the rank that has it, before any collective; the other ranks then
     wait in the call's first collective until the group's timeout. With it, every rank raises at once."""
-    if world == 1 or not guard.enabled():
+    if world == 1 or not (guard.enabled() or configs.autotune_enabled()):
         check()
-        return
-    try:
+        return None
+    facts_text = f"{facts()}; grad mode {torch.is_grad_enabled()}; group of {world}"
+    if guard.enabled():
+        try:
+            check()
+            error = None
+        except (TypeError, ValueError) as e:
+            error = e
+        guard.agree(where, group, facts_text, error)
+    else:
         check()
-        error = None
-    except (TypeError, ValueError) as e:
-        error = e
-    guard.agree(where, group, f"{facts()}; grad mode {torch.is_grad_enabled()}; group of {world}", error)
+    return _tuning_scope(group, f"{where}; {facts_text}")
+
+
+_tuned_calls: set = set()  # the facts of every layer call run-time autotuning has seen in this process
+
+
+def _tuning_scope(group, facts: str) -> configs.Tuning | None:
+    """FUSED_TP_AUTOTUNE=1 on a group: the first call with these facts (replicated, so new on every rank alike) is a
+    tuning call; its launches, forward and backward, take rank 0's configs (matmul._autotuned)."""
+    if not configs.autotune_enabled() or facts in _tuned_calls:
+        return None
+    _tuned_calls.add(facts)
+    return configs.Tuning(consensus=lambda cfg: _broadcast_config(cfg, group))
+
+
+def _broadcast_config(cfg, group):
+    """Rank 0's config (or None) on every rank of `group`."""
+    values = torch.tensor(configs.to_ints(cfg), dtype=torch.int64, device=guard.collective_device(group))
+    dist.broadcast(values, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+    return configs.from_ints(values.tolist())
 
 
 def _param_facts(weight, bias, replicated_dim: int) -> str:
@@ -174,9 +203,10 @@ def _param_facts(weight, bias, replicated_dim: int) -> str:
 def column_call(x, weight, bias, group, gather_size: int | None):
     """Column-parallel linear; with `gather_size` (the layer's out_features) the output gathered on every rank."""
     world, rank = group_size_rank(group)
-    _preflight("column-parallel linear", group, world, lambda: kernels.check_linear_args(x, weight, bias),
-               lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}")
-    y = _ColumnParallelLinear.apply(x, weight, bias, group, world)
+    scope = _preflight("column-parallel linear", group, world, lambda: kernels.check_linear_args(x, weight, bias),
+                       lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}")
+    with configs.tuning(scope):
+        y = _ColumnParallelLinear.apply(x, weight, bias, group, world)
     return y if gather_size is None else _GatherLastDim.apply(y, group, world, rank, gather_size)
 
 
@@ -199,10 +229,11 @@ def row_call(x, weight, bias, group, scatter_size: int | None):
         input_facts = guard.describe("input", x, leading_only=leading)
         return f"{input_facts}; {_param_facts(weight, bias, 0)}; scatter {scatter_size}"
 
-    _preflight("row-parallel linear", group, world, check, facts)
+    scope = _preflight("row-parallel linear", group, world, check, facts)
     if scatter_size is not None:
         x = _ScatterLastDim.apply(x, group, world, rank)
-    return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
+    with configs.tuning(scope):
+        return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
 
 
 def column_parallel_linear(x, weight, bias=None, *, process_group=None):

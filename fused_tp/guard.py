@@ -58,6 +58,14 @@ def check_ranks(on: bool = True):
         _switch.reset(token)
 
 
+def collective_device(group) -> torch.device:
+    """Where a small tensor for a collective on `group` lives: NCCL takes device tensors only; gloo (or the
+    cpu:gloo part of a mixed group) takes host ones."""
+    if "gloo" in str(dist.get_backend(group)) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def describe(name: str, t, leading_only: bool = False) -> str:
     """A tensor's facts that must agree across ranks: shape (or all but the last dim), dtype, device type, grad."""
     if not isinstance(t, torch.Tensor):
@@ -87,10 +95,7 @@ def agree(where: str, group, facts: str, error: Exception | None) -> None:
     count = _calls[group] = _calls.get(group, 0) + 1
     facts = f"{where}, guarded call {count} on this group; {facts}"
     mine = None if error is None else f"{type(error).__name__}: {error}"
-    # NCCL gathers device tensors only; gloo (or a cpu:gloo part of a mixed group) gathers host ones.
-    backend = str(dist.get_backend(group))
-    device = "cpu" if "gloo" in backend or not torch.cuda.is_available() else torch.device("cuda", torch.cuda.current_device())
-    record = _encode(facts, mine).to(device)
+    record = _encode(facts, mine).to(collective_device(group))
     records = [torch.empty_like(record) for _ in range(dist.get_world_size(group))]
     dist.all_gather(records, record, group=group)
     seen = [_decode(r.cpu()) for r in records]

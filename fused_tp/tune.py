@@ -44,7 +44,6 @@ PRESETS = {
 # Relative Frobenius error against torch that a config's output must stay within (one rounding of the output,
 # different fp32 summation orders): a wrong config fails by orders of magnitude more.
 CHECK = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
-MARGIN = 0.03  # how much faster than the rule's config a tuned one must time to be chosen
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,8 +180,7 @@ def choose(rows: list[dict], dtype: torch.dtype) -> tuple[list[dict], dict]:
     """(the chosen row per product and shape, the tuned table {product: {dtype: {path: {bucket: entry}}}}).
 
     A config replaces the rule's (configs.rule_config, always among the candidates) only if it was faster by more
-    than MARGIN: the fastest of a dozen noisy timings is optimistic, and a pick within noise of the rule's is as
-    likely to be slower on the next run (seen on the H100: bench/NOTES.md, attempt 11)."""
+    than configs.MARGIN (`configs.choose`; seen on the H100: bench/NOTES.md, attempt 11)."""
     by_shape = {}
     for r in rows:
         by_shape.setdefault((r["product"], r["M"], r["K"], r["N"]), []).append(r)
@@ -192,11 +190,11 @@ def choose(rows: list[dict], dtype: torch.dtype) -> tuple[list[dict], dict]:
         if not timed:
             continue
         m, n, k = mine[0]["launch_mnk"]
-        rule = configs.rule_config(m, dtype, INTERPRETED, mine[0]["path"] == "tma").to_dict()
-        fastest = min(timed, key=lambda r: r["ms"])
-        by_rule = next((r for r in timed if r["config"] == rule), None)
-        pick = fastest if by_rule is None or fastest["ms"] < (1 - MARGIN) * by_rule["ms"] else by_rule
-        chosen.append(dict(pick, rule_ms=by_rule and by_rule["ms"]))
+        rule = configs.rule_config(m, dtype, INTERPRETED, mine[0]["path"] == "tma")
+        cands = [configs.KernelConfig(**r["config"]) for r in timed]
+        pick = configs.choose(cands, [r["ms"] for r in timed], rule)
+        by_rule = next((r for r in timed if r["config"] == rule.to_dict()), None)
+        chosen.append(dict(next(r for r in timed if r["config"] == pick.to_dict()), rule_ms=by_rule and by_rule["ms"]))
     table = {}
     for r in chosen:
         m, n, k = r["launch_mnk"]

@@ -168,3 +168,44 @@ def faulty_step(rank, world_size, init_method, device, timeout_s, fault, results
         results.put((rank, None, "returned", time.monotonic() - start))
     except Exception as e:
         results.put((rank, type(e).__name__, str(e), time.monotonic() - start))
+
+
+def autotuned_steps(device, hidden, ffn, steps):
+    """MLP steps with FUSED_TP_AUTOTUNE=1 and a fake timer under which each rank prefers another candidate
+    (rank r: the r-th fastest by a fixed score). Returns the configs this rank chose, the timer's call count per
+    step, and the step's outputs (replicated ones must match bitwise)."""
+    import os
+
+    from fused_tp.kernels import configs, matmul
+
+    rank, calls = dist.get_rank(), []
+
+    def timer(fn):
+        calls[-1] += 1
+        cfg = configs.pinned_config()
+        order = sorted(configs.SPACE, key=lambda c: (c.BLOCK_K, c.BLOCK_M, c.BLOCK_N, c.num_stages, c.persistent))
+        return 1.0 + ((order.index(dataclasses.replace(cfg, split_k=None)) - rank) % len(order))
+
+    import dataclasses
+
+    saved_timer, os.environ["FUSED_TP_AUTOTUNE"] = matmul.autotune_timer, "1"
+    matmul.autotune_timer = timer
+    configs.autotuned.clear()
+    try:
+        torch.manual_seed(0)
+        col = fused_tp.ColumnParallelLinear(hidden, ffn, device=device)
+        row = fused_tp.RowParallelLinear(ffn, hidden, device=device)
+        x = torch.randn(5, hidden, device=device, requires_grad=True)
+        outs = []
+        for _ in range(steps):
+            calls.append(0)
+            x.grad = None
+            y = row(F.gelu(col(x)))
+            y.backward(torch.ones_like(y))
+            outs.append((_cpu(y), _cpu(x.grad)))
+        chosen = {f"{key[1]} {tuple(key[4:])}": value for key, value in configs.autotuned.items()}
+    finally:
+        matmul.autotune_timer = saved_timer
+        del os.environ["FUSED_TP_AUTOTUNE"]
+        configs.autotuned.clear()
+    return {"chosen": chosen, "timer_calls": calls, "outs": outs}

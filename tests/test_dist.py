@@ -179,3 +179,20 @@ def test_layers_are_bitwise_deterministic_run_to_run(rank_pools, device, world, 
     for rank, (a, b) in enumerate(zip(first, again)):
         for name in a:
             assert torch.equal(a[name], b[name]), f"rank {rank}: {name} differs between two runs"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("ffn", [24, 3])  # 3: at world 4 a rank holds no features, and still takes part
+def test_autotuning_takes_rank_0s_choice_on_every_rank(rank_pools, device, world, ffn):
+    """FUSED_TP_AUTOTUNE=1 with a timer under which every rank would choose another config: every rank runs rank
+    0's choice, outputs stay bitwise replicated, and the second step times nothing."""
+    outs = rank_pools(world).run(dist_cases.autotuned_steps, device, 16, ffn, 2)
+    for rank, out in enumerate(outs):
+        assert out["timer_calls"][0] > 0 or ffn < world, f"rank {rank} timed nothing at the first step"
+        assert out["timer_calls"][1] == 0, f"rank {rank} timed again at the second step"
+        for y, grad_x in (step for step in out["outs"]):
+            assert torch.equal(y, outs[0]["outs"][0][0]) and torch.equal(grad_x, outs[0]["outs"][0][1])
+    even = ffn % world == 0  # equal shards: every rank launches the same shapes
+    if even:
+        for rank, out in enumerate(outs[1:], 1):
+            assert out["chosen"] == outs[0]["chosen"], f"rank {rank} chose other configs than rank 0"

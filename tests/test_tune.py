@@ -120,6 +120,9 @@ def test_pruning_rules():
             assert kept and all(c.shared_memory(dtype.itemsize, tma) <= configs.SHARED_MEMORY_BYTES for c in kept)
     assert len(configs.candidates(8192, 8192, 8192, torch.float32, True)) < len(configs.SPACE)  # fp32 drops some
     assert all(c.BLOCK_M <= 64 for c in configs.candidates(16, 8192, 8192, torch.bfloat16, True))  # decode rows
+    for dtype in (torch.float32, torch.float16):
+        for tma in (True, False):
+            assert configs.candidates(1, 1, 1, dtype, tma), "every launch needs a candidate"
 
 
 def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_path, device, capsys):
@@ -198,3 +201,33 @@ def test_a_tuned_config_must_beat_the_rule_by_the_margin(rule_slower_by, chosen)
     want = rule if chosen == "rule" else A
     assert pick["config"] == want.to_dict() and pick["rule_ms"] == 1.0 + rule_slower_by
     assert table["fwd"]["bf16"]["tma"]["128x64x64"]["config"] == want.to_dict()
+
+
+def test_run_time_autotuning_times_each_shape_once(device, monkeypatch):
+    """FUSED_TP_AUTOTUNE=1: the first launch of a shape times every candidate (the timing launches not counted),
+    runs the fastest, and later launches of that shape time nothing; a pinned config still wins."""
+    if device == "cuda":
+        pytest.skip("a fake timer stands in for the interpreter's wall clock")
+    calls = []
+
+    def timer(fn):
+        calls.append(configs.pinned_config())
+        return 1.0 / calls[-1].BLOCK_K + calls[-1].BLOCK_N * 1e-6
+
+    monkeypatch.setenv("FUSED_TP_AUTOTUNE", "1")
+    monkeypatch.setattr(matmul, "autotune_timer", timer)
+    monkeypatch.setattr(configs, "autotuned", {})
+    x, w = torch.randn(6, 40), torch.randn(70, 40)
+    before = kernels.path_counts.copy()
+    y, again = kernels.linear(x, w), kernels.linear(x, w)
+    cands = configs.candidates(6, 70, 40, torch.float32, matmul._tma_layout(x, w.t(), y) is not None)
+    assert calls == cands  # every candidate once, then nothing
+    (chosen,) = configs.autotuned.values()
+    assert chosen == min(cands, key=lambda c: 1.0 / c.BLOCK_K + c.BLOCK_N * 1e-6)
+    assert kernels.path_counts["config_autotuned"] == before["config_autotuned"] + 2
+    assert kernels.path_counts["triton-interpreter"] == before["triton-interpreter"] + 2  # timing launches not counted
+    assert torch.equal(y, again)
+    assert_close("y", y, *linear_reference(x, w), tol(torch.float32, 40))
+    with configs.pin_config(A):
+        kernels.linear(x, w)
+    assert kernels.path_counts["config_pinned"] == before["config_pinned"] + 1 and len(calls) == len(cands)

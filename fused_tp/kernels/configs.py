@@ -7,6 +7,8 @@ GPU model), so every rank of a process group picks the same config for the same 
 bitwise identical across ranks (run-time autotuning per process would not guarantee that). In order of precedence:
 
     pinned   `with pin_config(cfg):` in the calling context, else FUSED_TP_CONFIG="BLOCK_M=128,BLOCK_N=256,..."
+    autotuned  with FUSED_TP_AUTOTUNE=1: every candidate timed at the first launch of a shape in this process
+             (matmul.py does it; inside a layer call on a process group, rank 0's choice is broadcast)
     table    a tuned table shipped in fused_tp/kernels/tuned/ for this GPU: the entry of the product, dtype and
              operand path whose shape bucket is nearest (`python -m fused_tp tune` writes them)
     rule     CONFIGS below (and INTERPRETER_CONFIG under Triton's interpreter when no table names it)
@@ -30,6 +32,8 @@ import torch
 
 PRODUCTS = ("fwd", "dgrad", "wgrad")  # y = x @ w.T + b;  grad_x = grad_y @ w;  grad_w = grad_y.T @ x
 PIN_ENV = "FUSED_TP_CONFIG"
+AUTOTUNE_ENV = "FUSED_TP_AUTOTUNE"
+MARGIN = 0.03  # how much faster than the rule's config a tuned one must time to be chosen (see `choose`)
 TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
 SHARED_MEMORY_BYTES = 232448  # what one program may use on sm_90 (227 KiB)
 
@@ -126,6 +130,7 @@ SPACE = (
     KernelConfig(64, 128, 64, num_warps=4, num_stages=5, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
+    KernelConfig(64, 64, 64, num_warps=4, num_stages=3),  # the smallest: fits every width and path, any shape
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
 )
@@ -242,6 +247,61 @@ def parse_config(text: str) -> KernelConfig:
     if "persistent" in fields:
         fields["persistent"] = bool(fields["persistent"])
     return KernelConfig.from_dict(fields, PIN_ENV)
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """A layer call that is new on every rank of its group: its launches (re)decide their configs, and
+    `consensus(config) -> config` (None at world size 1) replaces each rank's choice with rank 0's."""
+
+    consensus: object = None
+
+
+_tuning: contextvars.ContextVar[Tuning | None] = contextvars.ContextVar("fused_tp_tuning", default=None)
+autotuned: dict = {}  # (gpu, product, dtype, tma, M, N, K) -> the config run-time autotuning chose in this process
+
+
+@contextlib.contextmanager
+def tuning(scope: Tuning | None):
+    token = _tuning.set(scope)
+    try:
+        yield scope
+    finally:
+        _tuning.reset(token)
+
+
+def current_tuning() -> Tuning | None:
+    return _tuning.get()
+
+
+def choose(candidates: list[KernelConfig], times_ms: list, rule: KernelConfig) -> KernelConfig:
+    """The fastest candidate, unless the rule's config (if timed) is within MARGIN of it: the fastest of a dozen
+    noisy timings is optimistic, and a pick within noise of the rule's is as likely to be slower next time.
+    Untimed candidates (None) are never chosen."""
+    timed = [(t, c) for c, t in zip(candidates, times_ms) if t is not None]
+    fastest_ms, fastest = min(timed, key=lambda tc: tc[0])
+    rule_ms = next((t for t, c in timed if c == rule), None)
+    return rule if rule_ms is not None and fastest_ms >= (1 - MARGIN) * rule_ms else fastest
+
+
+_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "persistent", "split_k")
+
+
+def to_ints(cfg: KernelConfig | None) -> list[int]:
+    """A config as 8 integers (all 0 for None), for a collective."""
+    return [0] * len(_FIELDS) if cfg is None else [int(getattr(cfg, f) or 0) for f in _FIELDS]
+
+
+def from_ints(values: list[int]) -> KernelConfig | None:
+    if not any(values):
+        return None
+    fields = dict(zip(_FIELDS, values))
+    fields["persistent"], fields["split_k"] = bool(fields["persistent"]), fields["split_k"] or None
+    return KernelConfig(**fields)
 
 
 def pinned_config() -> KernelConfig | None:

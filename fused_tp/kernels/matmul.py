@@ -29,15 +29,17 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import time
 import warnings
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import configs
-from .configs import COLSUM_CONFIG, INTERPRETER_PROGRAMS, SPLIT_SUM_CONFIG, colsum_chunks, pick_config
+from .configs import COLSUM_CONFIG, INTERPRETER_PROGRAMS, SPLIT_SUM_CONFIG, KernelConfig, colsum_chunks, pick_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -197,7 +199,8 @@ INTERPRETED = isinstance(_matmul_kernel, InterpretedFunction)
 
 # How many launches took each path since import, keyed by path name; "tma" counts the matmul launches (of "triton"
 # or "triton-interpreter") that moved tiles with tensor descriptors rather than pointers, "split_k" those that split
-# their K loop, "config_pinned" / "config_table" / "config_rule" where their config came from (configs.py).
+# their K loop, "config_pinned" / "config_autotuned" / "config_table" / "config_rule" where their config came from
+# (configs.py).
 path_counts: collections.Counter = collections.Counter()
 _warned_torch_path = False
 
@@ -262,13 +265,15 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
         return (c if bias is None else c + bias.float()).to(a.dtype)
 
     c = _out((M, N), a, path)
+    tma = _tma_layout(a, b, c)
+    pinned, source = configs.pinned_config(), None
+    if pinned is None and configs.autotune_enabled():
+        pinned, source = _autotuned(a, b, bias, product, tma is not None), "autotuned"
     if M == 0 or N == 0:
         return _rounded(c, a.dtype)
-    tma = _tma_layout(a, b, c)
-    cfg, source, splits, k_tiles_per_split, programs = _launch_plan(
-        M, N, K, a.dtype, tma is not None, _program_slots(a.device), product, gpu_name(a.device),
-        configs.pinned_config())  # fmt: skip
-    path_counts["config_" + source] += 1
+    cfg, plan_source, splits, k_tiles_per_split, programs = _launch_plan(
+        M, N, K, a.dtype, tma is not None, _program_slots(a.device), product, gpu_name(a.device), pinned)
+    path_counts["config_" + (source or plan_source)] += 1
     # Split partials are fp32 whatever the operands; every element of every slab is written.
     out = torch.empty((splits, M, N), device=a.device, dtype=torch.float32) if splits > 1 else c
     path_counts["tma"] += tma is not None
@@ -296,6 +301,44 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     if splits > 1:
         _launch_colsum(out.view(splits, M * N), c.view(M * N), SPLIT_SUM_CONFIG)
     return _rounded(c, a.dtype)
+
+
+def autotune_timer(fn) -> float:
+    """ms of fn() for run-time autotuning: do_bench's median on a GPU, the wall clock's under the interpreter."""
+    if INTERPRETED:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma: bool) -> KernelConfig | None:
+    """FUSED_TP_AUTOTUNE=1: the config this process chose for this launch's key, timing every candidate on these
+    operands the first time. Inside a new layer call on a process group (configs.Tuning), every rank takes part in
+    the consensus for every launch, cached or not and empty or not, so that the collectives pair up, and all
+    ranks keep rank 0's choice."""
+    (M, K), N = a.shape, b.shape[1]
+    key = (gpu_name(a.device), product, a.dtype, tma, M, N, K)
+    cfg, scope = configs.autotuned.get(key), configs.current_tuning()
+    if cfg is None and M and N:
+        cands = configs.candidates(M, N, K, a.dtype, tma)
+        counts = path_counts.copy()  # the timing launches are not the caller's: they are not counted
+        times = []
+        for cand in cands:
+            with configs.pin_config(cand):
+                times.append(autotune_timer(lambda: _matmul(a, b, bias, product)))
+        path_counts.clear()
+        path_counts.update(counts)
+        cfg = configs.choose(cands, times, configs.rule_config(M, a.dtype, INTERPRETED, tma))
+    if scope is not None and scope.consensus is not None:
+        chosen = scope.consensus(cfg)
+        # rank 0's config, unless this rank's operands take the other path and its tiles do not fit there
+        if chosen is not None and configs.fits(chosen, a.dtype.itemsize, tma):
+            cfg = chosen
+    if cfg is not None:
+        configs.autotuned[key] = cfg
+    return cfg
 
 
 @functools.lru_cache(maxsize=4096)
