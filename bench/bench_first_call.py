@@ -73,8 +73,8 @@ def main():
             environ.pop("FUSED_TP_AUTOTUNE", None)
             if mode == "autotune":
                 environ["FUSED_TP_AUTOTUNE"] = "1"
-            done = subprocess.run([sys.executable, __file__, "--child", "--dtype", args.dtype, "--shapes", *args.shapes],
-                                  env=environ, capture_output=True, text=True, check=True)  # fmt: skip
+            command = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--shapes", *args.shapes]
+            done = subprocess.run(command, env=environ, capture_output=True, text=True, check=True)
         for r in json.loads(done.stdout.splitlines()[-1]):
             rows.append(dict(mode=mode, **r))
             print(mode, r["M"], r["K"], r["N"], f"first call {r['first_call_s']:.2f} s", flush=True)

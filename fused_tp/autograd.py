@@ -1,4 +1,6 @@
-"""Autograd Functions of the tensor-parallel layers: the only code in fused_tp that calls torch.distributed.
+"""Autograd Functions of the tensor-parallel layers: with guard.py, the only code in fused_tp that calls
+torch.distributed. Each layer call runs `_preflight` first: the argument checks, the optional rank guard, and the
+tuning scope of run-time autotuning.
 
 R is the size of the process group, r this rank's index in it. Shards follow torch.tensor_split(t, R, dim)[r]:
 sizes need not divide evenly, the first ranks get one more. One code path serves every R; at R = 1 the

@@ -52,7 +52,6 @@ def main(args: argparse.Namespace) -> None:
 
 def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> None:
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch import nn
 
     import fused_tp

@@ -198,12 +198,14 @@ def choose(rows: list[dict], dtype: torch.dtype) -> tuple[list[dict], dict]:
     table = {}
     for r in chosen:
         m, n, k = r["launch_mnk"]
-        entries = table.setdefault(r["product"], {}).setdefault(configs.DTYPE_NAMES[dtype], {}).setdefault(r["path"], {})
+        routes = table.setdefault(r["product"], {}).setdefault(configs.DTYPE_NAMES[dtype], {})
+        entries = routes.setdefault(r["path"], {})
         key, flops = configs.table_key(m, n, k), 2 * m * n * k
         # Two shapes in one bucket: the larger problem's choice, since it carries more of a model's time.
         if key not in entries or entries[key]["flops"] < flops:
-            entries[key] = dict(config=r["config"], shape_MKN=[r["M"], r["K"], r["N"]], ms=r["ms"], rule_ms=r["rule_ms"],
-                                tflops=r["tflops"], torch_ms=r["torch_ms"], ratio=r["ratio"], flops=flops)  # fmt: skip
+            entries[key] = dict(config=r["config"], shape_MKN=[r["M"], r["K"], r["N"]], ms=r["ms"],
+                                rule_ms=r["rule_ms"], tflops=r["tflops"], torch_ms=r["torch_ms"], ratio=r["ratio"],
+                                flops=flops)  # fmt: skip
     return chosen, table
 
 

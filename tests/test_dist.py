@@ -162,7 +162,8 @@ def test_rank_guard_raises_the_same_error_on_every_rank(rank_pools, device, worl
             assert text in out[name][1], f"rank {rank}: {name}: {out[name][1]}"
             assert out[name] == outs[0][name], f"{name}: rank {rank} raised another error than rank 0"
         # Every rank failed the same check: each raises that check's own error, the same everywhere.
-        assert out["bad width on every rank"] == ("ValueError", "input: expected last dim 6 (weight.shape[1]), got shape (4, 5)")
+        own_error = ("ValueError", "input: expected last dim 6 (weight.shape[1]), got shape (4, 5)")
+        assert out["bad width on every rank"] == own_error
         assert out["all_reduce after"] == world
 
 

@@ -1,5 +1,6 @@
 """Faults: a rank that dies or stalls mid-step, or raises on a bad argument that only it has (rank guard off), ends
-the step on the other ranks with an error within the process group's timeout, instead of a hang. Real gloo ranks, started fresh for each case (a fault leaves a group unusable).
+the step on the other ranks with an error within the process group's timeout, instead of a hang. Real gloo ranks,
+started fresh for each case (a fault leaves a group unusable).
 """
 
 import multiprocessing as mp

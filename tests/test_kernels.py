@@ -218,7 +218,7 @@ def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, dtype
                     reason="tensor descriptors on a GPU (sm_90 or newer)")  # fmt: skip
 def test_descriptor_scratch_is_reused_per_stream():
     """Launches on one stream share one scratch buffer for their descriptors; another stream gets its own."""
-    x, w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16), torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    x, w = (torch.randn(64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     matmul._scratch.clear()
     y, again = kernels.linear(x, w), kernels.linear(x, w)
     assert len(matmul._scratch) == 1

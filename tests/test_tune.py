@@ -56,8 +56,10 @@ def test_buckets_and_the_nearest_entry(table_dir):
     ('{"format": 1, "gpus": {"g": {"fwdd": {}}}}', "unknown product 'fwdd'"),
     ('{"format": 1, "gpus": {"g": {"fwd": {"int8": {}}}}}', "unknown dtype 'int8'"),
     ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tmaa": {}}}}}}', "unknown path 'tmaa'"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8": {"config": {}}}}}}}}', "bucket '16x8' is not MxNxK"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"ms": 1}}}}}}}', "expected an object with a 'config'"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8": {"config": {}}}}}}}}',
+     "bucket '16x8' is not MxNxK"),
+    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"ms": 1}}}}}}}',
+     "expected an object with a 'config'"),
     ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_Q": 64}}}}}}}}',
      "g/fwd/bf16/tma/16x8x8: unknown config field 'BLOCK_Q'"),
     ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_M": 48, "BLOCK_N": 64, '
@@ -106,7 +108,8 @@ def test_a_pinned_config_that_does_not_fit_raises_before_the_launch(device):
     x, w = torch.randn(5, 40, device=device), torch.randn(7, 40, device=device)
     huge = configs.KernelConfig(256, 256, 128, num_warps=8, num_stages=4)
     before = kernels.path_counts.copy()
-    with configs.pin_config(huge), pytest.raises(ValueError, match=r"pinned config .* needs \d+ bytes of shared memory"):
+    too_big = r"pinned config .* needs \d+ bytes of shared memory"
+    with configs.pin_config(huge), pytest.raises(ValueError, match=too_big):
         kernels.linear(x, w)
     assert kernels.path_counts["config_pinned"] == before["config_pinned"]
     with pytest.raises(ValueError, match="BLOCK_K: expected a power of two of at least 16"):
@@ -133,7 +136,8 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
 
     def score(cfg):  # fewest K-steps first, then the smallest tile; no two configs of SPACE tie
-        return 1.0 / cfg.BLOCK_K + cfg.BLOCK_M * 1e-6 + cfg.BLOCK_N * 1e-8 + cfg.num_stages * 1e-10 + cfg.persistent * 1e-11
+        return (1.0 / cfg.BLOCK_K + cfg.BLOCK_M * 1e-6 + cfg.BLOCK_N * 1e-8 + cfg.num_stages * 1e-10
+                + cfg.persistent * 1e-11)
 
     def fake_timer(fn):
         cfg = configs.pinned_config()
