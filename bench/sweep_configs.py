@@ -21,21 +21,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_linear import CHECK, QUICK, SHAPES, errors, ops  # noqa: E402
 from common import DTYPES, env, markdown_table, results_dir, write  # noqa: E402
 
-from fused_tp.kernels.configs import KernelConfig, pin_config  # noqa: E402
+from fused_tp.kernels.configs import SPACE, KernelConfig, pin_config  # noqa: E402
 
-CANDIDATES = [
-    KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
-    KernelConfig(128, 256, 64, num_warps=8, num_stages=3, persistent=False),
-    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
-    KernelConfig(128, 128, 64, num_warps=4, num_stages=4),
-    KernelConfig(128, 128, 64, num_warps=8, num_stages=4, persistent=False),
-    KernelConfig(256, 128, 64, num_warps=8, num_stages=3),
-    KernelConfig(128, 128, 128, num_warps=8, num_stages=3),
-    KernelConfig(64, 256, 64, num_warps=4, num_stages=4),
-    KernelConfig(64, 128, 128, num_warps=4, num_stages=4),
-    KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
-    KernelConfig(64, 128, 64, num_warps=4, num_stages=5, persistent=False),
-]
+CANDIDATES = SPACE  # the tune command's space (fused_tp/kernels/configs.py)
 
 SPLIT_BASES = [
     KernelConfig(128, 256, 64, num_warps=8, num_stages=3),
