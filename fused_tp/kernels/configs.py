@@ -2,9 +2,9 @@
 and the rule that picks a config for a launch.
 
 A config is a choice of tile sizes and launch options; it never changes which function the kernel computes,
-only the order of its fp32 sums. The choice is a pure function of the problem (product, sizes, dtype, layout,
-GPU model), so every rank of a process group picks the same config for the same shape and replicated results stay
-bitwise identical across ranks (run-time autotuning per process would not guarantee that). In order of precedence:
+only the order of its fp32 sums. Every rank of a process group must pick the same config for the same shape, so
+that replicated results stay bitwise identical across ranks: the choice is a pure function of the problem
+(product, sizes, dtype, layout, GPU model), or, with run-time autotuning, rank 0's. In order of precedence:
 
     pinned   `with pin_config(cfg):` in the calling context, else FUSED_TP_CONFIG="BLOCK_M=128,BLOCK_N=256,..."
     autotuned  with FUSED_TP_AUTOTUNE=1: every candidate timed at the first launch of a shape in this process
