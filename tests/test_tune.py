@@ -218,9 +218,22 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch):
         calls.append(configs.pinned_config())
         return 1.0 / calls[-1].BLOCK_K + calls[-1].BLOCK_N * 1e-6
 
+    launched = []
+    kernel = matmul._matmul_kernel
+
+    class Spy:  # records the meta-parameters of every launch
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launched.append(meta)
+                return kernel[grid](*args, **meta)
+
+            return launch
+
     monkeypatch.setenv("FUSED_TP_AUTOTUNE", "1")
     monkeypatch.setattr(matmul, "autotune_timer", timer)
+    monkeypatch.setattr(matmul, "_matmul_kernel", Spy())
     monkeypatch.setattr(configs, "autotuned", {})
+    matmul._launch_plan.cache_clear()
     x, w = torch.randn(6, 40), torch.randn(70, 40)
     before = kernels.path_counts.copy()
     y, again = kernels.linear(x, w), kernels.linear(x, w)
@@ -228,6 +241,8 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch):
     assert calls == cands  # every candidate once, then nothing
     (chosen,) = configs.autotuned.values()
     assert chosen == min(cands, key=lambda c: 1.0 / c.BLOCK_K + c.BLOCK_N * 1e-6)
+    for meta in launched[-2:]:  # the two calls' own launches ran the chosen config
+        assert {k: meta[k] for k in chosen.meta()} == chosen.meta()
     assert kernels.path_counts["config_autotuned"] == before["config_autotuned"] + 2
     assert kernels.path_counts["triton-interpreter"] == before["triton-interpreter"] + 2  # timing launches not counted
     assert torch.equal(y, again)

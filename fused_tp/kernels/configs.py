@@ -390,12 +390,13 @@ def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> Ker
 
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
-                product: str = "fwd", gpu: str = "") -> tuple[KernelConfig, str]:  # fmt: skip
+                product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None) -> tuple[KernelConfig, str]:  # fmt: skip
     """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
     persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors.
-    Its split_k is always set. source: "pinned", "table" or "rule". A pinned config whose tiles do not fit in
-    shared memory raises ValueError before the launch."""
-    cfg, source = pinned_config(), "pinned"
+    `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
+    set. source: "pinned", "table" or "rule". A pinned config whose tiles do not fit in shared memory raises
+    ValueError before the launch."""
+    cfg, source = pinned, "pinned"
     if cfg is not None and not fits(cfg, dtype.itemsize, tma):
         raise ValueError(
             f"pinned config {cfg}: needs {cfg.shared_memory(dtype.itemsize, tma)} bytes of shared memory for "

@@ -345,9 +345,9 @@ def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma: bool) 
 def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: bool, slots: int, product: str, gpu: str,
                  pinned) -> tuple:  # fmt: skip
     """(config, its source, splits, K-steps per split, programs) of a launch; cached, so that the table lookup and
-    the split rule's search are not paid in host time on every launch. `pinned` (configs.pinned_config()) is in the
-    key: pick_config reads it."""
-    cfg, source = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma, slots=slots, product=product, gpu=gpu)
+    the split rule's search are not paid in host time on every launch. `pinned`: the pinned or autotuned config."""
+    cfg, source = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma, slots=slots, product=product, gpu=gpu,
+                              pinned=pinned)  # fmt: skip
     k_tiles = triton.cdiv(K, cfg.BLOCK_K)
     k_tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
     splits = triton.cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
