@@ -189,6 +189,7 @@ def autotuned_steps(device, hidden, ffn, steps):
     import dataclasses
 
     saved_timer, os.environ["FUSED_TP_AUTOTUNE"] = matmul.autotune_timer, "1"
+    configs.read_environment()
     matmul.autotune_timer = timer
     configs.autotuned.clear()
     try:
@@ -207,5 +208,6 @@ def autotuned_steps(device, hidden, ffn, steps):
     finally:
         matmul.autotune_timer = saved_timer
         del os.environ["FUSED_TP_AUTOTUNE"]
+        configs.read_environment()
         configs.autotuned.clear()
     return {"chosen": chosen, "timer_calls": calls, "outs": outs}

@@ -4,6 +4,7 @@ timer, its table then driving the kernels' first call."""
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -11,6 +12,26 @@ from tolerance import assert_close, linear_reference, tol
 
 from fused_tp import kernels, tune
 from fused_tp.kernels import configs, matmul
+
+
+@pytest.fixture
+def set_env():
+    """set_env(name, value): an environment variable for this test, re-read by fused_tp (which reads its variables
+    at import); the old values come back, and are re-read, after it."""
+    saved = {}
+
+    def set_(name, value):
+        saved.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
+        configs.read_environment()
+
+    yield set_
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    configs.read_environment()
 
 
 @pytest.fixture
@@ -86,9 +107,9 @@ def test_a_table_entry_configures_the_launch(table_dir, device):
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.float32, 64, tf32=device == "cuda"))
 
 
-def test_pin_by_environment_variable_and_context_manager(device, monkeypatch):
+def test_pin_by_environment_variable_and_context_manager(device, set_env):
     x, w = torch.randn(5, 40, device=device), torch.randn(7, 40, device=device)
-    monkeypatch.setenv("FUSED_TP_CONFIG", "BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, persistent=0")
+    set_env("FUSED_TP_CONFIG", "BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, persistent=0")
     assert configs.pinned_config() == configs.KernelConfig(32, 32, 16, num_warps=4, num_stages=2, persistent=False)
     before = kernels.path_counts["config_pinned"]
     y = kernels.linear(x, w)
@@ -96,10 +117,10 @@ def test_pin_by_environment_variable_and_context_manager(device, monkeypatch):
     assert_close("y", y, *linear_reference(x, w), tol(torch.float32, 40, tf32=device == "cuda"))
     with configs.pin_config(A):  # the context manager wins over the environment
         assert configs.pinned_config() == A
-    monkeypatch.setenv("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N")
+    set_env("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N")
     with pytest.raises(ValueError, match="FUSED_TP_CONFIG: expected NAME=INTEGER items"):
         kernels.linear(x, w)
-    monkeypatch.setenv("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N=32,BLOCK_K=16,num_warps=3")
+    set_env("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N=32,BLOCK_K=16,num_warps=3")
     with pytest.raises(ValueError, match="FUSED_TP_CONFIG: num_warps: expected 1, 2, 4, 8 or 16, got 3"):
         kernels.linear(x, w)
 
@@ -207,7 +228,7 @@ def test_a_tuned_config_must_beat_the_rule_by_the_margin(rule_slower_by, chosen)
     assert table["fwd"]["bf16"]["tma"]["128x64x64"]["config"] == want.to_dict()
 
 
-def test_run_time_autotuning_times_each_shape_once(device, monkeypatch):
+def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env):
     """FUSED_TP_AUTOTUNE=1: the first launch of a shape times every candidate (the timing launches not counted),
     runs the fastest, and later launches of that shape time nothing; a pinned config still wins."""
     if device == "cuda":
@@ -229,7 +250,7 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch):
 
             return launch
 
-    monkeypatch.setenv("FUSED_TP_AUTOTUNE", "1")
+    set_env("FUSED_TP_AUTOTUNE", "1")
     monkeypatch.setattr(matmul, "autotune_timer", timer)
     monkeypatch.setattr(matmul, "_matmul_kernel", Spy())
     monkeypatch.setattr(configs, "autotuned", {})

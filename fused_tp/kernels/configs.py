@@ -249,8 +249,20 @@ def parse_config(text: str) -> KernelConfig:
     return KernelConfig.from_dict(fields, PIN_ENV)
 
 
+_env_pin: str | None = None  # FUSED_TP_CONFIG's text (parsed at the first launch that reads it)
+_env_autotune = False  # FUSED_TP_AUTOTUNE
+
+
+def read_environment() -> None:
+    """Read FUSED_TP_CONFIG and FUSED_TP_AUTOTUNE again. fused_tp reads them once, at import, so that a launch
+    looks up no environment variables (host time is what a small launch costs most: bench/NOTES.md)."""
+    global _env_pin, _env_autotune
+    _env_pin = os.environ.get(PIN_ENV) or None
+    _env_autotune = os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+
+
 def autotune_enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+    return _env_autotune
 
 
 @dataclass(frozen=True)
@@ -265,13 +277,23 @@ _tuning: contextvars.ContextVar[Tuning | None] = contextvars.ContextVar("fused_t
 autotuned: dict = {}  # (gpu, product, dtype, tma, M, N, K) -> the config run-time autotuning chose in this process
 
 
-@contextlib.contextmanager
-def tuning(scope: Tuning | None):
-    token = _tuning.set(scope)
-    try:
-        yield scope
-    finally:
-        _tuning.reset(token)
+class tuning:
+    """`with tuning(scope):` makes `scope` the current Tuning. A class, not a generator: it runs around every layer
+    call and backward, and with no scope to set (autotuning off) it costs no context-variable write."""
+
+    __slots__ = ("scope", "token")
+
+    def __init__(self, scope: Tuning | None):
+        self.scope, self.token = scope, None
+
+    def __enter__(self) -> Tuning | None:
+        if self.scope is not None or _tuning.get() is not None:
+            self.token = _tuning.set(self.scope)
+        return self.scope
+
+    def __exit__(self, *exc) -> None:
+        if self.token is not None:
+            _tuning.reset(self.token)
 
 
 def current_tuning() -> Tuning | None:
@@ -307,8 +329,8 @@ def from_ints(values: list[int]) -> KernelConfig | None:
 def pinned_config() -> KernelConfig | None:
     """The config pinned for the current context: pin_config's, else FUSED_TP_CONFIG's, else None."""
     cfg = _pinned.get()
-    if cfg is None and os.environ.get(PIN_ENV):
-        cfg = parse_config(os.environ[PIN_ENV])
+    if cfg is None and _env_pin is not None:
+        cfg = parse_config(_env_pin)
     return cfg
 
 
@@ -408,3 +430,6 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, t
     if cfg is None:
         cfg, source = rule_config(M, dtype, interpreted, tma), "rule"
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
+
+
+read_environment()
