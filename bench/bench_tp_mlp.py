@@ -1,0 +1,183 @@
+"""A tensor-parallel Column -> GELU -> Row MLP, forward + backward, against the references and the floors.
+
+    torchrun --nproc-per-node N bench/bench_tp_mlp.py [--dtype bf16] [--steps 20] [--quick | --tiny]
+
+Every rank builds the same dense MLP from one seed; in one run, with the same weights and inputs:
+    fused_tp    ColumnParallelLinear -> GELU -> RowParallelLinear
+    megatron    cuBLAS F.linear in autograd Functions with a blocking all-reduce (Megatron's ColumnParallelLinear /
+                RowParallelLinear without overlap; the row bias added after the all-reduce)
+    dtensor     torch's parallelize_module with ColwiseParallel / RowwiseParallel on the nn.Linear MLP
+    gemms       the floor of compute: each rank's shard GEMMs of forward and backward alone (F.linear, no comm)
+    allreduces  the floor of communication: the two all-reduces of [tokens, hidden] alone
+Outputs and input gradients are checked against the megatron reference before timing. A step is timed on every
+rank from a barrier to the end of backward (device synchronised); its time is the max over ranks, the figure the
+median over steps. Rank 0 writes bench/results/<gpu>-x<N>/bench_tp_mlp_<dtype>.json (with --tiny, nothing:
+that size is a check of the script on gloo ranks, through Triton's interpreter on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import DTYPES, env, markdown_table, rel_err, results_dir, write  # noqa: E402
+
+# (tokens, hidden, ffn): Llama-3-70B's, 8B's and Llama-2-7B's MLPs, and decode token counts on the 70B one.
+CASES = [(8192, 8192, 28672), (4096, 4096, 14336), (2048, 4096, 11008), (128, 8192, 28672), (16, 8192, 28672)]
+QUICK = [(4096, 4096, 14336), (16, 8192, 28672)]
+TINY = [(5, 16, 24)]
+CHECK = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+class _MegatronColumn(torch.autograd.Function):
+    """y = x @ w.T + b on this rank's output features; backward all-reduces grad_x, blocking."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        grad_x = g @ w
+        dist.all_reduce(grad_x)
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        return grad_x, g2.t() @ x2, g2.sum(0)
+
+
+class _MegatronRow(torch.autograd.Function):
+    """y = all_reduce(x_shard @ w_shard.T) + b; backward has no collective."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        y = F.linear(x, w)
+        dist.all_reduce(y)
+        return y + b
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        return g @ w, g2.t() @ x2, g2.sum(0)
+
+
+def models(dense: nn.Sequential, world: int, rank: int, device):
+    """{provider: forward function of x} built from the same dense MLP."""
+    import fused_tp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    up, down = dense[0], dense[2]
+    col, row = fused_tp.ColumnParallelLinear.from_linear(up), fused_tp.RowParallelLinear.from_linear(down)
+    shard = lambda t, dim: nn.Parameter(torch.tensor_split(t.detach(), world, dim)[rank].clone())  # noqa: E731
+    w1, b1, w2 = shard(up.weight, 0), shard(up.bias, 0), shard(down.weight, 1)
+    b2 = nn.Parameter(down.bias.detach().clone())
+    copy = nn.Sequential(nn.Linear(up.in_features, up.out_features), nn.GELU(),
+                         nn.Linear(down.in_features, down.out_features)).to(device, up.weight.dtype)  # fmt: skip
+    copy.load_state_dict(dense.state_dict())
+    mesh = init_device_mesh(device.type, (world,))
+    tp = parallelize_module(copy, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    return {
+        "fused_tp": lambda x: row(F.gelu(col(x))),
+        "megatron": lambda x: _MegatronRow.apply(F.gelu(_MegatronColumn.apply(x, w1, b1)), w2, b2),
+        "dtensor": tp,
+    }, [col.weight, col.bias, row.weight, row.bias, w1, b1, w2, b2, *tp.parameters()]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--steps", type=int, default=20)
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
+    sizes.add_argument("--tiny", action="store_true", help="one tiny case: checks the script, measures nothing")
+    args = p.parse_args()
+
+    gpus = torch.cuda.device_count()
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if gpus >= world:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    elif args.tiny:
+        device = torch.device("cpu")
+    else:
+        raise SystemExit(f"bench_tp_mlp: needs a GPU per rank ({world} ranks, {gpus} GPUs); --tiny runs on gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=5))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype, rows = DTYPES[args.dtype], []
+    for tokens, hidden, ffn in TINY if args.tiny else QUICK if args.quick else CASES:
+        torch.manual_seed(0)
+        dense = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden)).to(device, dtype)
+        providers, params = models(dense, world, rank, device)
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        grad_y = torch.randn(tokens, hidden, device=device, dtype=dtype)
+
+        def step(forward):
+            inp = x.detach().requires_grad_()
+            for t in params:
+                t.grad = None
+            y = forward(inp)
+            y = y.full_tensor() if hasattr(y, "full_tensor") else y
+            y.backward(grad_y)
+            return y.detach(), inp.grad
+
+        ref_y, ref_grad = step(providers["megatron"])
+        for name in ("fused_tp", "dtensor"):
+            y, grad = step(providers[name])
+            err = max(rel_err(y, ref_y), rel_err(grad, ref_grad))
+            if not err <= CHECK[dtype]:
+                raise SystemExit(f"rank {rank}: {name} differs from the megatron reference by {err:.2e}")
+        # The floors: this rank's six shard GEMMs (forward, grad_input, grad_weight of each layer), and the two
+        # all-reduces of [tokens, hidden] (the row layer's forward, the column layer's grad_input).
+        w1, w2 = params[4].detach(), params[6].detach()
+        h, grad_h = (torch.randn(tokens, w1.shape[0], device=device, dtype=dtype) for _ in range(2))
+        sums = [torch.empty(tokens, hidden, device=device, dtype=dtype) for _ in range(2)]
+        floors = {
+            "gemms": lambda: (F.linear(x, w1), grad_h @ w1, grad_h.t() @ x, F.linear(h, w2), grad_y @ w2,
+                              grad_y.t() @ h),  # fmt: skip
+            "allreduces": lambda: [dist.all_reduce(t) for t in sums],
+        }
+        timed = {name: (lambda f=f: step(f)) for name, f in providers.items()} | floors
+        times = {name: [] for name in timed}
+        for i in range(args.steps + 2):  # 2 warm-up steps
+            for name in timed if i % 2 == 0 else list(timed)[::-1]:
+                sync()
+                dist.barrier()
+                start = time.perf_counter()
+                timed[name]()
+                sync()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - start)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, times)
+        ms = {n: statistics.median(max(g[n][s] for g in gathered) for s in range(args.steps)) * 1e3 for n in times}
+        floor = max(ms["gemms"], ms["allreduces"])
+        rows.append(dict(tokens=tokens, hidden=hidden, ffn=ffn, tp=world, dtype=args.dtype,
+                         **{f"{n}_ms": v for n, v in ms.items()}, vs_megatron=ms["megatron"] / ms["fused_tp"],
+                         vs_dtensor=ms["dtensor"] / ms["fused_tp"], floor_ms=floor,
+                         fused_tp_over_floor=ms["fused_tp"] / floor))  # fmt: skip
+    if rank == 0:
+        info = env()
+        cols = ["tokens", "hidden", "ffn", "tp", "fused_tp_ms", "megatron_ms", "dtensor_ms", "gemms_ms",
+                "allreduces_ms", "vs_megatron", "vs_dtensor", "fused_tp_over_floor"]  # fmt: skip
+        print(markdown_table(rows, cols))
+        if not args.tiny:
+            write(results_dir(f"{info['gpu']}-x{world}") / f"bench_tp_mlp_{args.dtype}.json",
+                  {"env": info, "rows": [dict(r, **info) for r in rows]})  # fmt: skip
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
