@@ -83,7 +83,7 @@ def bad_calls(device, in_features, out_features):
         except Exception as e:  # the parent checks type and message
             results[name] = (type(e).__name__, str(e))
     # The group must still work: every rank raised before any collective.
-    t = torch.ones(1)
+    t = torch.ones(1, device=device)
     dist.all_reduce(t)
     results["all_reduce after the errors"] = t.item()
     return results
@@ -104,7 +104,8 @@ def guarded_calls(device, in_features, out_features):
         "input needs grad on rank 0 only": lambda: col(x.clone().requires_grad_(rank == 0)),
         "bad width on the last rank": lambda: col(x[:, : in_features - (rank == dist.get_world_size() - 1)]),
         "bad width on every rank": lambda: col(x[:, :-1]),
-        "full input of the wrong width on rank 0": lambda: row_full(torch.randn(3, out_features + (rank == 0))),
+        "full input of the wrong width on rank 0": lambda: row_full(torch.randn(3, out_features + (rank == 0),
+                                                                                  device=device)),
         "no grad on rank 1 only": lambda: _maybe_no_grad(rank == 1, lambda: col(x.requires_grad_())),
     }
     out = {}
@@ -121,7 +122,7 @@ def guarded_calls(device, in_features, out_features):
     with fused_tp.check_ranks(False):
         plain = row(col(x))
     out["guard changes nothing"] = torch.equal(guarded, plain)
-    t = torch.ones(1)
+    t = torch.ones(1, device=device)
     dist.all_reduce(t)
     out["all_reduce after"] = t.item()
     return out

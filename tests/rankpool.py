@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
+# gloo by default (ranks share the CPU, or one GPU); FUSED_TP_TEST_BACKEND=nccl runs the ranks on a GPU each.
+BACKEND = os.environ.get("FUSED_TP_TEST_BACKEND", "gloo")
 
 
 class RankError(AssertionError):
@@ -27,7 +29,9 @@ class RankError(AssertionError):
 
 def _worker(rank, world_size, init_method, device, tasks, results):
     torch.set_num_threads(1)  # several ranks share two cores
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+    if BACKEND == "nccl":
+        torch.cuda.set_device(rank)  # "cuda" in the cases is then this rank's own GPU
+    dist.init_process_group(BACKEND, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
     while (task := tasks.get()) is not None:
         name, args = task
@@ -45,6 +49,9 @@ class RankPool:
         self._procs = []
 
     def _start(self):
+        if BACKEND == "nccl" and torch.cuda.device_count() < self.world_size:
+            raise RuntimeError(f"FUSED_TP_TEST_BACKEND=nccl: {self.world_size} ranks need as many GPUs, "
+                               f"found {torch.cuda.device_count()}")  # fmt: skip
         ctx = mp.get_context("spawn")
         self._dir = tempfile.TemporaryDirectory()
         init_method = "file://" + os.path.join(self._dir.name, "store")

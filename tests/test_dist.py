@@ -2,6 +2,8 @@
 
 Hypothesis draws each example here, in the parent; every rank of a long-lived pool runs it (tests/rankpool.py)."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -13,7 +15,8 @@ from torch import nn
 
 import dist_cases
 
-WORLDS = [2, 3, 4]
+# FUSED_TP_TEST_WORLDS="2,4,8" (with FUSED_TP_TEST_BACKEND=nccl on an 8-GPU machine) changes them.
+WORLDS = [int(w) for w in os.environ.get("FUSED_TP_TEST_WORLDS", "2,3,4").split(",")]
 sizes = st.one_of(st.sampled_from([1, 2, 3, 5, 7, 13]), st.integers(1, 70))
 tokens = st.one_of(st.sampled_from([0, 1, 3]), st.integers(1, 40))
 dist_settings = settings(max_examples=20)
