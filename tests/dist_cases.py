@@ -212,3 +212,38 @@ def autotuned_steps(device, hidden, ffn, steps):
         configs.read_environment()
         configs.autotuned.clear()
     return {"chosen": chosen, "timer_calls": calls, "outs": outs}
+
+
+def subgroup_calls(device):
+    """The guard and autotuning's broadcast on a process group of the last two ranks (not the default group):
+    ranks that disagree raise, and an agreeing autotuned call runs; the other ranks are not in the group."""
+    import os
+
+    from fused_tp.kernels import configs
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    members = [world - 2, world - 1]
+    group = dist.new_group(members)  # every rank of the world makes the group, as torch requires
+    if rank not in members:
+        return "not in the group"
+    torch.manual_seed(0)
+    col = fused_tp.ColumnParallelLinear(6, 5, process_group=group, device=device)
+    x = torch.randn(4, 6, device=device)
+    out = {}
+    with fused_tp.check_ranks():
+        try:
+            col(x[: 2 + members.index(rank)])
+            out["tokens differ"] = None
+        except fused_tp.RankMismatchError as e:
+            out["tokens differ"] = str(e).splitlines()[0]
+    os.environ["FUSED_TP_AUTOTUNE"] = "1"
+    configs.read_environment()
+    try:
+        y = col(x.requires_grad_())
+        y.sum().backward()
+        out["autotuned"] = (_cpu(y), _cpu(x.grad), sorted(str(c) for c in configs.autotuned.values()))
+    finally:
+        del os.environ["FUSED_TP_AUTOTUNE"]
+        configs.read_environment()
+        configs.autotuned.clear()
+    return out

@@ -200,3 +200,14 @@ def test_autotuning_takes_rank_0s_choice_on_every_rank(rank_pools, device, world
     if even:
         for rank, out in enumerate(outs[1:], 1):
             assert out["chosen"] == outs[0]["chosen"], f"rank {rank} chose other configs than rank 0"
+
+
+def test_guard_and_autotuning_on_a_subgroup(rank_pools, device):
+    """On a process group of two of three ranks: the guard raises on both members alike, and run-time autotuning's
+    broadcast (from the group's first rank, global rank 1) leaves both members with the same configs."""
+    outs = rank_pools(3).run(dist_cases.subgroup_calls, device)
+    assert outs[0] == "not in the group"
+    a, b = outs[1], outs[2]
+    assert a["tokens differ"] and a["tokens differ"] == b["tokens differ"], (a, b)
+    assert a["autotuned"][2] == b["autotuned"][2], "the members run different configs"
+    assert torch.equal(a["autotuned"][1], b["autotuned"][1])  # grad_x is all-reduced: replicated
