@@ -98,7 +98,7 @@ def agree(where: str, group, facts: str, error: Exception | None) -> None:
     record = _encode(facts, mine).to(collective_device(group))
     records = [torch.empty_like(record) for _ in range(dist.get_world_size(group))]
     dist.all_gather(records, record, group=group)
-    seen = [_decode(r.cpu()) for r in records]
+    seen = [_decode(r) for r in torch.stack(records).cpu()]  # one copy to the host (and one sync under NCCL)
     errors = {e for _, e in seen}
     if errors == {None} and len({f for f, _ in seen}) == 1:
         return
