@@ -21,15 +21,13 @@ import argparse
 import json
 import pathlib
 import re
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from . import kernels, path_counts
 from .kernels import configs
-from .kernels.matmul import INTERPRETED, gpu_name
+from .kernels.matmul import INTERPRETED, autotune_timer, gpu_name
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (M tokens, K, N): the speed issue's shapes (Llama-3-70B/8B MLP shards at TP 1-8, odd and decode shapes).
@@ -73,18 +71,8 @@ def load_shapes(spec: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def wall_clock(fn) -> float:
-    """Median ms of 3 runs after one warm-up: the interpreter's timer (do_bench needs a GPU)."""
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def gpu_timer(fn) -> float:
+    """do_bench's median, with 4x the timing budget of run-time autotuning: a shipped table is worth it."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -120,7 +108,7 @@ def run(args: argparse.Namespace, timer=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not INTERPRETED:
         raise SystemExit("tune: needs a GPU, or TRITON_INTERPRET=1 set before fused_tp is imported (interpreter)")
-    timer = timer or (gpu_timer if device == "cuda" else wall_clock)
+    timer = timer or (gpu_timer if device == "cuda" else autotune_timer)  # the latter: the interpreter's wall clock
     dtype, shapes = DTYPES[args.dtype], load_shapes(args.shapes)
     products = configs.PRODUCTS if args.kernel == "all" else (args.kernel,)
     gpu = gpu_name(torch.device(device))

@@ -175,6 +175,7 @@ def autotuned_steps(device, hidden, ffn, steps):
     """MLP steps with FUSED_TP_AUTOTUNE=1 and a fake timer under which each rank prefers another candidate
     (rank r: the r-th fastest by a fixed score). Returns the configs this rank chose, the timer's call count per
     step, and the step's outputs (replicated ones must match bitwise)."""
+    import dataclasses
     import os
 
     from fused_tp.kernels import configs, matmul
@@ -186,8 +187,6 @@ def autotuned_steps(device, hidden, ffn, steps):
         cfg = configs.pinned_config()
         order = sorted(configs.SPACE, key=lambda c: (c.BLOCK_K, c.BLOCK_M, c.BLOCK_N, c.num_stages, c.persistent))
         return 1.0 + ((order.index(dataclasses.replace(cfg, split_k=None)) - rank) % len(order))
-
-    import dataclasses
 
     saved_timer, os.environ["FUSED_TP_AUTOTUNE"] = matmul.autotune_timer, "1"
     configs.read_environment()

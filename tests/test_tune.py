@@ -3,6 +3,7 @@ pin_config, configs that do not fit, and `python -m fused_tp tune` end to end un
 timer, its table then driving the kernels' first call."""
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -200,8 +201,6 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
 
 def dataclasses_equal(cfg, other):
     """Equal but for split_k, which pick_config always fills in."""
-    import dataclasses
-
     return dataclasses.replace(cfg, split_k=None) == other
 
 
