@@ -71,7 +71,7 @@ class _ColumnParallelLinear(Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w_shard if need_x else None)
         ctx.group, ctx.world, ctx.tuning = group, world, configs.current_tuning()
-        return kernels.linear(x, w_shard, b_shard)
+        return kernels.linear_prechecked(x, w_shard, b_shard)
 
     @staticmethod
     # Triton kernels and collectives build no graph: once_differentiable makes a second derivative raise
@@ -109,7 +109,7 @@ class _RowParallelLinear(Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
         ctx.tuning = configs.current_tuning()
-        y = kernels.linear(x_shard, w_shard, b if rank == 0 else None)
+        y = kernels.linear_prechecked(x_shard, w_shard, b if rank == 0 else None)
         _all_reduce(y, group, world)
         return y
 

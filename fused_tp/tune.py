@@ -29,7 +29,9 @@ from . import kernels, path_counts
 from .kernels import configs
 from .kernels.matmul import INTERPRETED, autotune_timer, gpu_name
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# --dtype: the operand dtype; fp32 twice, as tf32 (torch.backends.cuda.matmul.allow_tf32 on, for cuBLAS and for
+# fused_tp) and fp32 (off): configs.TABLE_DTYPES.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 # (M tokens, K, N): the speed issue's shapes (Llama-3-70B/8B MLP shards at TP 1-8, odd and decode shapes).
 PRESETS = {
     "speed": [(8192, 8192, 14336), (8192, 14336, 8192), (8192, 8192, 7168), (8192, 7168, 8192), (8192, 8192, 3584),
@@ -41,7 +43,7 @@ PRESETS = {
 }  # fmt: skip
 # Relative Frobenius error against torch that a config's output must stay within (one rounding of the output,
 # different fp32 summation orders): a wrong config fails by orders of magnitude more.
-CHECK = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+CHECK = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 1e-4, "tf32": 4e-3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +105,15 @@ def _rel_err(out, ref) -> float:
 
 def run(args: argparse.Namespace, timer=None) -> dict:
     """The tune command; `timer(fn) -> ms` is injectable (the tests pass a fake one). Returns what it wrote."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"  # torch and fused_tp both follow it
+    try:
+        return _tune(args, timer)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _tune(args: argparse.Namespace, timer) -> dict:
     from tqdm import tqdm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,21 +144,21 @@ def run(args: argparse.Namespace, timer=None) -> dict:
         with configs.pin_config(cfg):
             err = _rel_err(ours(), ref)
             # A config whose output is wrong is kept in the timings, marked, and never chosen.
-            ms = timer(ours) if err <= CHECK[dtype] else None
+            ms = timer(ours) if err <= CHECK[args.dtype] else None
         base_ms = baselines[(product, shape)]
         rows.append(dict(product=product, M=shape[0], K=shape[1], N=shape[2], launch_mnk=list(dims), path=route,
                          config=cfg.to_dict(), ms=ms, tflops=ms and flops / ms / 1e9, torch_ms=base_ms,
                          torch_tflops=flops / base_ms / 1e9, ratio=ms and base_ms / ms, rel_err=err,
                          passed_check=ms is not None))  # fmt: skip
 
-    best, table = choose(rows, dtype)
+    best, table = choose(rows, args.dtype)
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     written = {
         "timings": out_dir / f"timings_{args.kernel}_{args.dtype}.json",
         "table": out_dir / f"{slug}.json",
     }
     written["timings"].write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-    tuned = {"format": 1, "env": env, "gpus": {gpu: table}}
+    tuned = {"format": 1, "env": {k: v for k, v in env.items() if k != "dtype"}, "gpus": {gpu: table}}  # all dtypes
     if written["table"].exists():  # other dtypes or products tuned before: keep them
         old = json.loads(written["table"].read_text())
         for product, dtypes in old.get("gpus", {}).get(gpu, {}).items():
@@ -164,8 +175,9 @@ def run(args: argparse.Namespace, timer=None) -> dict:
     return written
 
 
-def choose(rows: list[dict], dtype: torch.dtype) -> tuple[list[dict], dict]:
-    """(the chosen row per product and shape, the tuned table {product: {dtype: {path: {bucket: entry}}}}).
+def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
+    """(the chosen row per product and shape, the tuned table {product: {name: {path: {bucket: entry}}}}), for
+    operands of the table dtype `name`.
 
     A config replaces the rule's (configs.rule_config, always among the candidates) only if it was faster by more
     than configs.MARGIN (`configs.choose`; seen on the H100: bench/NOTES.md, attempt 11)."""
@@ -178,7 +190,7 @@ def choose(rows: list[dict], dtype: torch.dtype) -> tuple[list[dict], dict]:
         if not timed:
             continue
         m, n, k = mine[0]["launch_mnk"]
-        rule = configs.rule_config(m, dtype, INTERPRETED, mine[0]["path"] == "tma")
+        rule = configs.rule_config(m, DTYPES[name], INTERPRETED, mine[0]["path"] == "tma")
         cands = [configs.KernelConfig(**r["config"]) for r in timed]
         pick = configs.choose(cands, [r["ms"] for r in timed], rule)
         by_rule = next((r for r in timed if r["config"] == rule.to_dict()), None)
@@ -186,7 +198,7 @@ def choose(rows: list[dict], dtype: torch.dtype) -> tuple[list[dict], dict]:
     table = {}
     for r in chosen:
         m, n, k = r["launch_mnk"]
-        routes = table.setdefault(r["product"], {}).setdefault(configs.DTYPE_NAMES[dtype], {})
+        routes = table.setdefault(r["product"], {}).setdefault(name, {})
         entries = routes.setdefault(r["path"], {})
         key, flops = configs.table_key(m, n, k), 2 * m * n * k
         # Two shapes in one bucket: the larger problem's choice, since it carries more of a model's time.

@@ -72,6 +72,18 @@ def test_buckets_and_the_nearest_entry(table_dir):
     assert pick(16, 8192, 14336, gpu="gpu y") is None
 
 
+def test_fp32_operands_take_the_table_of_their_precision(table_dir):
+    """fp32 with TF32 on and off run at speeds 4-8x apart: each has its own entries, and neither takes the other's."""
+    _write(table_dir, {"g": {"fwd": {"tf32": {"tma": {"16x16x16": _entry(A)}},
+                                      "fp32": {"tma": {"16x16x16": _entry(B)}}}}})  # fmt: skip
+    assert configs.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=True) == A
+    assert configs.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=False) == B
+    _write(table_dir, {"g": {"fwd": {"tf32": {"tma": {"16x16x16": _entry(A)}}}}})
+    configs.tuned_table.cache_clear()
+    assert configs.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=False) is None
+    assert configs.table_config("g", "fwd", 16, 16, 16, torch.bfloat16, True, tf32=True) is None  # 16-bit: "bf16"
+
+
 @pytest.mark.parametrize("content, message", [
     ("{", "not readable JSON"),
     ('{"format": 2, "gpus": {}}', 'expected {"format": 1'),
@@ -199,6 +211,27 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.bfloat16, 48))
 
 
+def test_tune_tf32_writes_its_own_table_key_and_restores_the_tf32_setting(tmp_path, device, monkeypatch):
+    """--dtype tf32 tunes fp32 operands with allow_tf32 on (torch and fused_tp alike), files them under "tf32", and
+    leaves allow_tf32 as it found it."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+    seen = []
+
+    def fake_timer(fn):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        cfg = configs.pinned_config()
+        return 1.0 if cfg is None else 1.0 / cfg.BLOCK_K
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    args = argparse.Namespace(kernel="fwd", dtype="tf32", shapes="tiny", out=str(tmp_path))
+    written = tune.run(args, timer=fake_timer)
+    assert seen and all(seen), "tuned with TF32 off"
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    table = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]
+    assert list(table["fwd"]) == ["tf32"]
+
+
 def dataclasses_equal(cfg, other):
     """Equal but for split_k, which pick_config always fills in."""
     return dataclasses.replace(cfg, split_k=None) == other
@@ -221,7 +254,7 @@ def test_a_tuned_config_must_beat_the_rule_by_the_margin(rule_slower_by, chosen)
                tflops=1.0)  # fmt: skip
     rows = [dict(row, config=A.to_dict(), ms=1.0), dict(row, config=rule.to_dict(), ms=1.0 + rule_slower_by),
             dict(row, config=B.to_dict(), ms=None)]  # B failed its check: never chosen  # fmt: skip
-    (pick,), table = tune.choose(rows, torch.bfloat16)
+    (pick,), table = tune.choose(rows, "bf16")
     want = rule if chosen == "rule" else A
     assert pick["config"] == want.to_dict() and pick["rule_ms"] == 1.0 + rule_slower_by
     assert table["fwd"]["bf16"]["tma"]["128x64x64"]["config"] == want.to_dict()

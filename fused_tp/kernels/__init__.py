@@ -9,6 +9,7 @@ from .matmul import (
     grad_params,
     kernel_path,
     linear,
+    linear_prechecked,
     path_counts,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "grad_params",
     "kernel_path",
     "linear",
+    "linear_prechecked",
     "path_counts",
     "pick_config",
 ]

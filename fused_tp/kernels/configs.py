@@ -365,8 +365,9 @@ def load_table(path: pathlib.Path) -> dict:
             if product not in PRODUCTS:
                 raise ValueError(f"tuned table {path}: {gpu}: unknown product {product!r} (known: {PRODUCTS})")
             for dtype, routes in _items(dtypes, f"{path}: {gpu}/{product}"):
-                if dtype not in DTYPE_NAMES.values():
-                    raise ValueError(f"tuned table {path}: {gpu}/{product}: unknown dtype {dtype!r}")
+                if dtype not in TABLE_DTYPES:
+                    raise ValueError(f"tuned table {path}: {gpu}/{product}: unknown dtype {dtype!r} (known: "
+                                     f"{TABLE_DTYPES})")  # fmt: skip
                 for route, entries in _items(routes, f"{path}: {gpu}/{product}/{dtype}"):
                     if route not in ("tma", "pointers"):
                         raise ValueError(f"tuned table {path}: {gpu}/{product}/{dtype}: unknown path {route!r}")
@@ -389,12 +390,21 @@ def _items(d, where: str):
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# A table's dtype names: fp32 operands have two, as their dot products round operands to TF32 or not (cuBLAS and
+# fused_tp follow torch.backends.cuda.matmul.allow_tf32), and the two run at speeds 4-8x apart.
+TABLE_DTYPES = ("bf16", "fp16", "fp32", "tf32")
 
 
-def table_config(gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool) -> KernelConfig | None:
+def table_dtype(dtype: torch.dtype, tf32: bool) -> str:
+    """The name a tuned table keys operands of `dtype` by; `tf32`: fp32 dot products may round to TF32."""
+    return "tf32" if tf32 and dtype == torch.float32 else DTYPE_NAMES[dtype]
+
+
+def table_config(gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool,
+                 tf32: bool = False) -> KernelConfig | None:  # fmt: skip
     """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
-    (ties: the smaller bucket); None if the table has no entry for this product, dtype and path."""
-    entries = tuned_table(gpu).get((product, DTYPE_NAMES[dtype], "tma" if tma else "pointers"))
+    (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path."""
+    entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
     if not entries:
         return None
     want = [math.log2(max(bucket(n), 1)) for n in (M, N, K)]
@@ -412,9 +422,11 @@ def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> Ker
 
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
-                product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None) -> tuple[KernelConfig, str]:  # fmt: skip
+                product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None,
+                tf32: bool = False) -> tuple[KernelConfig, str]:  # fmt: skip
     """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
-    persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors.
+    persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
+    `tf32` when fp32 dot products may round to TF32.
     `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
     set. source: "pinned", "table" or "rule". A pinned config whose tiles do not fit in shared memory raises
     ValueError before the launch."""
@@ -426,7 +438,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, t
             f"{SHARED_MEMORY_BYTES}"
         )
     if cfg is None:
-        cfg, source = table_config(gpu, product, M, N, K, dtype, tma), "table"
+        cfg, source = table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
     if cfg is None:
         cfg, source = rule_config(M, dtype, interpreted, tma), "rule"
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source

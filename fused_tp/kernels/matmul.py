@@ -212,6 +212,11 @@ def kernel_path(device: torch.device | str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
+def _path(t: torch.Tensor) -> str:
+    """kernel_path(t.device), without building a device object on every launch."""
+    return "triton-interpreter" if INTERPRETED else "triton" if t.is_cuda else "torch"
+
+
 def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise TypeError / ValueError naming the argument if (x, weight, bias) is not a valid F.linear call."""
     for name, t in (("input", x), ("weight", weight), ("bias", bias)):
@@ -257,7 +262,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     """C = A @ B (+ bias); A [M, K], B [K, N] with any strides; C [M, N] contiguous. `product` (configs.PRODUCTS)
     names which of the layer's products this is, for the tuned tables."""
     (M, K), N = a.shape, b.shape[1]
-    path = kernel_path(a.device)
+    path = _path(a)
     path_counts[path] += 1
     if path == "torch":
         _warn_torch_path_once()
@@ -266,13 +271,18 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
 
     c = _out((M, N), a, path)
     tma = _tma_layout(a, b, c)
+    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
+    if tf32 and tma is not None and (tma[0] or not tma[1]):
+        a, b = _k_major(a, b, tma)
+        tma = _tma_layout(a, b, c)
     pinned, source = configs.pinned_config(), None
     if pinned is None and configs.autotune_enabled():
-        pinned, source = _autotuned(a, b, bias, product, tma is not None), "autotuned"
+        pinned, source = _autotuned(a, b, bias, product, tma, tf32), "autotuned"
     if M == 0 or N == 0:
         return _rounded(c, a.dtype)
-    cfg, plan_source, splits, k_tiles_per_split, programs = _launch_plan(
-        M, N, K, a.dtype, tma is not None, _program_slots(a.device), product, gpu_name(a.device), pinned)
+    cfg, plan_source, splits, k_tiles_per_split, programs, meta = _launch_plan(
+        M, N, K, a.dtype, tma, tf32, bias is not None, c.dtype != a.dtype, _program_slots(a.device), product,
+        gpu_name(a.device), pinned)  # fmt: skip
     path_counts["config_" + (source or plan_source)] += 1
     # Split partials are fp32 whatever the operands; every element of every slab is written.
     out = torch.empty((splits, M, N), device=a.device, dtype=torch.float32) if splits > 1 else c
@@ -281,26 +291,38 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     if tma is not None and not INTERPRETED:
         # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
         triton.set_allocator(_descriptor_scratch)
-    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     _matmul_kernel[(programs,)](
         a, b, bias if bias is not None else c, out,
         M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(-2), out.stride(-1),
+        *a.stride(), *b.stride(), N, 1,  # C and the partials are contiguous
         bias.stride(0) if bias is not None else 0,
-        out.stride(0) if splits > 1 else 0,
+        M * N if splits > 1 else 0,  # between two splits' partials (0 otherwise: no specialisation on M * N)
         splits, k_tiles_per_split, programs,
-        HAS_BIAS=bias is not None,
-        UPCAST=c.dtype != a.dtype,
-        INPUT_PRECISION="tf32" if tf32 else "ieee",
-        TMA=tma is not None,
-        A_T=tma is not None and tma[0],
-        B_T=tma is not None and tma[1],
-        SPLIT=splits > 1,
-        **cfg.meta(),
+        **meta,
     )  # fmt: skip
     if splits > 1:
         _launch_colsum(out.view(splits, M * N), c.view(M * N), SPLIT_SUM_CONFIG)
     return _rounded(c, a.dtype)
+
+
+# A transposed TF32 operand runs the product at a quarter of the speed of K-major ones on an H100 (Hopper's wgmma
+# reads 32-bit operands K-major only; bench/NOTES.md attempt 13). Copying an operand K-major first reads and writes
+# it once, which pays off where the product reuses each of its elements over at least this many rows or columns of
+# the other operand; decode-sized products, which read the weight about once, keep the transposed operand.
+KMAJOR_COPY_MIN_REUSE = 256
+
+
+def _k_major(a: torch.Tensor, b: torch.Tensor, tma: tuple[bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with the transposed one(s) copied K-major where the copy pays (KMAJOR_COPY_MIN_REUSE); counted in
+    path_counts["kmajor_copy"]."""
+    M, N = a.shape[0], b.shape[1]
+    if tma[0] and N >= KMAJOR_COPY_MIN_REUSE:
+        a = a.contiguous()
+        path_counts["kmajor_copy"] += 1
+    if not tma[1] and M >= KMAJOR_COPY_MIN_REUSE:
+        b = b.t().contiguous().t()
+        path_counts["kmajor_copy"] += 1
+    return a, b
 
 
 def autotune_timer(fn) -> float:
@@ -313,16 +335,16 @@ def autotune_timer(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma: bool) -> KernelConfig | None:
+def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma, tf32: bool) -> KernelConfig | None:
     """FUSED_TP_AUTOTUNE=1: the config this process chose for this launch's key, timing every candidate on these
     operands the first time. Inside a new layer call on a process group (configs.Tuning), every rank takes part in
     the consensus for every launch, cached or not and empty or not, so that the collectives pair up, and all
     ranks keep rank 0's choice."""
     (M, K), N = a.shape, b.shape[1]
-    key = (gpu_name(a.device), product, a.dtype, tma, M, N, K)
+    key = (gpu_name(a.device), product, a.dtype, tf32, tma is not None, M, N, K)
     cfg, scope = configs.autotuned.get(key), configs.current_tuning()
     if cfg is None and M and N:
-        cands = configs.candidates(M, N, K, a.dtype, tma)
+        cands = configs.candidates(M, N, K, a.dtype, tma is not None)
         counts = path_counts.copy()  # the timing launches are not the caller's: they are not counted
         times = []
         for cand in cands:
@@ -330,11 +352,11 @@ def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma: bool) 
                 times.append(autotune_timer(lambda: _matmul(a, b, bias, product)))
         path_counts.clear()
         path_counts.update(counts)
-        cfg = configs.choose(cands, times, configs.rule_config(M, a.dtype, INTERPRETED, tma))
+        cfg = configs.choose(cands, times, configs.rule_config(M, a.dtype, INTERPRETED, tma is not None))
     if scope is not None and scope.consensus is not None:
         chosen = scope.consensus(cfg)
         # rank 0's config, unless this rank's operands take the other path and its tiles do not fit there
-        if chosen is not None and configs.fits(chosen, a.dtype.itemsize, tma):
+        if chosen is not None and configs.fits(chosen, a.dtype.itemsize, tma is not None):
             cfg = chosen
     if cfg is not None:
         configs.autotuned[key] = cfg
@@ -342,23 +364,27 @@ def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma: bool) 
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: bool, slots: int, product: str, gpu: str,
-                 pinned) -> tuple:  # fmt: skip
-    """(config, its source, splits, K-steps per split, programs) of a launch; cached, so that the table lookup and
-    the split rule's search are not paid in host time on every launch. `pinned`: the pinned or autotuned config."""
-    cfg, source = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma, slots=slots, product=product, gpu=gpu,
-                              pinned=pinned)  # fmt: skip
-    k_tiles = triton.cdiv(K, cfg.BLOCK_K)
-    k_tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
-    splits = triton.cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
-    items = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N) * splits
-    return cfg, source, splits, k_tiles_per_split, min(items, slots) if cfg.persistent else items
+def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: tuple[bool, bool] | None, tf32: bool,
+                 has_bias: bool, upcast: bool, slots: int, product: str, gpu: str, pinned) -> tuple:  # fmt: skip
+    """(config, its source, splits, K-steps per split, programs, the launch's meta-parameters) of a launch; cached,
+    so that the table lookup, the split rule's search and the keyword arguments are not paid in host time on every
+    launch. `pinned`: the pinned or autotuned config."""
+    cfg, source = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma is not None, slots=slots,
+                              product=product, gpu=gpu, pinned=pinned, tf32=tf32)  # fmt: skip
+    k_tiles = _cdiv(K, cfg.BLOCK_K)
+    k_tiles_per_split = _cdiv(k_tiles, cfg.split_k)
+    splits = _cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
+    items = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N) * splits
+    meta = dict(HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee", TMA=tma is not None,
+                A_T=tma is not None and tma[0], B_T=tma is not None and tma[1], SPLIT=splits > 1,
+                **cfg.meta())  # fmt: skip
+    return cfg, source, splits, k_tiles_per_split, min(items, slots) if cfg.persistent else items, meta
 
 
 def _colsum(g: torch.Tensor) -> torch.Tensor:
     """g [M, N] with any strides -> g.sum(0) [N], summed in fp32 and rounded once."""
     M, N = g.shape
-    path = kernel_path(g.device)
+    path = _path(g)
     path_counts[path] += 1
     if path == "torch":
         _warn_torch_path_once()
@@ -376,15 +402,25 @@ def _launch_colsum(g: torch.Tensor, out: torch.Tensor, cfg) -> None:
     M, N = g.shape
     if N == 0:
         return
-    col_blocks = triton.cdiv(N, cfg.BLOCK_N)
-    chunks = colsum_chunks(M, col_blocks, _program_slots(g.device), cfg)
-    rows_per_program = max(1, triton.cdiv(triton.cdiv(M, chunks), cfg.BLOCK_M)) * cfg.BLOCK_M
-    chunks = max(1, triton.cdiv(M, rows_per_program))
+    col_blocks, chunks, rows_per_program = _colsum_plan(M, N, _program_slots(g.device), cfg)
     partial = out if chunks == 1 else torch.empty((chunks, N), device=g.device, dtype=torch.float32)
-    _colsum_kernel[(col_blocks, chunks)](g, partial, M, N, g.stride(0), g.stride(1), rows_per_program,
-                                         **cfg.meta())  # fmt: skip
+    _colsum_kernel[(col_blocks, chunks)](g, partial, M, N, *g.stride(), rows_per_program, **cfg.meta())
     if chunks > 1:
         _launch_colsum(partial, out, cfg)
+
+
+@functools.lru_cache(maxsize=4096)
+def _colsum_plan(M: int, N: int, slots: int, cfg) -> tuple[int, int, int]:
+    """(column blocks, row chunks, rows per program) of a column sum; cached, like _launch_plan."""
+    col_blocks = _cdiv(N, cfg.BLOCK_N)
+    chunks = colsum_chunks(M, col_blocks, slots, cfg)
+    rows_per_program = max(1, _cdiv(_cdiv(M, chunks), cfg.BLOCK_M)) * cfg.BLOCK_M
+    return col_blocks, max(1, _cdiv(M, rows_per_program)), rows_per_program
+
+
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv: in triton 3.9 that is a ConstexprFunction, whose call from Python costs microseconds a launch
+    return -(-a // b)
 
 
 @functools.cache
@@ -432,18 +468,28 @@ def _tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[bool
     A descriptor needs a unit stride in one dim, the other stride a positive multiple of 16 bytes, and a
     16-byte aligned base: odd widths, stride-0 views and unaligned slices take the pointer path.
     """
+    if not _has_tma(a.device):
+        return None
+    aligned = not (a.data_ptr() % 16 or b.data_ptr() % 16 or c.data_ptr() % 16)
+    return _tma_route(a.shape, a.stride(), b.shape, b.stride(), c.stride(), a.element_size(), c.element_size(),
+                      aligned)  # fmt: skip
 
-    def contiguous_dim(t: torch.Tensor) -> int | None:
-        if t.data_ptr() % 16:
-            return None
+
+@functools.lru_cache(maxsize=4096)
+def _tma_route(a_shape, a_strides, b_shape, b_strides, c_strides, itemsize: int, c_itemsize: int,
+               aligned: bool) -> tuple[bool, bool] | None:  # fmt: skip
+    """_tma_layout's decision from the operands' sizes, strides and alignment: cached, it is paid once per layout."""
+
+    def contiguous_dim(strides, size: int) -> int | None:
         for inner, outer in ((1, 0), (0, 1)):
-            if t.stride(inner) == 1 and t.stride(outer) > 0 and t.stride(outer) * t.element_size() % 16 == 0:
+            if strides[inner] == 1 and strides[outer] > 0 and strides[outer] * size % 16 == 0:
                 return inner
         return None
 
-    if 0 in (*a.shape, *b.shape) or not _has_tma(a.device):
+    if not aligned or 0 in (*a_shape, *b_shape):
         return None
-    dims = contiguous_dim(a), contiguous_dim(b), contiguous_dim(c)
+    dims = (contiguous_dim(a_strides, itemsize), contiguous_dim(b_strides, itemsize),
+            contiguous_dim(c_strides, c_itemsize))  # fmt: skip
     if None in dims or dims[2] != 1:
         return None
     return dims[0] == 0, dims[1] == 0
@@ -462,7 +508,7 @@ def _warn_torch_path_once() -> None:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t [..., D] as a matrix [prod(...), D]; a view where strides allow (reshape copies only otherwise)."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -471,6 +517,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] contiguous, in x's dtype.
     """
     check_linear_args(x, weight, bias)
+    return linear_prechecked(x, weight, bias)
+
+
+def linear_prechecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear() for arguments that check_linear_args has passed (the layers check theirs before any collective)."""
     N, K = weight.shape
     y = _matmul(_rows(x), weight.t(), bias, "fwd")
     return y.view(*x.shape[:-1], N)
