@@ -46,7 +46,7 @@ def _worker(rank, world_size, init_method, device, tasks, results):
 class RankPool:
     def __init__(self, world_size: int, device: str, timeout: float = 120.0):
         self.world_size, self.device, self.timeout = world_size, device, timeout
-        self._procs = []
+        self._procs, self._tasks = [], []
 
     def _start(self):
         if BACKEND == "nccl" and torch.cuda.device_count() < self.world_size:
