@@ -1,13 +1,16 @@
 """The first call of a shape, with the shipped tuned table against run-time autotuning (FUSED_TP_AUTOTUNE=1),
-and the speed each then runs at, side by side.
+and the speed of the configs each picks, side by side.
 
-    python bench/bench_first_call.py [--dtype bf16] [--shapes M,K,N ...]
+    python bench/bench_first_call.py [--dtype bf16] [--shapes speed | M,K,N ...]
 
 Each mode runs in a fresh process with an empty Triton cache (TRITON_CACHE_DIR), so the first call pays what a
 user's first call pays: compiling, and with autotuning, compiling and timing every candidate. Per shape and mode:
-the first forward + backward products (linear, grad_input, grad_params) in seconds, then the steady-state ms of
-each product (do_bench median) and cuBLAS's in the same process. Writes
-bench/results/<gpu>/bench_first_call_<dtype>.json and prints a markdown table.
+the first forward + backward products (linear, grad_input, grad_params) in seconds. Then, in the autotuning
+process, the steady-state ms of each product with the config autotuning chose and with the config the table (or,
+where it has no entry, the rule) picks, both pinned, and cuBLAS's, timed interleaved in that one process
+(common.time_interleaved): `autotuned_over_table` > 1 means autotuning's choice is faster. `--shapes speed` is the
+18 shapes of the speed issue. Writes bench/results/<gpu>/bench_first_call_<dtype>.json and prints a markdown table.
+Without a GPU it runs through Triton's interpreter on tiny shapes, timed by the wall clock: a check of the script.
 """
 
 from __future__ import annotations
@@ -23,48 +26,92 @@ import time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
 SHAPES = [(8192, 8192, 14336), (1000, 4000, 3000), (16, 8192, 14336)]
+PRODUCTS = ("fwd", "dgrad", "wgrad")
 
 
-def child(dtype_name: str, shapes) -> list[dict]:
+def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
     import torch
     import torch.nn.functional as F
-    import triton.testing
 
-    from common import DTYPES
+    from common import DTYPES, time_interleaved
     from fused_tp import kernels, path_counts
+    from fused_tp.kernels import configs, matmul
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, rows = DTYPES[dtype_name], []
     for M, K, N in shapes:
-        x, w, b = (torch.randn(s, device="cuda", dtype=dtype) for s in ((M, K), (N, K), (N,)))
-        g = torch.randn(M, N, device="cuda", dtype=dtype)
+        x, w, b = (torch.randn(s, device=device, dtype=dtype) for s in ((M, K), (N, K), (N,)))
+        g = torch.randn(M, N, device=device, dtype=dtype)
         ours = {"fwd": lambda: kernels.linear(x, w, b), "dgrad": lambda: kernels.grad_input(g, w),
                 "wgrad": lambda: kernels.grad_params(g, x)}  # fmt: skip
         theirs = {"fwd": lambda: F.linear(x, w, b), "dgrad": lambda: g @ w, "wgrad": lambda: (g.t() @ x, g.sum(0))}
-        torch.cuda.synchronize()
+        # each product's launcher (M, N, K), as the tables and the autotuner key it
+        launch = {"fwd": (M, N, K), "dgrad": (M, K, N), "wgrad": (N, K, M)}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        before = path_counts.copy()
         start = time.perf_counter()
         for fn in ours.values():
             fn()
-        torch.cuda.synchronize()
-        first_s = time.perf_counter() - start
-        bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
-        row = dict(M=M, K=K, N=N, first_call_s=first_s, sources=dict(path_counts))
-        for name in ours:
-            row[f"{name}_ms"], row[f"{name}_cublas_ms"] = bench(ours[name]), bench(theirs[name])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row = dict(M=M, K=K, N=N, first_call_s=time.perf_counter() - start,
+                   sources={k: v - before[k] for k, v in path_counts.items() if k.startswith("config_")})  # fmt: skip
+        if autotune:
+            for name in PRODUCTS:
+                key = next(k for k in configs.autotuned if k[1] == name and k[5:] == launch[name])
+                tma, tf32 = key[4], key[3]
+                tuned = configs.autotuned[key]
+                table, source = configs.pick_config(
+                    *launch[name], dtype, interpreted=matmul.INTERPRETED, tma=tma, slots=matmul._program_slots(
+                        x.device), product=name, gpu=matmul.gpu_name(x.device), tf32=tf32)  # fmt: skip
+                t = time_interleaved({"autotuned": _pinned(ours[name], tuned, configs),
+                                      "table": _pinned(ours[name], table, configs), "cublas": theirs[name]},
+                                     timer=None if device == "cuda" else matmul.autotune_timer)  # fmt: skip
+                row.update({f"{name}_autotuned_ms": t["autotuned"][0], f"{name}_table_ms": t["table"][0],
+                            f"{name}_cublas_ms": t["cublas"][0], f"{name}_table_source": source,
+                            f"{name}_autotuned_over_table": t["table"][0] / t["autotuned"][0],
+                            f"{name}_same_config": tuned == _unsplit(table), f"{name}_spread": max(
+                                s for _, s in t.values())})  # fmt: skip
         rows.append(row)
     return rows
+
+
+def _pinned(fn, cfg, configs):
+    def run():
+        with configs.pin_config(cfg):
+            return fn()
+
+    return run
+
+
+def _unsplit(cfg):
+    """pick_config fills split_k in; the autotuner keeps the candidate as the space lists it."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, split_k=None)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES])
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shapes", nargs="*", default=None, help="speed, or M,K,N triples (default: three shapes)")
+    p.add_argument("--child", choices=["table", "autotune"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    import torch
+
+    if args.shapes == ["speed"]:
+        from fused_tp.tune import PRESETS
+
+        shapes = PRESETS["speed"]
+    elif args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+    else:
+        shapes = SHAPES if torch.cuda.is_available() else [(8, 16, 24), (33, 40, 17)]
     if args.child:
-        print(json.dumps(child(args.dtype, shapes)))
+        print(json.dumps(child(args.dtype, shapes, args.child == "autotune")))
         return
-    from common import env, markdown_table, results_dir, write
+    from common import env, geomean, markdown_table, results_dir, write
 
     rows = []
     for mode in ("table", "autotune"):
@@ -73,17 +120,33 @@ def main():
             environ.pop("FUSED_TP_AUTOTUNE", None)
             if mode == "autotune":
                 environ["FUSED_TP_AUTOTUNE"] = "1"
-            command = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--shapes", *args.shapes]
-            done = subprocess.run(command, env=environ, capture_output=True, text=True, check=True)
+            if not torch.cuda.is_available():
+                environ["TRITON_INTERPRET"] = "1"
+            command = [sys.executable, __file__, "--child", mode, "--dtype", args.dtype,
+                       "--shapes", *(",".join(map(str, s)) for s in shapes)]  # fmt: skip
+            done = subprocess.run(command, env=environ, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{mode} process failed:\n{done.stderr}")
         for r in json.loads(done.stdout.splitlines()[-1]):
             rows.append(dict(mode=mode, **r))
             print(mode, r["M"], r["K"], r["N"], f"first call {r['first_call_s']:.2f} s", flush=True)
     info = env()
-    for r in rows:
-        r.update(info)
-    write(results_dir(info["gpu"]) / f"bench_first_call_{args.dtype}.json", {"env": info, "rows": rows})
-    print(markdown_table(rows, ["mode", "M", "K", "N", "first_call_s", "fwd_ms", "fwd_cublas_ms", "dgrad_ms",
-                                "dgrad_cublas_ms", "wgrad_ms", "wgrad_cublas_ms"]))  # fmt: skip
+    first = [dict(M=t["M"], K=t["K"], N=t["N"], table_first_s=t["first_call_s"], autotune_first_s=a["first_call_s"])
+             for t, a in zip((r for r in rows if r["mode"] == "table"), (r for r in rows if r["mode"] == "autotune"))]
+    speed = [dict(M=r["M"], K=r["K"], N=r["N"], product=name, autotuned_ms=r[f"{name}_autotuned_ms"],
+                  table_ms=r[f"{name}_table_ms"], cublas_ms=r[f"{name}_cublas_ms"],
+                  autotuned_over_table=r[f"{name}_autotuned_over_table"], same_config=r[f"{name}_same_config"],
+                  spread=r[f"{name}_spread"])
+             for r in rows if r["mode"] == "autotune" for name in PRODUCTS]  # fmt: skip
+    geo = {name: geomean(s["autotuned_over_table"] for s in speed if s["product"] == name) for name in PRODUCTS}
+    write(results_dir(info["gpu"]) / f"bench_first_call_{args.dtype}.json",
+          {"env": info, "first_call": first, "speed": speed, "geomean_autotuned_over_table": geo, "rows": rows})
+    print(markdown_table(first, ["M", "K", "N", "table_first_s", "autotune_first_s"]))
+    print()
+    print(markdown_table(speed, ["product", "M", "K", "N", "autotuned_ms", "table_ms", "cublas_ms",
+                                 "autotuned_over_table", "same_config", "spread"]))  # fmt: skip
+    print("\ngeometric mean of autotuned over table (> 1: autotuning's configs are faster):",
+          ", ".join(f"{name} {v:.3f}" for name, v in geo.items()))
 
 
 if __name__ == "__main__":

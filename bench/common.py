@@ -27,14 +27,15 @@ def results_dir(gpu: str) -> pathlib.Path:
     return path
 
 
-def time_interleaved(providers: dict, rounds: int = 3) -> dict:
-    """{name: (median ms, spread)}: each provider timed by do_bench (median; it clears L2 before every call),
-    `rounds` times, alternating the order; spread is (max - min) / median over the rounds."""
+def time_interleaved(providers: dict, rounds: int = 3, timer=None) -> dict:
+    """{name: (median ms, spread)}: each provider timed by do_bench (median; it clears L2 before every call), or by
+    `timer(fn) -> ms`, `rounds` times, alternating the order; spread is (max - min) / median over the rounds."""
+    timer = timer or (lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     times = {name: [] for name in providers}
     names = list(providers)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(triton.testing.do_bench(providers[name], warmup=25, rep=100, return_mode="median"))
+            times[name].append(timer(providers[name]))
     out = {}
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -1,0 +1,118 @@
+"""Host time per call: what a launch costs the CPU, fused_tp against torch, side by side.
+
+    python bench/bench_host.py [--rounds 3] [--calls 2000] [--stub-kernels]
+
+A tiny problem (16 x 256 x 256, bf16 on a GPU, fp32 on the CPU) makes every call host-bound, so the wall time of
+many back-to-back calls over their count is the host's cost of one call. Cases: `F.linear`, `kernels.linear`,
+`kernels.grad_input`, `kernels.grad_params` (matmul + column sum), and forward + backward of `nn.Linear` against
+`ColumnParallelLinear.from_linear` of it. Rounds alternate and every case runs in every round, because a host's
+speed swings between rounds by more than most changes to the launch path: compare within a round, or the minimum
+over rounds (noise only adds time).
+
+--stub-kernels replaces the two Triton kernels by functions that return at once (fused_tp's own Python alone; it
+runs on a CPU without Triton's interpreter doing the work): how the wrapper, not Triton's launcher, changed.
+Writes bench/results/<gpu or cpu>/bench_host[_stub].json and prints the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fused_tp is imported: the kernels need a path on the CPU
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import env, markdown_table, results_dir, write  # noqa: E402
+
+import fused_tp  # noqa: E402
+from fused_tp import kernels  # noqa: E402
+from fused_tp.kernels import matmul  # noqa: E402
+
+
+class _Stub:
+    """Stands in for a Triton kernel: kernel[grid](*args, **meta) returns at once."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: None
+
+
+def host_us(fn, calls: int) -> float:
+    for _ in range(max(20, calls // 40)):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def cases(device: str, dtype: torch.dtype) -> dict:
+    x = torch.randn(16, 256, device=device, dtype=dtype)
+    w = torch.randn(256, 256, device=device, dtype=dtype)
+    b = torch.randn(256, device=device, dtype=dtype)
+    lin = nn.Linear(256, 256, device=device, dtype=dtype)
+    col = fused_tp.ColumnParallelLinear.from_linear(lin)
+    xg = x.clone().requires_grad_()
+
+    def step(module):
+        def run():
+            xg.grad = None
+            for p in module.parameters():
+                p.grad = None
+            module(xg).backward(x)
+
+        return run
+
+    return {
+        "F.linear": lambda: F.linear(x, w, b),
+        "kernels.linear": lambda: kernels.linear(x, w, b),
+        "kernels.grad_input": lambda: kernels.grad_input(x, w),
+        "kernels.grad_params": lambda: kernels.grad_params(x, x),
+        "nn.Linear fwd+bwd": step(lin),
+        "ColumnParallelLinear fwd+bwd": step(col),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=2000, help="calls per case and round")
+    p.add_argument("--stub-kernels", action="store_true", help="fused_tp's Python alone, the kernels not launched")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.stub_kernels:
+        matmul._matmul_kernel = matmul._colsum_kernel = _Stub()
+    elif device == "cpu":
+        args.calls = min(args.calls, 20)  # the interpreter runs the kernels: its time says nothing about launches
+    info = dict(env(), kernel_path=kernels.kernel_path(device), stub_kernels=args.stub_kernels, dtype=str(dtype),
+                calls=args.calls)  # fmt: skip
+    named = cases(device, dtype)
+    rows = []
+    for r in range(args.rounds):
+        order = list(named) if r % 2 == 0 else list(named)[::-1]
+        us = {name: host_us(named[name], args.calls) for name in order}
+        rows += [dict(round=r, case=name, host_us=us[name]) for name in named]
+        print(f"round {r}: " + ", ".join(f"{name} {us[name]:.1f}" for name in named), flush=True)
+    summary = []
+    for name in named:
+        us = sorted(r["host_us"] for r in rows if r["case"] == name)
+        summary.append(dict(case=name, min_us=us[0], median_us=us[len(us) // 2], max_us=us[-1]))
+    out = results_dir(info["gpu"]) / f"bench_host{'_stub' if args.stub_kernels else ''}.json"
+    write(out, {"env": info, "summary": summary, "rows": rows})
+    print("\n" + markdown_table(summary, ["case", "min_us", "median_us", "max_us"]))
+
+
+if __name__ == "__main__":
+    main()
