@@ -390,13 +390,13 @@ def _items(d, where: str):
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# A table's dtype names: fp32 operands have two, as their dot products round operands to TF32 or not (cuBLAS and
+# A table's dtype names: fp32 operands have two, as their dot products cut operands to TF32 or not (cuBLAS and
 # fused_tp follow torch.backends.cuda.matmul.allow_tf32), and the two run at speeds 4-8x apart.
 TABLE_DTYPES = ("bf16", "fp16", "fp32", "tf32")
 
 
 def table_dtype(dtype: torch.dtype, tf32: bool) -> str:
-    """The name a tuned table keys operands of `dtype` by; `tf32`: fp32 dot products may round to TF32."""
+    """The name a tuned table keys operands of `dtype` by; `tf32`: fp32 dot products may use TF32."""
     return "tf32" if tf32 and dtype == torch.float32 else DTYPE_NAMES[dtype]
 
 
@@ -426,7 +426,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, t
                 tf32: bool = False) -> tuple[KernelConfig, str]:  # fmt: skip
     """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
     persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
-    `tf32` when fp32 dot products may round to TF32.
+    `tf32` when fp32 dot products may use TF32.
     `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
     set. source: "pinned", "table" or "rule". A pinned config whose tiles do not fit in shared memory raises
     ValueError before the launch."""
