@@ -49,9 +49,6 @@ class RankPool:
         self._procs, self._tasks = [], []
 
     def _start(self):
-        if BACKEND == "nccl" and torch.cuda.device_count() < self.world_size:
-            raise RuntimeError(f"FUSED_TP_TEST_BACKEND=nccl: {self.world_size} ranks need as many GPUs, "
-                               f"found {torch.cuda.device_count()}")  # fmt: skip
         ctx = mp.get_context("spawn")
         self._dir = tempfile.TemporaryDirectory()
         init_method = "file://" + os.path.join(self._dir.name, "store")
