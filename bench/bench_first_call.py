@@ -16,6 +16,7 @@ Without a GPU it runs through Triton's interpreter on tiny shapes, timed by the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,8 +88,6 @@ def _pinned(fn, cfg, configs):
 
 def _unsplit(cfg):
     """pick_config fills split_k in; the autotuner keeps the candidate as the space lists it."""
-    import dataclasses
-
     return dataclasses.replace(cfg, split_k=None)
 
 
