@@ -11,8 +11,8 @@ Every rank builds the same dense MLP from one seed; in one run, with the same we
     allreduces  the floor of communication: the two all-reduces of [tokens, hidden] alone
 Outputs and input gradients are checked against the megatron reference before timing. A step is timed on every
 rank from a barrier to the end of backward (device synchronised); its time is the max over ranks, the figure the
-median over steps. Rank 0 writes bench/results/<gpu>-x<N>/bench_tp_mlp_<dtype>.json (with --tiny, nothing:
-that size is a check of the script on gloo ranks, through Triton's interpreter on a CPU).
+median over steps. Rank 0 writes bench/results/<gpu>-x<N>/bench_tp_mlp_<dtype>.json and a .png of the ratios (with
+--tiny, nothing: that size is a check of the script on gloo ranks, through Triton's interpreter on a CPU).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import DTYPES, env, markdown_table, rel_err, results_dir, write  # noqa: E402
+from common import DTYPES, env, markdown_table, plot_ratios, rel_err, results_dir, write  # noqa: E402
 
 # (tokens, hidden, ffn): Llama-3-70B's, 8B's and Llama-2-7B's MLPs, and decode token counts on the 70B one.
 CASES = [(8192, 8192, 28672), (4096, 4096, 14336), (2048, 4096, 11008), (128, 8192, 28672), (16, 8192, 28672)]
@@ -174,8 +174,12 @@ def main():
                 "allreduces_ms", "vs_megatron", "vs_dtensor", "fused_tp_over_floor"]  # fmt: skip
         print(markdown_table(rows, cols))
         if not args.tiny:
-            write(results_dir(f"{info['gpu']}-x{world}") / f"bench_tp_mlp_{args.dtype}.json",
-                  {"env": info, "rows": [dict(r, **info) for r in rows]})  # fmt: skip
+            out = results_dir(f"{info['gpu']}-x{world}") / f"bench_tp_mlp_{args.dtype}"
+            write(out.with_suffix(".json"), {"env": info, "rows": [dict(r, **info) for r in rows]})
+            bars = [dict(r, reference=ref, ratio=r[f"vs_{ref}"]) for r in rows for ref in ("megatron", "dtensor")]
+            plot_ratios(bars, out.with_suffix(".png"), f"fused_tp MLP step vs the references, TP {world}, "
+                        f"{args.dtype}, {info['gpu']}", "reference",
+                        lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip
     dist.destroy_process_group()
 
 

@@ -8,8 +8,15 @@ kernels run compiled, and the multi-rank tests run gloo ranks that share the GPU
 import os
 
 import pytest
-import torch
-from hypothesis import HealthCheck, settings
+
+# bench/gpu_run.sh runs the suite in pytest-xdist workers spread over the GPUs listed in FUSED_TP_TEST_GPUS
+# ("0,1"): each worker sees one of them as "cuda", chosen before anything initialises CUDA.
+if os.environ.get("FUSED_TP_TEST_GPUS") and os.environ.get("PYTEST_XDIST_WORKER"):
+    _gpus = os.environ["FUSED_TP_TEST_GPUS"].split(",")
+    os.environ["CUDA_VISIBLE_DEVICES"] = _gpus[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(_gpus)]
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

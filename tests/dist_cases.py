@@ -133,27 +133,34 @@ def _maybe_no_grad(off, fn):
         return fn()
 
 
-def faulty_step(rank, world_size, init_method, device, timeout_s, fault, results):
+def faulty_step(rank, world_size, init_method, device, timeout_s, fault, backend, results):
     """A rank process of tests/test_faults.py: one Column -> Row step in which the last rank fails.
 
     fault "dies": the last rank exits (as a killed or crashed process does) between its forward's two layers;
           "stalls": it sleeps there instead, as a rank stuck in a long stall or a deadlock does;
           "bad argument": it calls the row layer with an input of the wrong width (guard off), which raises on that
           rank alone, before the all-reduce; the rank then stays alive, as a job that caught the error would.
-    The other ranks put (rank, error type, message, seconds from the collective's start to the error) on `results`;
-    with "bad argument", the last rank puts its own error too.
+    backend "gloo" (ranks share the device) or "nccl" (rank r on GPU r).
+    Each other rank puts (rank, "entered", wall-clock time) as it enters the row layer, then (rank, error type,
+    message, seconds from entering to the error), unless NCCL's watchdog ends the process first (torch's default
+    TORCH_NCCL_ASYNC_ERROR_HANDLING aborts it after the timeout). With "bad argument", the last rank puts its own
+    error too.
     """
     import os
     import time
     from datetime import timedelta
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))  # fmt: skip
     col = fused_tp.ColumnParallelLinear(8, 16, device=device)
     row = fused_tp.RowParallelLinear(16, 8, device=device)
     h = col(torch.randn(4, 8, device=device))
     dist.barrier()  # every rank is alive and in step up to here
+    if backend == "nccl":
+        torch.cuda.synchronize()
     if rank == world_size - 1:
         if fault == "dies":
             os._exit(3)
@@ -163,9 +170,12 @@ def faulty_step(rank, world_size, init_method, device, timeout_s, fault, results
             except ValueError as e:
                 results.put((rank, type(e).__name__, str(e), 0.0))
         time.sleep(10 * timeout_s)
+    results.put((rank, "entered", time.time()))
     start = time.monotonic()
     try:
         row(h)  # the row layer's all-reduce waits for the last rank
+        if backend == "nccl":
+            torch.cuda.synchronize()  # NCCL's all-reduce returns once enqueued; the wait is on the device
         results.put((rank, None, "returned", time.monotonic() - start))
     except Exception as e:
         results.put((rank, type(e).__name__, str(e), time.monotonic() - start))
