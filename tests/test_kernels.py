@@ -197,24 +197,26 @@ def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, 
 
 
 @pytest.mark.parametrize("tf32, tokens, copies",
-                         [(True, 16, (0, 0, 2)), (True, 256, (0, 1, 2)), (False, 256, (0, 0, 0))])  # fmt: skip
-def test_tf32_operands_are_copied_k_major_where_the_copy_pays(device, monkeypatch, tf32, tokens, copies):
-    """With TF32 on, a transposed fp32 operand is copied K-major first when the product reuses it over at least
-    KMAJOR_COPY_MIN_REUSE rows or columns of the other (the weight in grad_input only for that many tokens; both
-    operands of a 256-wide weight gradient); path_counts["kmajor_copy"] counts the copies. Same results, inputs
-    untouched."""
+                         [(True, 16, (0, 0, 2)), (True, 256, (0, 1, 2)), (False, 16, (1, 0, 1)),
+                          (False, 256, (1, 0, 1))])  # fmt: skip
+def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, monkeypatch, tf32, tokens, copies):
+    """An fp32 operand not in the layout its product reads is copied into it first, where the product reuses it
+    over at least FP32_COPY_MIN_REUSE rows or columns of the other: with TF32, both operands K-major (the weight
+    in grad_input only from 256 tokens; both operands of a 256-wide weight gradient); in IEEE, A K-major and B
+    N-major, always (the weight in the forward, grad_y in the weight gradient). path_counts["fp32_copy"] counts
+    the copies. Same results, inputs untouched."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    assert matmul.KMAJOR_COPY_MIN_REUSE == 256
+    assert matmul.FP32_COPY_MIN_REUSE == {"tf32": 256, "ieee": 1}
     gen = torch.Generator().manual_seed(0)
     x, g = (make_tensor((tokens, 256), "contiguous", torch.float32, device, gen) for _ in range(2))
     w = make_tensor((256, 256), "contiguous", torch.float32, device, gen)
-    before, saved = kernels.path_counts["kmajor_copy"], _clones(x, g, w)
+    before, saved = kernels.path_counts["fp32_copy"], _clones(x, g, w)
     outs = []
     for op, call in (("y", lambda: kernels.linear(x, w)), ("grad_x", lambda: kernels.grad_input(g, w)),
                      ("grad_w", lambda: kernels.grad_params(g, x, bias=False)[0])):  # fmt: skip
         outs.append((op, call()))
-        assert kernels.path_counts["kmajor_copy"] - before == copies[len(outs) - 1], op
-        before = kernels.path_counts["kmajor_copy"]
+        assert kernels.path_counts["fp32_copy"] - before == copies[len(outs) - 1], op
+        before = kernels.path_counts["fp32_copy"]
     refs = (linear_reference(x, w), linear_reference(g, w.t()), linear_reference(g.t(), x.t()))
     for (op, out), ref, k in zip(outs, refs, (256, 256, tokens)):
         assert_close(op, out, *ref, tol(torch.float32, k, tf32=tf32 and device == "cuda"))

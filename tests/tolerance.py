@@ -24,7 +24,7 @@ ACC = 2.0**-24  # fp32 accumulation
 # A 10-bit mantissa, truncated: Triton hands fp32 bits to the tensor cores, which drop the low 13, where cuBLAS
 # rounds to nearest first (2^-11); Triton's maintainers matched torch only after an explicit cvt.rna.tf32.f32
 # (triton-lang/triton#4574). Rounding the operands in the kernel, as cuBLAS does, would restore 2^-11: not done. Seen on the H100: the 16-token case of
-# test_tf32_operands_are_copied_k_major_where_the_copy_pays failed under 2^-11 and passes under 2^-10.
+# test_fp32_operands_are_copied_into_the_layout_the_product_reads failed under 2^-11 and passes under 2^-10.
 TF32_INPUT = 2.0**-10
 
 

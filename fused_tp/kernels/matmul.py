@@ -272,8 +272,8 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     c = _out((M, N), a, path)
     tma = _tma_layout(a, b, c)
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
-    if tf32 and tma is not None and (tma[0] or not tma[1]):
-        a, b = _k_major(a, b, tma)
+    if a.dtype == torch.float32 and tma is not None and (tma[0] or tma[1] != tf32):
+        a, b = _fp32_layout(a, b, tma, tf32)
         tma = _tma_layout(a, b, c)
     pinned, source = configs.pinned_config(), None
     if pinned is None and configs.autotune_enabled():
@@ -305,23 +305,26 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     return _rounded(c, a.dtype)
 
 
-# A transposed TF32 operand runs the product at a quarter of the speed of K-major ones on an H100 (Hopper's wgmma
-# reads 32-bit operands K-major only; bench/NOTES.md attempt 13). Copying an operand K-major first reads and writes
-# it once, which pays off where the product reuses each of its elements over at least this many rows or columns of
-# the other operand; decode-sized products, which read the weight about once, keep the transposed operand.
-KMAJOR_COPY_MIN_REUSE = 256
+# fp32 products are slow on an H100 where an operand is not in the layout its instructions read: TF32's wgmma reads
+# both operands K-major (a transposed B costs 4x: bench/NOTES.md attempt 13); IEEE's FMA dot reads A K-major and B
+# N-major (row-major [K, N]), and ran 19-58x slower otherwise (attempt 16). Copying an operand into that layout
+# reads and writes it once, which pays where the product reuses each of its elements over at least this many rows
+# or columns of the other operand: with TF32, decode-sized products, which read the weight about once, keep it as it
+# is; in IEEE the slow layout costs more than the copy even at 16 tokens (1.7 against 32.6 ms, attempt 16).
+FP32_COPY_MIN_REUSE = {"tf32": 256, "ieee": 1}
 
 
-def _k_major(a: torch.Tensor, b: torch.Tensor, tma: tuple[bool, bool]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with the transposed one(s) copied K-major where the copy pays (KMAJOR_COPY_MIN_REUSE); counted in
-    path_counts["kmajor_copy"]."""
+def _fp32_layout(a: torch.Tensor, b: torch.Tensor, tma: tuple[bool, bool], tf32: bool):
+    """(A, B) with each fp32 operand not in the layout the product reads copied into it where the copy pays
+    (FP32_COPY_MIN_REUSE); counted in path_counts["fp32_copy"]."""
     M, N = a.shape[0], b.shape[1]
-    if tma[0] and N >= KMAJOR_COPY_MIN_REUSE:
+    reuse = FP32_COPY_MIN_REUSE["tf32" if tf32 else "ieee"]
+    if tma[0] and N >= reuse:
         a = a.contiguous()
-        path_counts["kmajor_copy"] += 1
-    if not tma[1] and M >= KMAJOR_COPY_MIN_REUSE:
-        b = b.t().contiguous().t()
-        path_counts["kmajor_copy"] += 1
+        path_counts["fp32_copy"] += 1
+    if tma[1] != tf32 and M >= reuse:
+        b = b.t().contiguous().t() if tf32 else b.contiguous()
+        path_counts["fp32_copy"] += 1
     return a, b
 
 
