@@ -2,8 +2,9 @@
 
     python bench/bench_host.py [--rounds 3] [--calls 2000] [--stub-kernels]
 
-A tiny problem (16 x 256 x 256, bf16 on a GPU, fp32 on the CPU) makes every call host-bound, so the wall time of
-many back-to-back calls over their count is the host's cost of one call. Cases: `F.linear`, `kernels.linear`,
+A tiny problem (16 x 256 x 256 in bf16 on a GPU; 16 x 128 x 128 in fp32 with the TF32 flag set on the CPU, where no
+fp32 operand is then copied into another layout first: matmul.FP32_COPY_MIN_REUSE) makes every call host-bound, so
+the wall time of many back-to-back calls over their count is the host's cost of one call. Cases: `F.linear`, `kernels.linear`,
 `kernels.grad_input`, `kernels.grad_params` (matmul + column sum), and forward + backward of `nn.Linear` against
 `ColumnParallelLinear.from_linear` of it. Rounds alternate and every case runs in every round, because a host's
 speed swings between rounds by more than most changes to the launch path: compare within a round, or the minimum
@@ -57,11 +58,11 @@ def host_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def cases(device: str, dtype: torch.dtype) -> dict:
-    x = torch.randn(16, 256, device=device, dtype=dtype)
-    w = torch.randn(256, 256, device=device, dtype=dtype)
-    b = torch.randn(256, device=device, dtype=dtype)
-    lin = nn.Linear(256, 256, device=device, dtype=dtype)
+def cases(device: str, dtype: torch.dtype, width: int) -> dict:
+    x = torch.randn(16, width, device=device, dtype=dtype)
+    w = torch.randn(width, width, device=device, dtype=dtype)
+    b = torch.randn(width, device=device, dtype=dtype)
+    lin = nn.Linear(width, width, device=device, dtype=dtype)
     col = fused_tp.ColumnParallelLinear.from_linear(lin)
     xg = x.clone().requires_grad_()
 
@@ -91,14 +92,16 @@ def main():
     p.add_argument("--stub-kernels", action="store_true", help="fused_tp's Python alone, the kernels not launched")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype, width = (torch.bfloat16, 256) if device == "cuda" else (torch.float32, 128)
+    if device == "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = True  # only steers fused_tp's layout choice here (see above)
     if args.stub_kernels:
         matmul._matmul_kernel = matmul._colsum_kernel = _Stub()
     elif device == "cpu":
         args.calls = min(args.calls, 20)  # the interpreter runs the kernels: its time says nothing about launches
     info = dict(env(), kernel_path=kernels.kernel_path(device), stub_kernels=args.stub_kernels, dtype=str(dtype),
-                calls=args.calls)  # fmt: skip
-    named = cases(device, dtype)
+                width=width, calls=args.calls)  # fmt: skip
+    named = cases(device, dtype, width)
     rows = []
     for r in range(args.rounds):
         order = list(named) if r % 2 == 0 else list(named)[::-1]

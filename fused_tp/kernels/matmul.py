@@ -273,8 +273,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     tma = _tma_layout(a, b, c)
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     if a.dtype == torch.float32 and tma is not None and (tma[0] or tma[1] != tf32):
-        a, b = _fp32_layout(a, b, tma, tf32)
-        tma = _tma_layout(a, b, c)
+        a2, b2 = _fp32_layout(a, b, tma, tf32)
+        if a2 is not a or b2 is not b:
+            a, b, tma = a2, b2, _tma_layout(a2, b2, c)
     pinned, source = configs.pinned_config(), None
     if pinned is None and configs.autotune_enabled():
         pinned, source = _autotuned(a, b, bias, product, tma, tf32), "autotuned"
