@@ -15,7 +15,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the GPUs: CUDA_VISIBLE_DEVICES's where set, else all. test_scale.py's big tensors need 40 GiB free on the GPU: it
 # runs alone, after the rest.
 export FUSED_TP_TEST_GPUS=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}
-timeout "${LIMIT_S:-450}" python3 -m pytest -n 8 -v -p no:cacheprovider --durations=20 --ignore tests/test_scale.py tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+timeout "${LIMIT_S:-450}" python3 -m pytest -n 8 -v -p no:cacheprovider --durations=20 --ignore tests/test_scale.py \
+  tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 timeout 120 python3 -m pytest -v -p no:cacheprovider tests/test_scale.py 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -3
 timeout 60 python3 -m fused_tp demo 2>&1 | tee "$OUT/demo_gpu.txt"
 if [ $# -gt 0 ]; then
