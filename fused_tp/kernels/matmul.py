@@ -441,7 +441,6 @@ def gpu_name(device: torch.device) -> str:
     return "triton-interpreter" if INTERPRETED else torch.cuda.get_device_name(device)
 
 
-
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
     """Tensor descriptors need sm_90 or newer."""
