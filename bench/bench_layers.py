@@ -2,8 +2,9 @@
 
     python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick]
 
-Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden) and the Column -> GELU -> Row MLP,
-each from `from_linear` of the nn.Linear layers it is timed against (same weights, same inputs), forward alone and
+Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden), the Column -> GELU -> Row MLP as
+three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), each from
+`from_linear(s)` of the nn.Linear layers it is timed against (same weights, same inputs), forward alone and
 forward + backward (grads of the input and every parameter; parameter grads set to None before each step, in
 both), and the peak memory each step allocates beyond what was allocated before it. Outputs and gradients are
 checked against the baseline before timing. Writes
@@ -37,11 +38,13 @@ def models(tokens, hidden, ffn, dtype):
     up, down = (nn.Linear(hidden, ffn, device="cuda", dtype=dtype), nn.Linear(ffn, hidden, device="cuda", dtype=dtype))
     col, row = fused_tp.ColumnParallelLinear.from_linear(up), fused_tp.RowParallelLinear.from_linear(down)
     x, h = (torch.randn(tokens, hidden, device="cuda", dtype=dtype), torch.randn(tokens, ffn, device="cuda", dtype=dtype))
+    grad_mlp = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
     return {
         "column": (up, col, x, torch.randn(tokens, ffn, device="cuda", dtype=dtype)),
         "row": (down, row, h, torch.randn(tokens, hidden, device="cuda", dtype=dtype)),
-        "mlp": (nn.Sequential(up, nn.GELU(), down), nn.Sequential(col, nn.GELU(), row), x,
-                torch.randn(tokens, hidden, device="cuda", dtype=dtype)),
+        "mlp": (nn.Sequential(up, nn.GELU(), down), nn.Sequential(col, nn.GELU(), row), x, grad_mlp),
+        "parallel_mlp": (nn.Sequential(up, nn.GELU(), down), fused_tp.ParallelMLP.from_linears(up, down), x,
+                         grad_mlp),
     }  # fmt: skip
 
 
@@ -99,7 +102,7 @@ def main():
                 rows.append(dict(layer=layer, step=step, dtype=args.dtype, tokens=tokens, hidden=hidden, ffn=ffn,
                                  baseline_ms=tb, fused_tp_ms=tf, ratio=tb / tf, spread=max(sb, sf), err_vs_baseline=err,
                                  baseline_peak_mib=mb, fused_tp_peak_mib=mf, **info))  # fmt: skip
-                print(f"{layer:>7} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}  "
+                print(f"{layer:>12} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}  "
                       f"peak MiB {mb:.0f} vs {mf:.0f}", flush=True)
 
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N bench/bench_tp_mlp.py [--dtype bf16] [--steps 20] [--quick | --tiny]
 
 Every rank builds the same dense MLP from one seed; in one run, with the same weights and inputs:
-    fused_tp    ColumnParallelLinear -> GELU -> RowParallelLinear
+    fused_tp    ColumnParallelLinear -> GELU -> RowParallelLinear, three modules
+    fused_mlp   the same as one fused_tp.ParallelMLP: GELU and its derivative in the kernels' epilogues
     megatron    cuBLAS F.linear in autograd Functions with a blocking all-reduce (Megatron's ColumnParallelLinear /
                 RowParallelLinear without overlap; the row bias added after the all-reduce)
     dtensor     torch's parallelize_module with ColwiseParallel / RowwiseParallel on the nn.Linear MLP
@@ -74,6 +75,9 @@ class _MegatronRow(torch.autograd.Function):
         return g @ w, g2.t() @ x2, g2.sum(0)
 
 
+OURS, REFERENCES = ("fused_tp", "fused_mlp"), ("megatron", "dtensor")
+
+
 def models(dense: nn.Sequential, world: int, rank: int, device):
     """{provider: forward function of x} built from the same dense MLP."""
     import fused_tp
@@ -90,11 +94,13 @@ def models(dense: nn.Sequential, world: int, rank: int, device):
     copy.load_state_dict(dense.state_dict())
     mesh = init_device_mesh(device.type, (world,))
     tp = parallelize_module(copy, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    mlp = fused_tp.ParallelMLP.from_linears(up, down)
     return {
         "fused_tp": lambda x: row(F.gelu(col(x))),
+        "fused_mlp": mlp,
         "megatron": lambda x: _MegatronRow.apply(F.gelu(_MegatronColumn.apply(x, w1, b1)), w2, b2),
         "dtensor": tp,
-    }, [col.weight, col.bias, row.weight, row.bias, w1, b1, w2, b2, *tp.parameters()]
+    }, [col.weight, col.bias, row.weight, row.bias, w1, b1, w2, b2, *tp.parameters(), *mlp.parameters()]
 
 
 def main():
@@ -135,7 +141,7 @@ def main():
             return y.detach(), inp.grad
 
         ref_y, ref_grad = step(providers["megatron"])
-        for name in ("fused_tp", "dtensor"):
+        for name in ("fused_tp", "fused_mlp", "dtensor"):
             y, grad = step(providers[name])
             err = max(rel_err(y, ref_y), rel_err(grad, ref_grad))
             if not err <= CHECK[dtype]:
@@ -165,19 +171,20 @@ def main():
         dist.all_gather_object(gathered, times)
         ms = {n: statistics.median(max(g[n][s] for g in gathered) for s in range(args.steps)) * 1e3 for n in times}
         floor = max(ms["gemms"], ms["allreduces"])
+        ratios = {f"{ours}_vs_{ref}": ms[ref] / ms[ours] for ours in OURS for ref in REFERENCES}
         rows.append(dict(tokens=tokens, hidden=hidden, ffn=ffn, tp=world, dtype=args.dtype,
-                         **{f"{n}_ms": v for n, v in ms.items()}, vs_megatron=ms["megatron"] / ms["fused_tp"],
-                         vs_dtensor=ms["dtensor"] / ms["fused_tp"], floor_ms=floor,
-                         fused_tp_over_floor=ms["fused_tp"] / floor))  # fmt: skip
+                         **{f"{n}_ms": v for n, v in ms.items()}, **ratios, floor_ms=floor,
+                         **{f"{ours}_over_floor": ms[ours] / floor for ours in OURS}))  # fmt: skip
     if rank == 0:
         info = env()
-        cols = ["tokens", "hidden", "ffn", "tp", "fused_tp_ms", "megatron_ms", "dtensor_ms", "gemms_ms",
-                "allreduces_ms", "vs_megatron", "vs_dtensor", "fused_tp_over_floor"]  # fmt: skip
+        cols = ["tokens", "hidden", "ffn", "tp", "fused_tp_ms", "fused_mlp_ms", "megatron_ms", "dtensor_ms",
+                "gemms_ms", "allreduces_ms", *ratios, "fused_mlp_over_floor"]  # fmt: skip
         print(markdown_table(rows, cols))
         if not args.tiny:
             out = results_dir(f"{info['gpu']}-x{world}") / f"bench_tp_mlp_{args.dtype}"
             write(out.with_suffix(".json"), {"env": info, "rows": [dict(r, **info) for r in rows]})
-            bars = [dict(r, reference=ref, ratio=r[f"vs_{ref}"]) for r in rows for ref in ("megatron", "dtensor")]
+            bars = [dict(r, reference=f"{ours} vs {ref}", ratio=r[f"{ours}_vs_{ref}"])
+                    for r in rows for ours in OURS for ref in REFERENCES]  # fmt: skip
             plot_ratios(bars, out.with_suffix(".png"), f"fused_tp MLP step vs the references, TP {world}, "
                         f"{args.dtype}, {info['gpu']}", "reference",
                         lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip

@@ -3,18 +3,19 @@
     kernels/     Triton kernels and launchers (no torch.distributed)
     autograd.py  the autograd Functions and functional forms (with guard.py, the only code calling torch.distributed)
     guard.py     the optional rank-consistency guard
-    modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear
+    modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear; ParallelMLP, Column -> GELU -> Row
 """
 
 from .autograd import column_parallel_linear, row_parallel_linear
 from .guard import RankMismatchError, check_ranks
 from .kernels import kernel_path, path_counts
-from .modules import ColumnParallelLinear, RowParallelLinear
+from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ColumnParallelLinear",
+    "ParallelMLP",
     "RankMismatchError",
     "RowParallelLinear",
     "check_ranks",

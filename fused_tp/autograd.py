@@ -71,7 +71,7 @@ class _ColumnParallelLinear(Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w_shard if need_x else None)
         ctx.group, ctx.world, ctx.tuning = group, world, configs.current_tuning()
-        return kernels.linear_prechecked(x, w_shard, b_shard)
+        return kernels.linear_prechecked(x, w_shard, b_shard)[0]
 
     @staticmethod
     # Triton kernels and collectives build no graph: once_differentiable makes a second derivative raise
@@ -109,7 +109,7 @@ class _RowParallelLinear(Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
         ctx.tuning = configs.current_tuning()
-        y = kernels.linear_prechecked(x_shard, w_shard, b if rank == 0 else None)
+        y = kernels.linear_prechecked(x_shard, w_shard, b if rank == 0 else None)[0]
         _all_reduce(y, group, world)
         return y
 
@@ -122,6 +122,52 @@ class _RowParallelLinear(Function):
             grad_x_shard = kernels.grad_input(grad_y, w_shard) if need_x else None
             grad_w, grad_b = kernels.grad_params(grad_y, x_shard, weight=need_w, bias=need_b)
         return grad_x_shard, grad_w, grad_b, None, None, None
+
+
+class _ParallelMLP(Function):
+    """Column -> activation -> Row in one Function, so that the activation runs in the kernels' epilogues:
+
+    x        [..., K]      replicated input
+    w1, b1   [F_r, K], [F_r]   this rank's Column shard;   w2 [N, F_r], b2 [N]   its Row shard, b2 replicated
+    forward:   pre = x @ w1.T + b1 ;  a = act(pre)                     (one launch, both stored)
+               y = all_reduce(a @ w2.T + (b2 if r == 0 else 0))        [..., N]
+    backward:  grad_pre = (grad_y @ w2) * act'(pre)                    (one launch)
+               grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)
+               grad_x = all_reduce(grad_pre @ w1), running while grad_w1 = grad_pre.T @ x and grad_b1 compute
+    Against Column, F.gelu and Row as three modules: two elementwise launches fewer a step, and no pass of its own
+    over pre and a in either direction.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation, grad_enabled):
+        need = ctx.needs_input_grad  # set from requires_grad even under no_grad: hence `grad_enabled`
+        # The gradient reaches fc1 only through act'(pre): pre is written only for that (memory, and a store).
+        pre_needed = grad_enabled and any(need[:3])
+        a, pre = kernels.linear_prechecked(x, w1, b1, activation, save_pre=pre_needed)
+        y = kernels.linear_prechecked(a, w2, b2 if rank == 0 else None)[0]
+        _all_reduce(y, group, world)
+        ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, pre,
+                              a if need[3] else None, w2 if pre_needed else None)  # fmt: skip
+        ctx.group, ctx.world, ctx.activation, ctx.tuning = group, world, activation, configs.current_tuning()
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, w1, pre, a, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_x = work = grad_w1 = grad_b1 = None
+        with configs.tuning(ctx.tuning):
+            grad_w2, grad_b2 = kernels.grad_params(grad_y, a, weight=need_w2, bias=need_b2)
+            if pre is not None:
+                grad_pre = kernels.grad_input(grad_y, w2, activation=ctx.activation, pre=pre)
+                if need_x:
+                    grad_x = kernels.grad_input(grad_pre, w1)
+                    work = _all_reduce(grad_x, ctx.group, ctx.world, async_op=True)
+                grad_w1, grad_b1 = kernels.grad_params(grad_pre, x, weight=need_w1, bias=need_b1)
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None
 
 
 class _GatherLastDim(Function):
@@ -236,6 +282,27 @@ def row_call(x, weight, bias, group, scatter_size: int | None):
         x = _ScatterLastDim.apply(x, group, world, rank)
     with configs.tuning(scope):
         return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
+
+
+def mlp_call(x, w1, b1, w2, b2, group, activation: str):
+    """Column (w1, b1) -> activation -> Row (w2, b2) on this rank's shards; the full output on every rank."""
+    world, rank = group_size_rank(group)
+
+    def check():
+        if not kernels.check_activation(activation):
+            raise ValueError("activation: expected 'gelu' or 'gelu_tanh', got None")
+        kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
+        # fc2 reads what fc1 writes: [..., F_r] in fc1.weight's dtype, on its device (no elements: no allocation).
+        hidden = w1.new_empty((0, w1.shape[0]))
+        kernels.check_linear_args(hidden, w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
+
+    def facts():
+        return (f"{guard.describe('input', x)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
+                f"activation {activation}")  # fmt: skip
+
+    scope = _preflight("parallel MLP", group, world, check, facts)
+    with configs.tuning(scope):
+        return _ParallelMLP.apply(x, w1, b1, w2, b2, group, world, rank, activation, torch.is_grad_enabled())
 
 
 def column_parallel_linear(x, weight, bias=None, *, process_group=None):

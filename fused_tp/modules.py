@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autograd import column_call, group_size_rank, row_call
+from .autograd import column_call, group_size_rank, mlp_call, row_call
+from .kernels import check_activation
 
 
 class _ParallelLinear(nn.Module):
@@ -104,3 +105,50 @@ class RowParallelLinear(_ParallelLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"
+
+
+class ParallelMLP(nn.Module):
+    """fc1 -> GELU -> fc2 (Megatron's MLP): fc1 a ColumnParallelLinear, fc2 a RowParallelLinear, on one group.
+
+    The drop-in for nn.Sequential(nn.Linear, nn.GELU(approximate=...), nn.Linear) whose activation runs inside the
+    kernels: fc1's launch applies it and keeps the pre-activation, fc2's grad_input launch applies its derivative.
+    x [..., in_features] replicated  ->  [..., out_features] on every rank (out_features defaults to in_features).
+    activation: "gelu" (F.gelu) or "gelu_tanh" (F.gelu with approximate="tanh").
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
+                 *, activation: str = "gelu", process_group=None, device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        if not check_activation(activation):
+            raise ValueError("activation: expected 'gelu' or 'gelu_tanh', got None")
+        self.activation = activation
+        out_features = in_features if out_features is None else out_features
+        self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, process_group=process_group,
+                                        device=device, dtype=dtype)  # fmt: skip
+        self.fc2 = RowParallelLinear(hidden_features, out_features, bias, process_group=process_group,
+                                     device=device, dtype=dtype)  # fmt: skip
+
+    @classmethod
+    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", process_group=None):
+        """This rank's shards of the dense fc1 -> activation -> fc2 (copied; the layers are not modified)."""
+        for name, layer in (("fc1", fc1), ("fc2", fc2)):
+            if not isinstance(layer, nn.Linear):
+                raise TypeError(f"{name}: expected an nn.Linear, got {type(layer).__name__}")
+        if fc2.in_features != fc1.out_features:
+            raise ValueError(f"fc2: expected in_features {fc1.out_features} (fc1.out_features), got {fc2.in_features}")
+        if (fc1.bias is None) != (fc2.bias is None):
+            raise ValueError("fc2: expected a bias exactly when fc1 has one")
+        module = cls(fc1.in_features, fc1.out_features, fc2.out_features, fc1.bias is not None, activation=activation,
+                     process_group=process_group, device="meta", dtype=fc1.weight.dtype)  # fmt: skip
+        module.fc1 = ColumnParallelLinear.from_linear(fc1, process_group=process_group)
+        module.fc2 = RowParallelLinear.from_linear(fc2, process_group=process_group)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.fc1._check_group()
+        self.fc2._check_group()
+        return mlp_call(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                        self.fc1.process_group, self.activation)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"

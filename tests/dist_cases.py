@@ -24,10 +24,11 @@ def _cpu(t):
     return None if t is None else t.detach().cpu()
 
 
-def layers_step(kind, device, dense, x, grad_y):
+def layers_step(kind, device, dense, x, grad_y, activation="gelu"):
     """Forward and backward of one stack of layers built with from_linear from the dense (weight, bias) pairs.
 
-    kind: "mlp"            Column -> GELU -> Row (Megatron's MLP)
+    kind: "mlp"            Column -> GELU -> Row (Megatron's MLP), three modules
+          "parallel_mlp"   the same as one ParallelMLP (`activation` in the kernels)
           "column_gather"  Column with gather_output=True
           "row_scatter"    Row with input_is_parallel=False
     Returns y, grad_x and, per layer, the shard of weight and bias with their gradients; for "row_scatter" also
@@ -37,7 +38,11 @@ def layers_step(kind, device, dense, x, grad_y):
     if kind == "mlp":
         layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0]),
                   fused_tp.RowParallelLinear.from_linear(linears[1])]  # fmt: skip
-        forward = lambda t: layers[1](F.gelu(layers[0](t)))  # noqa: E731
+        approximate = fused_tp.kernels.ACTIVATIONS[activation]
+        forward = lambda t: layers[1](F.gelu(layers[0](t), approximate=approximate))  # noqa: E731
+    elif kind == "parallel_mlp":
+        forward = fused_tp.ParallelMLP.from_linears(*linears, activation=activation)
+        layers = [forward.fc1, forward.fc2]
     elif kind == "column_gather":
         layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0], gather_output=True)]
         forward = layers[0]

@@ -16,12 +16,16 @@ from triton.compiler import ASTSource, compile
 
 from fused_tp.kernels import matmul
 
-_MATMUL_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee")
+_MATMUL_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee", ACTIVATION="", AUX="")
 VARIANTS = {
     "matmul, pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False),
     "matmul, pointers, split-K": dict(HAS_BIAS=True, UPCAST=True, TMA=False, A_T=False, B_T=False, SPLIT=True),
     "matmul, descriptors": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False),
     "matmul, descriptors, split-K": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=True),
+    "matmul, pointers, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False,
+                                                              B_T=False, SPLIT=False, ACTIVATION="gelu", AUX="store"),
+    "matmul, pointers, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=False, A_T=False, B_T=False,
+                                                SPLIT=False, ACTIVATION="gelu_tanh", AUX="load"),
 }
 
 
@@ -48,7 +52,8 @@ def main() -> dict:
     for name, switches in VARIANTS.items():
         c = "*fp32" if switches["SPLIT"] else "*bf16"
         out[name] = offset_types(ttir(matmul._matmul_kernel, {**_MATMUL_META, **switches},
-                                      dict(a_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", c_ptr=c)))  # fmt: skip
+                                      dict(a_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", c_ptr=c,
+                                           aux_ptr="*bf16")))  # fmt: skip
     out["column sum"] = offset_types(ttir(matmul._colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64),
                                           dict(g_ptr="*bf16", out_ptr="*fp32")))  # fmt: skip
     out["int32 indexing"] = offset_types(ttir(_int32_indexing, dict(BLOCK=16), dict(src_ptr="*fp32", dst_ptr="*fp32")))

@@ -14,6 +14,7 @@ from tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, 
 from torch import nn
 
 import dist_cases
+from fused_tp.kernels import ACTIVATIONS
 
 # FUSED_TP_TEST_WORLDS="2,4,8" (with FUSED_TP_TEST_BACKEND=nccl on an 8-GPU machine) changes them.
 WORLDS = [int(w) for w in os.environ.get("FUSED_TP_TEST_WORLDS", "2,3,4").split(",")]
@@ -41,17 +42,22 @@ def _assert_replicated(name, outs):
 
 @pytest.mark.parametrize("world", WORLDS)
 @dist_settings
-@given(tokens=tokens, hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds)
-@example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0)  # ffn < world: an empty shard
-def test_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed):
-    """Column -> GELU -> Row built with from_linear: output and every gradient match the dense MLP."""
+@given(tokens=tokens, hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds,
+       kind=st.sampled_from(["mlp", "parallel_mlp"]), activation=st.sampled_from(["gelu", "gelu_tanh"]))  # fmt: skip
+@example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="mlp",
+         activation="gelu")  # ffn < world: an empty shard
+@example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="parallel_mlp",
+         activation="gelu")  # fmt: skip
+def test_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed, kind, activation):
+    """Column -> GELU -> Row built with from_linear, as three modules or as one ParallelMLP (the activation in the
+    kernels): output and every gradient match the dense MLP."""
     w1, b1 = _dense_linear(hidden, ffn, has_bias, dtype, seed)
     w2, b2 = _dense_linear(ffn, hidden, has_bias, dtype, seed + 1)
     x, grad_y = _inputs((2, tokens), hidden, hidden, dtype, seed)
 
-    outs = rank_pools(world).run(dist_cases.layers_step, "mlp", device, [(w1, b1), (w2, b2)], x, grad_y)
+    outs = rank_pools(world).run(dist_cases.layers_step, kind, device, [(w1, b1), (w2, b2)], x, grad_y, activation)
 
-    ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y)
+    ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y, ACTIVATIONS[activation])
     tol_mlp = tol(dtype, max(hidden, ffn, 2 * tokens), rounds=world, stages=MLP_STAGES)
     for rank, out in enumerate(outs):
         assert_close(f"y on rank {rank}", out["y"], ref["y"], mag["y"], tol_mlp)

@@ -123,6 +123,31 @@ def test_forward_saves_only_what_backward_needs(device, cls, x_grad, w_grad):
         assert saved == [] and y.grad_fn is None and not y.requires_grad
 
 
+@pytest.mark.parametrize("x_grad, w_grad", [(True, True), (True, False), (False, True), (False, False)])
+def test_parallel_mlp_saves_no_more_than_the_dense_mlp(device, monkeypatch, x_grad, w_grad):
+    """ParallelMLP saves no more bytes than Linear -> GELU -> Linear; without grad it saves nothing and does not
+    write the pre-activation at all."""
+    dense = nn.Sequential(nn.Linear(24, 40, device=device), nn.GELU(), nn.Linear(40, 24, device=device))
+    mlp = fused_tp.ParallelMLP.from_linears(dense[0], dense[2])
+    for module in (dense, mlp):
+        for p in module.parameters():
+            p.requires_grad_(w_grad)
+    x = torch.randn(8, 24, device=device, requires_grad=x_grad)
+    saved, _ = _saved(lambda: mlp(x))
+    theirs, _ = _saved(lambda: dense(x))
+    nbytes = lambda s: sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in s)  # noqa: E731
+    assert nbytes(saved) <= nbytes(theirs)
+    save_pre = []
+    real = fused_tp.kernels.linear_prechecked
+    monkeypatch.setattr(fused_tp.kernels, "linear_prechecked",
+                        lambda *a, **k: save_pre.append(k.get("save_pre", False)) or real(*a, **k))  # fmt: skip
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            saved, y = _saved(lambda: mlp(x))
+        assert saved == [] and y.grad_fn is None and not y.requires_grad
+    assert save_pre and not any(save_pre)
+
+
 def test_a_second_derivative_raises(device):
     """Double backward through a layer raises instead of silently leaving out the layer's second-order terms."""
     layer = fused_tp.ColumnParallelLinear(6, 4, device=device)

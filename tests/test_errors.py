@@ -41,6 +41,13 @@ BAD_CALLS = {
         lambda c, r, rf, d: fused_tp.column_parallel_linear(
             torch.randn(2, c.in_features, device=d), c.weight, torch.zeros(c.weight.shape[0] + 1, device=d)),
         ValueError, "bias: expected shape"),
+    "ParallelMLP: input of the wrong width": (
+        lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d)(torch.randn(2, 3, device=d)), ValueError,
+        "input: expected last dim"),
+    "ParallelMLP: input dtype differs from the weights'": (
+        lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d)(
+            torch.randn(2, c.in_features, device=d, dtype=torch.float16)), TypeError,
+        "input: expected dtype torch.float32"),
     "row_parallel_linear: bias in another dtype": (
         lambda c, r, rf, d: fused_tp.row_parallel_linear(
             torch.randn(2, r.weight.shape[1], device=d), r.weight, r.bias.detach().half()),
@@ -69,6 +76,33 @@ def test_kernel_launcher_checks(device):
         kernels.linear(x, w[0])
     with pytest.raises(TypeError, match=r"weight: expected dtype float32, float16 or bfloat16, got torch.float64"):
         kernels.linear(x, w.double())
+
+
+def test_activation_options_are_checked(device):
+    x, w = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
+    with pytest.raises(ValueError, match=r"activation: expected None, 'gelu' or 'gelu_tanh', got 'relu'"):
+        kernels.linear(x, w, activation="relu")
+    with pytest.raises(ValueError, match=r"pre: expected shape \(3, 4\) and dtype torch.float32, got \(3, 5\)"):
+        kernels.grad_input(torch.randn(3, 5, device=device), w, activation="gelu", pre=torch.randn(3, 5, device=device))
+    with pytest.raises(ValueError, match="pre: expected a tensor exactly when activation is given"):
+        kernels.grad_input(torch.randn(3, 5, device=device), w, activation="gelu")
+    with pytest.raises(ValueError, match=r"activation: expected 'gelu' or 'gelu_tanh', got None"):
+        fused_tp.ParallelMLP(4, 8, activation=None, device=device)
+    with pytest.raises(ValueError, match=r"activation: expected None, 'gelu' or 'gelu_tanh', got 'silu'"):
+        fused_tp.ParallelMLP(4, 8, activation="silu", device=device)
+    fc1, fc2 = torch.nn.Linear(4, 8, device=device), torch.nn.Linear(8, 4, device=device)
+    with pytest.raises(ValueError, match=r"fc2: expected in_features 8 \(fc1.out_features\), got 6"):
+        fused_tp.ParallelMLP.from_linears(fc1, torch.nn.Linear(6, 4, device=device))
+    with pytest.raises(ValueError, match="fc2: expected a bias exactly when fc1 has one"):
+        fused_tp.ParallelMLP.from_linears(fc1, torch.nn.Linear(8, 4, bias=False, device=device))
+    with pytest.raises(TypeError, match="fc1: expected an nn.Linear, got Sequential"):
+        fused_tp.ParallelMLP.from_linears(torch.nn.Sequential(fc1), fc2)
+    mlp = fused_tp.ParallelMLP.from_linears(fc1, fc2)
+    with pytest.raises(ValueError, match=r"input: expected last dim 4 \(fc1.weight.shape\[1\]\), got shape \(3, 5\)"):
+        mlp(torch.randn(3, 5, device=device))
+    mlp.fc2.weight = torch.nn.Parameter(torch.randn(4, 7, device=device))  # fc2 no longer reads fc1's output
+    with pytest.raises(ValueError, match=r"fc1's output: expected last dim 7 \(fc2.weight.shape\[1\]\)"):
+        mlp(torch.randn(3, 4, device=device))
 
 
 def test_from_linear_rejects_other_modules():

@@ -8,7 +8,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import dims, dtypes, layouts, make_tensor, seeds
-from tolerance import assert_close, tol, linear_reference
+from tolerance import act_tol, assert_close, linear_reference, tol
 
 from fused_tp import kernels
 from fused_tp.kernels import configs, matmul
@@ -95,6 +95,40 @@ def test_grad_params(device, M, K, N, dtype, need, g_layout, x_layout, lead, see
     else:
         assert grad_b is None
     _assert_unmodified(before, grad_y, x)
+
+
+@given(M=dims, K=dims, N=dims, dtype=dtypes, activation=st.sampled_from(list(kernels.ACTIVATIONS)),
+       has_bias=st.booleans(), x_layout=layouts, w_layout=layouts, seed=seeds)  # fmt: skip
+@example(M=40, K=64, N=96, dtype=torch.bfloat16, activation="gelu", has_bias=True, x_layout="contiguous",
+         w_layout="contiguous", seed=0)  # every operand through tensor descriptors
+@example(M=3, K=0, N=5, dtype=torch.float16, activation="gelu_tanh", has_bias=True, x_layout="contiguous",
+         w_layout="contiguous", seed=0)  # no K-steps: gelu(bias)
+def test_activation_epilogue(device, M, K, N, dtype, activation, has_bias, x_layout, w_layout, seed):
+    """linear(..., activation) is F.gelu of the product on the fp32 accumulator, and its saved pre-activation is the
+    product; grad_input through the activation is (grad_y @ w) * gelu'(pre), all against float64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = make_tensor((M, K), x_layout, dtype, device, gen)
+    w = make_tensor((N, K), w_layout, dtype, device, gen)
+    b = make_tensor((N,), "contiguous", dtype, device, gen) if has_bias else None
+    w_next = make_tensor((K, N), w_layout, dtype, device, gen)  # a layer reading gelu(pre) [M, N]
+    grad_next = make_tensor((M, K), "contiguous", dtype, device, gen)
+    before = _clones(x, w, b, w_next, grad_next)
+    approximate = kernels.ACTIVATIONS[activation]
+
+    y, pre = kernels.linear_prechecked(x, w, b, activation, save_pre=True)
+    grad_pre = kernels.grad_input(grad_next, w_next, activation=activation, pre=pre)
+
+    ref, mag = linear_reference(x, w, b)
+    tf32 = _tf32(device)
+    assert_close("pre", pre, ref, mag, tol(dtype, K, tf32=tf32))
+    assert_close("y", y, torch.nn.functional.gelu(ref, approximate=approximate), mag, act_tol(dtype, K, tf32))
+    assert torch.equal(kernels.linear(x, w, b, activation=activation), y)
+    # The derivative at the pre-activation the forward saved, as the layers' backward uses it.
+    d, d_mag = linear_reference(grad_next, w_next.t())
+    pre64 = pre.detach().double().cpu().requires_grad_()
+    torch.nn.functional.gelu(pre64, approximate=approximate).backward(d)
+    assert_close("grad_pre", grad_pre, pre64.grad, 1.13 * d_mag, act_tol(dtype, N, tf32))
+    _assert_unmodified(before, x, w, b, w_next, grad_next)
 
 
 @given(M=dims, K=st.integers(0, 600), N=dims, dtype=dtypes, op=st.sampled_from(["forward", "grad_input", "grad_weight"]),
@@ -257,3 +291,29 @@ def test_descriptor_scratch_is_reused_per_stream():
     assert len(matmul._scratch) == 2
     assert torch.equal(y, again) and torch.equal(y, other)
     assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels on a GPU")
+def test_repeat_launches_call_the_compiled_kernel_directly():
+    """After the first launch of a specialisation, launches skip Triton's argument binding and call the compiled
+    kernel: the same bits as the first launch, and each new specialisation (other strides, an address off 16
+    bytes, another dtype) takes its own kernel and gives the right result."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for x_layout, w_layout in (("contiguous", "contiguous"), ("sliced", "transposed"), ("expanded", "sliced")):
+            x = make_tensor((96, 200), x_layout, dtype, "cuda", gen)
+            w = make_tensor((72, 200), w_layout, dtype, "cuda", gen)
+            b = make_tensor((72,), "contiguous", dtype, "cuda", gen)
+            before = kernels.path_counts["direct_launch"]
+            runs = [(kernels.linear(x, w, b), kernels.grad_input(x @ w.t(), w), *kernels.grad_params(x @ w.t(), x))
+                    for _ in range(3)]  # fmt: skip
+            assert kernels.path_counts["direct_launch"] - before >= 8  # 4 launches in each of the last two rounds
+            for again in runs[1:]:
+                assert all(torch.equal(u, v) for u, v in zip(runs[0], again))
+            assert_close("y", runs[0][0], *linear_reference(x, w, b), tol(dtype, 200, tf32=_tf32("cuda")))
+    buf = torch.randn(40 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(48, 64, device="cuda", dtype=torch.bfloat16)
+    for x in (buf[:-1].view(40, 64), buf[1:].view(40, 64)):  # the second starts 2 bytes past a 16-byte boundary
+        y = kernels.linear(x, w)
+        assert torch.equal(kernels.linear(x, w), y)
+        assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))

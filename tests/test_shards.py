@@ -6,9 +6,10 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import dims, dtypes, make_tensor, seeds
-from tolerance import assert_close, layer_reference, tol
+from tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 
-from fused_tp.autograd import _ColumnParallelLinear, _RowParallelLinear, shard_range
+from fused_tp import kernels
+from fused_tp.autograd import _ColumnParallelLinear, _ParallelMLP, _RowParallelLinear, shard_range
 
 worlds = st.integers(1, 4)
 
@@ -92,3 +93,39 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
         for g in gbs[1:]:
             assert torch.equal(g, gbs[0]), "the replicated bias got different gradients on different ranks"
         assert_close("grad_b", gbs[0], *ref["grad_b"], tol(dtype, M))
+
+
+@given(world=worlds, M=dims, K=dims, F=dims, dtype=dtypes, has_bias=st.booleans(),
+       activation=st.sampled_from(list(kernels.ACTIVATIONS)), seed=seeds)  # fmt: skip
+@example(world=4, M=5, K=7, F=3, dtype=torch.bfloat16, has_bias=True, activation="gelu", seed=0)  # an empty shard
+def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, activation, seed):
+    """ParallelMLP's Function (activation and its derivative in the kernels' epilogues): the ranks' output partial
+    sums, with fc2's bias once, and their gradients equal the dense Linear -> GELU -> Linear."""
+    x, w1, b1, _ = _dense(M, K, F, dtype, has_bias, device, seed)
+    _, w2, b2, grad_y = _dense(M, F, K, dtype, has_bias, device, seed + 1)  # w2 [K, F], grad_y [M, K]
+    y = grad_x = None
+    gw1, gb1, gw2, gb2 = [], [], [], []
+    for rank in range(world):
+        x_r, b2_r = _leaf(x), _leaf(b2)
+        w1_r, w2_r = _leaf(torch.tensor_split(w1, world, 0)[rank]), _leaf(torch.tensor_split(w2, world, 1)[rank])
+        b1_r = _leaf(None if b1 is None else torch.tensor_split(b1, world, 0)[rank])
+        p_r = _ParallelMLP.apply(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation, True)
+        p_r.backward(grad_y)
+        y = p_r.detach() if y is None else y + p_r.detach()  # what the forward's all-reduce does
+        grad_x = x_r.grad if grad_x is None else grad_x + x_r.grad  # and the backward's
+        gw1.append(w1_r.grad)
+        gw2.append(w2_r.grad)
+        gb1.append(None if b1 is None else b1_r.grad)
+        gb2.append(None if b2 is None else b2_r.grad)
+
+    ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y, kernels.ACTIVATIONS[activation])
+    t = tol(dtype, max(K, F, M), rounds=world, stages=MLP_STAGES)
+    assert_close("y", y, ref["y"], mag["y"], t)
+    assert_close("grad_x", grad_x, ref["grad_x"], mag["grad_x"], t)
+    assert_close("grad_w1", torch.cat(gw1, 0), ref["grad_w1"], mag["grad_w1"], t)
+    assert_close("grad_w2", torch.cat(gw2, 1), ref["grad_w2"], mag["grad_w2"], t)
+    if has_bias:
+        assert_close("grad_b1", torch.cat(gb1, 0), ref["grad_b1"], mag["grad_b1"], t)
+        for g in gb2[1:]:
+            assert torch.equal(g, gb2[0]), "the replicated bias got different gradients on different ranks"
+        assert_close("grad_b2", gb2[0], ref["grad_b2"], mag["grad_b2"], t)

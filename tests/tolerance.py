@@ -11,7 +11,9 @@ quantity that rounding errors scale with, and tol comes from the table below:
     abs = rounds * TINY[dtype]   (results in the subnormal range round to a fixed spacing, not a relative one)
 
 Compositions (a Column -> GELU -> Row MLP and its gradients) multiply both by the number of rounded stages on the
-longest chain. A test shows the table rejects planted errors (tests/test_tolerance.py).
+longest chain. An activation in a kernel's epilogue (act_tol) acts on the unrounded fp32 product: its error grows
+by at most max |gelu'| and gains the activation's own fp32 evaluation. A test shows the table rejects planted
+errors (tests/test_tolerance.py).
 """
 
 from typing import NamedTuple
@@ -28,6 +30,10 @@ ACC = 2.0**-24  # fp32 accumulation
 TF32_INPUT = 2.0**-10
 
 
+GELU_SLOPE = 1.13  # max |gelu'(x)| (and of the tanh form): how much an error in the pre-activation can grow
+ACT_EVAL = 2.0**-20  # GELU or its derivative evaluated in fp32 (erf or exp and a few operations: a few ulp each)
+
+
 class Tol(NamedTuple):
     rel: float
     abs: float
@@ -36,6 +42,13 @@ class Tol(NamedTuple):
 def tol(dtype: torch.dtype, k: int, rounds: int = 1, stages: int = 1, tf32: bool = False) -> Tol:
     rel = (2 * TF32_INPUT if tf32 and dtype == torch.float32 else 0.0) + 2 * k * ACC + rounds * UNIT[dtype]
     return Tol(stages * rel, stages * rounds * TINY[dtype])
+
+
+def act_tol(dtype: torch.dtype, k: int, tf32: bool = False) -> Tol:
+    """activation(A @ B + bias), or (A @ B) * activation'(pre), computed on the fp32 accumulator and rounded once,
+    against the float64 value: relative to the product's magnitude (|activation| <= |x|, |activation'| <= 1.13)."""
+    base = tol(dtype, k, tf32=tf32)
+    return Tol(GELU_SLOPE * base.rel + ACT_EVAL, base.abs)
 
 
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, tol: Tol) -> None:
@@ -87,14 +100,14 @@ def _mlp64(x, w1, b1, w2, b2, grad_y, act):
     return {"y": y.detach(), **{"grad_" + k: v.grad for k, v in leaves.items()}}
 
 
-def mlp_reference(x, w1, b1, w2, b2, grad_y):
-    """(values, magnitudes) of the dense Linear -> GELU -> Linear in float64: dicts with y and grad_<name> of
-    x, w1, b1, w2, b2. The magnitudes run the same graph on absolute values with GELU replaced by a = 1.13 h whose
-    derivative is taken as 1.13 + 0.8 h: |gelu(h)| <= |h|, |gelu'| <= 1.13, and |gelu''| <= 0.8 carries an error
-    in h into gelu'(h)."""
+def mlp_reference(x, w1, b1, w2, b2, grad_y, approximate="none"):
+    """(values, magnitudes) of the dense Linear -> GELU -> Linear in float64 (F.gelu's `approximate`): dicts with y
+    and grad_<name> of x, w1, b1, w2, b2. The magnitudes run the same graph on absolute values with GELU replaced
+    by a = 1.13 h whose derivative is taken as 1.13 + 0.8 h: |gelu(h)| <= |h|, |gelu'| <= 1.13, and |gelu''| <= 0.8
+    carries an error in h into gelu'(h) (the same bounds hold for the tanh form)."""
     import torch.nn.functional as F
 
-    ref = _mlp64(x, w1, b1, w2, b2, grad_y, F.gelu)
+    ref = _mlp64(x, w1, b1, w2, b2, grad_y, lambda h: F.gelu(h, approximate=approximate))
     absolute = [None if t is None else t.detach().abs() for t in (x, w1, b1, w2, b2, grad_y)]
     mag = _mlp64(*absolute, lambda h: 1.13 * h + 0.8 * h.detach() * (h - h.detach()))
     return ref, mag

@@ -2,8 +2,10 @@
 
 from .configs import KernelConfig, pick_config
 from .matmul import (
+    ACTIVATIONS,
     INTERPRETED,
     SUPPORTED_DTYPES,
+    check_activation,
     check_linear_args,
     grad_input,
     grad_params,
@@ -14,9 +16,11 @@ from .matmul import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "INTERPRETED",
     "KernelConfig",
     "SUPPORTED_DTYPES",
+    "check_activation",
     "check_linear_args",
     "grad_input",
     "grad_params",

@@ -77,11 +77,13 @@ class KernelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def shared_memory(self, itemsize: int, tma: bool) -> int:
-        """Bytes of shared memory a program needs: num_stages A and B tiles, and the output tile a descriptor store
-        stages (a lower bound: the compiler may add layout-conversion scratch)."""
+    def shared_memory(self, itemsize: int, tma: bool, aux_tile: bool = False) -> int:
+        """Bytes of shared memory a program needs: num_stages A and B tiles, the output tile a descriptor store
+        stages, and with `aux_tile` (an epilogue that reads the pre-activation) one more output-sized tile, which
+        the compiler keeps beside the others (278568 bytes for 128x256x64 in 3 stages on the H100). A lower bound:
+        the compiler may add layout-conversion scratch."""
         stages = self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K * itemsize
-        return stages + (self.BLOCK_M * self.BLOCK_N * itemsize if tma else 0)
+        return stages + (int(tma) + int(aux_tile)) * self.BLOCK_M * self.BLOCK_N * itemsize
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
@@ -136,9 +138,19 @@ SPACE = (
 )
 
 
-def fits(cfg: KernelConfig, itemsize: int, tma: bool) -> bool:
+# Where the table's or the rule's config has no room for the epilogue's pre-activation tile: the first of these
+# that fits. 128x128x64 in 4 stages timed best of six for grad_input through GELU' on the large shapes (0.90-0.95x
+# of cuBLAS plus torch's gelu_backward; 128x256x64 in the 2 stages that fit: 0.62-0.68x; bench/NOTES.md).
+AUX_FALLBACK = (
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+)
+
+
+def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: bool = False) -> bool:
     """Pruning rule 1: the program's tiles fit in shared memory."""
-    return cfg.shared_memory(itemsize, tma) <= SHARED_MEMORY_BYTES
+    return cfg.shared_memory(itemsize, tma, aux_tile) <= SHARED_MEMORY_BYTES
 
 
 def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:
@@ -423,24 +435,26 @@ def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> Ker
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
                 product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None,
-                tf32: bool = False) -> tuple[KernelConfig, str]:  # fmt: skip
+                tf32: bool = False, aux_tile: bool = False) -> tuple[KernelConfig, str]:  # fmt: skip
     """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
     persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
-    `tf32` when fp32 dot products may use TF32.
+    `tf32` when fp32 dot products may use TF32, `aux_tile` when the epilogue reads a pre-activation tile.
     `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
-    set. source: "pinned", "table" or "rule". A pinned config whose tiles do not fit in shared memory raises
-    ValueError before the launch."""
+    set. source: "pinned", "table" or "rule" (AUX_FALLBACK counts as the rule). A pinned config whose tiles do not
+    fit in shared memory raises ValueError before the launch."""
     cfg, source = pinned, "pinned"
-    if cfg is not None and not fits(cfg, dtype.itemsize, tma):
+    if cfg is not None and not fits(cfg, dtype.itemsize, tma, aux_tile):
         raise ValueError(
-            f"pinned config {cfg}: needs {cfg.shared_memory(dtype.itemsize, tma)} bytes of shared memory for "
-            f"{DTYPE_NAMES[dtype]} operands{' through tensor descriptors' if tma else ''}; a program has "
-            f"{SHARED_MEMORY_BYTES}"
+            f"pinned config {cfg}: needs {cfg.shared_memory(dtype.itemsize, tma, aux_tile)} bytes of shared memory "
+            f"for {DTYPE_NAMES[dtype]} operands{' through tensor descriptors' if tma else ''}"
+            f"{' and a pre-activation tile' if aux_tile else ''}; a program has {SHARED_MEMORY_BYTES}"
         )
     if cfg is None:
         cfg, source = table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
     if cfg is None:
         cfg, source = rule_config(M, dtype, interpreted, tma), "rule"
+    if not fits(cfg, dtype.itemsize, tma, aux_tile):
+        cfg, source = next(c for c in AUX_FALLBACK if fits(c, dtype.itemsize, tma, aux_tile)), "rule"
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
 
 

@@ -1,6 +1,6 @@
 """One Triton matmul kernel serves the forward and both backward products of a linear layer.
 
-    C[M, N] = A[M, K] @ B[K, N]  (+ bias[N] on the fp32 accumulator)
+    C[M, N] = A[M, K] @ B[K, N]  (+ bias[N] on the fp32 accumulator)  (then an optional activation epilogue)
 
 A and B are read through their strides, so the three products of y = x @ w.T + b are one kernel:
 
@@ -11,6 +11,13 @@ A and B are read through their strides, so the three products of y = x @ w.T + b
 
 The bias gradient, the column sums of grad_y, is a second kernel: a reduction over rows. (Summing A's rows inside
 the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
+
+Activation epilogue (GELU, exact or tanh), for a Column -> GELU -> Row MLP in fewer launches and passes over memory:
+
+    forward      C = gelu(A @ B + bias), and the pre-activation A @ B + bias stored beside it for the backward
+    grad_input   C = (A @ B) * gelu'(pre)   the next layer's grad_input carried through this layer's activation
+
+Both run on the fp32 accumulator, before C is rounded.
 
 Split-K: where a compute-bound C has too few tiles to keep every SM busy (the weight gradient of a narrow layer
 over many tokens; configs.choose_split_k says when), the K loop is split over `splits` programs per tile. Each
@@ -33,15 +40,20 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 import triton.testing
+from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from . import configs
 from .configs import COLSUM_CONFIG, INTERPRETER_PROGRAMS, SPLIT_SUM_CONFIG, KernelConfig, colsum_chunks, pick_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The activations the epilogue computes, by name: F.gelu's `approximate` argument for each.
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 # Sizes are not specialised on their value (divisible by 16, equal to 1): masks and descriptors cover any size,
@@ -53,6 +65,7 @@ def _matmul_kernel(
     b_ptr,  # [K, N] B operand
     bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS; by split 0 only)
     c_ptr,  # [M, N] output, or with SPLIT the fp32 partial sums [splits, M, N]
+    aux_ptr,  # [M, N] with C's strides: the pre-activation, stored (AUX == "store") or read (AUX == "load")
     # sizes
     M,
     N,
@@ -82,6 +95,8 @@ def _matmul_kernel(
     A_T: tl.constexpr,  # TMA: A is stored M-contiguous (stride_am == 1), so its tiles load as [BLOCK_K, BLOCK_M]
     B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
     SPLIT: tl.constexpr,  # C holds fp32 partial sums, one [M, N] slab per split, stored through pointers
+    ACTIVATION: tl.constexpr,  # "", "gelu" or "gelu_tanh": applied to C, or with AUX == "load" its derivative
+    AUX: tl.constexpr,  # "", "store" (also write the pre-activation) or "load" (C *= ACTIVATION'(aux))
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -100,6 +115,10 @@ def _matmul_kernel(
             b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
         if not SPLIT:
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
+        if AUX != "":
+            aux_desc = tl.make_tensor_descriptor(aux_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
+    # An activation does not distribute over partial sums: the launcher never splits such a launch.
+    tl.static_assert(not (SPLIT and ACTIVATION != ""))
 
     # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue.
     for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=True):
@@ -148,6 +167,20 @@ def _matmul_kernel(
             bias_n = tl.where(split == 0, N, 0)  # split 0 alone adds the bias
             bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < bias_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
+        mask_c = mask_m[:, None] & mask_n[None, :]
+        if AUX == "load":
+            if TMA:
+                pre = aux_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
+            else:
+                pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
+            acc *= _activation_grad(pre.to(tl.float32), ACTIVATION == "gelu_tanh")
+        elif ACTIVATION != "":
+            if AUX == "store" and TMA:
+                aux_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(aux_ptr.dtype.element_ty))
+            elif AUX == "store":
+                tl.store(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty),
+                         mask=mask_c)  # fmt: skip
+            acc = _activation(acc, ACTIVATION == "gelu_tanh")
         if SPLIT:
             # fp32 partials, stored in two column halves: the layout change before a store then needs half the
             # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
@@ -162,8 +195,36 @@ def _matmul_kernel(
         elif TMA:
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
         else:
-            c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _tile(ptr, offs_m, offs_n, stride_m, stride_n):
+    """The pointers of an [M, N] tile, in int64 (see the operands' pointers)."""
+    return ptr + offs_m[:, None].to(tl.int64) * stride_m + offs_n[None, :].to(tl.int64) * stride_n
+
+
+# GELU in fp32, as F.gelu computes it: exact, x * Phi(x), or approximate="tanh", where
+# 0.5 * x * (1 + tanh(u)) = x * sigmoid(2u) with u = sqrt(2 / pi) * (x + 0.044715 x^3).
+@triton.jit
+def _activation(x, TANH: tl.constexpr):
+    if TANH:
+        return x * _sigmoid_2u(x)
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _activation_grad(x, TANH: tl.constexpr):
+    if TANH:
+        s = _sigmoid_2u(x)
+        return s + x * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * x * x)
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _sigmoid_2u(x):
+    # Below -80, exp(-2u) would overflow fp32 (and the interpreter's numpy warn); sigmoid is under 2e-35 there.
+    return tl.sigmoid(tl.maximum(1.5957691216057308 * (x + 0.044715 * x * x * x), -80.0))
 
 
 @triton.jit(do_not_specialize=["M", "N", "rows_per_program"])
@@ -217,29 +278,32 @@ def _path(t: torch.Tensor) -> str:
     return "triton-interpreter" if INTERPRETED else "triton" if t.is_cuda else "torch"
 
 
-def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raise TypeError / ValueError naming the argument if (x, weight, bias) is not a valid F.linear call."""
-    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      names: tuple[str, str, str] = ("input", "weight", "bias")) -> None:  # fmt: skip
+    """Raise TypeError / ValueError naming the argument (by `names`) if (x, weight, bias) is not a valid F.linear
+    call."""
+    in_name, w_name, b_name = names
+    for name, t in ((in_name, x), (w_name, weight), (b_name, bias)):
+        if t is None and name == b_name:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
     # The weight is the reference: it is what a layer owns, the input and bias are what the caller passes.
-    for name, t in (("input", x), ("bias", bias)):
+    for name, t in ((in_name, x), (b_name, bias)):
         if t is not None and t.dtype != weight.dtype:
-            raise TypeError(f"{name}: expected dtype {weight.dtype} (the weight's), got {t.dtype}")
+            raise TypeError(f"{name}: expected dtype {weight.dtype} (the {w_name}'s), got {t.dtype}")
         if t is not None and t.device != weight.device:
-            raise ValueError(f"{name}: expected device {weight.device} (the weight's), got {t.device}")
+            raise ValueError(f"{name}: expected device {weight.device} (the {w_name}'s), got {t.device}")
     if weight.dim() != 2:
-        raise ValueError(f"weight: expected 2 dims [out_features, in_features], got shape {tuple(weight.shape)}")
+        raise ValueError(f"{w_name}: expected 2 dims [out_features, in_features], got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"input: expected last dim {weight.shape[1]} (weight.shape[1]), got shape {tuple(x.shape)}"
+            f"{in_name}: expected last dim {weight.shape[1]} ({w_name}.shape[1]), got shape {tuple(x.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise ValueError(f"{b_name}: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
 def _out(shape, like: torch.Tensor, path: str) -> torch.Tensor:
@@ -258,32 +322,45 @@ def _rounded(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product: str) -> torch.Tensor:
-    """C = A @ B (+ bias); A [M, K], B [K, N] with any strides; C [M, N] contiguous. `product` (configs.PRODUCTS)
-    names which of the layer's products this is, for the tuned tables."""
+def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product: str, activation: str = "",
+            pre: torch.Tensor | None = None, save_pre: bool = False) -> tuple:  # fmt: skip
+    """(C, the pre-activation or None). C = A @ B (+ bias); A [M, K], B [K, N] with any strides; C [M, N]
+    contiguous. `product` (configs.PRODUCTS) names which of the layer's products this is, for the tuned tables.
+
+    activation ("" or a key of ACTIVATIONS): C = activation(A @ B + bias), and with save_pre the pre-activation
+    [M, N] is returned too; or with `pre` ([M, N], contiguous) C = (A @ B) * activation'(pre)."""
     (M, K), N = a.shape, b.shape[1]
     path = _path(a)
     path_counts[path] += 1
     if path == "torch":
         _warn_torch_path_once()
         c = a.float() @ b.float()
-        return (c if bias is None else c + bias.float()).to(a.dtype)
+        c = c if bias is None else c + bias.float()
+        saved = c.to(a.dtype) if save_pre else None
+        if pre is not None:
+            c = torch.ops.aten.gelu_backward(c, pre.float(), approximate=ACTIVATIONS[activation])
+        elif activation:
+            c = F.gelu(c, approximate=ACTIVATIONS[activation])
+        return c.to(a.dtype), saved
 
     c = _out((M, N), a, path)
-    tma = _tma_layout(a, b, c)
+    aux = _out((M, N), a, path) if save_pre else pre
+    tma = _tma_layout(a, b, c, aux)
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     if a.dtype == torch.float32 and tma is not None and (tma[0] or tma[1] != tf32):
         a2, b2 = _fp32_layout(a, b, tma, tf32)
         if a2 is not a or b2 is not b:
-            a, b, tma = a2, b2, _tma_layout(a2, b2, c)
+            a, b, tma = a2, b2, _tma_layout(a2, b2, c, aux)
     pinned, source = configs.pinned_config(), None
     if pinned is None and configs.autotune_enabled():
-        pinned, source = _autotuned(a, b, bias, product, tma, tf32), "autotuned"
+        pinned, source = _autotuned(a, b, bias, product, tma, tf32, pre is not None), "autotuned"
+    aux_mode = "load" if pre is not None else "store" if save_pre else ""
     if M == 0 or N == 0:
-        return _rounded(c, a.dtype)
+        return _rounded(c, a.dtype), _rounded(aux, a.dtype) if save_pre else None
     cfg, plan_source, splits, k_tiles_per_split, programs, meta = _launch_plan(
         M, N, K, a.dtype, tma, tf32, bias is not None, c.dtype != a.dtype, _program_slots(a.device), product,
-        gpu_name(a.device), pinned)  # fmt: skip
+        gpu_name(a.device), pinned, activation, aux_mode)  # fmt: skip
+    bias_arg, aux_arg = bias if bias is not None else c, aux if aux is not None else c
     path_counts["config_" + (source or plan_source)] += 1
     # Split partials are fp32 whatever the operands; every element of every slab is written.
     out = torch.empty((splits, M, N), device=a.device, dtype=torch.float32) if splits > 1 else c
@@ -292,18 +369,15 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     if tma is not None and not INTERPRETED:
         # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
         triton.set_allocator(_descriptor_scratch)
-    _matmul_kernel[(programs,)](
-        a, b, bias if bias is not None else c, out,
-        M, N, K,
-        *a.stride(), *b.stride(), N, 1,  # C and the partials are contiguous
-        bias.stride(0) if bias is not None else 0,
-        M * N if splits > 1 else 0,  # between two splits' partials (0 otherwise: no specialisation on M * N)
-        splits, k_tiles_per_split, programs,
-        **meta,
-    )  # fmt: skip
+    strides = (*a.stride(), *b.stride(), N, 1,  # C and the partials are contiguous
+               bias.stride(0) if bias is not None else 0,
+               M * N if splits > 1 else 0)  # between two splits' partials (0 otherwise: no specialisation on M * N)
+    tensors = (a, b, bias_arg, out, aux_arg)
+    _launch(_matmul_kernel, (programs, 1, 1), (*tensors, M, N, K, *strides, splits, k_tiles_per_split, programs),
+            meta, tensors, strides, max(M, N, K))  # fmt: skip
     if splits > 1:
         _launch_colsum(out.view(splits, M * N), c.view(M * N), SPLIT_SUM_CONFIG)
-    return _rounded(c, a.dtype)
+    return _rounded(c, a.dtype), _rounded(aux, a.dtype) if save_pre else None
 
 
 # fp32 products are slow on an H100 where an operand is not in the layout its instructions read: TF32's wgmma reads
@@ -339,28 +413,30 @@ def autotune_timer(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma, tf32: bool) -> KernelConfig | None:
+def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma, tf32: bool,
+               aux_tile: bool) -> KernelConfig | None:  # fmt: skip
     """FUSED_TP_AUTOTUNE=1: the config this process chose for this launch's key, timing every candidate on these
     operands the first time. Inside a new layer call on a process group (configs.Tuning), every rank takes part in
     the consensus for every launch, cached or not and empty or not, so that the collectives pair up, and all
-    ranks keep rank 0's choice."""
+    ranks keep rank 0's choice. `aux_tile`: only candidates with room for the epilogue's pre-activation tile."""
     (M, K), N = a.shape, b.shape[1]
-    key = (gpu_name(a.device), product, a.dtype, tf32, tma is not None, M, N, K)
+    key = (gpu_name(a.device), product, a.dtype, tf32, tma is not None, aux_tile, M, N, K)
     cfg, scope = configs.autotuned.get(key), configs.current_tuning()
     if cfg is None and M and N:
-        cands = configs.candidates(M, N, K, a.dtype, tma is not None)
+        cands = [c for c in configs.candidates(M, N, K, a.dtype, tma is not None)
+                 if configs.fits(c, a.dtype.itemsize, tma is not None, aux_tile)]  # fmt: skip
         counts = path_counts.copy()  # the timing launches are not the caller's: they are not counted
         times = []
         for cand in cands:
             with configs.pin_config(cand):
-                times.append(autotune_timer(lambda: _matmul(a, b, bias, product)))
+                times.append(autotune_timer(lambda: _matmul(a, b, bias, product)))  # epilogue-free: same tiles
         path_counts.clear()
         path_counts.update(counts)
         cfg = configs.choose(cands, times, configs.rule_config(M, a.dtype, INTERPRETED, tma is not None))
     if scope is not None and scope.consensus is not None:
         chosen = scope.consensus(cfg)
         # rank 0's config, unless this rank's operands take the other path and its tiles do not fit there
-        if chosen is not None and configs.fits(chosen, a.dtype.itemsize, tma is not None):
+        if chosen is not None and configs.fits(chosen, a.dtype.itemsize, tma is not None, aux_tile):
             cfg = chosen
     if cfg is not None:
         configs.autotuned[key] = cfg
@@ -369,20 +445,70 @@ def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma, tf32: 
 
 @functools.lru_cache(maxsize=4096)
 def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: tuple[bool, bool] | None, tf32: bool,
-                 has_bias: bool, upcast: bool, slots: int, product: str, gpu: str, pinned) -> tuple:  # fmt: skip
+                 has_bias: bool, upcast: bool, slots: int, product: str, gpu: str, pinned, activation: str,
+                 aux_mode: str) -> tuple:  # fmt: skip
     """(config, its source, splits, K-steps per split, programs, the launch's meta-parameters) of a launch; cached,
     so that the table lookup, the split rule's search and the keyword arguments are not paid in host time on every
     launch. `pinned`: the pinned or autotuned config."""
     cfg, source = pick_config(M, N, K, dtype, interpreted=INTERPRETED, tma=tma is not None, slots=slots,
-                              product=product, gpu=gpu, pinned=pinned, tf32=tf32)  # fmt: skip
+                              product=product, gpu=gpu, pinned=pinned, tf32=tf32,
+                              aux_tile=aux_mode == "load")  # fmt: skip
     k_tiles = _cdiv(K, cfg.BLOCK_K)
-    k_tiles_per_split = _cdiv(k_tiles, cfg.split_k)
+    k_tiles_per_split = _cdiv(k_tiles, 1 if activation else cfg.split_k)
     splits = _cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
     items = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N) * splits
-    meta = dict(HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee", TMA=tma is not None,
-                A_T=tma is not None and tma[0], B_T=tma is not None and tma[1], SPLIT=splits > 1,
-                **cfg.meta())  # fmt: skip
+    meta = _Meta(dict(HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee",
+                      TMA=tma is not None, A_T=tma is not None and tma[0], B_T=tma is not None and tma[1],
+                      SPLIT=splits > 1, ACTIVATION=activation, AUX=aux_mode, **cfg.meta()))  # fmt: skip
     return cfg, source, splits, k_tiles_per_split, min(items, slots) if cfg.persistent else items, meta
+
+
+class _Meta:
+    """A launch's meta-parameters: `kwargs` for kernel[grid](...), and for calling the compiled kernel directly a
+    hashable `key` and `values(kernel)`, the constexpr values in the kernel's argument order."""
+
+    def __init__(self, kwargs: dict):
+        self.kwargs, self.key, self._values = kwargs, tuple(kwargs.items()), {}
+
+    def values(self, kernel: JITFunction) -> tuple:
+        v = self._values.get(kernel)
+        if v is None:
+            v = self._values[kernel] = tuple(self.kwargs[p.name] for p in kernel.params if p.is_constexpr)
+        return v
+
+
+# Triton's JITFunction.run binds and specialises every argument of a launch: 32-41 us of host time for the matmul
+# kernel on the H100 host, against 13 us for calling the compiled kernel with the same arguments, and 17-23 us for
+# all of F.linear (bench/NOTES.md, attempt 18). So the first launch of a specialisation goes through run, which
+# compiles it and returns the compiled kernel, and later launches call that kernel directly. The key holds all that
+# Triton specialises on, more finely: the device, the meta-parameters, each tensor's dtype and address mod 16, the
+# value of each specialised integer (the strides), and whether a size needs 64 bits. So a hit is the kernel run
+# would have chosen. Launch hooks (profilers) are passed on as run passes them.
+_compiled: dict = {}
+
+
+def _launch(kernel, grid: tuple[int, int, int], args: tuple, meta: _Meta, tensors: tuple, strides: tuple,
+            largest: int) -> None:  # fmt: skip
+    """kernel[grid](*args, **meta.kwargs), directly through the compiled kernel after the first time; `tensors`
+    and `strides` are the tensor and the specialised integer arguments among `args`, `largest` the largest of the
+    others. path_counts["direct_launch"] counts the direct launches."""
+    if INTERPRETED or not isinstance(kernel, JITFunction):
+        kernel[grid](*args, **meta.kwargs)
+        return
+    driver = triton.runtime.driver.active  # looked up here: on a machine without a GPU it does not initialise
+    device = driver.get_current_device()
+    key = (kernel, meta.key, device, strides, largest > 0x7FFFFFFF,
+           *[(t.dtype, t.data_ptr() & 15) for t in tensors])  # fmt: skip
+    compiled = _compiled.get(key)
+    if compiled is None:
+        _compiled[key] = kernel[grid](*args, **meta.kwargs)
+        return
+    stream, values = driver.get_current_stream(device), meta.values(kernel)
+    enter = knobs.runtime.launch_enter_hook
+    launch_metadata = compiled.launch_metadata(grid, stream, *args, *values) if enter is not None else None
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, launch_metadata, enter,
+                 knobs.runtime.launch_exit_hook, *args, *values)  # fmt: skip
+    path_counts["direct_launch"] += 1
 
 
 def _colsum(g: torch.Tensor) -> torch.Tensor:
@@ -406,20 +532,22 @@ def _launch_colsum(g: torch.Tensor, out: torch.Tensor, cfg) -> None:
     M, N = g.shape
     if N == 0:
         return
-    col_blocks, chunks, rows_per_program = _colsum_plan(M, N, _program_slots(g.device), cfg)
+    col_blocks, chunks, rows_per_program, meta = _colsum_plan(M, N, _program_slots(g.device), cfg)
     partial = out if chunks == 1 else torch.empty((chunks, N), device=g.device, dtype=torch.float32)
-    _colsum_kernel[(col_blocks, chunks)](g, partial, M, N, *g.stride(), rows_per_program, **cfg.meta())
+    strides = g.stride()
+    _launch(_colsum_kernel, (col_blocks, chunks, 1), (g, partial, M, N, *strides, rows_per_program), meta,
+            (g, partial), strides, max(M, N, rows_per_program))  # fmt: skip
     if chunks > 1:
         _launch_colsum(partial, out, cfg)
 
 
 @functools.lru_cache(maxsize=4096)
-def _colsum_plan(M: int, N: int, slots: int, cfg) -> tuple[int, int, int]:
-    """(column blocks, row chunks, rows per program) of a column sum; cached, like _launch_plan."""
+def _colsum_plan(M: int, N: int, slots: int, cfg) -> tuple[int, int, int, _Meta]:
+    """(column blocks, row chunks, rows per program, meta-parameters) of a column sum; cached, like _launch_plan."""
     col_blocks = _cdiv(N, cfg.BLOCK_N)
     chunks = colsum_chunks(M, col_blocks, slots, cfg)
     rows_per_program = max(1, _cdiv(_cdiv(M, chunks), cfg.BLOCK_M)) * cfg.BLOCK_M
-    return col_blocks, max(1, _cdiv(M, rows_per_program)), rows_per_program
+    return col_blocks, max(1, _cdiv(M, rows_per_program)), rows_per_program, _Meta(cfg.meta())
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -465,15 +593,18 @@ def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return buf
 
 
-def _tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[bool, bool] | None:
-    """(A_T, B_T) where tensor descriptors can address A, B and C, else None (the kernel then uses pointers).
+def _tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                aux: torch.Tensor | None = None) -> tuple[bool, bool] | None:  # fmt: skip
+    """(A_T, B_T) where tensor descriptors can address A, B and C (and aux, laid out as C), else None (the kernel
+    then uses pointers).
 
     A descriptor needs a unit stride in one dim, the other stride a positive multiple of 16 bytes, and a
     16-byte aligned base: odd widths, stride-0 views and unaligned slices take the pointer path.
     """
     if not _has_tma(a.device):
         return None
-    aligned = not (a.data_ptr() % 16 or b.data_ptr() % 16 or c.data_ptr() % 16)
+    aligned = not (a.data_ptr() % 16 or b.data_ptr() % 16 or c.data_ptr() % 16
+                   or (aux is not None and aux.data_ptr() % 16))  # fmt: skip
     return _tma_route(a.shape, a.stride(), b.shape, b.stride(), c.stride(), a.element_size(), c.element_size(),
                       aligned)  # fmt: skip
 
@@ -514,26 +645,52 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight.T + bias, the contract of F.linear.
+def check_activation(activation) -> str:
+    """The kernel's name for `activation` (None -> ""); ValueError naming the argument if it is not one."""
+    if activation is None:
+        return ""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected None, 'gelu' or 'gelu_tanh', got {activation!r}")
+    return activation
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           activation: str | None = None) -> torch.Tensor:  # fmt: skip
+    """y = x @ weight.T + bias, the contract of F.linear; with activation="gelu" (or "gelu_tanh"),
+    F.gelu(x @ weight.T + bias) (approximate="tanh"), computed on the fp32 accumulator before rounding.
 
     x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] contiguous, in x's dtype.
     """
     check_linear_args(x, weight, bias)
-    return linear_prechecked(x, weight, bias)
+    return linear_prechecked(x, weight, bias, check_activation(activation))[0]
 
 
-def linear_prechecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """linear() for arguments that check_linear_args has passed (the layers check theirs before any collective)."""
+def linear_prechecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "",
+                      save_pre: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(y, pre) of linear() for arguments that check_linear_args has passed (the layers check theirs before any
+    collective); `activation` as check_activation returns it. With save_pre, pre [..., N] is the pre-activation
+    x @ weight.T + bias (rounded), else None."""
     N, K = weight.shape
-    y = _matmul(_rows(x), weight.t(), bias, "fwd")
-    return y.view(*x.shape[:-1], N)
+    y, pre = _matmul(_rows(x), weight.t(), bias, "fwd", activation, save_pre=save_pre)
+    return y.view(*x.shape[:-1], N), None if pre is None else pre.view(*x.shape[:-1], N)
 
 
-def grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad_x = grad_y @ weight.   grad_y [..., N], weight [N, K]  ->  grad_x [..., K]."""
+def grad_input(grad_y: torch.Tensor, weight: torch.Tensor, *, activation: str | None = None,
+               pre: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """grad_x = grad_y @ weight.   grad_y [..., N], weight [N, K]  ->  grad_x [..., K].
+
+    With `activation` and `pre` [..., K], the pre-activation of the layer whose activation made this one's input
+    x = activation(pre): grad_pre = (grad_y @ weight) * activation'(pre), in the same launch.
+    """
     N, K = weight.shape
-    grad_x = _matmul(_rows(grad_y), weight, None, "dgrad")
+    act = check_activation(activation)
+    if (pre is None) != (act == ""):
+        raise ValueError("pre: expected a tensor exactly when activation is given")
+    if pre is not None and (pre.shape != (*grad_y.shape[:-1], K) or pre.dtype != grad_y.dtype):
+        raise ValueError(f"pre: expected shape {(*grad_y.shape[:-1], K)} and dtype {grad_y.dtype}, got "
+                         f"{tuple(pre.shape)} {pre.dtype}")  # fmt: skip
+    pre2 = None if pre is None else _rows(pre).contiguous()
+    grad_x, _ = _matmul(_rows(grad_y), weight, None, "dgrad", act, pre=pre2)
     return grad_x.view(*grad_y.shape[:-1], K)
 
 
@@ -546,6 +703,6 @@ def grad_params(
     grad_y [..., N], x [..., K]  ->  grad_w [N, K], grad_b [N]
     """
     g2 = _rows(grad_y)
-    grad_w = _matmul(g2.t(), _rows(x), None, "wgrad") if weight else None
+    grad_w = _matmul(g2.t(), _rows(x), None, "wgrad")[0] if weight else None
     grad_b = _colsum(g2) if bias else None
     return grad_w, grad_b
