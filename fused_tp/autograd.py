@@ -79,16 +79,22 @@ class _ColumnParallelLinear(Function):
     @once_differentiable
     def backward(ctx, grad_y_shard):
         x, w_shard = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = work = None
         with configs.tuning(ctx.tuning):  # autograd's thread does not inherit the forward's context
-            if need_x:
-                grad_x = kernels.grad_input(grad_y_shard, w_shard)
-                work = _all_reduce(grad_x, ctx.group, ctx.world, async_op=True)
-            grad_w, grad_b = kernels.grad_params(grad_y_shard, x, weight=need_w, bias=need_b)
-        if work is not None:
-            work.wait()
-        return grad_x, grad_w, grad_b, None, None
+            grads = _column_grads(grad_y_shard, x, w_shard, ctx.needs_input_grad[:3], ctx.group, ctx.world)
+        return *grads, None, None
+
+
+def _column_grads(grad_y_shard, x, w_shard, need, group, world) -> tuple:
+    """(grad_x, grad_w_shard, grad_b_shard) of a column-parallel layer, None where `need` says no: grad_x
+    all-reduced over the group while the weight and bias gradients compute."""
+    grad_x = work = None
+    if need[0]:
+        grad_x = kernels.grad_input(grad_y_shard, w_shard)
+        work = _all_reduce(grad_x, group, world, async_op=True)
+    grad_w, grad_b = kernels.grad_params(grad_y_shard, x, weight=need[1], bias=need[2])
+    if work is not None:
+        work.wait()
+    return grad_x, grad_w, grad_b
 
 
 class _RowParallelLinear(Function):
@@ -155,19 +161,14 @@ class _ParallelMLP(Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, w1, pre, a, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        grad_x = work = grad_w1 = grad_b1 = None
+        need = ctx.needs_input_grad
+        grads1 = (None, None, None)
         with configs.tuning(ctx.tuning):
-            grad_w2, grad_b2 = kernels.grad_params(grad_y, a, weight=need_w2, bias=need_b2)
+            grad_w2, grad_b2 = kernels.grad_params(grad_y, a, weight=need[3], bias=need[4])
             if pre is not None:
                 grad_pre = kernels.grad_input(grad_y, w2, activation=ctx.activation, pre=pre)
-                if need_x:
-                    grad_x = kernels.grad_input(grad_pre, w1)
-                    work = _all_reduce(grad_x, ctx.group, ctx.world, async_op=True)
-                grad_w1, grad_b1 = kernels.grad_params(grad_pre, x, weight=need_w1, bias=need_b1)
-        if work is not None:
-            work.wait()
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None, None
+                grads1 = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world)
+        return *grads1, grad_w2, grad_b2, None, None, None, None, None
 
 
 class _GatherLastDim(Function):

@@ -478,8 +478,8 @@ class _Meta:
 
 
 # Triton's JITFunction.run binds and specialises every argument of a launch: 32-41 us of host time for the matmul
-# kernel on the H100 host, against 13 us for calling the compiled kernel with the same arguments, and 17-23 us for
-# all of F.linear (bench/NOTES.md, attempt 18). So the first launch of a specialisation goes through run, which
+# kernel on the H100 host, against 11-13 us for calling the compiled kernel with the same arguments, and 16-31 us
+# for all of F.linear (bench/NOTES.md, attempt 18). So the first launch of a specialisation goes through run, which
 # compiles it and returns the compiled kernel, and later launches call that kernel directly. The key holds all that
 # Triton specialises on, more finely: the device, the meta-parameters, each tensor's dtype and address mod 16, the
 # value of each specialised integer (the strides), and whether a size needs 64 bits. So a hit is the kernel run
