@@ -150,6 +150,26 @@ def test_a_pinned_config_that_does_not_fit_raises_before_the_launch(device):
         configs.KernelConfig(64, 64, 8)
 
 
+def test_a_pre_activation_tile_takes_a_config_with_room_for_it():
+    """A grad_input launch that reads the pre-activation in its epilogue needs an output tile more of shared memory:
+    where the table's or the rule's config has no room, the first AUX_FALLBACK config that fits runs (as the rule);
+    a pinned config without room raises, naming the pre-activation tile."""
+    big = configs.KernelConfig(128, 256, 64, num_warps=8, num_stages=3)  # the bf16 rule for many rows
+    assert configs.fits(big, 2, True) and not configs.fits(big, 2, True, aux_tile=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        for tma in (True, False):
+            cfg, source = configs.pick_config(8192, 8192, 8192, dtype, interpreted=False, tma=tma, slots=132,
+                                              product="dgrad", aux_tile=True)  # fmt: skip
+            assert configs.fits(cfg, dtype.itemsize, tma, aux_tile=True) and source == "rule"
+    cfg, _ = configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=True, slots=132,
+                                 product="dgrad", aux_tile=True)  # fmt: skip
+    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_stages) == (128, 128, 64, 4)  # the fallback measured best
+    with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory for bf16 operands through tensor "
+                                         r"descriptors and a pre-activation tile"):  # fmt: skip
+        configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=True, slots=132, pinned=big,
+                            aux_tile=True)  # fmt: skip
+
+
 def test_pruning_rules():
     for dtype in (torch.float32, torch.bfloat16):
         for tma in (True, False):
