@@ -47,7 +47,7 @@ def _assert_replicated(name, outs):
 @example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="mlp",
          activation="gelu")  # ffn < world: an empty shard
 @example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="parallel_mlp",
-         activation="gelu")  # fmt: skip
+         activation="gelu")  # the same through ParallelMLP
 def test_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed, kind, activation):
     """Column -> GELU -> Row built with from_linear, as three modules or as one ParallelMLP (the activation in the
     kernels): output and every gradient match the dense MLP."""
