@@ -285,17 +285,22 @@ def row_call(x, weight, bias, group, scatter_size: int | None):
         return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
 
 
+def check_mlp_activation(activation) -> None:
+    """ValueError naming the argument unless `activation` is one the kernels fuse (None is not: an MLP has one)."""
+    if not kernels.check_activation(activation):
+        raise ValueError("activation: expected 'gelu' or 'gelu_tanh', got None")
+
+
 def mlp_call(x, w1, b1, w2, b2, group, activation: str):
     """Column (w1, b1) -> activation -> Row (w2, b2) on this rank's shards; the full output on every rank."""
     world, rank = group_size_rank(group)
 
     def check():
-        if not kernels.check_activation(activation):
-            raise ValueError("activation: expected 'gelu' or 'gelu_tanh', got None")
+        check_mlp_activation(activation)
         kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
-        # fc2 reads what fc1 writes: [..., F_r] in fc1.weight's dtype, on its device (no elements: no allocation).
-        hidden = w1.new_empty((0, w1.shape[0]))
-        kernels.check_linear_args(hidden, w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
+        # fc2 reads what fc1 writes: [..., F_r] in fc1.weight's dtype, on its device; an empty view stands for it
+        # (no allocation on the call's host path).
+        kernels.check_linear_args(w1.t()[:0], w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
 
     def facts():
         return (f"{guard.describe('input', x)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autograd import column_call, group_size_rank, mlp_call, row_call
-from .kernels import check_activation
+from .autograd import check_mlp_activation, column_call, group_size_rank, mlp_call, row_call
 
 
 class _ParallelLinear(nn.Module):
@@ -119,8 +118,7 @@ class ParallelMLP(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
                  *, activation: str = "gelu", process_group=None, device=None, dtype=None):  # fmt: skip
         super().__init__()
-        if not check_activation(activation):
-            raise ValueError("activation: expected 'gelu' or 'gelu_tanh', got None")
+        check_mlp_activation(activation)
         self.activation = activation
         out_features = in_features if out_features is None else out_features
         self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, process_group=process_group,
