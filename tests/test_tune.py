@@ -150,24 +150,26 @@ def test_a_pinned_config_that_does_not_fit_raises_before_the_launch(device):
         configs.KernelConfig(64, 64, 8)
 
 
-def test_a_pre_activation_tile_takes_a_config_with_room_for_it():
-    """A grad_input launch that reads the pre-activation in its epilogue needs an output tile more of shared memory:
-    where the table's or the rule's config has no room, the first AUX_FALLBACK config that fits runs (as the rule);
-    a pinned config without room raises, naming the pre-activation tile."""
+def test_a_pre_activation_tile_takes_a_config_with_room_for_it(monkeypatch):
+    """A grad_input launch that reads the pre-activation in its epilogue needs room for that tile: every rule config
+    has it (the epilogue works on column halves, so 128x256x64 in 3 stages keeps its stages); a table's config
+    without room gives way to the rule's; a pinned config without room raises, naming the pre-activation tile."""
+    for (width, route, _), cfg in configs.CONFIGS.items():
+        assert configs.fits(cfg, 4 if width == "32bit" else 2, route == "tma", aux_tile=True), cfg
     big = configs.KernelConfig(128, 256, 64, num_warps=8, num_stages=3)  # the bf16 rule for many rows
-    assert configs.fits(big, 2, True) and not configs.fits(big, 2, True, aux_tile=True)
-    for dtype in (torch.bfloat16, torch.float32):
-        for tma in (True, False):
-            cfg, source = configs.pick_config(8192, 8192, 8192, dtype, interpreted=False, tma=tma, slots=132,
-                                              product="dgrad", aux_tile=True)  # fmt: skip
-            assert configs.fits(cfg, dtype.itemsize, tma, aux_tile=True) and source == "rule"
-    cfg, _ = configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=True, slots=132,
-                                 product="dgrad", aux_tile=True)  # fmt: skip
-    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_stages) == (128, 128, 64, 4)  # the fallback measured best
-    with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory for bf16 operands through tensor "
-                                         r"descriptors and a pre-activation tile"):  # fmt: skip
-        configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=True, slots=132, pinned=big,
-                            aux_tile=True)  # fmt: skip
+    assert configs.fits(big, 2, True, aux_tile=True)
+    roomless = configs.KernelConfig(128, 256, 64, num_warps=8, num_stages=4, persistent=False)  # pointers: 196608 B
+    assert configs.fits(roomless, 2, False) and not configs.fits(roomless, 2, False, aux_tile=True)
+    monkeypatch.setattr(configs, "table_config", lambda *args, **kwargs: roomless)
+    rule = configs.CONFIGS[("16bit", "pointers", "large")]
+    for aux_tile, want in ((False, (roomless, "table")), (True, (rule, "rule"))):
+        cfg, source = configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
+                                          product="dgrad", aux_tile=aux_tile)  # fmt: skip
+        assert (dataclasses.replace(cfg, split_k=None), source) == want
+    with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory for bf16 operands and a "
+                                         r"pre-activation tile"):  # fmt: skip
+        configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
+                            pinned=roomless, aux_tile=True)  # fmt: skip
 
 
 def test_pruning_rules():

@@ -78,12 +78,13 @@ class KernelConfig:
         return dataclasses.asdict(self)
 
     def shared_memory(self, itemsize: int, tma: bool, aux_tile: bool = False) -> int:
-        """Bytes of shared memory a program needs: num_stages A and B tiles, the output tile a descriptor store
-        stages, and with `aux_tile` (an epilogue that reads the pre-activation) one more output-sized tile, which
-        the compiler keeps beside the others (278568 bytes for 128x256x64 in 3 stages on the H100). A lower bound:
-        the compiler may add layout-conversion scratch."""
+        """Bytes of shared memory a program needs: num_stages A and B tiles, and one output-sized tile: what a
+        descriptor store stages, or with `aux_tile` (an epilogue that reads the pre-activation) what it loads. The
+        activation epilogue works on column halves so that C's half and the pre-activation's half share that
+        tile's room (whole tiles of both needed 278568 bytes for 128x256x64 in 3 stages on the H100). A lower
+        bound: the compiler may add layout-conversion scratch."""
         stages = self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K * itemsize
-        return stages + (int(tma) + int(aux_tile)) * self.BLOCK_M * self.BLOCK_N * itemsize
+        return stages + (tma or aux_tile) * self.BLOCK_M * self.BLOCK_N * itemsize
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
@@ -135,16 +136,6 @@ SPACE = (
     KernelConfig(64, 64, 64, num_warps=4, num_stages=3),  # the smallest: fits every width and path, any shape
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
-)
-
-
-# Where the table's or the rule's config has no room for the epilogue's pre-activation tile: the first of these
-# that fits. 128x128x64 in 4 stages timed best of six for grad_input through GELU' on the large shapes (0.90-0.95x
-# of cuBLAS plus torch's gelu_backward; 128x256x64 in the 2 stages that fit: 0.62-0.68x; bench/NOTES.md).
-AUX_FALLBACK = (
-    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
-    KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
-    KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
 )
 
 
@@ -440,8 +431,9 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, t
     persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
     `tf32` when fp32 dot products may use TF32, `aux_tile` when the epilogue reads a pre-activation tile.
     `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
-    set. source: "pinned", "table" or "rule" (AUX_FALLBACK counts as the rule). A pinned config whose tiles do not
-    fit in shared memory raises ValueError before the launch."""
+    set. source: "pinned", "table" or "rule". A table's config without room for the pre-activation tile gives way
+    to the rule's, which has room (tests/test_tune.py). A pinned config whose tiles do not fit in shared memory
+    raises ValueError before the launch."""
     cfg, source = pinned, "pinned"
     if cfg is not None and not fits(cfg, dtype.itemsize, tma, aux_tile):
         raise ValueError(
@@ -451,10 +443,8 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, t
         )
     if cfg is None:
         cfg, source = table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
-    if cfg is None:
+    if cfg is None or not fits(cfg, dtype.itemsize, tma, aux_tile):
         cfg, source = rule_config(M, dtype, interpreted, tma), "rule"
-    if not fits(cfg, dtype.itemsize, tma, aux_tile):
-        cfg, source = next(c for c in AUX_FALLBACK if fits(c, dtype.itemsize, tma, aux_tile)), "rule"
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
 
 

@@ -113,10 +113,11 @@ def _matmul_kernel(
             b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
-        if not SPLIT:
+        if AUX != "":  # the activation epilogue works on column halves (below)
+            c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
+            aux_desc = tl.make_tensor_descriptor(aux_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
+        elif not SPLIT:
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
-        if AUX != "":
-            aux_desc = tl.make_tensor_descriptor(aux_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
     # An activation does not distribute over partial sums: the launcher never splits such a launch.
     tl.static_assert(not (SPLIT and ACTIVATION != ""))
 
@@ -167,35 +168,54 @@ def _matmul_kernel(
             bias_n = tl.where(split == 0, N, 0)  # split 0 alone adds the bias
             bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < bias_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        mask_c = mask_m[:, None] & mask_n[None, :]
-        if AUX == "load":
-            if TMA:
-                pre = aux_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
-            else:
-                pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
-            acc *= _activation_grad(pre.to(tl.float32), ACTIVATION == "gelu_tanh")
-        elif ACTIVATION != "":
-            if AUX == "store" and TMA:
-                aux_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(aux_ptr.dtype.element_ty))
-            elif AUX == "store":
-                tl.store(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty),
-                         mask=mask_c)  # fmt: skip
-            acc = _activation(acc, ACTIVATION == "gelu_tanh")
-        if SPLIT:
-            # fp32 partials, stored in two column halves: the layout change before a store then needs half the
-            # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
-            c_rows = c_ptr + split.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm
+        if TMA and AUX != "":
+            # Through descriptors the activation epilogue works on two column halves, each staged in shared memory
+            # on its own: whole tiles of C and the pre-activation needed two output tiles beside the operand stages
+            # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
             acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-            offs_hi = offs_lo + BLOCK_N // 2
-            tl.store(c_rows + offs_lo[None, :].to(tl.int64) * stride_cn, acc_lo,
-                     mask=mask_m[:, None] & (offs_lo[None, :] < N))  # fmt: skip
-            tl.store(c_rows + offs_hi[None, :].to(tl.int64) * stride_cn, acc_hi,
-                     mask=mask_m[:, None] & (offs_hi[None, :] < N))  # fmt: skip
-        elif TMA:
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
+            m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+            _activation_epilogue(acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty,
+                                 aux_ptr.dtype.element_ty, ACTIVATION, AUX)  # fmt: skip
+            _activation_epilogue(acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, c_ptr.dtype.element_ty,
+                                 aux_ptr.dtype.element_ty, ACTIVATION, AUX)  # fmt: skip
         else:
-            tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+            mask_c = mask_m[:, None] & mask_n[None, :]
+            if AUX == "load":
+                pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
+                acc *= _activation_grad(pre.to(tl.float32), ACTIVATION == "gelu_tanh")
+            elif ACTIVATION != "":
+                if AUX == "store":
+                    tl.store(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty),
+                             mask=mask_c)  # fmt: skip
+                acc = _activation(acc, ACTIVATION == "gelu_tanh")
+            if SPLIT:
+                # fp32 partials, stored in two column halves: the layout change before a store then needs half the
+                # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
+                c_rows = c_ptr + split.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm
+                acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+                offs_hi = offs_lo + BLOCK_N // 2
+                tl.store(c_rows + offs_lo[None, :].to(tl.int64) * stride_cn, acc_lo,
+                         mask=mask_m[:, None] & (offs_lo[None, :] < N))  # fmt: skip
+                tl.store(c_rows + offs_hi[None, :].to(tl.int64) * stride_cn, acc_hi,
+                         mask=mask_m[:, None] & (offs_hi[None, :] < N))  # fmt: skip
+            elif TMA:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
+            else:
+                tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty),
+                         mask=mask_c)  # fmt: skip
+
+@triton.jit
+def _activation_epilogue(acc, c_desc, aux_desc, m0, n0, C_TYPE: tl.constexpr, AUX_TYPE: tl.constexpr,
+                         ACTIVATION: tl.constexpr, AUX: tl.constexpr):  # fmt: skip
+    """The activation epilogue of a C block at (m0, n0) through tensor descriptors: C *= activation'(pre), or the
+    pre-activation stored and C = activation(C)."""
+    if AUX == "load":
+        acc *= _activation_grad(aux_desc.load([m0, n0]).to(tl.float32), ACTIVATION == "gelu_tanh")
+    else:
+        aux_desc.store([m0, n0], acc.to(AUX_TYPE))
+        acc = _activation(acc, ACTIVATION == "gelu_tanh")
+    c_desc.store([m0, n0], acc.to(C_TYPE))
 
 
 @triton.jit
