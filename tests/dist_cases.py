@@ -158,6 +158,9 @@ def faulty_step(rank, world_size, init_method, device, timeout_s, fault, backend
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
+        # torch 2.11's watchdog catches the timeout, then gets stuck dumping debug info; its heartbeat monitor ends
+        # the process after this many seconds (default 480). README's fault table says what a user sets.
+        os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "5")
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))  # fmt: skip
     col = fused_tp.ColumnParallelLinear(8, 16, device=device)
