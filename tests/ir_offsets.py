@@ -26,6 +26,11 @@ VARIANTS = {
                                                               B_T=False, SPLIT=False, ACTIVATION="gelu", AUX="store"),
     "matmul, pointers, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=False, A_T=False, B_T=False,
                                                 SPLIT=False, ACTIVATION="gelu_tanh", AUX="load"),
+    "matmul, descriptors, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False,
+                                                                 B_T=True, SPLIT=False, ACTIVATION="gelu",
+                                                                 AUX="store"),
+    "matmul, descriptors, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False,
+                                                   SPLIT=False, ACTIVATION="gelu", AUX="load"),
 }
 
 
