@@ -172,7 +172,7 @@ def _matmul_kernel(
             # Through descriptors the activation epilogue works on two column halves, each staged in shared memory
             # on its own: whole tiles of C and the pre-activation needed two output tiles beside the operand stages
             # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
-            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
             m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
             _activation_epilogue(acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty,
                                  aux_ptr.dtype.element_ty, ACTIVATION, AUX)  # fmt: skip
@@ -192,7 +192,7 @@ def _matmul_kernel(
                 # fp32 partials, stored in two column halves: the layout change before a store then needs half the
                 # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
                 c_rows = c_ptr + split.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm
-                acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
                 offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
                 offs_hi = offs_lo + BLOCK_N // 2
                 tl.store(c_rows + offs_lo[None, :].to(tl.int64) * stride_cn, acc_lo,
@@ -204,6 +204,12 @@ def _matmul_kernel(
             else:
                 tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty),
                          mask=mask_c)  # fmt: skip
+
+@triton.jit
+def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] as its left and right [BLOCK_M, BLOCK_N // 2] halves."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
 
 @triton.jit
 def _activation_epilogue(acc, c_desc, aux_desc, m0, n0, C_TYPE: tl.constexpr, AUX_TYPE: tl.constexpr,
