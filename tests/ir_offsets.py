@@ -21,6 +21,8 @@ VARIANTS = {
     "matmul, pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False),
     "matmul, pointers, split-K": dict(HAS_BIAS=True, UPCAST=True, TMA=False, A_T=False, B_T=False, SPLIT=True),
     "matmul, descriptors": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False),
+    "matmul, descriptors, C through pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=True, TMA_C=False, A_T=False,
+                                                    B_T=True, SPLIT=False),
     "matmul, descriptors, split-K": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=True),
     "matmul, pointers, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False,
                                                               B_T=False, SPLIT=False, ACTIVATION="gelu", AUX="store"),
@@ -31,6 +33,9 @@ VARIANTS = {
                                                                  AUX="store"),
     "matmul, descriptors, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False,
                                                    SPLIT=False, ACTIVATION="gelu", AUX="load"),
+    "matmul, descriptors, C through pointers, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=True,
+                                                                       TMA_C=False, A_T=True, B_T=False, SPLIT=False,
+                                                                       ACTIVATION="gelu", AUX="load"),
 }
 
 
@@ -56,7 +61,8 @@ def main() -> dict:
     out = {}
     for name, switches in VARIANTS.items():
         c = "*fp32" if switches["SPLIT"] else "*bf16"
-        out[name] = offset_types(ttir(matmul._matmul_kernel, {**_MATMUL_META, **switches},
+        meta = {**_MATMUL_META, "TMA_C": switches["TMA"], **switches}  # C as A and B unless a variant says
+        out[name] = offset_types(ttir(matmul._matmul_kernel, meta,
                                       dict(a_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", c_ptr=c,
                                            aux_ptr="*bf16")))  # fmt: skip
     out["column sum"] = offset_types(ttir(matmul._colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64),

@@ -212,22 +212,55 @@ def test_kernel_code_runs(device, monkeypatch):
 @pytest.mark.parametrize(
     "shape, layout, tma",
     [((40, 64, 72), "contiguous", True), ((40, 64, 72), "transposed", True), ((40, 63, 72), "contiguous", False),
-     ((40, 64, 72), "sliced", False), ((40, 64, 72), "expanded", False), ((40, 64, 37), "contiguous", False)],
+     ((40, 64, 72), "sliced", False), ((40, 64, 72), "expanded", False), ((40, 64, 37), "contiguous", True)],
 )  # fmt: skip
 def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, tma):
-    """Aligned operands (either major order) move through tensor descriptors; others fall back to pointers, and
-    path_counts says which happened. Both give the right result."""
+    """Aligned operands (either major order) move through tensor descriptors; others fall back to pointers (a
+    reduction under ALIGN_COPY_MIN_K copies none), and path_counts says which happened. An output whose rows no
+    descriptor can address (37 columns of bf16) is stored through pointers beside operands that move through
+    descriptors. All give the right result."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     M, K, N = shape
     gen = torch.Generator().manual_seed(0)
     x = make_tensor((M, K), layout, torch.bfloat16, device, gen)
     w = make_tensor((N, K), layout, torch.bfloat16, device, gen)
-    before = kernels.path_counts["tma"]
-    y = kernels.linear(x, w)  # C [40, N]: N * 2 bytes must be a multiple of 16 for the descriptor store
-    assert kernels.path_counts["tma"] - before == int(tma)
+    before = kernels.path_counts.copy()
+    y = kernels.linear(x, w)
+    assert kernels.path_counts["tma"] - before["tma"] == int(tma)
+    assert kernels.path_counts["align_copy"] == before["align_copy"]
     ref, mag = linear_reference(x, w)
     assert_close("y", y, ref, mag, tol(torch.bfloat16, K))
+
+
+@pytest.mark.parametrize("tokens, copies", [(24, (2, 2, 2)), (8, (2, 2, 0))])
+def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, monkeypatch, tokens, copies):
+    """Operands whose rows are not a multiple of 16 bytes long are copied into aligned rows where the product's
+    reduction is at least ALIGN_COPY_MIN_K long, and the product then moves them through descriptors, its odd-width
+    output through pointers. The forward reduces over the in-features, grad_input over the out-features, the
+    weight gradient over the tokens: at 8 tokens (under the threshold) it stays on the pointer path.
+    path_counts["align_copy"] counts the copies. Same results, inputs untouched."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    assert matmul.ALIGN_COPY_MIN_K == 256
+    monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 16)  # the interpreter's time: small widths
+    K, N = 37, 21
+    gen = torch.Generator().manual_seed(0)
+    x, g = (make_tensor((tokens, d), "contiguous", torch.bfloat16, device, gen) for d in (K, N))
+    w = make_tensor((N, K), "contiguous", torch.bfloat16, device, gen)
+    saved = _clones(x, g, w)
+    outs = []
+    for op, call in (("y", lambda: kernels.linear(x, w)), ("grad_x", lambda: kernels.grad_input(g, w)),
+                     ("grad_w", lambda: kernels.grad_params(g, x, bias=False)[0])):  # fmt: skip
+        before = kernels.path_counts.copy()
+        outs.append((op, call()))
+        copied = kernels.path_counts["align_copy"] - before["align_copy"]
+        assert copied == copies[len(outs) - 1], op
+        assert kernels.path_counts["tma"] - before["tma"] == int(copied > 0), op
+    refs = (linear_reference(x, w), linear_reference(g, w.t()), linear_reference(g.t(), x.t()))
+    for (op, out), ref, k in zip(outs, refs, (K, N, tokens)):
+        assert_close(op, out, *ref, tol(torch.bfloat16, k))
+    _assert_unmodified(saved, x, g, w)
 
 
 @pytest.mark.parametrize("tf32, tokens, copies",

@@ -20,6 +20,7 @@ from strategies import make_tensor
 from tolerance import assert_close, linear_reference, tol
 
 from fused_tp import kernels, path_counts
+from fused_tp.kernels import matmul
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,10 @@ ROWS, ROW_STRIDE = 2049, 2**20  # the last row starts 2049 * 2^20 > 2^31 element
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["descriptors", "pointers"])
-def test_offsets_past_2_31_on_views(device, aligned):
-    """Forward, grad_input, grad_weight and grad_bias read operands whose element offsets pass 2^31."""
+def test_offsets_past_2_31_on_views(device, aligned, monkeypatch):
+    """Forward, grad_input, grad_weight and grad_bias read operands whose element offsets pass 2^31 (unaligned: on
+    the pointer path, with no alignment copies)."""
+    monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 2**62)
     if device == "cuda" and torch.cuda.mem_get_info()[0] < 6 * 2**30:
         pytest.skip("needs 6 GiB of free GPU memory")
     K, N, first = 16, 8, 0 if aligned else 1  # an odd first element makes rows unaligned: the pointer path
@@ -69,7 +72,9 @@ def test_offsets_past_2_31_on_views(device, aligned):
     grad_tall = kernels.grad_input(x, w_tall.t())  # B's K-steps 2^20 apart: [2049, 16] @ [16, 2049]
     grad_w, grad_b = kernels.grad_params(grad_y, x)  # both operands' K-steps (the tokens) 2^20 apart
 
-    assert path_counts["tma"] == (3 if aligned else 0)  # grad_tall's rows of 2049 are not 16-byte multiples
+    # grad_tall's output rows of 2049 are not 16-byte multiples: stored through pointers, its operands through
+    # descriptors
+    assert path_counts["tma"] == (4 if aligned else 0)
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.bfloat16, K))
     assert_close("grad_x", grad_x, *linear_reference(grad_y, w.t()), tol(torch.bfloat16, N))
     assert_close("x @ w_tall.T", grad_tall, *linear_reference(x, w_tall), tol(torch.bfloat16, K))
@@ -81,10 +86,11 @@ def test_offsets_past_2_31_on_views(device, aligned):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.mem_get_info()[0] < 40 * 2**30,
                     reason="needs a GPU with 40 GiB free")  # fmt: skip
 @pytest.mark.parametrize("aligned", [True, False], ids=["descriptors", "pointers"])
-def test_tensors_of_more_than_2_31_elements(aligned):
+def test_tensors_of_more_than_2_31_elements(aligned, monkeypatch):
     """x [2^20 + 64, 2048] and grad_x of the same shape hold 2^31 + 2^17 elements each: forward, grad_input and
     grad_weight + grad_bias against float64 (grad_w and grad_b in full; y and grad_x on the rows past 2^31
-    elements and a sample of the others)."""
+    elements and a sample of the others). Unaligned: on the pointer path, with no alignment copies."""
+    monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 2**62)
     M, K, N, dtype = 2**20 + 64, 2048, 256, torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     first = 0 if aligned else 1

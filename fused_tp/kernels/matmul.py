@@ -91,7 +91,8 @@ def _matmul_kernel(
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,  # convert operands to fp32 before tl.dot (the interpreter's 16-bit dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
-    TMA: tl.constexpr,  # move tiles with tensor descriptors (Hopper's bulk copy engine) instead of pointers
+    TMA: tl.constexpr,  # move A and B tiles with tensor descriptors (Hopper's bulk copy engine), not pointers
+    TMA_C: tl.constexpr,  # TMA: store C (and move the pre-activation) through descriptors too: their rows are aligned
     A_T: tl.constexpr,  # TMA: A is stored M-contiguous (stride_am == 1), so its tiles load as [BLOCK_K, BLOCK_M]
     B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
     SPLIT: tl.constexpr,  # C holds fp32 partial sums, one [M, N] slab per split, stored through pointers
@@ -113,10 +114,10 @@ def _matmul_kernel(
             b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
-        if AUX != "":  # the activation epilogue works on column halves (below)
+        if TMA_C and AUX != "":  # the activation epilogue works on column halves (below)
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
             aux_desc = tl.make_tensor_descriptor(aux_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
-        elif not SPLIT:
+        elif TMA_C and not SPLIT:
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
     # An activation does not distribute over partial sums: the launcher never splits such a launch.
     tl.static_assert(not (SPLIT and ACTIVATION != ""))
@@ -168,7 +169,7 @@ def _matmul_kernel(
             bias_n = tl.where(split == 0, N, 0)  # split 0 alone adds the bias
             bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < bias_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        if TMA and AUX != "":
+        if TMA_C and AUX != "":
             # Through descriptors the activation epilogue works on two column halves, each staged in shared memory
             # on its own: whole tiles of C and the pre-activation needed two output tiles beside the operand stages
             # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
@@ -199,7 +200,7 @@ def _matmul_kernel(
                          mask=mask_m[:, None] & (offs_lo[None, :] < N))  # fmt: skip
                 tl.store(c_rows + offs_hi[None, :].to(tl.int64) * stride_cn, acc_hi,
                          mask=mask_m[:, None] & (offs_hi[None, :] < N))  # fmt: skip
-            elif TMA:
+            elif TMA_C:
                 c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
             else:
                 tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty),
@@ -372,6 +373,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     c = _out((M, N), a, path)
     aux = _out((M, N), a, path) if save_pre else pre
     tma = _tma_layout(a, b, c, aux)
+    if tma is None and M and N and K and _has_tma(a.device):
+        a2, b2 = _aligned_operands(a, b)
+        if a2 is not a or b2 is not b:
+            a, b, tma = a2, b2, _tma_layout(a2, b2, c, aux)
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     if a.dtype == torch.float32 and tma is not None and (tma[0] or tma[1] != tf32):
         a2, b2 = _fp32_layout(a, b, tma, tf32)
@@ -415,18 +420,49 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
 FP32_COPY_MIN_REUSE = {"tf32": 256, "ieee": 1}
 
 
-def _fp32_layout(a: torch.Tensor, b: torch.Tensor, tma: tuple[bool, bool], tf32: bool):
+def _fp32_layout(a: torch.Tensor, b: torch.Tensor, tma: tuple[bool, bool, bool], tf32: bool):
     """(A, B) with each fp32 operand not in the layout the product reads copied into it where the copy pays
     (FP32_COPY_MIN_REUSE); counted in path_counts["fp32_copy"]."""
     M, N = a.shape[0], b.shape[1]
     reuse = FP32_COPY_MIN_REUSE["tf32" if tf32 else "ieee"]
     if tma[0] and N >= reuse:
-        a = a.contiguous()
+        a = _aligned_copy(a, inner=1)
         path_counts["fp32_copy"] += 1
     if tma[1] != tf32 and M >= reuse:
-        b = b.t().contiguous().t() if tf32 else b.contiguous()
+        b = _aligned_copy(b, inner=0 if tf32 else 1)
         path_counts["fp32_copy"] += 1
     return a, b
+
+
+# An operand no descriptor can address (rows not a multiple of 16 bytes long: odd widths; stride-0 or unaligned
+# views) sends a product down the pointer path, whose loads of such rows cannot be vectorised: 0.65-0.93x of cuBLAS
+# from 512 tokens up on the H100, and grad_input at 16-128 tokens 0.11-0.47x (bench/NOTES.md, attempt 23). Copying
+# the operand into rows padded to 16 bytes reads and writes it once and puts the product on descriptors: 1.1-4.1x
+# of cuBLAS from 512 tokens up. Where the product's reduction is short (the weight gradient over a few tokens), the
+# pointer path reads each element of the operands a few times only, and two more launches cost more than it saves.
+ALIGN_COPY_MIN_K = 256
+
+
+def _aligned_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with each operand that no descriptor can address copied into 16-byte aligned rows, in its own major
+    order, where the product's reduction is at least ALIGN_COPY_MIN_K long; counted in path_counts["align_copy"]."""
+    if a.shape[1] < ALIGN_COPY_MIN_K:
+        return a, b
+    fix = [not _addressable(t) for t in (a, b)]
+    a, b = (_aligned_copy(t, inner=0 if t.stride(0) == 1 and t.stride(1) != 1 else 1) if f else t
+            for t, f in zip((a, b), fix))  # fmt: skip
+    path_counts["align_copy"] += sum(fix)
+    return a, b
+
+
+def _aligned_copy(t: torch.Tensor, inner: int) -> torch.Tensor:
+    """t [R, C] copied with dim `inner` contiguous and the other stride padded to a multiple of 16 bytes: a view of
+    the same shape and values, which a descriptor can address (torch's allocations are 512-byte aligned)."""
+    if inner == 0:
+        return _aligned_copy(t.t(), 1).t()
+    rows, cols = t.shape
+    step = 16 // t.element_size()
+    return torch.empty(rows, -(-cols // step) * step, device=t.device, dtype=t.dtype)[:, :cols].copy_(t)
 
 
 def autotune_timer(fn) -> float:
@@ -470,7 +506,7 @@ def _autotuned(a: torch.Tensor, b: torch.Tensor, bias, product: str, tma, tf32: 
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: tuple[bool, bool] | None, tf32: bool,
+def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: tuple[bool, bool, bool] | None, tf32: bool,
                  has_bias: bool, upcast: bool, slots: int, product: str, gpu: str, pinned, activation: str,
                  aux_mode: str) -> tuple:  # fmt: skip
     """(config, its source, splits, K-steps per split, programs, the launch's meta-parameters) of a launch; cached,
@@ -485,6 +521,7 @@ def _launch_plan(M: int, N: int, K: int, dtype: torch.dtype, tma: tuple[bool, bo
     items = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N) * splits
     meta = _Meta(dict(HAS_BIAS=has_bias, UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee",
                       TMA=tma is not None, A_T=tma is not None and tma[0], B_T=tma is not None and tma[1],
+                      TMA_C=tma is not None and tma[2],
                       SPLIT=splits > 1, ACTIVATION=activation, AUX=aux_mode, **cfg.meta()))  # fmt: skip
     return cfg, source, splits, k_tiles_per_split, min(items, slots) if cfg.persistent else items, meta
 
@@ -620,39 +657,47 @@ def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 
 def _tma_layout(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                aux: torch.Tensor | None = None) -> tuple[bool, bool] | None:  # fmt: skip
-    """(A_T, B_T) where tensor descriptors can address A, B and C (and aux, laid out as C), else None (the kernel
-    then uses pointers).
+                aux: torch.Tensor | None = None) -> tuple[bool, bool, bool] | None:  # fmt: skip
+    """(A_T, B_T, TMA_C) where tensor descriptors can address A and B, else None (the kernel then uses pointers);
+    TMA_C: C (and aux, laid out as C) can be stored through descriptors too, else through pointers.
 
     A descriptor needs a unit stride in one dim, the other stride a positive multiple of 16 bytes, and a
-    16-byte aligned base: odd widths, stride-0 views and unaligned slices take the pointer path.
+    16-byte aligned base: odd widths, stride-0 views and unaligned slices take the pointer path, unless
+    _aligned_operands copies them.
     """
     if not _has_tma(a.device):
         return None
-    aligned = not (a.data_ptr() % 16 or b.data_ptr() % 16 or c.data_ptr() % 16
-                   or (aux is not None and aux.data_ptr() % 16))  # fmt: skip
+    aligned = (not a.data_ptr() % 16 and not b.data_ptr() % 16,
+               not c.data_ptr() % 16 and (aux is None or not aux.data_ptr() % 16))  # fmt: skip
     return _tma_route(a.shape, a.stride(), b.shape, b.stride(), c.stride(), a.element_size(), c.element_size(),
                       aligned)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
 def _tma_route(a_shape, a_strides, b_shape, b_strides, c_strides, itemsize: int, c_itemsize: int,
-               aligned: bool) -> tuple[bool, bool] | None:  # fmt: skip
-    """_tma_layout's decision from the operands' sizes, strides and alignment: cached, it is paid once per layout."""
+               aligned: tuple[bool, bool]) -> tuple[bool, bool, bool] | None:  # fmt: skip
+    """_tma_layout's decision from the operands' sizes, strides and alignment (of A and B, of C and aux): cached,
+    it is paid once per layout."""
+    if not aligned[0] or 0 in (*a_shape, *b_shape):
+        return None
+    a_dim, b_dim = _descriptor_dim(a_strides, itemsize), _descriptor_dim(b_strides, itemsize)
+    if a_dim is None or b_dim is None:
+        return None
+    return a_dim == 0, b_dim == 0, aligned[1] and _descriptor_dim(c_strides, c_itemsize) == 1
 
-    def contiguous_dim(strides, size: int) -> int | None:
-        for inner, outer in ((1, 0), (0, 1)):
-            if strides[inner] == 1 and strides[outer] > 0 and strides[outer] * size % 16 == 0:
-                return inner
-        return None
 
-    if not aligned or 0 in (*a_shape, *b_shape):
-        return None
-    dims = (contiguous_dim(a_strides, itemsize), contiguous_dim(b_strides, itemsize),
-            contiguous_dim(c_strides, c_itemsize))  # fmt: skip
-    if None in dims or dims[2] != 1:
-        return None
-    return dims[0] == 0, dims[1] == 0
+def _descriptor_dim(strides, itemsize: int) -> int | None:
+    """The dim of a matrix's unit stride where a descriptor can address it (the other stride a positive multiple of
+    16 bytes), else None."""
+    for inner, outer in ((1, 0), (0, 1)):
+        if strides[inner] == 1 and strides[outer] > 0 and strides[outer] * itemsize % 16 == 0:
+            return inner
+    return None
+
+
+def _addressable(t: torch.Tensor) -> bool:
+    """A descriptor can address t (a matrix with no empty dim)."""
+    return not t.data_ptr() % 16 and _descriptor_dim(t.stride(), t.element_size()) is not None
 
 
 def _warn_torch_path_once() -> None:
