@@ -6,8 +6,8 @@ checked against torch, then it is timed beside torch (cuBLAS on a GPU) in the sa
 
     timings_<kernel>_<dtype>.json   every timing: product, shape, path, config, ms, TF/s, torch's ms, ratio
     <gpu-slug>.json                 the tuned table (configs.load_table's format): the fastest config per product,
-                                    dtype, operand path and shape bucket, merged with the products and dtypes a
-                                    table already there holds; copy it into fused_tp/kernels/tuned/ to ship it
+                                    dtype, operand path and shape bucket, merged with the entries of other
+                                    buckets a table already there holds; copy it into fused_tp/kernels/tuned/
     tune_<kernel>_<dtype>.png       TF/s of each config on each shape (with matplotlib installed)
 and a markdown table of the best configs and their speed against torch on stdout.
 
@@ -158,13 +158,15 @@ def _tune(args: argparse.Namespace, timer) -> dict:
         "table": out_dir / f"{slug}.json",
     }
     written["timings"].write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-    tuned = {"format": 1, "env": {k: v for k, v in env.items() if k != "dtype"}, "gpus": {gpu: table}}  # all dtypes
-    if written["table"].exists():  # other dtypes or products tuned before: keep them
-        old = json.loads(written["table"].read_text())
-        for product, dtypes in old.get("gpus", {}).get(gpu, {}).items():
+    if written["table"].exists():  # entries tuned before (other products, dtypes, paths or buckets): keep them,
+        # in their order, so that a diff of the table shows what this run changed
+        merged = json.loads(written["table"].read_text()).get("gpus", {}).get(gpu, {})
+        for product, dtypes in table.items():
             for name, routes in dtypes.items():
-                if product not in table or name not in table[product]:
-                    table.setdefault(product, {})[name] = routes
+                for route, entries in routes.items():
+                    merged.setdefault(product, {}).setdefault(name, {}).setdefault(route, {}).update(entries)
+        table = merged
+    tuned = {"format": 1, "env": {k: v for k, v in env.items() if k != "dtype"}, "gpus": {gpu: table}}  # all dtypes
     written["table"].write_text(json.dumps(tuned, indent=1) + "\n")
     configs.load_table(written["table"])  # what was written must load
     plot = _plot(rows, out_dir / f"tune_{args.kernel}_{args.dtype}.png", f"fused_tp tune, {args.dtype}, {gpu}")

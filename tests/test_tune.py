@@ -254,6 +254,33 @@ def test_tune_tf32_writes_its_own_table_key_and_restores_the_tf32_setting(tmp_pa
     assert list(table["fwd"]) == ["tf32"]
 
 
+def test_tune_merges_into_the_table_it_finds_bucket_by_bucket(tmp_path, device):
+    """A second tune run into the same --out keeps the first run's buckets, in their order, and replaces only the
+    buckets it tuned itself: a partial re-tune (decode shapes, say) leaves the rest of a shipped table as it was."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+
+    def fake_timer(fn):
+        cfg = configs.pinned_config()
+        return 1.0 if cfg is None else 1.0 / cfg.BLOCK_K
+
+    def run(shape):
+        shapes = tmp_path / "shapes.txt"
+        shapes.write_text(",".join(map(str, shape)) + "\n")
+        written = tune.run(argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path)),
+                           timer=fake_timer)  # fmt: skip
+        routes = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]
+        return {key: entry for entries in routes.values() for key, entry in entries.items()}
+
+    first = run((20, 48, 100))
+    second = run((300, 40, 24))
+    key_1, key_2 = configs.table_key(20, 100, 48), configs.table_key(300, 24, 40)
+    assert list(first) == [key_1] and list(second) == [key_1, key_2]
+    assert second[key_1] == first[key_1]
+    third = run((20, 48, 100))  # re-tuned: replaced in place
+    assert list(third) == [key_1, key_2] and third[key_2] == second[key_2]
+
+
 def dataclasses_equal(cfg, other):
     """Equal but for split_k, which pick_config always fills in."""
     return dataclasses.replace(cfg, split_k=None) == other
