@@ -350,3 +350,32 @@ def test_repeat_launches_call_the_compiled_kernel_directly():
         y = kernels.linear(x, w)
         assert torch.equal(kernels.linear(x, w), y)
         assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels on a GPU")
+def test_launch_hooks_see_direct_launches_too():
+    """A launch hook (what profilers install) is called for every launch, the direct ones included; with none
+    installed the direct launch passes the launcher no hook."""
+    from triton import knobs
+
+    seen = []
+    x, w = (torch.randn(32, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kernels.linear(x, w)  # compiled: later launches of this specialisation are direct
+    chain = knobs.runtime.launch_enter_hook
+    hook = lambda metadata: seen.append(metadata)  # noqa: E731
+    if hasattr(chain, "add"):
+        chain.add(hook)
+    else:  # releases that keep a single hook rather than a chain
+        knobs.runtime.launch_enter_hook = hook
+    try:
+        before = kernels.path_counts["direct_launch"]
+        kernels.linear(x, w)
+        kernels.linear(x, w)
+        assert kernels.path_counts["direct_launch"] - before == 2
+    finally:
+        if hasattr(chain, "add"):
+            chain.remove(hook)
+        else:
+            knobs.runtime.launch_enter_hook = chain
+    assert len(seen) == 2 and all(m is not None for m in seen)
+    assert matmul._hook(knobs.runtime.launch_enter_hook) is None

@@ -534,9 +534,9 @@ class _Meta:
         self.kwargs, self.key, self._values = kwargs, tuple(kwargs.items()), {}
 
     def values(self, kernel: JITFunction) -> tuple:
-        v = self._values.get(kernel)
+        v = self._values.get(id(kernel))  # kernels live as long as the module: ids are stable, and cheap to hash
         if v is None:
-            v = self._values[kernel] = tuple(self.kwargs[p.name] for p in kernel.params if p.is_constexpr)
+            v = self._values[id(kernel)] = tuple(self.kwargs[p.name] for p in kernel.params if p.is_constexpr)
         return v
 
 
@@ -546,8 +546,15 @@ class _Meta:
 # compiles it and returns the compiled kernel, and later launches call that kernel directly. The key holds all that
 # Triton specialises on, more finely: the device, the meta-parameters, each tensor's dtype and address mod 16, the
 # value of each specialised integer (the strides), and whether a size needs 64 bits. So a hit is the kernel run
-# would have chosen. Launch hooks (profilers) are passed on as run passes them.
+# would have chosen. Launch hooks (profilers) are passed on as run passes them, but for an empty hook chain (Triton
+# keeps the hooks in chains that are never None), which is passed as None: the launcher then skips it, and the launch
+# metadata only hooks read is not built (a profile of the direct path on the H100 host: bench/NOTES.md, attempt 24).
 _compiled: dict = {}
+
+
+def _hook(chain):
+    """A launch hook as the launcher takes it: None for an empty chain (or none)."""
+    return chain if chain is not None and getattr(chain, "calls", True) else None
 
 
 def _launch(kernel, grid: tuple[int, int, int], args: tuple, meta: _Meta, tensors: tuple, strides: tuple,
@@ -558,19 +565,19 @@ def _launch(kernel, grid: tuple[int, int, int], args: tuple, meta: _Meta, tensor
     if INTERPRETED or not isinstance(kernel, JITFunction):
         kernel[grid](*args, **meta.kwargs)
         return
-    driver = triton.runtime.driver.active  # looked up here: on a machine without a GPU it does not initialise
-    device = driver.get_current_device()
-    key = (kernel, meta.key, device, strides, largest > 0x7FFFFFFF,
+    device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its lazy-init check: CUDA is up here
+    key = (id(kernel), meta.key, device, strides, largest > 0x7FFFFFFF,
            *[(t.dtype, t.data_ptr() & 15) for t in tensors])  # fmt: skip
     compiled = _compiled.get(key)
     if compiled is None:
         _compiled[key] = kernel[grid](*args, **meta.kwargs)
         return
-    stream, values = driver.get_current_stream(device), meta.values(kernel)
-    enter = knobs.runtime.launch_enter_hook
-    launch_metadata = compiled.launch_metadata(grid, stream, *args, *values) if enter is not None else None
-    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, launch_metadata, enter,
-                 knobs.runtime.launch_exit_hook, *args, *values)  # fmt: skip
+    stream, values = triton.runtime.driver.active.get_current_stream(device), meta.values(kernel)
+    enter, leave = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+    hooked = enter is not None or leave is not None
+    launch_metadata = compiled.launch_metadata(grid, stream, *args, *values) if hooked else None
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, launch_metadata, enter, leave, *args,
+                 *values)  # fmt: skip
     path_counts["direct_launch"] += 1
 
 
@@ -649,7 +656,7 @@ def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     stream being captured into a CUDA graph gets its own buffer from the graph's pool, not kept here."""
     if torch.cuda.is_current_stream_capturing():
         return torch.empty(size, device="cuda", dtype=torch.int8)
-    key = (torch.cuda.current_device(), stream)
+    key = (torch._C._cuda_getDevice(), stream)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < size:  # torch's blocks are 512-byte aligned, past any `alignment` asked for
         buf = _scratch[key] = torch.empty(size, device="cuda", dtype=torch.int8)
