@@ -435,10 +435,10 @@ def _fp32_layout(a: torch.Tensor, b: torch.Tensor, tma: tuple[bool, bool, bool],
 
 
 # An operand no descriptor can address (rows not a multiple of 16 bytes long: odd widths; stride-0 or unaligned
-# views) sends a product down the pointer path, whose loads of such rows cannot be vectorised: 0.65-0.93x of cuBLAS
+# views) sends a product down the pointer path, whose loads of such rows cannot be vectorised: 0.27-1.04x of cuBLAS
 # from 512 tokens up on the H100, and grad_input at 16-128 tokens 0.11-0.47x (bench/NOTES.md, attempt 23). Copying
-# the operand into rows padded to 16 bytes reads and writes it once and puts the product on descriptors: 1.1-4.1x
-# of cuBLAS from 512 tokens up. Where the product's reduction is short (the weight gradient over a few tokens), the
+# the operand into rows padded to 16 bytes reads and writes it once and puts the product on descriptors: 1.07-4.9x
+# faster from 512 tokens up. Where the product's reduction is short (the weight gradient over a few tokens), the
 # pointer path reads each element of the operands a few times only, and two more launches cost more than it saves.
 ALIGN_COPY_MIN_K = 256
 
