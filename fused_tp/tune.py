@@ -39,6 +39,10 @@ PRESETS = {
               (1000, 4000, 3000), (4097, 4095, 1023)]
              + [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))],
     "quick": [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (16, 8192, 14336)],
+    # the speed set's decode shapes alone, and mid-size products (512-2048 tokens), which no speed-set bucket is near
+    "decode": [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))],
+    "mid": [(512, 4096, 1024), (1024, 4096, 1024), (2048, 4096, 1024), (1024, 1024, 4096), (512, 4096, 4096),
+            (2048, 4096, 4096), (2048, 4096, 14336)],
     "tiny": [(8, 16, 24), (33, 40, 17)],  # for the interpreter
 }  # fmt: skip
 # Relative Frobenius error against torch that a config's output must stay within (one rounding of the output,
