@@ -233,21 +233,26 @@ def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, 
     assert_close("y", y, ref, mag, tol(torch.bfloat16, K))
 
 
+@pytest.mark.parametrize("dtype, tf32", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
 @pytest.mark.parametrize("tokens, copies", [(24, (2, 2, 2)), (8, (2, 2, 0))])
-def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, monkeypatch, tokens, copies):
+def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, monkeypatch, tokens, copies, dtype,
+                                                                      tf32):  # fmt: skip
     """Operands whose rows are not a multiple of 16 bytes long are copied into aligned rows where the product's
     reduction is at least ALIGN_COPY_MIN_K long, and the product then moves them through descriptors, its odd-width
     output through pointers. The forward reduces over the in-features, grad_input over the out-features, the
     weight gradient over the tokens: at 8 tokens (under the threshold) it stays on the pointer path.
-    path_counts["align_copy"] counts the copies. Same results, inputs untouched."""
+    path_counts["align_copy"] counts the copies; an fp32 operand is copied once, straight into the layout its
+    product reads (no fp32 layout copy after it). Same results, inputs untouched."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     assert matmul.ALIGN_COPY_MIN_K == 256
     monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 16)  # the interpreter's time: small widths
+    monkeypatch.setattr(matmul, "FP32_COPY_MIN_REUSE", {"tf32": 1, "ieee": 1})  # every fp32 layout copy would pay
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     K, N = 37, 21
     gen = torch.Generator().manual_seed(0)
-    x, g = (make_tensor((tokens, d), "contiguous", torch.bfloat16, device, gen) for d in (K, N))
-    w = make_tensor((N, K), "contiguous", torch.bfloat16, device, gen)
+    x, g = (make_tensor((tokens, d), "contiguous", dtype, device, gen) for d in (K, N))
+    w = make_tensor((N, K), "contiguous", dtype, device, gen)
     saved = _clones(x, g, w)
     outs = []
     for op, call in (("y", lambda: kernels.linear(x, w)), ("grad_x", lambda: kernels.grad_input(g, w)),
@@ -257,9 +262,10 @@ def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, mon
         copied = kernels.path_counts["align_copy"] - before["align_copy"]
         assert copied == copies[len(outs) - 1], op
         assert kernels.path_counts["tma"] - before["tma"] == int(copied > 0), op
+        assert kernels.path_counts["fp32_copy"] == before["fp32_copy"], op
     refs = (linear_reference(x, w), linear_reference(g, w.t()), linear_reference(g.t(), x.t()))
     for (op, out), ref, k in zip(outs, refs, (K, N, tokens)):
-        assert_close(op, out, *ref, tol(torch.bfloat16, k))
+        assert_close(op, out, *ref, tol(dtype, k, tf32=tf32 and device == "cuda"))
     _assert_unmodified(saved, x, g, w)
 
 

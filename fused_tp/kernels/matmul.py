@@ -373,11 +373,11 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, product
     c = _out((M, N), a, path)
     aux = _out((M, N), a, path) if save_pre else pre
     tma = _tma_layout(a, b, c, aux)
+    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     if tma is None and M and N and K and _has_tma(a.device):
-        a2, b2 = _aligned_operands(a, b)
+        a2, b2 = _aligned_operands(a, b, tf32)
         if a2 is not a or b2 is not b:
             a, b, tma = a2, b2, _tma_layout(a2, b2, c, aux)
-    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     if a.dtype == torch.float32 and tma is not None and (tma[0] or tma[1] != tf32):
         a2, b2 = _fp32_layout(a, b, tma, tf32)
         if a2 is not a or b2 is not b:
@@ -443,16 +443,24 @@ def _fp32_layout(a: torch.Tensor, b: torch.Tensor, tma: tuple[bool, bool, bool],
 ALIGN_COPY_MIN_K = 256
 
 
-def _aligned_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with each operand that no descriptor can address copied into 16-byte aligned rows, in its own major
-    order, where the product's reduction is at least ALIGN_COPY_MIN_K long; counted in path_counts["align_copy"]."""
+def _aligned_operands(a: torch.Tensor, b: torch.Tensor, tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with each operand that no descriptor can address copied into 16-byte aligned rows, where the product's
+    reduction is at least ALIGN_COPY_MIN_K long; counted in path_counts["align_copy"]. A 16-bit operand keeps its
+    major order; an fp32 one is copied straight into the order its product reads (_fp32_layout), not twice."""
     if a.shape[1] < ALIGN_COPY_MIN_K:
         return a, b
-    fix = [not _addressable(t) for t in (a, b)]
-    a, b = (_aligned_copy(t, inner=0 if t.stride(0) == 1 and t.stride(1) != 1 else 1) if f else t
-            for t, f in zip((a, b), fix))  # fmt: skip
+    fp32 = a.dtype == torch.float32
+    a_inner, b_inner = (1, 0 if tf32 else 1) if fp32 else (_major(a), _major(b))
+    fix = (not _addressable(a), not _addressable(b))
+    a = _aligned_copy(a, a_inner) if fix[0] else a
+    b = _aligned_copy(b, b_inner) if fix[1] else b
     path_counts["align_copy"] += sum(fix)
     return a, b
+
+
+def _major(t: torch.Tensor) -> int:
+    """The dim a copy of t keeps contiguous: 0 for a column-major matrix, else 1."""
+    return 0 if t.stride(0) == 1 and t.stride(1) != 1 else 1
 
 
 def _aligned_copy(t: torch.Tensor, inner: int) -> torch.Tensor:
