@@ -33,14 +33,14 @@ from .kernels.matmul import INTERPRETED, autotune_timer, gpu_name
 # fused_tp) and fp32 (off): configs.TABLE_DTYPES.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 # (M tokens, K, N): the speed issue's shapes (Llama-3-70B/8B MLP shards at TP 1-8, odd and decode shapes).
+DECODE = [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))]
 PRESETS = {
     "speed": [(8192, 8192, 14336), (8192, 14336, 8192), (8192, 8192, 7168), (8192, 7168, 8192), (8192, 8192, 3584),
               (8192, 3584, 8192), (4096, 4096, 7168), (4096, 7168, 4096), (16384, 4096, 1792), (32768, 768, 3072),
-              (1000, 4000, 3000), (4097, 4095, 1023)]
-             + [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))],
+              (1000, 4000, 3000), (4097, 4095, 1023)] + DECODE,
     "quick": [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (16, 8192, 14336)],
     # the speed set's decode shapes alone, and mid-size products (512-2048 tokens), which no speed-set bucket is near
-    "decode": [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))],
+    "decode": DECODE,
     "mid": [(512, 4096, 1024), (1024, 4096, 1024), (2048, 4096, 1024), (1024, 1024, 4096), (512, 4096, 4096),
             (2048, 4096, 4096), (2048, 4096, 14336)],
     "tiny": [(8, 16, 24), (33, 40, 17)],  # for the interpreter
