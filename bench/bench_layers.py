@@ -1,14 +1,16 @@
 """fused_tp's layers against the same built from nn.Linear, side by side, at world size 1.
 
-    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick]
+    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick] [--graphs]
 
 Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden), the Column -> GELU -> Row MLP as
 three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), each from
 `from_linear(s)` of the nn.Linear layers it is timed against (same weights, same inputs), forward alone and
 forward + backward (grads of the input and every parameter; parameter grads set to None before each step, in
 both), and the peak memory each step allocates beyond what was allocated before it. Outputs and gradients are
-checked against the baseline before timing. Writes
-bench/results/<gpu>/bench_layers_<dtype>.json and .png; prints a markdown table.
+checked against the baseline before timing. --graphs times each step, of both, replayed from a CUDA graph: the
+GPU's work of a step without the host's (what a decode loop or a training step under torch.cuda.graph runs); the
+replayed outputs are checked too, and the peak memory is not measured. Writes
+bench/results/<gpu>/bench_layers_<dtype>[_graphs].json and .png; prints a markdown table.
 """
 
 from __future__ import annotations
@@ -70,6 +72,27 @@ def steps(module, x, grad_y):
     return forward, forward_backward, clear
 
 
+def graphed(step):
+    """step captured into a CUDA graph, as a closure that replays it and returns the step's (static) outputs. Warmed
+    up on a side stream first, as torch.cuda.graph asks; the Python of the step, gradients cleared first, runs at
+    capture only."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
 def peak_mib(step, clear) -> float:
     """Memory that one step allocates at its peak, beyond what was allocated before it (gradients dropped first)."""
     clear()
@@ -81,10 +104,16 @@ def peak_mib(step, clear) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def _tensors(out):
+    """A step's output as a list of tensors (forward: one, forward + backward: every gradient)."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
+    p.add_argument("--graphs", action="store_true", help="time steps replayed from CUDA graphs, both providers")
     args = p.parse_args()
     dtype, info = DTYPES[args.dtype], env()
     rows = []
@@ -96,22 +125,30 @@ def main():
             if not err <= CHECK[dtype]:
                 raise SystemExit(f"{layer} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}")
             for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
+                if args.graphs:
+                    base, fused = graphed(base), graphed(fused)
+                    err = max(err, *(rel_err(a, b) for a, b in zip(_tensors(fused()), _tensors(base()))))
+                    if not err <= CHECK[dtype]:
+                        raise SystemExit(f"{layer} {step} {tokens}x{hidden}x{ffn}: replayed from a CUDA graph, "
+                                         f"fused_tp differs from nn.Linear by {err:.2e}")  # fmt: skip
                 t = time_interleaved({"baseline": base, "fused_tp": fused})
                 (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
-                mb, mf = peak_mib(base, base_clear), peak_mib(fused, fused_clear)
+                mb, mf = (None, None) if args.graphs else (peak_mib(base, base_clear), peak_mib(fused, fused_clear))
                 rows.append(dict(layer=layer, step=step, dtype=args.dtype, tokens=tokens, hidden=hidden, ffn=ffn,
                                  baseline_ms=tb, fused_tp_ms=tf, ratio=tb / tf, spread=max(sb, sf), err_vs_baseline=err,
                                  baseline_peak_mib=mb, fused_tp_peak_mib=mf, **info))  # fmt: skip
-                print(f"{layer:>12} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}  "
-                      f"peak MiB {mb:.0f} vs {mf:.0f}", flush=True)
+                print(f"{layer:>12} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}"
+                      + ("" if mb is None else f"  peak MiB {mb:.0f} vs {mf:.0f}"), flush=True)
 
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
-    out = results_dir(info["gpu"]) / f"bench_layers_{args.dtype}{'_quick' if args.quick else ''}"
+    name = f"bench_layers_{args.dtype}{'_quick' if args.quick else ''}{'_graphs' if args.graphs else ''}"
+    out = results_dir(info["gpu"]) / name
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
     for r in rows:
         r["series"] = series(r)
     plot_ratios(rows, out.with_suffix(".png"), f"fused_tp layers vs nn.Linear, world size 1, {args.dtype}, "
+                f"{'CUDA graphs, ' if args.graphs else ''}"
                 f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}", series="series",
                 label=lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip
     print("\n" + markdown_table(rows, ["layer", "step", "tokens", "hidden", "ffn", "baseline_ms", "fused_tp_ms",

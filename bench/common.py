@@ -51,7 +51,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
+        return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]

@@ -226,3 +226,54 @@ def test_layers_take_any_input_view_and_frozen_parameters(device, M, K, N, dtype
         if bias:
             g64 = grad_y.double().cpu()
             assert_close("grad_b", module.bias.grad, g64.sum(0), g64.abs().sum(0), tol(dtype, M))
+
+
+@pytest.mark.parametrize("tokens", [16, 300])
+@pytest.mark.parametrize("mlp", ["three modules", "ParallelMLP"])
+def test_a_training_step_replays_in_a_cuda_graph(device, tokens, mlp):
+    """Forward + backward of the Column -> GELU -> Row MLP captured into one CUDA graph (torch.cuda.graph, warmed up
+    on a side stream first) replays on new inputs with the outputs and gradients of the same step run eagerly, bit
+    for bit: nothing a launch decides on the host (its config, its direct launch, the descriptor scratch, which a
+    captured launch takes from the graph's pool) goes stale in the graph. The way to take the host time of small
+    steps off the critical path (bench_layers.py --graphs)."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    torch.manual_seed(0)
+    up, down = nn.Linear(64, 256, device="cuda", dtype=torch.bfloat16), nn.Linear(256, 72, device="cuda",
+                                                                                  dtype=torch.bfloat16)  # fmt: skip
+
+    def build():
+        if mlp == "ParallelMLP":
+            return fused_tp.ParallelMLP.from_linears(up, down)
+        return nn.Sequential(fused_tp.ColumnParallelLinear.from_linear(up), nn.GELU(),
+                             fused_tp.RowParallelLinear.from_linear(down))  # fmt: skip
+
+    def step(module, x, grad_y):
+        for t in (x, *module.parameters()):
+            t.grad = None
+        y = module(x)
+        y.backward(grad_y)
+        return [y, x.grad, *(p.grad for p in module.parameters())]
+
+    graphed, eager = build(), build()
+    x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(tokens, 72, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(graphed, x, grad_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(graphed, x, grad_y)
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        with torch.no_grad():
+            x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+            grad_y.copy_(torch.randn(grad_y.shape, generator=gen, device="cuda"))
+        graph.replay()
+        x_eager = x.detach().clone().requires_grad_()
+        want = step(eager, x_eager, grad_y.clone())
+        for name, got, ref in zip(["y", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], outs, want):
+            assert torch.equal(got, ref), f"{name} after replay {seed} differs from the eager step"
