@@ -45,6 +45,8 @@ PRESETS = {
     "decode": DECODE,
     "mid": [(512, 4096, 1024), (1024, 4096, 1024), (2048, 4096, 1024), (1024, 1024, 4096), (512, 4096, 4096),
             (2048, 4096, 4096), (2048, 4096, 14336)],
+    # bench_layers.py's 16- and 128-token layers, whose output widths (4096, 7168) no decode bucket is near
+    "layers": [(16, 4096, 14336), (16, 14336, 4096), (128, 8192, 7168), (128, 7168, 8192)],
     "tiny": [(8, 16, 24), (33, 40, 17)],  # for the interpreter
 }  # fmt: skip
 # Relative Frobenius error against torch that a config's output must stay within (one rounding of the output,
