@@ -5,8 +5,8 @@ shape (tokens M, in-features K, out-features N), every config of `configs.candid
 checked against torch, then it is timed beside torch (cuBLAS on a GPU) in the same process. Written to --out:
 
     timings_<kernel>_<dtype>.json   every timing: product, shape, path, config, ms (the minimum of ms_rounds:
-                                    the contenders are timed three times, see CONFIRM_TOP), TF/s, torch's ms,
-                                    ratio
+                                    the contenders are timed three times, configs.contenders), TF/s, torch's
+                                    ms, ratio
     <gpu-slug>.json                 the tuned table (configs.load_table's format): the fastest config per product,
                                     dtype, operand path and shape bucket, merged with the entries of other
                                     buckets a table already there holds; copy it into fused_tp/kernels/tuned/
@@ -185,31 +185,23 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     return written
 
 
-# One do_bench is one sample of a shared host and a GPU's clocks: a whole median can read 2-4x slow (bench/NOTES.md,
-# attempt 29). Each shape's CONFIRM_TOP fastest configs and the rule's are timed CONFIRM_ROUNDS more times,
-# interleaved with torch, and every timing keeps its minimum, as noise only ever slows a run down.
-CONFIRM_TOP = 3
-CONFIRM_ROUNDS = 2
-
-
 def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -> None:
-    """Re-time the contenders of each shape (see CONFIRM_TOP), then fill in every row's ms (the minimum of its
-    ms_rounds), TF/s, torch's ms (the minimum of its rounds) and ratio."""
+    """Re-time each shape's contenders (configs.contenders) configs.CONFIRM_ROUNDS more times, interleaved with
+    torch, then fill in every row's ms (the minimum of its ms_rounds), TF/s, torch's ms (the minimum of its rounds)
+    and ratio."""
     by_shape = {}
     for r in rows:
         by_shape.setdefault((r["product"], (r["M"], r["K"], r["N"])), []).append(r)
     for key, mine in by_shape.items():
-        timed = sorted((r for r in mine if r["ms_rounds"]), key=lambda r: r["ms_rounds"][0])
-        if timed:
-            rule = configs.rule_config(mine[0]["launch_mnk"][0], DTYPES[name], INTERPRETED,
-                                       mine[0]["path"] == "tma").to_dict()  # fmt: skip
-            contenders = timed[:CONFIRM_TOP] + [r for r in timed[CONFIRM_TOP:] if r["config"] == rule]
-            ours, theirs = calls[key]
-            for _ in range(CONFIRM_ROUNDS):
-                baselines[key].append(timer(theirs))
-                for r in contenders:
-                    with configs.pin_config(configs.KernelConfig(**r["config"])):
-                        r["ms_rounds"].append(timer(ours))
+        cands = [configs.KernelConfig(**r["config"]) for r in mine]
+        rule = configs.rule_config(mine[0]["launch_mnk"][0], DTYPES[name], INTERPRETED, mine[0]["path"] == "tma")
+        again = configs.contenders(cands, [r["ms_rounds"][0] if r["ms_rounds"] else None for r in mine], rule)
+        ours, theirs = calls[key]
+        for _ in range(configs.CONFIRM_ROUNDS if again else 0):
+            baselines[key].append(timer(theirs))
+            for i in again:
+                with configs.pin_config(cands[i]):
+                    mine[i]["ms_rounds"].append(timer(ours))
         base_ms = min(baselines[key])
         for r in mine:
             ms = min(r["ms_rounds"], default=None)

@@ -314,12 +314,12 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
     rows = json.loads(written["timings"].read_text())["rows"]
     rule = rule_config(20, torch.bfloat16, True, rows[0]["path"] == "tma")
     others = sorted((c for c in map(lambda r: configs.KernelConfig(**r["config"]), rows) if c != rule), key=true_ms)
-    again = [configs.KernelConfig(**r["config"]) for r in rows if len(r["ms_rounds"]) == 1 + tune.CONFIRM_ROUNDS]
-    assert sorted(again, key=true_ms) == sorted(others[: tune.CONFIRM_TOP] + [rule], key=true_ms)
+    again = [configs.KernelConfig(**r["config"]) for r in rows if len(r["ms_rounds"]) == 1 + configs.CONFIRM_ROUNDS]
+    assert sorted(again, key=true_ms) == sorted(others[: configs.CONFIRM_TOP] + [rule], key=true_ms)
     assert sum(len(r["ms_rounds"]) == 1 for r in rows) == len(rows) - len(again)
     for r in rows:
         assert r["ms"] == true_ms(configs.KernelConfig(**r["config"])) == min(r["ms_rounds"])
-        assert r["torch_ms"] == 0.5 and r["torch_rounds"] == [2.0] + [0.5] * tune.CONFIRM_ROUNDS
+        assert r["torch_ms"] == 0.5 and r["torch_rounds"] == [2.0] + [0.5] * configs.CONFIRM_ROUNDS
     (entries,) = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"].values()
     assert [e["config"] for e in entries.values()] == [rule.to_dict()]
 
@@ -352,9 +352,22 @@ def test_a_tuned_config_must_beat_the_rule_by_the_margin(rule_slower_by, chosen)
     assert table["fwd"]["bf16"]["tma"]["128x64x64"]["config"] == want.to_dict()
 
 
+def test_contenders_are_the_fastest_few_and_the_rule():
+    """configs.contenders: the CONFIRM_TOP fastest by their first timing, fastest first, and the rule's config
+    wherever it ranks; an untimed candidate (None) never."""
+    cands = [configs.KernelConfig(16 << i, 64, 32) for i in range(6)]
+    first = [5.0, None, 1.0, 3.0, 2.0, 9.0]
+    assert configs.CONFIRM_TOP == 3
+    assert configs.contenders(cands, first, rule=cands[5]) == [2, 4, 3, 5]
+    assert configs.contenders(cands, first, rule=cands[4]) == [2, 4, 3]
+    assert configs.contenders(cands, first, rule=cands[1]) == [2, 4, 3]  # the rule untimed (it failed its check)
+    assert configs.contenders(cands[:2], [None, 4.0], rule=A) == [1]
+
+
 def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env):
-    """FUSED_TP_AUTOTUNE=1: the first launch of a shape times every candidate (the timing launches not counted),
-    runs the fastest, and later launches of that shape time nothing; a pinned config still wins."""
+    """FUSED_TP_AUTOTUNE=1: the first launch of a shape times every candidate, then the three fastest twice more
+    (configs.contenders; the timing launches not counted), runs the fastest, and later launches of that shape time
+    nothing; a pinned config still wins."""
     if device == "cuda":
         pytest.skip("a fake timer stands in for the interpreter's wall clock")
     calls = []
@@ -383,9 +396,13 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env)
     before = kernels.path_counts.copy()
     y, again = kernels.linear(x, w), kernels.linear(x, w)
     cands = configs.candidates(6, 70, 40, torch.float32, matmul._tma_layout(x, w.t(), y) is not None)
-    assert calls == cands  # every candidate once, then nothing
+    score = lambda c: 1.0 / c.BLOCK_K + c.BLOCK_N * 1e-6  # noqa: E731
+    assert configs.rule_config(6, torch.float32, matmul.INTERPRETED, True) not in cands  # the interpreter's
+    fastest = sorted(cands, key=score)[: configs.CONFIRM_TOP]
+    assert calls[: len(cands)] == cands  # every candidate once, then the fastest again, then nothing
+    assert calls[len(cands):] == fastest * configs.CONFIRM_ROUNDS
     (chosen,) = configs.autotuned.values()
-    assert chosen == min(cands, key=lambda c: 1.0 / c.BLOCK_K + c.BLOCK_N * 1e-6)
+    assert chosen == fastest[0]
     for meta in launched[-2:]:  # the two calls' own launches ran the chosen config
         assert {k: meta[k] for k in chosen.meta()} == chosen.meta()
     assert kernels.path_counts["config_autotuned"] == before["config_autotuned"] + 2
@@ -394,4 +411,5 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env)
     assert_close("y", y, *linear_reference(x, w), tol(torch.float32, 40))
     with configs.pin_config(A):
         kernels.linear(x, w)
-    assert kernels.path_counts["config_pinned"] == before["config_pinned"] + 1 and len(calls) == len(cands)
+    assert kernels.path_counts["config_pinned"] == before["config_pinned"] + 1
+    assert len(calls) == len(cands) + configs.CONFIRM_TOP * configs.CONFIRM_ROUNDS

@@ -306,6 +306,21 @@ def current_tuning() -> Tuning | None:
     return _tuning.get()
 
 
+# One timing is one sample of a shared host and a GPU's clocks: on the H100 host a whole do_bench median now and
+# then read 2-4x slow (bench/NOTES.md, attempt 29). So the CONFIRM_TOP fastest candidates and the rule's config are
+# timed CONFIRM_ROUNDS more times, and each keeps its fastest timing, as noise only ever slows a run down: a stalled
+# timing of the rule's config no longer hands its place to a config within MARGIN of it.
+CONFIRM_TOP = 3
+CONFIRM_ROUNDS = 2
+
+
+def contenders(candidates: list[KernelConfig], first_ms: list, rule: KernelConfig) -> list[int]:
+    """Indices of the candidates to time again: the CONFIRM_TOP fastest by their first timing (None: not timed,
+    never a contender) and the rule's config wherever it ranks."""
+    timed = sorted((i for i, t in enumerate(first_ms) if t is not None), key=lambda i: first_ms[i])
+    return timed[:CONFIRM_TOP] + [i for i in timed[CONFIRM_TOP:] if candidates[i] == rule]
+
+
 def choose(candidates: list[KernelConfig], times_ms: list, rule: KernelConfig) -> KernelConfig:
     """The fastest candidate, unless the rule's config (if timed) is within MARGIN of it: the fastest of a dozen
     noisy timings is optimistic, and a pick within noise of the rule's is as likely to be slower next time.
