@@ -36,6 +36,23 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def set_tf32():
+    """set_tf32(flag) sets torch.backends.cuda.matmul.allow_tf32 (which F.linear and fused_tp follow) for this test;
+    the setting it found is restored after the test, whatever happened. Not monkeypatch.setattr: the flag is served
+    by the module's __getattr__, so pytest 9's undo deletes an attribute that was never stored on it and raises,
+    leaving the test's other patches in place for every later test."""
+    before = torch.backends.cuda.matmul.allow_tf32
+
+    def set_(flag: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+    try:
+        yield set_
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture(scope="session")
 def rank_pools():
     """rank_pools(world_size) -> a RankPool of long-lived gloo ranks, started on first use, closed at the end."""

@@ -8,7 +8,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import dims, dtypes, layouts, make_tensor, seeds
-from tolerance import GELU_SLOPE, act_tol, assert_close, linear_reference, tol
+from fused_tp.tolerance import GELU_SLOPE, act_tol, assert_close, linear_reference, tol
 
 from fused_tp import kernels
 from fused_tp.kernels import configs, matmul
@@ -235,8 +235,8 @@ def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, 
 
 @pytest.mark.parametrize("dtype, tf32", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
 @pytest.mark.parametrize("tokens, copies", [(24, (2, 2, 2)), (8, (2, 2, 0))])
-def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, monkeypatch, tokens, copies, dtype,
-                                                                      tf32):  # fmt: skip
+def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, monkeypatch, set_tf32, tokens, copies,
+                                                                      dtype, tf32):  # fmt: skip
     """Operands whose rows are not a multiple of 16 bytes long are copied into aligned rows where the product's
     reduction is at least ALIGN_COPY_MIN_K long, and the product then moves them through descriptors, its odd-width
     output through pointers. The forward reduces over the in-features, grad_input over the out-features, the
@@ -248,7 +248,7 @@ def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, mon
     assert matmul.ALIGN_COPY_MIN_K == 256
     monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 16)  # the interpreter's time: small widths
     monkeypatch.setattr(matmul, "FP32_COPY_MIN_REUSE", {"tf32": 1, "ieee": 1})  # every fp32 layout copy would pay
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    set_tf32(tf32)
     K, N = 37, 21
     gen = torch.Generator().manual_seed(0)
     x, g = (make_tensor((tokens, d), "contiguous", dtype, device, gen) for d in (K, N))
@@ -272,13 +272,13 @@ def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, mon
 @pytest.mark.parametrize("tf32, tokens, copies",
                          [(True, 16, (0, 0, 2)), (True, 256, (0, 1, 2)), (False, 16, (1, 0, 1)),
                           (False, 256, (1, 0, 1))])  # fmt: skip
-def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, monkeypatch, tf32, tokens, copies):
+def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, set_tf32, tf32, tokens, copies):
     """An fp32 operand not in the layout its product reads is copied into it first, where the product reuses it
     over at least FP32_COPY_MIN_REUSE rows or columns of the other: with TF32, both operands K-major (the weight
     in grad_input only from 256 tokens; both operands of a 256-wide weight gradient); in IEEE, A K-major and B
     N-major, always (the weight in the forward, grad_y in the weight gradient). path_counts["fp32_copy"] counts
     the copies. Same results, inputs untouched."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    set_tf32(tf32)
     assert matmul.FP32_COPY_MIN_REUSE == {"tf32": 256, "ieee": 1}
     gen = torch.Generator().manual_seed(0)
     x, g = (make_tensor((tokens, 256), "contiguous", torch.float32, device, gen) for _ in range(2))

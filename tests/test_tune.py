@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from tolerance import assert_close, linear_reference, tol
+from fused_tp.tolerance import assert_close, linear_reference, tol
 
 from fused_tp import kernels, tune
 from fused_tp.kernels import configs, matmul
@@ -233,7 +233,7 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.bfloat16, 48))
 
 
-def test_tune_tf32_writes_its_own_table_key_and_restores_the_tf32_setting(tmp_path, device, monkeypatch):
+def test_tune_tf32_writes_its_own_table_key_and_restores_the_tf32_setting(tmp_path, device, set_tf32):
     """--dtype tf32 tunes fp32 operands with allow_tf32 on (torch and fused_tp alike), files them under "tf32", and
     leaves allow_tf32 as it found it."""
     if device == "cuda":
@@ -245,7 +245,7 @@ def test_tune_tf32_writes_its_own_table_key_and_restores_the_tf32_setting(tmp_pa
         cfg = configs.pinned_config()
         return 1.0 if cfg is None else 1.0 / cfg.BLOCK_K
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_tf32(False)
     args = argparse.Namespace(kernel="fwd", dtype="tf32", shapes="tiny", out=str(tmp_path))
     written = tune.run(args, timer=fake_timer)
     assert seen and all(seen), "tuned with TF32 off"
