@@ -200,9 +200,12 @@ class _ScatterLastDim(Function):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
-def _preflight(where: str, group, world: int, check, facts) -> configs.Tuning | None:
+def _preflight(where: str, group, world: int, check, facts, launch_facts) -> configs.Tuning | None:
     """Run a call's argument checks; with the rank guard on, also agree with the other ranks (fused_tp/guard.py).
-    Returns the call's tuning scope (run-time autotuning on a group), else None.
+    Returns the call's tuning scope (run-time autotuning on a group), else None. `launch_facts() -> str | None`:
+    what, beside `facts`, fixes every rank's launches (input strides, the layer's dense size along its split dim),
+    for autotuning only; None where that cannot be said (the functional forms get shards alone), which makes every
+    call a tuning call.
 
     Without the guard a bad argument raises on the rank that has it, before any collective; the other ranks then
     wait in the call's first collective until the group's timeout. With it, every rank raises at once."""
@@ -219,16 +222,22 @@ def _preflight(where: str, group, world: int, check, facts) -> configs.Tuning | 
         guard.agree(where, group, facts_text, error)
     else:
         check()
-    return _tuning_scope(group, f"{where}; {facts_text}")
+    if not configs.autotune_enabled():
+        return None
+    extra = launch_facts()
+    return _tuning_scope(group, f"{where}; {facts_text}; {extra}", always=extra is None)
 
 
 _tuned_calls: set = set()  # the facts of every layer call run-time autotuning has seen in this process
 
 
-def _tuning_scope(group, facts: str) -> configs.Tuning | None:
+def _tuning_scope(group, facts: str, always: bool) -> configs.Tuning | None:
     """FUSED_TP_AUTOTUNE=1 on a group: the first call with these facts (replicated, so new on every rank alike) is a
-    tuning call; its launches, forward and backward, take rank 0's configs (matmul._autotuned)."""
-    if not configs.autotune_enabled() or facts in _tuned_calls:
+    tuning call; its launches, forward and backward, take rank 0's configs (matmul._autotuned). The facts must fix
+    every rank's launches (sizes, strides, the dense split size): a call whose facts were seen, but whose launches
+    are new on some rank, would let that rank choose alone. `always`: every call is a tuning call (one broadcast
+    per launch), where the facts cannot say what the other ranks' shards are."""
+    if facts in _tuned_calls and not always:
         return None
     _tuned_calls.add(facts)
     return configs.Tuning(consensus=lambda cfg: _broadcast_config(cfg, group))
@@ -249,19 +258,34 @@ def _param_facts(weight, bias, replicated_dim: int) -> str:
     return f"weight [.., {weight.shape[replicated_dim]}] grad={weight.requires_grad}; bias {bias_grad}"
 
 
-def column_call(x, weight, bias, group, gather_size: int | None):
-    """Column-parallel linear; with `gather_size` (the layer's out_features) the output gathered on every rank."""
+def _launch_facts(x, dense_size: int | None, shard: bool = False):
+    """launch_facts for _preflight: x's strides (a shard's follow its own width: there, whether it is contiguous) and
+    the dense size, or None where the caller does not know the dense size."""
+    def text():
+        if dense_size is None or not isinstance(x, torch.Tensor):
+            return None
+        layout = f"contiguous {x.is_contiguous()}" if shard else f"strides {x.stride()}"
+        return f"input {layout}; split dim {dense_size}"
+
+    return text
+
+
+def column_call(x, weight, bias, group, gather_size: int | None, out_features: int | None = None):
+    """Column-parallel linear; with `gather_size` (the layer's out_features) the output gathered on every rank.
+    `out_features`: the dense layer's (None from the functional form)."""
     world, rank = group_size_rank(group)
     scope = _preflight("column-parallel linear", group, world, lambda: kernels.check_linear_args(x, weight, bias),
-                       lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}")
+                       lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
+                       _launch_facts(x, out_features))  # fmt: skip
     with configs.tuning(scope):
         y = _ColumnParallelLinear.apply(x, weight, bias, group, world)
     return y if gather_size is None else _GatherLastDim.apply(y, group, world, rank, gather_size)
 
 
-def row_call(x, weight, bias, group, scatter_size: int | None):
+def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int | None = None):
     """Row-parallel linear on this rank's input features, or with `scatter_size` (the layer's in_features) on the
-    replicated full input, of which it takes its slice."""
+    replicated full input, of which it takes its slice. `in_features`: the dense layer's (None from the functional
+    form)."""
     world, rank = group_size_rank(group)
 
     def check():
@@ -278,25 +302,21 @@ def row_call(x, weight, bias, group, scatter_size: int | None):
         input_facts = guard.describe("input", x, leading_only=leading)
         return f"{input_facts}; {_param_facts(weight, bias, 0)}; scatter {scatter_size}"
 
-    scope = _preflight("row-parallel linear", group, world, check, facts)
+    scope = _preflight("row-parallel linear", group, world, check, facts,
+                       _launch_facts(x, in_features, shard=scatter_size is None))  # fmt: skip
     if scatter_size is not None:
         x = _ScatterLastDim.apply(x, group, world, rank)
     with configs.tuning(scope):
         return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
 
 
-def check_mlp_activation(activation) -> None:
-    """ValueError naming the argument unless `activation` is one the kernels fuse (None is not: an MLP has one)."""
-    if not kernels.check_activation(activation):
-        raise ValueError("activation: expected 'gelu' or 'gelu_tanh', got None")
-
-
-def mlp_call(x, w1, b1, w2, b2, group, activation: str):
-    """Column (w1, b1) -> activation -> Row (w2, b2) on this rank's shards; the full output on every rank."""
+def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int):
+    """Column (w1, b1) -> activation -> Row (w2, b2) on this rank's shards; the full output on every rank.
+    `hidden_features`: the dense hidden width."""
     world, rank = group_size_rank(group)
 
     def check():
-        check_mlp_activation(activation)
+        kernels.check_activation(activation, allow_none=False)
         kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
         # fc2 reads what fc1 writes: [..., F_r] in fc1.weight's dtype, on its device; an empty view stands for it
         # (no allocation on the call's host path).
@@ -306,7 +326,7 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str):
         return (f"{guard.describe('input', x)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
                 f"activation {activation}")  # fmt: skip
 
-    scope = _preflight("parallel MLP", group, world, check, facts)
+    scope = _preflight("parallel MLP", group, world, check, facts, _launch_facts(x, hidden_features))
     with configs.tuning(scope):
         return _ParallelMLP.apply(x, w1, b1, w2, b2, group, world, rank, activation, torch.is_grad_enabled())
 

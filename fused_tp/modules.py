@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autograd import check_mlp_activation, column_call, group_size_rank, mlp_call, row_call
+from . import kernels
+from .autograd import column_call, group_size_rank, mlp_call, row_call
 
 
 class _ParallelLinear(nn.Module):
@@ -14,6 +15,8 @@ class _ParallelLinear(nn.Module):
     _split_dim: int  # the dim of the dense weight [out_features, in_features] that is split across ranks
 
     def __init__(self, in_features, out_features, bias, process_group, device, dtype):
+        # Refused here, not at the first call: a float64 layer would otherwise build and fail later, blaming the input.
+        kernels.check_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype)
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.process_group = process_group
@@ -29,6 +32,7 @@ class _ParallelLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
+        kernels.check_dtype("linear.weight", w.dtype)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
                      device="meta", dtype=w.dtype, **options)  # fmt: skip
         module._load_dense(w, linear.bias)
@@ -76,7 +80,7 @@ class ColumnParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_group()
         gather_size = self.out_features if self.gather_output else None
-        return column_call(x, self.weight, self.bias, self.process_group, gather_size)
+        return column_call(x, self.weight, self.bias, self.process_group, gather_size, self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gather_output={self.gather_output}"
@@ -100,7 +104,7 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_group()
         scatter_size = None if self.input_is_parallel else self.in_features
-        return row_call(x, self.weight, self.bias, self.process_group, scatter_size)
+        return row_call(x, self.weight, self.bias, self.process_group, scatter_size, self.in_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"
@@ -118,7 +122,7 @@ class ParallelMLP(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
                  *, activation: str = "gelu", process_group=None, device=None, dtype=None):  # fmt: skip
         super().__init__()
-        check_mlp_activation(activation)
+        kernels.check_activation(activation, allow_none=False)
         self.activation = activation
         out_features = in_features if out_features is None else out_features
         self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, process_group=process_group,
@@ -132,6 +136,9 @@ class ParallelMLP(nn.Module):
         for name, layer in (("fc1", fc1), ("fc2", fc2)):
             if not isinstance(layer, nn.Linear):
                 raise TypeError(f"{name}: expected an nn.Linear, got {type(layer).__name__}")
+            kernels.check_dtype(f"{name}.weight", layer.weight.dtype)
+        if fc2.weight.dtype != fc1.weight.dtype:
+            raise TypeError(f"fc2.weight: expected dtype {fc1.weight.dtype} (fc1.weight's), got {fc2.weight.dtype}")
         if fc2.in_features != fc1.out_features:
             raise ValueError(f"fc2: expected in_features {fc1.out_features} (fc1.out_features), got {fc2.in_features}")
         if (fc1.bias is None) != (fc2.bias is None):
@@ -146,7 +153,7 @@ class ParallelMLP(nn.Module):
         self.fc1._check_group()
         self.fc2._check_group()
         return mlp_call(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                        self.fc1.process_group, self.activation)  # fmt: skip
+                        self.fc1.process_group, self.activation, self.fc1.out_features)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -189,45 +189,67 @@ def faulty_step(rank, world_size, init_method, device, timeout_s, fault, backend
         results.put((rank, type(e).__name__, str(e), time.monotonic() - start))
 
 
-def autotuned_steps(device, hidden, ffn, steps):
-    """MLP steps with FUSED_TP_AUTOTUNE=1 and a fake timer under which each rank prefers another candidate
-    (rank r: the r-th fastest by a fixed score). Returns the configs this rank chose, the timer's call count per
-    step, and the step's outputs (replicated ones must match bitwise)."""
-    import dataclasses
+def forget_autotuning():
+    """Clear both halves of what run-time autotuning remembers in a process, the configs it chose and the layer
+    calls it has tuned: with only the first cleared, a layer call seen in an earlier test is no tuning call, and
+    every rank would time and choose alone."""
+    from fused_tp import autograd
+    from fused_tp.kernels import configs
+
+    configs.autotuned.clear()
+    autograd._tuned_calls.clear()
+
+
+def autotuned_steps(device, hidden, ffns, steps, dtype):
+    """Steps of one Column -> GELU -> Row MLP per hidden width in `ffns` (the same input each), with FUSED_TP_AUTOTUNE=1 and a fake timer under which rank 0 prefers the first candidate of SPACE
+    and every other rank the last, so that wherever a launch has two candidates or more the ranks would choose
+    differently on their own. Returns, for each launch key, the config this rank ran, the one it would have chosen
+    alone, and how many candidates it had; the timer's call count per step; and the steps' outputs (replicated
+    ones must match bitwise)."""
     import os
 
     from fused_tp.kernels import configs, matmul
 
     rank, calls = dist.get_rank(), []
 
+    def score(cfg):
+        index = configs.SPACE.index(cfg)
+        return 1.0 + (index if rank == 0 else len(configs.SPACE) - index)  # >= 5% apart: past choose's 3% margin
+
     def timer(fn):
         calls[-1] += 1
-        cfg = configs.pinned_config()
-        order = sorted(configs.SPACE, key=lambda c: (c.BLOCK_K, c.BLOCK_M, c.BLOCK_N, c.num_stages, c.persistent))
-        return 1.0 + ((order.index(dataclasses.replace(cfg, split_k=None)) - rank) % len(order))
+        return score(configs.pinned_config())
 
     saved_timer, os.environ["FUSED_TP_AUTOTUNE"] = matmul.autotune_timer, "1"
     configs.read_environment()
     matmul.autotune_timer = timer
-    configs.autotuned.clear()
+    forget_autotuning()
     try:
         torch.manual_seed(0)
-        col = fused_tp.ColumnParallelLinear(hidden, ffn, device=device)
-        row = fused_tp.RowParallelLinear(ffn, hidden, device=device)
-        x = torch.randn(5, hidden, device=device, requires_grad=True)
+        mlps = [(fused_tp.ColumnParallelLinear(hidden, ffn, device=device, dtype=dtype),
+                 fused_tp.RowParallelLinear(ffn, hidden, device=device, dtype=dtype)) for ffn in ffns]  # fmt: skip
+        x = torch.randn(5, hidden, device=device, dtype=dtype, requires_grad=True)
         outs = []
         for _ in range(steps):
             calls.append(0)
-            x.grad = None
-            y = row(F.gelu(col(x)))
-            y.backward(torch.ones_like(y))
-            outs.append((_cpu(y), _cpu(x.grad)))
-        chosen = {f"{key[1]} {tuple(key[4:])}": value for key, value in configs.autotuned.items()}
+            for col, row in mlps:
+                x.grad = None
+                y = row(F.gelu(col(x)))
+                y.backward(torch.ones_like(y))
+                outs.append((_cpu(y), _cpu(x.grad)))
+        chosen = {}
+        for key, cfg in configs.autotuned.items():
+            _, product, key_dtype, _, tma, aux_tile, M, N, K = key
+            cands = [c for c in configs.candidates(M, N, K, key_dtype, tma)
+                     if configs.fits(c, key_dtype.itemsize, tma, aux_tile)]  # fmt: skip
+            rule = configs.rule_config(M, key_dtype, matmul.INTERPRETED, tma)
+            alone = configs.choose(cands, [score(c) for c in cands], rule) if M and N else None
+            chosen[f"{product} {(M, N, K)}"] = {"ran": cfg, "alone": alone, "candidates": len(cands)}
     finally:
         matmul.autotune_timer = saved_timer
         del os.environ["FUSED_TP_AUTOTUNE"]
         configs.read_environment()
-        configs.autotuned.clear()
+        forget_autotuning()
     return {"chosen": chosen, "timer_calls": calls, "outs": outs}
 
 
@@ -255,6 +277,7 @@ def subgroup_calls(device):
             out["tokens differ"] = str(e).splitlines()[0]
     os.environ["FUSED_TP_AUTOTUNE"] = "1"
     configs.read_environment()
+    forget_autotuning()
     try:
         y = col(x.requires_grad_())
         y.sum().backward()
@@ -262,5 +285,5 @@ def subgroup_calls(device):
     finally:
         del os.environ["FUSED_TP_AUTOTUNE"]
         configs.read_environment()
-        configs.autotuned.clear()
+        forget_autotuning()
     return out

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies import dtypes, make_tensor, seeds
 from test_errors import BAD_CALLS
-from tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
+from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 from torch import nn
 
 import dist_cases
@@ -192,20 +192,32 @@ def test_layers_are_bitwise_deterministic_run_to_run(rank_pools, device, world, 
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("ffn", [24, 3])  # 3: at world 4 a rank holds no features, and still takes part
-def test_autotuning_takes_rank_0s_choice_on_every_rank(rank_pools, device, world, ffn):
-    """FUSED_TP_AUTOTUNE=1 with a timer under which every rank would choose another config: every rank runs rank
-    0's choice, outputs stay bitwise replicated, and the second step times nothing."""
-    outs = rank_pools(world).run(dist_cases.autotuned_steps, device, 16, ffn, 2)
+# 3: at world 4 a rank holds no features, and still takes part. (160, 136): a second layer on the same input, whose
+# call facts differ from the first's only in the dense width, is a tuning call of its own.
+@pytest.mark.parametrize("ffns", [(160,), (3,), (160, 136)])
+def test_autotuning_takes_rank_0s_choice_on_every_rank(rank_pools, device, world, ffns):
+    """FUSED_TP_AUTOTUNE=1 with a timer under which every rank other than 0 would choose another config: every
+    rank runs rank 0's choice, outputs stay bitwise replicated, and the second step times nothing. The test checks
+    that it cannot pass vacuously: every launch has several candidates (more than ranks, where the shard is wide
+    enough to allow them), and each rank's choice alone differs from rank 0's."""
+    outs = rank_pools(world).run(dist_cases.autotuned_steps, device, 40, ffns, 2, torch.float16)
     for rank, out in enumerate(outs):
-        assert out["timer_calls"][0] > 0 or ffn < world, f"rank {rank} timed nothing at the first step"
+        assert out["timer_calls"][0] > 0 or min(ffns) < world, f"rank {rank} timed nothing at the first step"
         assert out["timer_calls"][1] == 0, f"rank {rank} timed again at the second step"
-        for y, grad_x in (step for step in out["outs"]):
-            assert torch.equal(y, outs[0]["outs"][0][0]) and torch.equal(grad_x, outs[0]["outs"][0][1])
-    even = ffn % world == 0  # equal shards: every rank launches the same shapes
+        for i, (y, grad_x) in enumerate(out["outs"]):
+            first = outs[0]["outs"][i % len(ffns)]  # every step of a layer gives its first step's bits, on every rank
+            assert torch.equal(y, first[0]) and torch.equal(grad_x, first[1])
+        assert out["chosen"], f"rank {rank} autotuned no launch"
+        wide = min(ffns) // world > 32  # shards wide enough for 128-wide tiles: more candidates than ranks
+        for launch, c in out["chosen"].items():
+            assert c["candidates"] > (world if wide else 1), f"rank {rank}, {launch}: {c['candidates']} candidates"
+            if c["alone"] is not None:
+                assert (c["alone"] == c["ran"]) == (rank == 0), f"rank {rank}, {launch}: {c}"
+    even = all(ffn % world == 0 for ffn in ffns)  # equal shards: every rank launches the same shapes
     if even:
         for rank, out in enumerate(outs[1:], 1):
-            assert out["chosen"] == outs[0]["chosen"], f"rank {rank} chose other configs than rank 0"
+            ran = {launch: c["ran"] for launch, c in out["chosen"].items()}
+            assert ran == {launch: c["ran"] for launch, c in outs[0]["chosen"].items()}, f"rank {rank}: other configs"
 
 
 def test_guard_and_autotuning_on_a_subgroup(rank_pools, device):

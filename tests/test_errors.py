@@ -2,6 +2,8 @@
 
 BAD_CALLS is also run on every rank of a gloo group (tests/test_dist.py), which must stay usable afterwards."""
 
+import copy
+
 import pytest
 import torch
 
@@ -48,6 +50,13 @@ BAD_CALLS = {
         lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d)(
             torch.randn(2, c.in_features, device=d, dtype=torch.float16)), TypeError,
         "input: expected dtype torch.float32"),
+    "column: a layer made float64 after construction (model.double())": (
+        lambda c, r, rf, d: copy.deepcopy(c).double()(torch.randn(2, c.in_features, device=d, dtype=torch.float64)),
+        TypeError, r"^weight: expected dtype float32, float16 or bfloat16, got torch.float64"),
+    "ParallelMLP: made float64 after construction, given a float32 input": (
+        lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d).double()(
+            torch.randn(2, c.in_features, device=d)), TypeError,
+        r"^fc1.weight: expected dtype float32, float16 or bfloat16, got torch.float64"),
     "row_parallel_linear: bias in another dtype": (
         lambda c, r, rf, d: fused_tp.row_parallel_linear(
             torch.randn(2, r.weight.shape[1], device=d), r.weight, r.bias.detach().half()),
@@ -88,8 +97,11 @@ def test_activation_options_are_checked(device):
         kernels.grad_input(torch.randn(3, 5, device=device), w, activation="gelu")
     with pytest.raises(ValueError, match=r"activation: expected 'gelu' or 'gelu_tanh', got None"):
         fused_tp.ParallelMLP(4, 8, activation=None, device=device)
-    with pytest.raises(ValueError, match=r"activation: expected None, 'gelu' or 'gelu_tanh', got 'silu'"):
+    # An MLP has an activation: ParallelMLP's message never offers None, whatever it is given.
+    with pytest.raises(ValueError, match=r"activation: expected 'gelu' or 'gelu_tanh', got 'silu'"):
         fused_tp.ParallelMLP(4, 8, activation="silu", device=device)
+    with pytest.raises(ValueError, match=r"activation: expected 'gelu' or 'gelu_tanh', got \['gelu'\]"):
+        fused_tp.ParallelMLP(4, 8, activation=["gelu"], device=device)
     fc1, fc2 = torch.nn.Linear(4, 8, device=device), torch.nn.Linear(8, 4, device=device)
     with pytest.raises(ValueError, match=r"fc2: expected in_features 8 \(fc1.out_features\), got 6"):
         fused_tp.ParallelMLP.from_linears(fc1, torch.nn.Linear(6, 4, device=device))
@@ -103,6 +115,37 @@ def test_activation_options_are_checked(device):
     mlp.fc2.weight = torch.nn.Parameter(torch.randn(4, 7, device=device))  # fc2 no longer reads fc1's output
     with pytest.raises(ValueError, match=r"fc1's output: expected last dim 7 \(fc2.weight.shape\[1\]\)"):
         mlp(torch.randn(3, 4, device=device))
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda d: fused_tp.ColumnParallelLinear(4, 6, device=d, dtype=torch.float64), "dtype"),
+    (lambda d: fused_tp.RowParallelLinear(4, 6, device=d, dtype=torch.int32), "dtype"),
+    (lambda d: fused_tp.ParallelMLP(4, 8, device=d, dtype=torch.float64), "dtype"),
+    (lambda d: fused_tp.ColumnParallelLinear.from_linear(torch.nn.Linear(4, 6, device=d).double()), "linear.weight"),
+    (lambda d: fused_tp.RowParallelLinear.from_linear(torch.nn.Linear(4, 6, device=d).double()), "linear.weight"),
+    (lambda d: fused_tp.ParallelMLP.from_linears(torch.nn.Linear(4, 8, device=d).double(),
+                                                 torch.nn.Linear(8, 4, device=d)), "fc1.weight"),
+])  # fmt: skip
+def test_an_unsupported_parameter_dtype_is_refused_at_construction(device, build, name):
+    """A float64 (or integer) layer raises when it is built, naming the argument, not at its first call."""
+    with pytest.raises(TypeError, match=rf"^{name}: expected dtype float32, float16 or bfloat16, got torch\."):
+        build(device)
+
+
+def test_a_float64_default_dtype_is_refused_at_construction(device):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(TypeError, match=r"^dtype: expected dtype float32, float16 or bfloat16, got torch.float64"):
+            fused_tp.ColumnParallelLinear(4, 6, device=device)
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_from_linears_refuses_layers_of_two_dtypes(device):
+    with pytest.raises(TypeError, match=r"^fc2.weight: expected dtype torch.float32 \(fc1.weight's\), got torch.float16"):
+        fused_tp.ParallelMLP.from_linears(torch.nn.Linear(4, 8, device=device),
+                                          torch.nn.Linear(8, 4, device=device, dtype=torch.float16))
 
 
 def test_from_linear_rejects_other_modules():

@@ -305,18 +305,26 @@ def _path(t: torch.Tensor) -> str:
     return "triton-interpreter" if INTERPRETED else "triton" if t.is_cuda else "torch"
 
 
+def check_dtype(name: str, dtype: torch.dtype) -> None:
+    """TypeError naming `name` unless the kernels take `dtype`."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {dtype}")
+
+
 def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       names: tuple[str, str, str] = ("input", "weight", "bias")) -> None:  # fmt: skip
     """Raise TypeError / ValueError naming the argument (by `names`) if (x, weight, bias) is not a valid F.linear
     call."""
     in_name, w_name, b_name = names
-    for name, t in ((in_name, x), (w_name, weight), (b_name, bias)):
-        if t is None and name == b_name:
-            continue
-        if not isinstance(t, torch.Tensor):
+    args = ((w_name, weight), (in_name, x), (b_name, bias))
+    for name, t in args:
+        if not isinstance(t, torch.Tensor) and not (t is None and name == b_name):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {t.dtype}")
+    # The weight first: a layer turned float64 after construction (model.double()) is the weight's fault, not the
+    # input's.
+    for name, t in args:
+        if t is not None:
+            check_dtype(name, t.dtype)
     # The weight is the reference: it is what a layer owns, the input and bias are what the caller passes.
     for name, t in ((in_name, x), (b_name, bias)):
         if t is not None and t.dtype != weight.dtype:
@@ -738,12 +746,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def check_activation(activation) -> str:
-    """The kernel's name for `activation` (None -> ""); ValueError naming the argument if it is not one."""
-    if activation is None:
+def check_activation(activation, allow_none: bool = True) -> str:
+    """The kernel's name for `activation` (None -> ""); ValueError naming the argument if it is not one of
+    ACTIVATIONS, or None where `allow_none` (an MLP has an activation: ParallelMLP passes False)."""
+    if activation is None and allow_none:
         return ""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected None, 'gelu' or 'gelu_tanh', got {activation!r}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        choices = ["None"] * allow_none + [repr(name) for name in ACTIVATIONS]
+        expected = ", ".join(choices[:-1]) + " or " + choices[-1]
+        raise ValueError(f"activation: expected {expected}, got {activation!r}")
     return activation
 
 
