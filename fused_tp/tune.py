@@ -55,11 +55,12 @@ CHECK = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 1e-4, "tf32": 4e-3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", choices=[*configs.PRODUCTS, "all"], default="all", help="which product")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--shapes", default="speed",
-                        help=f"a preset ({', '.join(PRESETS)}) or a file of M,K,N lines (default speed)")  # fmt: skip
-    parser.add_argument("--out", default="tune-out", help="directory for the results (default tune-out)")
+    parser.add_argument("--kernel", choices=[*configs.PRODUCTS, "all"], default="all",
+                        help="which product: fwd (x @ w.T + b), dgrad (grad_y @ w), wgrad (grad_y.T @ x, grad_b)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                        help="operand dtype; tf32 is fp32 with allow_tf32 on, fp32 with it off")
+    parser.add_argument("--shapes", default="speed", help=f"a preset ({', '.join(PRESETS)}) or a file of M,K,N lines")
+    parser.add_argument("--out", default="tune-out", help="directory for the results")
 
 
 def load_shapes(spec: str) -> list[tuple[int, int, int]]:

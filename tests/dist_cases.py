@@ -201,8 +201,9 @@ def forget_autotuning():
 
 
 def autotuned_steps(device, hidden, ffns, steps, dtype):
-    """Steps of one Column -> GELU -> Row MLP per hidden width in `ffns` (the same input each), with FUSED_TP_AUTOTUNE=1 and a fake timer under which rank 0 prefers the first candidate of SPACE
-    and every other rank the last, so that wherever a launch has two candidates or more the ranks would choose
+    """Steps of one Column -> GELU -> Row MLP per hidden width in `ffns` (the same input each), with
+    FUSED_TP_AUTOTUNE=1 and a fake timer under which rank 0 prefers the first candidate of SPACE and every other
+    rank the last, so that wherever a launch has two candidates or more the ranks would choose
     differently on their own. Returns, for each launch key, the config this rank ran, the one it would have chosen
     alone, and how many candidates it had; the timer's call count per step; and the steps' outputs (replicated
     ones must match bitwise)."""

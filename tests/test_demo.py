@@ -1,5 +1,7 @@
-"""The demo runs end to end on 2 ranks (through the interpreter on CPU), and the README's commands are the ones CI runs."""
+"""What a new user runs first: the demo on 2 ranks (through the interpreter on CPU), the example script under
+torchrun, the commands' help, and README's two commands, which are what CI runs."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -20,18 +22,62 @@ def test_demo_runs_and_reports(tmp_path):
     assert out.returncode == 0, out.stderr
     expected_path = "triton" if "cuda" in out.stdout else "triton-interpreter"
     assert f"kernel path: {expected_path} (" in out.stdout
-    rows = {m.group(1): [float(v) for v in m.group(2).split()] for m in re.finditer(r"^(\S+(?: \(\w+\))?)\s+([\d.e+\- ]+)$", out.stdout, re.M)}
+    row = r"^(\S+(?: \(\w+\))?)\s+([\d.e+\- ]+)\s+(PASS|FAIL)$"
+    rows = {m.group(1): ([float(v) for v in m.group(2).split()], m.group(3))
+            for m in re.finditer(row, out.stdout, re.M)}  # fmt: skip
     assert set(rows) == {"y", "grad_x", "grad_w1 (column)", "grad_b1 (column)", "grad_w2 (row)", "grad_b2 (row)"}
-    for name, (tp_vs_dense, tp_vs_f64, dense_vs_f64) in rows.items():
+    for name, ((tp_vs_dense, tp_vs_f64, dense_vs_f64, worst), verdict) in rows.items():
         assert tp_vs_f64 < 1e-5 and dense_vs_f64 < 1e-5 and tp_vs_dense < 1e-5, (name, out.stdout)
+        assert verdict == "PASS" and worst <= 1, (name, out.stdout)
+    assert re.search(r"^PASS: every element .* within the float32 bound", out.stdout, re.M), out.stdout
+    if expected_path == "triton-interpreter":  # the GPU's copy engine is not mentioned where it does not run
+        assert "TMA" not in out.stdout and "descriptor" not in out.stdout
 
 
 def test_readme_commands_are_what_ci_runs():
+    """.ci/run runs, in a fresh virtual environment, exactly the two commands of README's "Two commands" block."""
     readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"^(pip install .*)$", readme, re.M)
+    block = re.search(r"^## Two commands\n.*?^```\n(.*?)^```$", readme, re.M | re.S)
+    assert block, "README.md: no code block under '## Two commands'"
+    commands = block.group(1).splitlines()
     assert len(commands) == 2 and commands[0].endswith("python -m fused_tp demo"), commands
     assert commands[1].endswith("python -m pytest"), commands
-    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+    ci = subprocess.run(["bash", ".ci/run", "--print-commands"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert ci.returncode == 0, ci.stderr
+    assert ci.stdout.splitlines() == commands
+    assert "python3 -m venv" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_commands_show_their_defaults_and_what_tune_needs():
+    for command, wanted in (("demo", "(default: bfloat16)"), ("tune", "(default: all)")):
+        out = subprocess.run([sys.executable, "-m", "fused_tp", command, "--help"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0 and wanted in out.stdout, out.stdout
+    assert "TRITON_INTERPRET=1" in out.stdout  # tune --help says it needs a GPU or the interpreter
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tune runs")
+def test_tune_without_a_gpu_or_the_interpreter_says_what_it_needs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fused_tp", "tune", "--shapes", "tiny", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert out.returncode != 0 and "needs a GPU, or TRITON_INTERPRET=1" in out.stderr, out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="with one GPU the 2 ranks are CPU ranks through the "
+                    "interpreter, whose triton 3.6 (the GPU image's) cannot run the kernels' persistent loop")
+def test_the_example_trains_under_torchrun_on_2_ranks():
+    """examples/train_tp_mlp.py, as README shows it: gloo ranks on the CPU (NCCL where there is a GPU per rank)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/train_tp_mlp.py",
+         "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = [float(v) for v in re.findall(r"^step \d+: loss ([\d.]+)$", out.stdout, re.M)]
+    assert len(losses) == 2 and losses[1] < losses[0], out.stdout
+    error = re.search(r"relative error ([\d.e+-]+) \(2 ranks", out.stdout)
+    assert error and float(error.group(1)) < 1e-2, out.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--tiny runs the kernels through Triton's interpreter, whose "
@@ -41,10 +87,6 @@ def test_tp_mlp_bench_agrees_with_megatron_and_dtensor_on_gloo_ranks():
     Megatron-style reference and DTensor's parallelize_module before anything is timed (the script exits non-zero
     otherwise), so the multi-GPU benchmark's three providers compute the same MLP. On a machine with 2 GPUs this
     runs on NCCL."""
-    import os
-
-    import torch
-
     env = dict(os.environ)
     if torch.cuda.device_count() < 2:  # CPU ranks: the kernels through the interpreter
         env["TRITON_INTERPRET"] = "1"

@@ -4,17 +4,17 @@ Hypothesis draws each example here, in the parent; every rank of a long-lived po
 
 import os
 
+import dist_cases
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies import dtypes, make_tensor, seeds
 from test_errors import BAD_CALLS
-from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 from torch import nn
 
-import dist_cases
 from fused_tp.kernels import ACTIVATIONS
+from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 
 # FUSED_TP_TEST_WORLDS="2,4,8" (with FUSED_TP_TEST_BACKEND=nccl on an 8-GPU machine) changes them.
 WORLDS = [int(w) for w in os.environ.get("FUSED_TP_TEST_WORLDS", "2,3,4").split(",")]

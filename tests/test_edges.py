@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import dims, dtypes, layouts, make_tensor, seeds
-from tolerance import assert_close, linear_reference, tol
 from torch import nn
 
 import fused_tp
 from fused_tp import kernels
 from fused_tp.kernels import configs
+from fused_tp.tolerance import assert_close, linear_reference, tol
 
 SPECIALS = (float("nan"), float("inf"), float("-inf"))
 small = st.one_of(st.sampled_from([1, 2, 3, 67]), st.integers(1, 40))

@@ -143,7 +143,8 @@ def test_a_float64_default_dtype_is_refused_at_construction(device):
 
 
 def test_from_linears_refuses_layers_of_two_dtypes(device):
-    with pytest.raises(TypeError, match=r"^fc2.weight: expected dtype torch.float32 \(fc1.weight's\), got torch.float16"):
+    message = r"^fc2.weight: expected dtype torch.float32 \(fc1.weight's\), got torch.float16"
+    with pytest.raises(TypeError, match=message):
         fused_tp.ParallelMLP.from_linears(torch.nn.Linear(4, 8, device=device),
                                           torch.nn.Linear(8, 4, device=device, dtype=torch.float16))
 

@@ -8,10 +8,10 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import dims, dtypes, layouts, make_tensor, seeds
-from fused_tp.tolerance import GELU_SLOPE, act_tol, assert_close, linear_reference, tol
 
 from fused_tp import kernels
 from fused_tp.kernels import configs, matmul
+from fused_tp.tolerance import GELU_SLOPE, act_tol, assert_close, linear_reference, tol
 
 
 def _tf32(device):

@@ -17,10 +17,10 @@ import ir_offsets as ir_offsets_script
 import pytest
 import torch
 from strategies import make_tensor
-from tolerance import assert_close, linear_reference, tol
 
 from fused_tp import kernels, path_counts
 from fused_tp.kernels import matmul
+from fused_tp.tolerance import assert_close, linear_reference, tol
 
 
 @pytest.fixture(scope="module")

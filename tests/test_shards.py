@@ -2,14 +2,15 @@
 skipped), and the test does what the all-reduce would. Column shards concatenated, and row partial sums with the
 bias once, equal the dense layer; gradients likewise. tests/test_dist.py runs the same with real collectives."""
 
+import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies import dims, dtypes, make_tensor, seeds
-from tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 
 from fused_tp import kernels
 from fused_tp.autograd import _ColumnParallelLinear, _ParallelMLP, _RowParallelLinear, shard_range
+from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 
 worlds = st.integers(1, 4)
 
@@ -129,3 +130,45 @@ def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, a
         for g in gb2[1:]:
             assert torch.equal(g, gb2[0]), "the replicated bias got different gradients on different ranks"
         assert_close("grad_b2", gb2[0], ref["grad_b2"], mag["grad_b2"], t)
+
+
+LEAVES = ("x", "w1", "b1", "w2", "b2")
+
+
+@pytest.mark.parametrize("kind", ["parallel_mlp", "three modules"])
+@pytest.mark.parametrize("mask", range(2 ** len(LEAVES)))
+@settings(max_examples=2)
+@given(world=worlds, M=st.integers(1, 9), K=st.integers(1, 20), F=st.integers(1, 20), dtype=dtypes, seed=seeds)
+def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind, mask, world, M, K, F, dtype, seed):
+    """Each of the 32 combinations of requires_grad over (input, fc1.weight, fc1.bias, fc2.weight, fc2.bias), for
+    ParallelMLP's Function and for Column -> GELU -> Row: a tensor that takes a gradient gets the dense MLP's, one
+    that does not gets None (fc1.bias alone trains only through the saved pre-activation)."""
+    x, w1, b1, _ = _dense(M, K, F, dtype, True, device, seed)
+    _, w2, b2, grad_y = _dense(M, F, K, dtype, True, device, seed + 1)
+    wants = {name: bool(mask >> i & 1) for i, name in enumerate(LEAVES)}
+    y, grads = None, {name: [] for name in LEAVES}
+    for rank in range(world):
+        shards = {"x": x, "w1": torch.tensor_split(w1, world, 0)[rank], "b1": torch.tensor_split(b1, world, 0)[rank],
+                  "w2": torch.tensor_split(w2, world, 1)[rank], "b2": b2}  # fmt: skip
+        leaves = {name: t.detach().clone().requires_grad_(wants[name]) for name, t in shards.items()}
+        if kind == "parallel_mlp":
+            p_r = _ParallelMLP.apply(*leaves.values(), None, 1, rank, "gelu", True)
+        else:
+            h = torch.nn.functional.gelu(_ColumnParallelLinear.apply(leaves["x"], leaves["w1"], leaves["b1"], None, 1))
+            p_r = _RowParallelLinear.apply(h, leaves["w2"], leaves["b2"], None, 1, rank)
+        assert p_r.requires_grad == any(wants.values())
+        if p_r.requires_grad:
+            p_r.backward(grad_y)
+        y = p_r.detach() if y is None else y + p_r.detach()
+        for name, leaf in leaves.items():
+            assert (leaf.grad is not None) == wants[name], f"{name}: gradient {'missing' if wants[name] else 'made'}"
+            grads[name].append(leaf.grad)
+
+    ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y)
+    t = tol(dtype, max(K, F, M), rounds=world, stages=MLP_STAGES)
+    assert_close("y", y, ref["y"], mag["y"], t)
+    joined = {"x": lambda g: sum(g[1:], g[0]), "w1": lambda g: torch.cat(g, 0), "b1": lambda g: torch.cat(g, 0),
+              "w2": lambda g: torch.cat(g, 1), "b2": lambda g: g[0]}  # fmt: skip
+    for name in LEAVES:
+        if wants[name]:
+            assert_close(f"grad_{name}", joined[name](grads[name]), ref[f"grad_{name}"], mag[f"grad_{name}"], t)

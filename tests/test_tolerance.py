@@ -3,9 +3,9 @@
 import pytest
 import torch
 from strategies import DTYPES, make_tensor
-from tolerance import assert_close, tol, linear_reference
 
 from fused_tp import kernels
+from fused_tp.tolerance import assert_close, linear_reference, tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

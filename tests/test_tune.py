@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from fused_tp.tolerance import assert_close, linear_reference, tol
 
 from fused_tp import kernels, tune
 from fused_tp.kernels import configs, matmul
+from fused_tp.tolerance import assert_close, linear_reference, tol
 
 
 @pytest.fixture
