@@ -2,6 +2,10 @@
 torch.distributed. Each layer call runs `_preflight` first: the argument checks, the optional rank guard, and the
 tuning scope of run-time autotuning.
 
+Under torch.compile the same Functions trace whole: the kernels run as registered operators (kernels/ops.py) and
+the collectives as functional collectives (torch.distributed._functional_collectives), which return new tensors
+where the eager ones work in place; the rank guard and run-time autotuning stay eager-only (_preflight).
+
 R is the size of the process group, r this rank's index in it. Shards follow torch.tensor_split(t, R, dim)[r]:
 sizes need not divide evenly, the first ranks get one more. One code path serves every R; at R = 1 the
 collectives are skipped, nothing else. A missing process group with torch.distributed not initialised is R = 1.
@@ -9,14 +13,17 @@ collectives are skipped, nothing else. A missing process group with torch.distri
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from . import guard, kernels
-from .kernels import configs
+from .kernels import configs, ops
 
 
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -28,16 +35,25 @@ def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 def shard_range(size: int, world_size: int, rank: int) -> tuple[int, int]:
     """[start, stop) of the slice that torch.tensor_split(range(size), world_size)[rank] takes."""
-    base, extra = divmod(size, world_size)
+    base, extra = size // world_size, size % world_size  # not divmod: torch.compile traces sizes as SymInts
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
 
 
 def _all_reduce(t: torch.Tensor, group, world: int, async_op: bool = False):
+    """(the sum of t over the group, the pending work or None). Eagerly t itself, summed in place (async_op: wait
+    on the work before reading it); under torch.compile a new tensor, whose wait the graph places."""
     # Shapes are replicated across ranks, so every rank skips an empty or single-rank reduce alike.
     if world == 1 or t.numel() == 0:
-        return None
-    return dist.all_reduce(t, group=group, async_op=async_op)
+        return t, None
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(t, "sum", _traced_group(group)), None
+    return t, dist.all_reduce(t, group=group, async_op=async_op)
+
+
+def _traced_group(group):
+    # functional collectives name the group; None means the default one, as in torch.distributed's calls
+    return dist.group.WORLD if group is None else group
 
 
 def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch.Tensor:
@@ -49,8 +65,11 @@ def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch
         return t.new_empty((*t.shape[:-1], size))
     # all_gather wants equal, contiguous pieces: pad the short shards to the first (longest) one, trim after.
     piece = F.pad(t, (0, sizes[0] - t.shape[-1])) if t.shape[-1] < sizes[0] else t.contiguous()
-    pieces = [torch.empty_like(piece) for _ in range(world)]
-    dist.all_gather(pieces, piece, group=group)
+    if torch.compiler.is_compiling():
+        pieces = funcol.all_gather_tensor(piece.unsqueeze(0), 0, _traced_group(group)).unbind(0)
+    else:
+        pieces = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(pieces, piece, group=group)
     return torch.cat([p[..., :n] for p, n in zip(pieces, sizes)], dim=-1)
 
 
@@ -70,8 +89,8 @@ class _ColumnParallelLinear(Function):
     def forward(ctx, x, w_shard, b_shard, group, world):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w_shard if need_x else None)
-        ctx.group, ctx.world, ctx.tuning = group, world, configs.current_tuning()
-        return kernels.linear_prechecked(x, w_shard, b_shard)[0]
+        ctx.group, ctx.world, ctx.tuning = group, world, _current_tuning()
+        return ops.linear(x, w_shard, b_shard)[0]
 
     @staticmethod
     # Triton kernels and collectives build no graph: once_differentiable makes a second derivative raise
@@ -79,7 +98,7 @@ class _ColumnParallelLinear(Function):
     @once_differentiable
     def backward(ctx, grad_y_shard):
         x, w_shard = ctx.saved_tensors
-        with configs.tuning(ctx.tuning):  # autograd's thread does not inherit the forward's context
+        with _tuning(ctx.tuning):  # autograd's thread does not inherit the forward's context
             grads = _column_grads(grad_y_shard, x, w_shard, ctx.needs_input_grad[:3], ctx.group, ctx.world)
         return *grads, None, None
 
@@ -89,9 +108,8 @@ def _column_grads(grad_y_shard, x, w_shard, need, group, world) -> tuple:
     all-reduced over the group while the weight and bias gradients compute."""
     grad_x = work = None
     if need[0]:
-        grad_x = kernels.grad_input(grad_y_shard, w_shard)
-        work = _all_reduce(grad_x, group, world, async_op=True)
-    grad_w, grad_b = kernels.grad_params(grad_y_shard, x, weight=need[1], bias=need[2])
+        grad_x, work = _all_reduce(ops.grad_input(grad_y_shard, w_shard), group, world, async_op=True)
+    grad_w, grad_b = ops.grad_params(grad_y_shard, x, weight=need[1], bias=need[2])
     if work is not None:
         work.wait()
     return grad_x, grad_w, grad_b
@@ -114,19 +132,18 @@ class _RowParallelLinear(Function):
     def forward(ctx, x_shard, w_shard, b, group, world, rank):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
-        ctx.tuning = configs.current_tuning()
-        y = kernels.linear_prechecked(x_shard, w_shard, b if rank == 0 else None)[0]
-        _all_reduce(y, group, world)
-        return y
+        ctx.tuning = _current_tuning()
+        y = ops.linear(x_shard, w_shard, b if rank == 0 else None)[0]
+        return _all_reduce(y, group, world)[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x_shard, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        with configs.tuning(ctx.tuning):
-            grad_x_shard = kernels.grad_input(grad_y, w_shard) if need_x else None
-            grad_w, grad_b = kernels.grad_params(grad_y, x_shard, weight=need_w, bias=need_b)
+        with _tuning(ctx.tuning):
+            grad_x_shard = ops.grad_input(grad_y, w_shard) if need_x else None
+            grad_w, grad_b = ops.grad_params(grad_y, x_shard, weight=need_w, bias=need_b)
         return grad_x_shard, grad_w, grad_b, None, None, None
 
 
@@ -149,12 +166,11 @@ class _ParallelMLP(Function):
         need = ctx.needs_input_grad  # set from requires_grad even under no_grad: hence `grad_enabled`
         # The gradient reaches fc1 only through act'(pre): pre is written only for that (memory, and a store).
         pre_needed = grad_enabled and any(need[:3])
-        a, pre = kernels.linear_prechecked(x, w1, b1, activation, save_pre=pre_needed)
-        y = kernels.linear_prechecked(a, w2, b2 if rank == 0 else None)[0]
-        _all_reduce(y, group, world)
+        a, pre = ops.linear(x, w1, b1, activation, save_pre=pre_needed)
+        y = _all_reduce(ops.linear(a, w2, b2 if rank == 0 else None)[0], group, world)[0]
         ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, pre,
                               a if need[3] else None, w2 if pre_needed else None)  # fmt: skip
-        ctx.group, ctx.world, ctx.activation, ctx.tuning = group, world, activation, configs.current_tuning()
+        ctx.group, ctx.world, ctx.activation, ctx.tuning = group, world, activation, _current_tuning()
         return y
 
     @staticmethod
@@ -163,10 +179,10 @@ class _ParallelMLP(Function):
         x, w1, pre, a, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads1 = (None, None, None)
-        with configs.tuning(ctx.tuning):
-            grad_w2, grad_b2 = kernels.grad_params(grad_y, a, weight=need[3], bias=need[4])
+        with _tuning(ctx.tuning):
+            grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4])
             if pre is not None:
-                grad_pre = kernels.grad_input(grad_y, w2, activation=ctx.activation, pre=pre)
+                grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre)
                 grads1 = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world)
         return *grads1, grad_w2, grad_b2, None, None, None, None, None
 
@@ -200,6 +216,16 @@ class _ScatterLastDim(Function):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
+def _current_tuning() -> configs.Tuning | None:
+    # run-time autotuning is eager-only (_preflight refuses it under torch.compile), and context variables do not
+    # trace: there is no scope to carry into backward
+    return None if torch.compiler.is_compiling() else configs.current_tuning()
+
+
+def _tuning(scope: configs.Tuning | None):
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else configs.tuning(scope)
+
+
 def _preflight(where: str, group, world: int, check, facts, launch_facts) -> configs.Tuning | None:
     """Run a call's argument checks; with the rank guard on, also agree with the other ranks (fused_tp/guard.py).
     Returns the call's tuning scope (run-time autotuning on a group), else None. `launch_facts() -> str | None`:
@@ -208,7 +234,16 @@ def _preflight(where: str, group, world: int, check, facts, launch_facts) -> con
     call a tuning call.
 
     Without the guard a bad argument raises on the rank that has it, before any collective; the other ranks then
-    wait in the call's first collective until the group's timeout. With it, every rank raises at once."""
+    wait in the call's first collective until the group's timeout. With it, every rank raises at once.
+
+    Under torch.compile the checks run while tracing, on the traced shapes; the guard's gather and autotuning's
+    broadcasts are host decisions that a graph cannot hold, so on a group they raise instead of being left out."""
+    if torch.compiler.is_compiling():
+        if world > 1 and (guard.enabled() or configs.autotune_enabled()):
+            raise RuntimeError(f"{where}: the rank guard (FUSED_TP_CHECK_RANKS, check_ranks()) and run-time "
+                               "autotuning (FUSED_TP_AUTOTUNE) run eagerly only; turn them off to compile")
+        check()
+        return None
     if world == 1 or not (guard.enabled() or configs.autotune_enabled()):
         check()
         return None
@@ -277,7 +312,7 @@ def column_call(x, weight, bias, group, gather_size: int | None, out_features: i
     scope = _preflight("column-parallel linear", group, world, lambda: kernels.check_linear_args(x, weight, bias),
                        lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
                        _launch_facts(x, out_features))  # fmt: skip
-    with configs.tuning(scope):
+    with _tuning(scope):
         y = _ColumnParallelLinear.apply(x, weight, bias, group, world)
     return y if gather_size is None else _GatherLastDim.apply(y, group, world, rank, gather_size)
 
@@ -306,7 +341,7 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
                        _launch_facts(x, in_features, shard=scatter_size is None))  # fmt: skip
     if scatter_size is not None:
         x = _ScatterLastDim.apply(x, group, world, rank)
-    with configs.tuning(scope):
+    with _tuning(scope):
         return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
 
 
@@ -327,7 +362,7 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int):
                 f"activation {activation}")  # fmt: skip
 
     scope = _preflight("parallel MLP", group, world, check, facts, _launch_facts(x, hidden_features))
-    with configs.tuning(scope):
+    with _tuning(scope):
         return _ParallelMLP.apply(x, w1, b1, w2, b2, group, world, rank, activation, torch.is_grad_enabled())
 
 

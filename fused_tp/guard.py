@@ -14,13 +14,14 @@ If all ranks agree and none failed, the call goes on. If every rank failed with 
 own (identical) error. Otherwise every rank raises the same RankMismatchError, which lists each rank's record.
 
 Off by default: the gather costs a collective per layer call (bench/bench_guard.py measures it). On with
-FUSED_TP_CHECK_RANKS=1 in every rank's environment, or inside `with fused_tp.check_ranks():` on every rank.
+FUSED_TP_CHECK_RANKS=1 in every rank's environment (read when fused_tp is imported; read_environment() reads it
+again), or inside `with fused_tp.check_ranks():` on every rank. Both are plain module state, not context variables:
+a layer call reads them on its host path, and torch.compile can read (and guard on) plain globals only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 
 import torch
@@ -30,7 +31,8 @@ ENV_VAR = "FUSED_TP_CHECK_RANKS"
 RECORD_BYTES = 1024
 _SEP = b"\x1f"  # between facts and error in a record; never in the text (it is ASCII printable plus newlines)
 
-_switch: contextvars.ContextVar[bool | None] = contextvars.ContextVar("fused_tp_check_ranks", default=None)
+_switch: bool | None = None  # the innermost check_ranks() block's setting, for the whole process
+_env_on = False  # FUSED_TP_CHECK_RANKS
 _calls: dict = {}  # guarded calls made so far, per process group (None: the default group)
 
 
@@ -38,24 +40,29 @@ class RankMismatchError(RuntimeError):
     """The ranks of a group disagree about a collective call; raised identically on every rank."""
 
 
+def read_environment() -> None:
+    """Read FUSED_TP_CHECK_RANKS again (fused_tp reads it once, at import)."""
+    global _env_on
+    _env_on = os.environ.get(ENV_VAR, "0") not in ("", "0")
+
+
 def enabled() -> bool:
     """Whether layer calls run the guard: the innermost check_ranks() block, else FUSED_TP_CHECK_RANKS."""
-    switch = _switch.get()
-    if switch is not None:
-        return switch
-    return os.environ.get(ENV_VAR, "0") not in ("", "0")
+    return _env_on if _switch is None else _switch
 
 
 @contextlib.contextmanager
 def check_ranks(on: bool = True):
     """Run the guard on the layer calls inside this block (on=False: skip it, whatever the environment says).
 
-    Enter it on every rank: with it on for some ranks only, the others never join the guard's gather."""
-    token = _switch.set(bool(on))
+    Enter it on every rank: with it on for some ranks only, the others never join the guard's gather. The setting
+    is the process's, not the thread's: a layer called from another thread inside the block is guarded too."""
+    global _switch
+    before, _switch = _switch, bool(on)
     try:
         yield
     finally:
-        _switch.reset(token)
+        _switch = before
 
 
 def collective_device(group) -> torch.device:
@@ -107,3 +114,6 @@ def agree(where: str, group, facts: str, error: Exception | None) -> None:
     lines = "\n".join(f"  rank {r}: {f}" + (f"\n    raised {e}" if e else "") for r, (f, e) in enumerate(seen))
     raise RankMismatchError(f"{where}: the ranks of the group disagree about this call (FUSED_TP_CHECK_RANKS):\n"
                             f"{lines}") from error  # fmt: skip
+
+
+read_environment()

@@ -34,21 +34,7 @@ def layers_step(kind, device, dense, x, grad_y, activation="gelu"):
     Returns y, grad_x and, per layer, the shard of weight and bias with their gradients; for "row_scatter" also
     the output for a zero input (the bias alone, if it is added exactly once).
     """
-    linears = [_dense_linear(w, b, device) for w, b in dense]
-    if kind == "mlp":
-        layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0]),
-                  fused_tp.RowParallelLinear.from_linear(linears[1])]  # fmt: skip
-        approximate = fused_tp.kernels.ACTIVATIONS[activation]
-        forward = lambda t: layers[1](F.gelu(layers[0](t), approximate=approximate))  # noqa: E731
-    elif kind == "parallel_mlp":
-        forward = fused_tp.ParallelMLP.from_linears(*linears, activation=activation)
-        layers = [forward.fc1, forward.fc2]
-    elif kind == "column_gather":
-        layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0], gather_output=True)]
-        forward = layers[0]
-    else:
-        layers = [fused_tp.RowParallelLinear.from_linear(linears[0], input_is_parallel=False)]
-        forward = layers[0]
+    forward, layers = _stack(kind, [_dense_linear(w, b, device) for w, b in dense], activation)
     x = x.to(device).requires_grad_()
     y = forward(x)
     y.backward(grad_y.to(device))
@@ -60,6 +46,74 @@ def layers_step(kind, device, dense, x, grad_y, activation="gelu"):
     if kind == "row_scatter":
         with torch.no_grad():
             out["y_zero_input"] = _cpu(forward(torch.zeros_like(x)))
+    return out
+
+
+def _stack(kind, linears, activation):
+    """(forward, its fused_tp layers) for a kind of layers_step, from dense nn.Linear layers."""
+    if kind == "mlp":
+        layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0]),
+                  fused_tp.RowParallelLinear.from_linear(linears[1])]  # fmt: skip
+        approximate = fused_tp.kernels.ACTIVATIONS[activation]
+        return nn.Sequential(layers[0], nn.GELU(approximate), layers[1]), layers
+    if kind == "parallel_mlp":
+        mlp = fused_tp.ParallelMLP.from_linears(*linears, activation=activation)
+        return mlp, [mlp.fc1, mlp.fc2]
+    if kind == "column_gather":
+        layer = fused_tp.ColumnParallelLinear.from_linear(linears[0], gather_output=True)
+    else:
+        layer = fused_tp.RowParallelLinear.from_linear(linears[0], input_is_parallel=False)
+    return layer, [layer]
+
+
+def compiled_against_eager(kind, device, dense, inputs, activation="gelu"):
+    """The stack of layers_step, compiled with torch.compile(fullgraph=True, dynamic=True, backend="aot_eager"),
+    against itself eagerly, forward and backward, for each (x, grad_y) of `inputs` (token counts differ): per
+    input, the names of the results (y, grad_x, every parameter's gradient) that are not bitwise equal, and how
+    many times dynamo compiled."""
+    import torch._dynamo.testing
+
+    forward, layers = _stack(kind, [_dense_linear(w, b, device) for w, b in dense], activation)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(forward, backend=counter, fullgraph=True, dynamic=True)
+    params = [(f"{name} of layer {i}", p) for i, layer in enumerate(layers) for name, p in layer.named_parameters()]
+    differ = []
+    for x, grad_y in inputs:
+        results = []
+        for fn in (forward, compiled):
+            leaf = x.to(device).requires_grad_()
+            for _, p in params:
+                p.grad = None
+            y = fn(leaf)
+            y.backward(grad_y.to(device))
+            results.append([("y", y), ("grad_x", leaf.grad)] + [(n, p.grad) for n, p in params])
+        differ.append([n for (n, a), (_, b) in zip(*results) if not torch.equal(a, b)])
+    return {"differ": differ, "frames": counter.frame_count}
+
+
+def compile_with_guard_or_autotuning(device):
+    """torch.compile(fullgraph=True) of a Column layer with the rank guard on, then with autotuning on: the text of
+    what each raised (both are eager-only)."""
+    import os
+
+    from fused_tp.kernels import configs
+
+    layer = fused_tp.ColumnParallelLinear(6, 5, device=device)
+    x = torch.randn(4, 6, device=device)
+    out = {}
+    for name in ("guard", "autotuning"):
+        torch._dynamo.reset()
+        os.environ["FUSED_TP_AUTOTUNE"] = "1" if name == "autotuning" else "0"
+        configs.read_environment()
+        try:
+            with fused_tp.check_ranks(name == "guard"):
+                torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+            out[name] = None
+        except Exception as e:  # dynamo wraps what the traced code raised
+            out[name] = str(e)
+        finally:
+            del os.environ["FUSED_TP_AUTOTUNE"]
+            configs.read_environment()
     return out
 
 

@@ -138,8 +138,8 @@ def test_parallel_mlp_saves_no_more_than_the_dense_mlp(device, monkeypatch, x_gr
     nbytes = lambda s: sum(torch.Size(shape).numel() * dtype.itemsize for shape, dtype in s)  # noqa: E731
     assert nbytes(saved) <= nbytes(theirs)
     save_pre = []
-    real = fused_tp.kernels.linear_prechecked
-    monkeypatch.setattr(fused_tp.kernels, "linear_prechecked",
+    real = fused_tp.kernels.ops.linear
+    monkeypatch.setattr(fused_tp.kernels.ops, "linear",
                         lambda *a, **k: save_pre.append(k.get("save_pre", False)) or real(*a, **k))  # fmt: skip
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():

@@ -1,5 +1,7 @@
-"""Triton kernels and their launchers. Nothing here calls torch.distributed."""
+"""Triton kernels, their launchers, and the operators (torch.ops.fused_tp.*) over them. Nothing here calls
+torch.distributed."""
 
+from . import ops  # registers torch.ops.fused_tp.*
 from .configs import KernelConfig, pick_config
 from .matmul import (
     ACTIVATIONS,
@@ -29,6 +31,7 @@ __all__ = [
     "kernel_path",
     "linear",
     "linear_prechecked",
+    "ops",
     "path_counts",
     "pick_config",
 ]
