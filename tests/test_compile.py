@@ -136,6 +136,9 @@ def test_compiled_layers_match_eager_on_gloo_ranks(rank_pools, device, world, ki
         dense, width, out = [(t(41, 16), t(41))], 16, 41
     else:
         dense, width, out = [(t(16, 41), t(16))], 41, 16
+    if device == "cuda" and kind in ("column_gather", "row_scatter"):
+        pytest.skip("the functional all_gather of CUDA tensors over gloo (ranks sharing the GPU) ends the rank with "
+                    "SIGSEGV on the H200 (torch 2.11; bench/NOTES.md session 10); over NCCL it needs a GPU per rank")
     inputs = [(t(tokens, width), t(tokens, out)) for tokens in (5, 9)]
     outs = rank_pools(world).run(dist_cases.compiled_against_eager, kind, device, dense, inputs)
     for rank, result in enumerate(outs):

@@ -34,6 +34,7 @@ one a device gets and `path_counts` how many launches took each path.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import time
@@ -669,6 +670,20 @@ def _has_tma(device: torch.device) -> bool:
 
 
 _scratch: dict = {}  # (device index, stream) -> the descriptor scratch of the launches on that stream
+_reuse_scratch = True  # off while a registered operator runs (scratch_per_launch)
+
+
+@contextlib.contextmanager
+def scratch_per_launch():
+    """Launches inside take a fresh descriptor scratch each, kept nowhere. For the registered operators (ops.py):
+    torch.compile's CUDA graphs warm up with this thread's allocations routed to the graph's private pool, where
+    a buffer kept past the graph counts as a leak; eager launches, which skip the operators, keep reusing theirs."""
+    global _reuse_scratch
+    before, _reuse_scratch = _reuse_scratch, False
+    try:
+        yield
+    finally:
+        _reuse_scratch = before
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -676,8 +691,9 @@ def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
     Launches on one stream run in order, so a kernel's descriptors are dead before the next one writes its own.
     Reuse saves an allocation per launch (host time) and keeps the scratch out of each step's peak memory. A
-    stream being captured into a CUDA graph gets its own buffer from the graph's pool, not kept here."""
-    if torch.cuda.is_current_stream_capturing():
+    stream being captured into a CUDA graph gets its own buffer from the graph's pool, not kept here, and so does
+    a launch from a registered operator (scratch_per_launch)."""
+    if not _reuse_scratch or torch.cuda.is_current_stream_capturing():
         return torch.empty(size, device="cuda", dtype=torch.int8)
     key = (torch._C._cuda_getDevice(), stream)
     buf = _scratch.get(key)

@@ -11,7 +11,8 @@
 Every output is a new contiguous tensor in the inputs' dtype. The fake implementations give those shapes from the
 inputs' alone, so a trace never runs a kernel; the real ones are the launchers of matmul.py, which read strides and
 data pointers when they run: a compiled graph takes the same path (descriptors, pointers, an aligned copy) for the
-tensors it is given at run time as eager code would, whatever they were when it was traced.
+tensors it is given at run time as eager code would, whatever they were when it was traced. They take a fresh
+descriptor scratch each launch (matmul.scratch_per_launch), which CUDA graphs from torch.compile need.
 
 The layers' autograd Functions call these through `linear` and the others below: the operator while torch.compile
 traces, the launcher itself in eager mode, where the dispatcher's boundary would cost host time (about 10 us a
@@ -31,7 +32,8 @@ _NO_PRE = (0,)
 @torch.library.custom_op("fused_tp::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    y, pre = matmul.linear_prechecked(x, weight, bias, activation, save_pre)
+    with matmul.scratch_per_launch():
+        y, pre = matmul.linear_prechecked(x, weight, bias, activation, save_pre)
     return y, pre if pre is not None else x.new_empty(_NO_PRE)
 
 
@@ -44,7 +46,8 @@ def _(x, weight, bias, activation, save_pre):
 @torch.library.custom_op("fused_tp::grad_input", mutates_args=())
 def _grad_input_op(grad_y: torch.Tensor, weight: torch.Tensor, activation: str,
                    pre: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    return matmul.grad_input(grad_y, weight, activation=activation or None, pre=pre)
+    with matmul.scratch_per_launch():
+        return matmul.grad_input(grad_y, weight, activation=activation or None, pre=pre)
 
 
 @_grad_input_op.register_fake
@@ -54,7 +57,8 @@ def _(grad_y, weight, activation, pre):
 
 @torch.library.custom_op("fused_tp::grad_weight", mutates_args=())
 def _grad_weight_op(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return matmul.grad_params(grad_y, x, bias=False)[0]
+    with matmul.scratch_per_launch():
+        return matmul.grad_params(grad_y, x, bias=False)[0]
 
 
 @_grad_weight_op.register_fake
@@ -64,7 +68,7 @@ def _(grad_y, x):
 
 @torch.library.custom_op("fused_tp::bias_grad", mutates_args=())
 def _bias_grad_op(grad_y: torch.Tensor) -> torch.Tensor:
-    return matmul._colsum(matmul._rows(grad_y))
+    return matmul._colsum(matmul._rows(grad_y))  # no descriptors: no scratch
 
 
 @_bias_grad_op.register_fake
