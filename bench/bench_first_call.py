@@ -36,7 +36,7 @@ def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
 
     from common import DTYPES, time_interleaved
     from fused_tp import kernels, path_counts
-    from fused_tp.kernels import configs, matmul
+    from fused_tp.kernels import autotune, configs, jit, plan
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, rows = DTYPES[dtype_name], []
@@ -60,15 +60,14 @@ def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
                    sources={k: v - before[k] for k, v in path_counts.items() if k.startswith("config_")})  # fmt: skip
         if autotune:
             for name in PRODUCTS:
-                key = next(k for k in configs.autotuned if k[1] == name and k[5:] == launch[name])
-                tma, tf32 = key[4], key[3]
-                tuned = configs.autotuned[key]
-                table, source = configs.pick_config(
-                    *launch[name], dtype, interpreted=matmul.INTERPRETED, tma=tma, slots=matmul._program_slots(
-                        x.device), product=name, gpu=matmul.gpu_name(x.device), tf32=tf32)  # fmt: skip
+                key = next(k for k in autotune.autotuned if k[2] == name and k[7:] == launch[name])
+                tma, tf32 = key[5], key[4]
+                tuned, dev = autotune.autotuned[key], plan.device(x.get_device())
+                table, source = plan.pick_config(*launch[name], dtype, interpreted=jit.INTERPRETED, tma=tma,
+                                                 slots=dev.slots, product=name, gpu=dev.gpu, tf32=tf32)  # fmt: skip
                 t = time_interleaved({"autotuned": _pinned(ours[name], tuned, configs),
                                       "table": _pinned(ours[name], table, configs), "cublas": theirs[name]},
-                                     timer=None if device == "cuda" else matmul.autotune_timer)  # fmt: skip
+                                     timer=None if device == "cuda" else autotune.timer)  # fmt: skip
                 row.update({f"{name}_autotuned_ms": t["autotuned"][0], f"{name}_table_ms": t["table"][0],
                             f"{name}_cublas_ms": t["cublas"][0], f"{name}_table_source": source,
                             f"{name}_autotuned_over_table": t["table"][0] / t["autotuned"][0],

@@ -3,12 +3,14 @@
     python bench/bench_host.py [--rounds 3] [--calls 2000] [--stub-kernels]
 
 A tiny problem (16 x 256 x 256 in bf16 on a GPU; 16 x 128 x 128 in fp32 with the TF32 flag set on the CPU, where no
-fp32 operand is then copied into another layout first: matmul.FP32_COPY_MIN_REUSE) makes every call host-bound, so
-the wall time of many back-to-back calls over their count is the host's cost of one call. Cases: `F.linear`, `kernels.linear`,
-`kernels.grad_input`, `kernels.grad_params` (matmul + column sum), and forward + backward of `nn.Linear` against
-`ColumnParallelLinear.from_linear` of it. Rounds alternate and every case runs in every round, because a host's
-speed swings between rounds by more than most changes to the launch path: compare within a round, or the minimum
-over rounds (noise only adds time).
+fp32 operand is then copied into another layout first: layout.FP32_COPY_MIN_REUSE) makes every call host-bound, so
+the wall time of many back-to-back calls over their count is the host's cost of one call. Cases: `F.linear`,
+`kernels.linear`, the registered operator `torch.ops.fused_tp.linear` (the dispatcher's cost), `kernels.grad_input`,
+`kernels.grad_params` (matmul + column sum); a one-token forward under no_grad of `nn.Linear` and of
+`ColumnParallelLinear.from_linear` of it; forward + backward of `nn.Linear`, Column, Row, and of the Linear -> GELU
+-> Linear stack against ParallelMLP. PAIRS lists the ratios the issue's goals bound. Rounds alternate and every case
+runs in every round, because a host's speed swings between rounds by more than most changes to the launch path:
+ratios are taken within a round, and their median over rounds is reported.
 
 --stub-kernels replaces the two Triton kernels by functions that return at once (fused_tp's own Python alone; it
 runs on a CPU without Triton's interpreter doing the work): how the wrapper, not Triton's launcher, changed.
@@ -35,7 +37,7 @@ from common import env, markdown_table, results_dir, write  # noqa: E402
 
 import fused_tp  # noqa: E402
 from fused_tp import kernels  # noqa: E402
-from fused_tp.kernels import matmul  # noqa: E402
+from fused_tp.kernels import jit  # noqa: E402
 
 
 class _Stub:
@@ -58,12 +60,23 @@ def host_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+# (case, baseline case, the bound on fused_tp / baseline host time): the layer-level pairs the goals name.
+PAIRS = [("Column forward, no_grad", "nn.Linear forward, no_grad", 1.3),
+         ("Column fwd+bwd", "nn.Linear fwd+bwd", 1.25),
+         ("Row fwd+bwd", "nn.Linear fwd+bwd", 1.25),
+         ("ParallelMLP fwd+bwd", "nn.Linear MLP fwd+bwd", 1.25),
+         ("kernels.linear", "F.linear", None),
+         ("torch.ops.fused_tp.linear", "F.linear", None)]  # fmt: skip
+
+
 def cases(device: str, dtype: torch.dtype, width: int) -> dict:
     x = torch.randn(16, width, device=device, dtype=dtype)
+    x1 = x[:1].clone()  # one token: decode
     w = torch.randn(width, width, device=device, dtype=dtype)
     b = torch.randn(width, device=device, dtype=dtype)
-    lin = nn.Linear(width, width, device=device, dtype=dtype)
-    col = fused_tp.ColumnParallelLinear.from_linear(lin)
+    lin, lin2 = (nn.Linear(width, width, device=device, dtype=dtype) for _ in range(2))
+    col, row = fused_tp.ColumnParallelLinear.from_linear(lin), fused_tp.RowParallelLinear.from_linear(lin)
+    mlp, pmlp = nn.Sequential(lin, nn.GELU(), lin2), fused_tp.ParallelMLP.from_linears(lin, lin2)
     xg = x.clone().requires_grad_()
 
     def step(module):
@@ -75,13 +88,26 @@ def cases(device: str, dtype: torch.dtype, width: int) -> dict:
 
         return run
 
+    def no_grad(module):
+        def run():
+            with torch.no_grad():
+                return module(x1)
+
+        return run
+
     return {
         "F.linear": lambda: F.linear(x, w, b),
         "kernels.linear": lambda: kernels.linear(x, w, b),
+        "torch.ops.fused_tp.linear": lambda: torch.ops.fused_tp.linear(x, w, b, "", False),
         "kernels.grad_input": lambda: kernels.grad_input(x, w),
         "kernels.grad_params": lambda: kernels.grad_params(x, x),
+        "nn.Linear forward, no_grad": no_grad(lin),
+        "Column forward, no_grad": no_grad(col),
         "nn.Linear fwd+bwd": step(lin),
-        "ColumnParallelLinear fwd+bwd": step(col),
+        "Column fwd+bwd": step(col),
+        "Row fwd+bwd": step(row),
+        "nn.Linear MLP fwd+bwd": step(mlp),
+        "ParallelMLP fwd+bwd": step(pmlp),
     }
 
 
@@ -96,7 +122,7 @@ def main():
     if device == "cpu":
         torch.backends.cuda.matmul.allow_tf32 = True  # only steers fused_tp's layout choice here (see above)
     if args.stub_kernels:
-        matmul._matmul_kernel = matmul._colsum_kernel = _Stub()
+        jit.matmul_kernel = jit.colsum_kernel = _Stub()
     elif device == "cpu":
         args.calls = min(args.calls, 20)  # the interpreter runs the kernels: its time says nothing about launches
     info = dict(env(), kernel_path=kernels.kernel_path(device), stub_kernels=args.stub_kernels, dtype=str(dtype),
@@ -112,9 +138,20 @@ def main():
     for name in named:
         us = sorted(r["host_us"] for r in rows if r["case"] == name)
         summary.append(dict(case=name, min_us=us[0], median_us=us[len(us) // 2], max_us=us[-1]))
+    # Ratios within each round (a host's speed swings between rounds), then their median over the rounds.
+    ratios = []
+    for case, base, bound in PAIRS:
+        per_round = sorted(next(r["host_us"] for r in rows if r["round"] == i and r["case"] == case)
+                           / next(r["host_us"] for r in rows if r["round"] == i and r["case"] == base)
+                           for i in range(args.rounds))  # fmt: skip
+        ratios.append(dict(case=case, baseline=base, median_ratio=per_round[len(per_round) // 2],
+                           min_ratio=per_round[0], max_ratio=per_round[-1], bound=bound,
+                           within_bound=None if bound is None else per_round[len(per_round) // 2] <= bound))  # fmt: skip
     out = results_dir(info["gpu"]) / f"bench_host{'_stub' if args.stub_kernels else ''}.json"
-    write(out, {"env": info, "summary": summary, "rows": rows})
+    write(out, {"env": info, "summary": summary, "ratios": ratios, "rows": rows})
     print("\n" + markdown_table(summary, ["case", "min_us", "median_us", "max_us"]))
+    print("\nhost time over the baseline's, median of per-round ratios (bound: the issue's goal)\n"
+          + markdown_table(ratios, ["case", "baseline", "median_ratio", "min_ratio", "max_ratio", "bound"]))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from . import guard, kernels
-from .kernels import configs, ops
+from .kernels import autotune, configs, ops
 
 
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -133,8 +133,7 @@ class _RowParallelLinear(Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
         ctx.tuning = _current_tuning()
-        y = ops.linear(x_shard, w_shard, b if rank == 0 else None)[0]
-        return _all_reduce(y, group, world)[0]
+        return _row_forward(x_shard, w_shard, b, group, world, rank)
 
     @staticmethod
     @once_differentiable
@@ -162,12 +161,11 @@ class _ParallelMLP(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation, grad_enabled):
-        need = ctx.needs_input_grad  # set from requires_grad even under no_grad: hence `grad_enabled`
+    def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation):
+        need = ctx.needs_input_grad
         # The gradient reaches fc1 only through act'(pre): pre is written only for that (memory, and a store).
-        pre_needed = grad_enabled and any(need[:3])
-        a, pre = ops.linear(x, w1, b1, activation, save_pre=pre_needed)
-        y = _all_reduce(ops.linear(a, w2, b2 if rank == 0 else None)[0], group, world)[0]
+        pre_needed = any(need[:3])
+        y, a, pre = _mlp_forward(x, w1, b1, w2, b2, group, world, rank, activation, pre_needed)
         ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, pre,
                               a if need[3] else None, w2 if pre_needed else None)  # fmt: skip
         ctx.group, ctx.world, ctx.activation, ctx.tuning = group, world, activation, _current_tuning()
@@ -184,7 +182,19 @@ class _ParallelMLP(Function):
             if pre is not None:
                 grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre)
                 grads1 = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world)
-        return *grads1, grad_w2, grad_b2, None, None, None, None, None
+        return *grads1, grad_w2, grad_b2, None, None, None, None
+
+
+def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):
+    """all_reduce(x_shard @ w_shard.T + (b on rank 0 only))."""
+    return _all_reduce(ops.linear(x_shard, w_shard, b if rank == 0 else None)[0], group, world)[0]
+
+
+def _mlp_forward(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str, save_pre: bool):
+    """(y, a, pre or None) of the MLP: a = act(pre), pre = x @ w1.T + b1 (one launch); y = all_reduce(a @ w2.T +
+    (b2 on rank 0 only))."""
+    a, pre = ops.linear(x, w1, b1, activation, save_pre=save_pre)
+    return _row_forward(a, w2, b2, group, world, rank), a, pre
 
 
 class _GatherLastDim(Function):
@@ -216,17 +226,17 @@ class _ScatterLastDim(Function):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
-def _current_tuning() -> configs.Tuning | None:
+def _current_tuning() -> autotune.Tuning | None:
     # run-time autotuning is eager-only (_preflight refuses it under torch.compile), and context variables do not
     # trace: there is no scope to carry into backward
-    return None if torch.compiler.is_compiling() else configs.current_tuning()
+    return None if torch.compiler.is_compiling() else autotune.current_tuning()
 
 
-def _tuning(scope: configs.Tuning | None):
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else configs.tuning(scope)
+def _tuning(scope: autotune.Tuning | None):
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else autotune.tuning(scope)
 
 
-def _preflight(where: str, group, world: int, check, facts, launch_facts) -> configs.Tuning | None:
+def _preflight(where: str, group, world: int, check, facts, launch_facts) -> autotune.Tuning | None:
     """Run a call's argument checks; with the rank guard on, also agree with the other ranks (fused_tp/guard.py).
     Returns the call's tuning scope (run-time autotuning on a group), else None. `launch_facts() -> str | None`:
     what, beside `facts`, fixes every rank's launches (input strides, the layer's dense size along its split dim),
@@ -266,23 +276,23 @@ def _preflight(where: str, group, world: int, check, facts, launch_facts) -> con
 _tuned_calls: set = set()  # the facts of every layer call run-time autotuning has seen in this process
 
 
-def _tuning_scope(group, facts: str, always: bool) -> configs.Tuning | None:
+def _tuning_scope(group, facts: str, always: bool) -> autotune.Tuning | None:
     """FUSED_TP_AUTOTUNE=1 on a group: the first call with these facts (replicated, so new on every rank alike) is a
-    tuning call; its launches, forward and backward, take rank 0's configs (matmul._autotuned). The facts must fix
+    tuning call; its launches, forward and backward, take rank 0's configs (autotune.autotuned_config). The facts must fix
     every rank's launches (sizes, strides, the dense split size): a call whose facts were seen, but whose launches
     are new on some rank, would let that rank choose alone. `always`: every call is a tuning call (one broadcast
     per launch), where the facts cannot say what the other ranks' shards are."""
     if facts in _tuned_calls and not always:
         return None
     _tuned_calls.add(facts)
-    return configs.Tuning(consensus=lambda cfg: _broadcast_config(cfg, group))
+    return autotune.Tuning(consensus=lambda cfg: _broadcast_config(cfg, group))
 
 
 def _broadcast_config(cfg, group):
     """Rank 0's config (or None) on every rank of `group`."""
-    values = torch.tensor(configs.to_ints(cfg), dtype=torch.int64, device=guard.collective_device(group))
+    values = torch.tensor(autotune.to_ints(cfg), dtype=torch.int64, device=guard.collective_device(group))
     dist.broadcast(values, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
-    return configs.from_ints(values.tolist())
+    return autotune.from_ints(values.tolist())
 
 
 def _param_facts(weight, bias, replicated_dim: int) -> str:
@@ -305,23 +315,33 @@ def _launch_facts(x, dense_size: int | None, shard: bool = False):
     return text
 
 
-def column_call(x, weight, bias, group, gather_size: int | None, out_features: int | None = None):
+def column_call(x, weight, bias, group, gather_size: int | None, out_features: int | None = None,
+                world_rank: tuple[int, int] | None = None):  # fmt: skip
     """Column-parallel linear; with `gather_size` (the layer's out_features) the output gathered on every rank.
-    `out_features`: the dense layer's (None from the functional form)."""
-    world, rank = group_size_rank(group)
+    `out_features`: the dense layer's (None from the functional form); `world_rank`: the group's (R, r) where the
+    caller has them."""
+    world, rank = world_rank or group_size_rank(group)
     scope = _preflight("column-parallel linear", group, world, lambda: kernels.check_linear_args(x, weight, bias),
                        lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
                        _launch_facts(x, out_features))  # fmt: skip
-    with _tuning(scope):
-        y = _ColumnParallelLinear.apply(x, weight, bias, group, world)
-    return y if gather_size is None else _GatherLastDim.apply(y, group, world, rank, gather_size)
+    graph = _records_grad(x, weight, bias)
+    if graph:
+        y = _in_scope(scope, _ColumnParallelLinear.apply, x, weight, bias, group, world)
+    else:
+        y = _in_scope(scope, ops.linear, x, weight, bias)[0]
+    if gather_size is None:
+        return y
+    if graph:
+        return _GatherLastDim.apply(y, group, world, rank, gather_size)
+    return _all_gather_last_dim(y, group, world, gather_size)
 
 
-def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int | None = None):
+def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int | None = None,
+             world_rank: tuple[int, int] | None = None):  # fmt: skip
     """Row-parallel linear on this rank's input features, or with `scatter_size` (the layer's in_features) on the
     replicated full input, of which it takes its slice. `in_features`: the dense layer's (None from the functional
-    form)."""
-    world, rank = group_size_rank(group)
+    form); `world_rank` as for column_call."""
+    world, rank = world_rank or group_size_rank(group)
 
     def check():
         if scatter_size is not None and (not isinstance(x, torch.Tensor) or x.dim() == 0
@@ -339,22 +359,26 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
 
     scope = _preflight("row-parallel linear", group, world, check, facts,
                        _launch_facts(x, in_features, shard=scatter_size is None))  # fmt: skip
+    if _records_grad(x, weight, bias):
+        if scatter_size is not None:
+            x = _ScatterLastDim.apply(x, group, world, rank)
+        return _in_scope(scope, _RowParallelLinear.apply, x, weight, bias, group, world, rank)
     if scatter_size is not None:
-        x = _ScatterLastDim.apply(x, group, world, rank)
-    with _tuning(scope):
-        return _RowParallelLinear.apply(x, weight, bias, group, world, rank)
+        start, stop = shard_range(scatter_size, world, rank)
+        x = x[..., start:stop]
+    return _in_scope(scope, _row_forward, x, weight, bias, group, world, rank)
 
 
-def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int):
+def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
+             world_rank: tuple[int, int] | None = None):  # fmt: skip
     """Column (w1, b1) -> activation -> Row (w2, b2) on this rank's shards; the full output on every rank.
-    `hidden_features`: the dense hidden width."""
-    world, rank = group_size_rank(group)
+    `hidden_features`: the dense hidden width; `world_rank` as for column_call."""
+    world, rank = world_rank or group_size_rank(group)
 
     def check():
         kernels.check_activation(activation, allow_none=False)
         kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
-        # fc2 reads what fc1 writes: [..., F_r] in fc1.weight's dtype, on its device; an empty view stands for it
-        # (no allocation on the call's host path).
+        # fc2 reads what fc1 writes: [..., F_r] in fc1.weight's dtype, on its device; an empty view stands for it.
         kernels.check_linear_args(w1.t()[:0], w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
 
     def facts():
@@ -362,8 +386,23 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int):
                 f"activation {activation}")  # fmt: skip
 
     scope = _preflight("parallel MLP", group, world, check, facts, _launch_facts(x, hidden_features))
+    if _records_grad(x, w1, b1, w2, b2):
+        return _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, world, rank, activation)
+    return _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, world, rank, activation, False)[0]
+
+
+def _records_grad(*tensors) -> bool:
+    """Whether autograd records this call (grad mode on and a tensor that requires grad): where it does not, the
+    layers skip their autograd Function, whose bookkeeping costs host time per call for nothing."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _in_scope(scope: autotune.Tuning | None, fn, *args):
+    """fn(*args) with `scope` as run-time autotuning's tuning scope (None: none)."""
+    if scope is None and autotune.current_tuning() is None:  # autotuning off: nothing to set or restore
+        return fn(*args)
     with _tuning(scope):
-        return _ParallelMLP.apply(x, w1, b1, w2, b2, group, world, rank, activation, torch.is_grad_enabled())
+        return fn(*args)
 
 
 def column_parallel_linear(x, weight, bias=None, *, process_group=None):

@@ -48,13 +48,15 @@ class _ParallelLinear(nn.Module):
         bias_dim = 0 if self._split_dim == 0 else None
         self.register_parameter("bias", None if bias is None else param(bias, bias_dim))
 
-    def _check_group(self) -> None:
-        world, rank = group_size_rank(self.process_group)
-        if (world, rank) != (self.world_size, self.rank):
+    def _check_group(self) -> tuple[int, int]:
+        """(R, r) of the layer's group, as it was when the layer was built; RuntimeError if the group changed."""
+        world_rank = group_size_rank(self.process_group)
+        if world_rank != (self.world_size, self.rank):
             raise RuntimeError(
                 f"process_group: the layer was built for rank {self.rank} of {self.world_size}, "
-                f"but the group now gives rank {rank} of {world}"
+                f"but the group now gives rank {world_rank[1]} of {world_rank[0]}"
             )
+        return world_rank
 
     def extra_repr(self) -> str:
         return (
@@ -78,9 +80,9 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_group()
+        world_rank = self._check_group()
         gather_size = self.out_features if self.gather_output else None
-        return column_call(x, self.weight, self.bias, self.process_group, gather_size, self.out_features)
+        return column_call(x, self.weight, self.bias, self.process_group, gather_size, self.out_features, world_rank)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gather_output={self.gather_output}"
@@ -102,9 +104,9 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_group()
+        world_rank = self._check_group()
         scatter_size = None if self.input_is_parallel else self.in_features
-        return row_call(x, self.weight, self.bias, self.process_group, scatter_size, self.in_features)
+        return row_call(x, self.weight, self.bias, self.process_group, scatter_size, self.in_features, world_rank)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"
@@ -150,10 +152,10 @@ class ParallelMLP(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.fc1._check_group()
+        world_rank = self.fc1._check_group()
         self.fc2._check_group()
         return mlp_call(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                        self.fc1.process_group, self.activation, self.fc1.out_features)  # fmt: skip
+                        self.fc1.process_group, self.activation, self.fc1.out_features, world_rank)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -108,14 +108,15 @@ def _mlp64(x, w1, b1, w2, b2, grad_y, act):
     return {"y": y.detach(), **{"grad_" + k: v.grad for k, v in leaves.items()}}
 
 
-def mlp_reference(x, w1, b1, w2, b2, grad_y, approximate="none"):
-    """(values, magnitudes) of the dense Linear -> GELU -> Linear in float64 (F.gelu's `approximate`): dicts with y
-    and grad_<name> of x, w1, b1, w2, b2. The magnitudes run the same graph on absolute values with GELU replaced
-    by a = 1.13 h whose derivative is taken as 1.13 + 0.8 h: |gelu(h)| <= |h|, |gelu'| <= 1.13, and |gelu''| <= 0.8
-    carries an error in h into gelu'(h) (the same bounds hold for the tanh form)."""
-    import torch.nn.functional as F
+def mlp_reference(x, w1, b1, w2, b2, grad_y, activation="gelu"):
+    """(values, magnitudes) of the dense Linear -> GELU -> Linear in float64 (`activation`: a GELU of
+    fused_tp.kernels.ACTIVATIONS): dicts with y and grad_<name> of x, w1, b1, w2, b2. The magnitudes run the same
+    graph on absolute values with GELU replaced by a = 1.13 h whose derivative is taken as 1.13 + 0.8 h: |gelu(h)|
+    <= |h|, |gelu'| <= 1.13, and |gelu''| <= 0.8 carries an error in h into gelu'(h) (the same bounds hold for the
+    tanh form)."""
+    from .kernels.epilogues import ACTIVATIONS
 
-    ref = _mlp64(x, w1, b1, w2, b2, grad_y, lambda h: F.gelu(h, approximate=approximate))
+    ref = _mlp64(x, w1, b1, w2, b2, grad_y, ACTIVATIONS[activation].torch_fn)
     absolute = [None if t is None else t.detach().abs() for t in (x, w1, b1, w2, b2, grad_y)]
     mag = _mlp64(*absolute, lambda h: 1.13 * h + 0.8 * h.detach() * (h - h.detach()))
     return ref, mag

@@ -5,9 +5,9 @@ shape (tokens M, in-features K, out-features N), every config of `configs.candid
 checked against torch, then it is timed beside torch (cuBLAS on a GPU) in the same process. Written to --out:
 
     timings_<kernel>_<dtype>.json   every timing: product, shape, path, config, ms (the minimum of ms_rounds:
-                                    the contenders are timed three times, configs.contenders), TF/s, torch's
+                                    the contenders are timed three times, autotune.contenders), TF/s, torch's
                                     ms, ratio
-    <gpu-slug>.json                 the tuned table (configs.load_table's format): the fastest config per product,
+    <gpu-slug>.json                 the tuned table (tables.load_table's format): the fastest config per product,
                                     dtype, operand path and shape bucket, merged with the entries of other
                                     buckets a table already there holds; copy it into fused_tp/kernels/tuned/
     tune_<kernel>_<dtype>.png       TF/s of each config on each shape (with matplotlib installed)
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels, path_counts
-from .kernels import configs
-from .kernels.matmul import INTERPRETED, autotune_timer, gpu_name
+from .kernels import autotune, configs, plan, tables
+from .kernels.matmul import INTERPRETED
 
 # --dtype: the operand dtype; fp32 twice, as tf32 (torch.backends.cuda.matmul.allow_tf32 on, for cuBLAS and for
-# fused_tp) and fp32 (off): configs.TABLE_DTYPES.
+# fused_tp) and fp32 (off): tables.TABLE_DTYPES.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 # (M tokens, K, N): the speed issue's shapes (Llama-3-70B/8B MLP shards at TP 1-8, odd and decode shapes).
 DECODE = [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))]
@@ -128,10 +128,10 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not INTERPRETED:
         raise SystemExit("tune: needs a GPU, or TRITON_INTERPRET=1 set before fused_tp is imported (interpreter)")
-    timer = timer or (gpu_timer if device == "cuda" else autotune_timer)  # the latter: the interpreter's wall clock
+    timer = timer or (gpu_timer if device == "cuda" else autotune.timer)  # the latter: the interpreter's wall clock
     dtype, shapes = DTYPES[args.dtype], load_shapes(args.shapes)
     products = configs.PRODUCTS if args.kernel == "all" else (args.kernel,)
-    gpu = gpu_name(torch.device(device))
+    gpu = plan.device(torch.cuda.current_device() if device == "cuda" else -1).gpu
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype}
@@ -177,7 +177,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
         table = merged
     tuned = {"format": 1, "env": {k: v for k, v in env.items() if k != "dtype"}, "gpus": {gpu: table}}  # all dtypes
     written["table"].write_text(json.dumps(tuned, indent=1) + "\n")
-    configs.load_table(written["table"])  # what was written must load
+    tables.load_table(written["table"])  # what was written must load
     plot = _plot(rows, out_dir / f"tune_{args.kernel}_{args.dtype}.png", f"fused_tp tune, {args.dtype}, {gpu}")
     if plot:
         written["plot"] = plot
@@ -187,7 +187,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
 
 
 def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -> None:
-    """Re-time each shape's contenders (configs.contenders) configs.CONFIRM_ROUNDS more times, interleaved with
+    """Re-time each shape's contenders (autotune.contenders) autotune.CONFIRM_ROUNDS more times, interleaved with
     torch, then fill in every row's ms (the minimum of its ms_rounds), TF/s, torch's ms (the minimum of its rounds)
     and ratio."""
     by_shape = {}
@@ -196,9 +196,9 @@ def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -
     for key, mine in by_shape.items():
         cands = [configs.KernelConfig(**r["config"]) for r in mine]
         rule = configs.rule_config(mine[0]["launch_mnk"][0], DTYPES[name], INTERPRETED, mine[0]["path"] == "tma")
-        again = configs.contenders(cands, [r["ms_rounds"][0] if r["ms_rounds"] else None for r in mine], rule)
+        again = autotune.contenders(cands, [r["ms_rounds"][0] if r["ms_rounds"] else None for r in mine], rule)
         ours, theirs = calls[key]
-        for _ in range(configs.CONFIRM_ROUNDS if again else 0):
+        for _ in range(autotune.CONFIRM_ROUNDS if again else 0):
             baselines[key].append(timer(theirs))
             for i in again:
                 with configs.pin_config(cands[i]):
@@ -216,7 +216,7 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
     operands of the table dtype `name`.
 
     A config replaces the rule's (configs.rule_config, always among the candidates) only if it was faster by more
-    than configs.MARGIN (`configs.choose`; seen on the H100: bench/NOTES.md, attempt 11)."""
+    than autotune.MARGIN (`autotune.choose`; seen on the H100: bench/NOTES.md, attempt 11)."""
     by_shape = {}
     for r in rows:
         by_shape.setdefault((r["product"], r["M"], r["K"], r["N"]), []).append(r)
@@ -228,7 +228,7 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
         m, n, k = mine[0]["launch_mnk"]
         rule = configs.rule_config(m, DTYPES[name], INTERPRETED, mine[0]["path"] == "tma")
         cands = [configs.KernelConfig(**r["config"]) for r in timed]
-        pick = configs.choose(cands, [r["ms"] for r in timed], rule)
+        pick = autotune.choose(cands, [r["ms"] for r in timed], rule)
         by_rule = next((r for r in timed if r["config"] == rule.to_dict()), None)
         chosen.append(dict(next(r for r in timed if r["config"] == pick.to_dict()), rule_ms=by_rule and by_rule["ms"]))
     table = {}
@@ -236,7 +236,7 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
         m, n, k = r["launch_mnk"]
         routes = table.setdefault(r["product"], {}).setdefault(name, {})
         entries = routes.setdefault(r["path"], {})
-        key, flops = configs.table_key(m, n, k), 2 * m * n * k
+        key, flops = tables.table_key(m, n, k), 2 * m * n * k
         # Two shapes in one bucket: the larger problem's choice, since it carries more of a model's time.
         if key not in entries or entries[key]["flops"] < flops:
             entries[key] = dict(config=r["config"], shape_MKN=[r["M"], r["K"], r["N"]], ms=r["ms"],

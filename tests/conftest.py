@@ -53,6 +53,18 @@ def set_tf32():
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@pytest.fixture
+def fresh_plans():
+    """Launch plans are cached (fused_tp.kernels.plan): a test that changes what a plan depends on (a layout rule,
+    the interpreter switch, the tuned tables) starts and ends with none, so that neither it nor a later test runs a
+    plan made under other rules."""
+    from fused_tp.kernels import plan
+
+    plan.clear_caches()
+    yield
+    plan.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def rank_pools():
     """rank_pools(world_size) -> a RankPool of long-lived gloo ranks, started on first use, closed at the end."""

@@ -54,8 +54,7 @@ def _stack(kind, linears, activation):
     if kind == "mlp":
         layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0]),
                   fused_tp.RowParallelLinear.from_linear(linears[1])]  # fmt: skip
-        approximate = fused_tp.kernels.ACTIVATIONS[activation]
-        return nn.Sequential(layers[0], nn.GELU(approximate), layers[1]), layers
+        return nn.Sequential(layers[0], fused_tp.kernels.ACTIVATIONS[activation].module(), layers[1]), layers
     if kind == "parallel_mlp":
         mlp = fused_tp.ParallelMLP.from_linears(*linears, activation=activation)
         return mlp, [mlp.fc1, mlp.fc2]
@@ -248,9 +247,9 @@ def forget_autotuning():
     calls it has tuned: with only the first cleared, a layer call seen in an earlier test is no tuning call, and
     every rank would time and choose alone."""
     from fused_tp import autograd
-    from fused_tp.kernels import configs
+    from fused_tp.kernels import autotune
 
-    configs.autotuned.clear()
+    autotune.autotuned.clear()
     autograd._tuned_calls.clear()
 
 
@@ -263,7 +262,7 @@ def autotuned_steps(device, hidden, ffns, steps, dtype):
     ones must match bitwise)."""
     import os
 
-    from fused_tp.kernels import configs, matmul
+    from fused_tp.kernels import autotune, configs, jit
 
     rank, calls = dist.get_rank(), []
 
@@ -275,9 +274,9 @@ def autotuned_steps(device, hidden, ffns, steps, dtype):
         calls[-1] += 1
         return score(configs.pinned_config())
 
-    saved_timer, os.environ["FUSED_TP_AUTOTUNE"] = matmul.autotune_timer, "1"
+    saved_timer, os.environ["FUSED_TP_AUTOTUNE"] = autotune.timer, "1"
     configs.read_environment()
-    matmul.autotune_timer = timer
+    autotune.timer = timer
     forget_autotuning()
     try:
         torch.manual_seed(0)
@@ -293,15 +292,15 @@ def autotuned_steps(device, hidden, ffns, steps, dtype):
                 y.backward(torch.ones_like(y))
                 outs.append((_cpu(y), _cpu(x.grad)))
         chosen = {}
-        for key, cfg in configs.autotuned.items():
-            _, product, key_dtype, _, tma, aux_tile, M, N, K = key
+        for key, cfg in autotune.autotuned.items():
+            _, _, product, key_dtype, _, tma, aux_tile, M, N, K = key
             cands = [c for c in configs.candidates(M, N, K, key_dtype, tma)
                      if configs.fits(c, key_dtype.itemsize, tma, aux_tile)]  # fmt: skip
-            rule = configs.rule_config(M, key_dtype, matmul.INTERPRETED, tma)
-            alone = configs.choose(cands, [score(c) for c in cands], rule) if M and N else None
+            rule = configs.rule_config(M, key_dtype, jit.INTERPRETED, tma)
+            alone = autotune.choose(cands, [score(c) for c in cands], rule) if M and N else None
             chosen[f"{product} {(M, N, K)}"] = {"ran": cfg, "alone": alone, "candidates": len(cands)}
     finally:
-        matmul.autotune_timer = saved_timer
+        autotune.timer = saved_timer
         del os.environ["FUSED_TP_AUTOTUNE"]
         configs.read_environment()
         forget_autotuning()
@@ -313,7 +312,7 @@ def subgroup_calls(device):
     ranks that disagree raise, and an agreeing autotuned call runs; the other ranks are not in the group."""
     import os
 
-    from fused_tp.kernels import configs
+    from fused_tp.kernels import autotune, configs
 
     world, rank = dist.get_world_size(), dist.get_rank()
     members = [world - 2, world - 1]
@@ -336,7 +335,7 @@ def subgroup_calls(device):
     try:
         y = col(x.requires_grad_())
         y.sum().backward()
-        out["autotuned"] = (_cpu(y), _cpu(x.grad), sorted(str(c) for c in configs.autotuned.values()))
+        out["autotuned"] = (_cpu(y), _cpu(x.grad), sorted(str(c) for c in autotune.autotuned.values()))
     finally:
         del os.environ["FUSED_TP_AUTOTUNE"]
         configs.read_environment()

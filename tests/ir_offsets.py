@@ -14,9 +14,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from fused_tp.kernels import matmul
+from fused_tp.kernels import epilogues, jit
 
-_MATMUL_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee", ACTIVATION="", AUX="")
+_MATMUL_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee", ACT=None, AUX="")
 VARIANTS = {
     "matmul, pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False),
     "matmul, pointers, split-K": dict(HAS_BIAS=True, UPCAST=True, TMA=False, A_T=False, B_T=False, SPLIT=True),
@@ -25,17 +25,17 @@ VARIANTS = {
                                                     B_T=True, SPLIT=False),
     "matmul, descriptors, split-K": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=True),
     "matmul, pointers, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False,
-                                                              B_T=False, SPLIT=False, ACTIVATION="gelu", AUX="store"),
+                                                              B_T=False, SPLIT=False, ACT=epilogues.gelu, AUX="store"),
     "matmul, pointers, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=False, A_T=False, B_T=False,
-                                                SPLIT=False, ACTIVATION="gelu_tanh", AUX="load"),
+                                                SPLIT=False, ACT=epilogues.gelu_tanh_grad, AUX="load"),
     "matmul, descriptors, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False,
-                                                                 B_T=True, SPLIT=False, ACTIVATION="gelu",
+                                                                 B_T=True, SPLIT=False, ACT=epilogues.gelu,
                                                                  AUX="store"),
     "matmul, descriptors, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False,
-                                                   SPLIT=False, ACTIVATION="gelu", AUX="load"),
+                                                   SPLIT=False, ACT=epilogues.gelu_grad, AUX="load"),
     "matmul, descriptors, C through pointers, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=True,
                                                                        TMA_C=False, A_T=True, B_T=False, SPLIT=False,
-                                                                       ACTIVATION="gelu", AUX="load"),
+                                                                       ACT=epilogues.gelu_grad, AUX="load"),
 }
 
 
@@ -62,10 +62,10 @@ def main() -> dict:
     for name, switches in VARIANTS.items():
         c = "*fp32" if switches["SPLIT"] else "*bf16"
         meta = {**_MATMUL_META, "TMA_C": switches["TMA"], **switches}  # C as A and B unless a variant says
-        out[name] = offset_types(ttir(matmul._matmul_kernel, meta,
+        out[name] = offset_types(ttir(jit.matmul_kernel, meta,
                                       dict(a_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", c_ptr=c,
                                            aux_ptr="*bf16")))  # fmt: skip
-    out["column sum"] = offset_types(ttir(matmul._colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64),
+    out["column sum"] = offset_types(ttir(jit.colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64),
                                           dict(g_ptr="*bf16", out_ptr="*fp32")))  # fmt: skip
     out["int32 indexing"] = offset_types(ttir(_int32_indexing, dict(BLOCK=16), dict(src_ptr="*fp32", dst_ptr="*fp32")))
     return out

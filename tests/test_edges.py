@@ -57,7 +57,7 @@ def test_nan_and_inf_propagate_as_in_f_linear(device, M, K, N, dtype, op, split_
         flat[int(where * flat.numel())] = value
     tensors = {name: t.to(device) for name, t in tensors.items()}
     run, reference, k = _op(op, tensors)
-    base, _ = configs.pick_config(M, N, K, dtype, interpreted=kernels.INTERPRETED, tma=False, slots=1)
+    base, _ = kernels.pick_config(M, N, K, dtype, interpreted=kernels.INTERPRETED, tma=False, slots=1)
     cfg = dataclasses.replace(base, split_k=split_k)
     with configs.pin_config(cfg):
         outs = run()

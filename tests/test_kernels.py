@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from strategies import dims, dtypes, layouts, make_tensor, seeds
 
 from fused_tp import kernels
-from fused_tp.kernels import configs, matmul
+from fused_tp.kernels import ACTIVATIONS, configs, jit, launch, layout, matmul, plan
 from fused_tp.tolerance import GELU_SLOPE, act_tol, assert_close, linear_reference, tol
 
 
@@ -113,7 +113,7 @@ def test_activation_epilogue(device, M, K, N, dtype, activation, has_bias, x_lay
     w_next = make_tensor((K, N), w_layout, dtype, device, gen)  # a layer reading gelu(pre) [M, N]
     grad_next = make_tensor((M, K), "contiguous", dtype, device, gen)
     before = _clones(x, w, b, w_next, grad_next)
-    approximate = kernels.ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
 
     y, pre = kernels.linear_prechecked(x, w, b, activation, save_pre=True)
     grad_pre = kernels.grad_input(grad_next, w_next, activation=activation, pre=pre)
@@ -121,12 +121,12 @@ def test_activation_epilogue(device, M, K, N, dtype, activation, has_bias, x_lay
     ref, mag = linear_reference(x, w, b)
     tf32 = _tf32(device)
     assert_close("pre", pre, ref, mag, tol(dtype, K, tf32=tf32))
-    assert_close("y", y, torch.nn.functional.gelu(ref, approximate=approximate), mag, act_tol(dtype, K, tf32))
+    assert_close("y", y, act.torch_fn(ref), mag, act_tol(dtype, K, tf32))
     assert torch.equal(kernels.linear(x, w, b, activation=activation), y)
     # The derivative at the pre-activation the forward saved, as the layers' backward uses it.
     d, d_mag = linear_reference(grad_next, w_next.t())
     pre64 = pre.detach().double().cpu().requires_grad_()
-    torch.nn.functional.gelu(pre64, approximate=approximate).backward(d)
+    act.torch_fn(pre64).backward(d)
     assert_close("grad_pre", grad_pre, pre64.grad, GELU_SLOPE * d_mag, act_tol(dtype, N, tf32))
     _assert_unmodified(before, x, w, b, w_next, grad_next)
 
@@ -151,9 +151,9 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     else:  # grad_y [K, M] and x [K, N]: grad_w = grad_y.T @ x sums over the K rows
         a, x = make_tensor((K, M), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
         run, ref = (lambda: kernels.grad_params(a, x, bias=False)[0]), linear_reference(a.t(), x.t())
-    base, _ = configs.pick_config(M, N, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
+    base, _ = plan.pick_config(M, N, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
     cfg = dataclasses.replace(base, split_k=split_k)
-    slots = matmul._program_slots(torch.device(device))
+    slots = plan.device(torch.empty(0, device=device).get_device()).slots
     k_tiles = -(-K // cfg.BLOCK_K)
     expect_split = M * N > 0 and k_tiles > 1 and configs.choose_split_k(M, N, K, cfg, slots, dtype.itemsize) > 1
     before = kernels.path_counts["split_k"]
@@ -188,14 +188,14 @@ def test_split_k_rule():
 def test_kernel_code_runs(device, monkeypatch):
     """The suite exercises Triton kernel code: compiled on a GPU, the interpreter on CPU; never the torch path."""
     launches = []
-    kernel = matmul._matmul_kernel
+    kernel = jit.matmul_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(matmul, "_matmul_kernel", Spy())
+    monkeypatch.setattr(jit, "matmul_kernel", Spy())
     x, w, b = (torch.randn(s, device=device) for s in ((9, 7), (5, 7), (5,)))
     before = kernels.path_counts.copy()
     y = kernels.linear(x, w, b)
@@ -235,8 +235,8 @@ def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, 
 
 @pytest.mark.parametrize("dtype, tf32", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
 @pytest.mark.parametrize("tokens, copies", [(24, (2, 2, 2)), (8, (2, 2, 0))])
-def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, monkeypatch, set_tf32, tokens, copies,
-                                                                      dtype, tf32):  # fmt: skip
+def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, monkeypatch, set_tf32, fresh_plans,
+                                                                      tokens, copies, dtype, tf32):  # fmt: skip
     """Operands whose rows are not a multiple of 16 bytes long are copied into aligned rows where the product's
     reduction is at least ALIGN_COPY_MIN_K long, and the product then moves them through descriptors, its odd-width
     output through pointers. The forward reduces over the in-features, grad_input over the out-features, the
@@ -245,9 +245,9 @@ def test_operands_no_descriptor_can_address_are_copied_where_it_pays(device, mon
     product reads (no fp32 layout copy after it). Same results, inputs untouched."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
-    assert matmul.ALIGN_COPY_MIN_K == 256
-    monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 16)  # the interpreter's time: small widths
-    monkeypatch.setattr(matmul, "FP32_COPY_MIN_REUSE", {"tf32": 1, "ieee": 1})  # every fp32 layout copy would pay
+    assert layout.ALIGN_COPY_MIN_K == 256
+    monkeypatch.setattr(layout, "ALIGN_COPY_MIN_K", 16)  # the interpreter's time: small widths
+    monkeypatch.setattr(layout, "FP32_COPY_MIN_REUSE", {"tf32": 1, "ieee": 1})  # every fp32 layout copy would pay
     set_tf32(tf32)
     K, N = 37, 21
     gen = torch.Generator().manual_seed(0)
@@ -279,7 +279,7 @@ def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, set_
     N-major, always (the weight in the forward, grad_y in the weight gradient). path_counts["fp32_copy"] counts
     the copies. Same results, inputs untouched."""
     set_tf32(tf32)
-    assert matmul.FP32_COPY_MIN_REUSE == {"tf32": 256, "ieee": 1}
+    assert layout.FP32_COPY_MIN_REUSE == {"tf32": 256, "ieee": 1}
     gen = torch.Generator().manual_seed(0)
     x, g = (make_tensor((tokens, 256), "contiguous", torch.float32, device, gen) for _ in range(2))
     w = make_tensor((256, 256), "contiguous", torch.float32, device, gen)
@@ -297,8 +297,8 @@ def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, set_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, dtype):
-    monkeypatch.setattr(matmul, "INTERPRETED", False)
+def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, fresh_plans, dtype):
+    monkeypatch.setattr(jit, "INTERPRETED", False)
     monkeypatch.setattr(matmul, "_warned_torch_path", False)
     assert kernels.kernel_path("cpu") == "torch"
     gen = torch.Generator().manual_seed(0)
@@ -319,15 +319,15 @@ def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, dtype
 def test_descriptor_scratch_is_reused_per_stream():
     """Launches on one stream share one scratch buffer for their descriptors; another stream gets its own."""
     x, w = (torch.randn(64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    matmul._scratch.clear()
+    launch._scratch.clear()
     y, again = kernels.linear(x, w), kernels.linear(x, w)
-    assert len(matmul._scratch) == 1
+    assert len(launch._scratch) == 1
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         other = kernels.linear(x, w)
     torch.cuda.synchronize()
-    assert len(matmul._scratch) == 2
+    assert len(launch._scratch) == 2
     assert torch.equal(y, again) and torch.equal(y, other)
     assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))
 
@@ -384,4 +384,4 @@ def test_launch_hooks_see_direct_launches_too():
         else:
             knobs.runtime.launch_enter_hook = chain
     assert len(seen) == 2 and all(m is not None for m in seen)
-    assert matmul._hook(knobs.runtime.launch_enter_hook) is None
+    assert launch.hook(knobs.runtime.launch_enter_hook) is None

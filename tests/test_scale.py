@@ -19,7 +19,7 @@ import torch
 from strategies import make_tensor
 
 from fused_tp import kernels, path_counts
-from fused_tp.kernels import matmul
+from fused_tp.kernels import layout
 from fused_tp.tolerance import assert_close, linear_reference, tol
 
 
@@ -50,10 +50,10 @@ ROWS, ROW_STRIDE = 2049, 2**20  # the last row starts 2049 * 2^20 > 2^31 element
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["descriptors", "pointers"])
-def test_offsets_past_2_31_on_views(device, aligned, monkeypatch):
+def test_offsets_past_2_31_on_views(device, aligned, monkeypatch, fresh_plans):
     """Forward, grad_input, grad_weight and grad_bias read operands whose element offsets pass 2^31 (unaligned: on
     the pointer path, with no alignment copies)."""
-    monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 2**62)
+    monkeypatch.setattr(layout, "ALIGN_COPY_MIN_K", 2**62)
     if device == "cuda" and torch.cuda.mem_get_info()[0] < 6 * 2**30:
         pytest.skip("needs 6 GiB of free GPU memory")
     K, N, first = 16, 8, 0 if aligned else 1  # an odd first element makes rows unaligned: the pointer path
@@ -86,11 +86,11 @@ def test_offsets_past_2_31_on_views(device, aligned, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.mem_get_info()[0] < 40 * 2**30,
                     reason="needs a GPU with 40 GiB free")  # fmt: skip
 @pytest.mark.parametrize("aligned", [True, False], ids=["descriptors", "pointers"])
-def test_tensors_of_more_than_2_31_elements(aligned, monkeypatch):
+def test_tensors_of_more_than_2_31_elements(aligned, monkeypatch, fresh_plans):
     """x [2^20 + 64, 2048] and grad_x of the same shape hold 2^31 + 2^17 elements each: forward, grad_input and
     grad_weight + grad_bias against float64 (grad_w and grad_b in full; y and grad_x on the rows past 2^31
     elements and a sample of the others). Unaligned: on the pointer path, with no alignment copies."""
-    monkeypatch.setattr(matmul, "ALIGN_COPY_MIN_K", 2**62)
+    monkeypatch.setattr(layout, "ALIGN_COPY_MIN_K", 2**62)
     M, K, N, dtype = 2**20 + 64, 2048, 256, torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     first = 0 if aligned else 1

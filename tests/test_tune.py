@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fused_tp import kernels, tune
-from fused_tp.kernels import configs, matmul
+from fused_tp.kernels import autotune, configs, jit, layout, matmul, plan, tables
 from fused_tp.tolerance import assert_close, linear_reference, tol
 
 
@@ -38,12 +38,12 @@ def set_env():
 @pytest.fixture
 def table_dir(tmp_path, monkeypatch):
     """An empty directory of tuned tables in place of the shipped one; the caches that read it are cleared."""
-    monkeypatch.setattr(configs, "TABLE_DIR", tmp_path)
-    configs.tuned_table.cache_clear()
-    matmul._launch_plan.cache_clear()
+    monkeypatch.setattr(tables, "TABLE_DIR", tmp_path)
+    tables.tuned_table.cache_clear()
+    plan.clear_caches()
     yield tmp_path
-    configs.tuned_table.cache_clear()
-    matmul._launch_plan.cache_clear()
+    tables.tuned_table.cache_clear()
+    plan.clear_caches()
 
 
 def _entry(cfg: configs.KernelConfig) -> dict:
@@ -61,7 +61,7 @@ def _write(table_dir, gpus, name="t.json"):
 def test_buckets_and_the_nearest_entry(table_dir):
     assert [configs.bucket(n) for n in (0, 1, 2, 3, 16, 17, 1000, 4096, 4097)] == [0, 1, 2, 4, 16, 32, 1024, 4096, 8192]
     _write(table_dir, {"gpu x": {"fwd": {"bf16": {"tma": {"16x8192x16384": _entry(A), "8192x8192x8192": _entry(B)}}}}})
-    pick = lambda *mnk, product="fwd", dtype=torch.bfloat16, tma=True, gpu="gpu x": configs.table_config(  # noqa: E731
+    pick = lambda *mnk, product="fwd", dtype=torch.bfloat16, tma=True, gpu="gpu x": tables.table_config(  # noqa: E731
         gpu, product, *mnk, dtype, tma)
     assert pick(16, 8192, 14336) == A  # its own bucket
     assert pick(7000, 8000, 9000) == B  # 8192 x 8192 x 16384: one log2 step from B's bucket, more from A's
@@ -76,12 +76,12 @@ def test_fp32_operands_take_the_table_of_their_precision(table_dir):
     """fp32 with TF32 on and off run at speeds 4-8x apart: each has its own entries, and neither takes the other's."""
     _write(table_dir, {"g": {"fwd": {"tf32": {"tma": {"16x16x16": _entry(A)}},
                                       "fp32": {"tma": {"16x16x16": _entry(B)}}}}})  # fmt: skip
-    assert configs.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=True) == A
-    assert configs.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=False) == B
+    assert tables.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=True) == A
+    assert tables.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=False) == B
     _write(table_dir, {"g": {"fwd": {"tf32": {"tma": {"16x16x16": _entry(A)}}}}})
-    configs.tuned_table.cache_clear()
-    assert configs.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=False) is None
-    assert configs.table_config("g", "fwd", 16, 16, 16, torch.bfloat16, True, tf32=True) is None  # 16-bit: "bf16"
+    tables.tuned_table.cache_clear()
+    assert tables.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=False) is None
+    assert tables.table_config("g", "fwd", 16, 16, 16, torch.bfloat16, True, tf32=True) is None  # 16-bit: "bf16"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -102,19 +102,19 @@ def test_fp32_operands_take_the_table_of_their_precision(table_dir):
 def test_a_malformed_table_raises_naming_the_file_and_entry(table_dir, content, message):
     (table_dir / "bad.json").write_text(content)
     with pytest.raises(ValueError, match="tuned table .*bad.json") as e:
-        configs.tuned_table("g")
+        tables.tuned_table("g")
     assert message in str(e.value)
 
 
 def test_a_table_entry_configures_the_launch(table_dir, device):
     x, w, b = torch.randn(16, 64, device=device), torch.randn(32, 64, device=device), torch.randn(32, device=device)
-    gpu = matmul.gpu_name(torch.device(device))
-    route = "tma" if matmul._tma_layout(x, w.t(), torch.empty(16, 32, device=device)) else "pointers"
+    gpu = plan.device(x.get_device()).gpu
+    route = "tma" if _takes_descriptors(x, w) else "pointers"
     _write(table_dir, {gpu: {"fwd": {"fp32": {route: {"16x32x64": _entry(A)}}}}})
     before = kernels.path_counts.copy()
     y = kernels.linear(x, w, b)
     assert kernels.path_counts["config_table"] == before["config_table"] + 1
-    cfg, source = configs.pick_config(16, 32, 64, torch.float32, interpreted=matmul.INTERPRETED, tma=route == "tma",
+    cfg, source = plan.pick_config(16, 32, 64, torch.float32, interpreted=matmul.INTERPRETED, tma=route == "tma",
                                       slots=3, product="fwd", gpu=gpu)  # fmt: skip
     assert source == "table" and dataclasses_equal(cfg, A)
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.float32, 64, tf32=device == "cuda"))
@@ -160,15 +160,15 @@ def test_a_pre_activation_tile_takes_a_config_with_room_for_it(monkeypatch):
     assert configs.fits(big, 2, True, aux_tile=True)
     roomless = configs.KernelConfig(128, 256, 64, num_warps=8, num_stages=4, persistent=False)  # pointers: 196608 B
     assert configs.fits(roomless, 2, False) and not configs.fits(roomless, 2, False, aux_tile=True)
-    monkeypatch.setattr(configs, "table_config", lambda *args, **kwargs: roomless)
+    monkeypatch.setattr(tables, "table_config", lambda *args, **kwargs: roomless)
     rule = configs.CONFIGS[("16bit", "pointers", "large")]
     for aux_tile, want in ((False, (roomless, "table")), (True, (rule, "rule"))):
-        cfg, source = configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
+        cfg, source = plan.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
                                           product="dgrad", aux_tile=aux_tile)  # fmt: skip
         assert (dataclasses.replace(cfg, split_k=None), source) == want
     with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory for bf16 operands and a "
                                          r"pre-activation tile"):  # fmt: skip
-        configs.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
+        plan.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
                             pinned=roomless, aux_tile=True)  # fmt: skip
 
 
@@ -215,19 +215,19 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
     assert "| fwd | 20 | 48 | 100 |" in capsys.readouterr().out
     table = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]
     fwd = next(r for r in rows if r["product"] == "fwd")
-    entry = table["fwd"]["bf16"][fwd["path"]][configs.table_key(*fwd["launch_mnk"])]
+    entry = table["fwd"]["bf16"][fwd["path"]][tables.table_key(*fwd["launch_mnk"])]
     fastest = min(configs.candidates(*fwd["launch_mnk"], torch.bfloat16, fwd["path"] == "tma"), key=score)
     assert configs.KernelConfig.from_dict(entry["config"], "t") == fastest
 
     (table_dir / "triton-interpreter.json").write_text(written["table"].read_text())  # drop it in
-    configs.tuned_table.cache_clear()  # as a fresh process would start
-    matmul._launch_plan.cache_clear()
+    tables.tuned_table.cache_clear()  # as a fresh process would start
+    plan.clear_caches()
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(s, generator=gen).to(torch.bfloat16) for s in ((20, 48), (100, 48), (100,)))
     before = kernels.path_counts.copy()
     y = kernels.linear(x, w, b)
     assert kernels.path_counts["config_table"] == before["config_table"] + 1
-    cfg, source = configs.pick_config(20, 100, 48, torch.bfloat16, interpreted=True, tma=fwd["path"] == "tma", slots=3,
+    cfg, source = plan.pick_config(20, 100, 48, torch.bfloat16, interpreted=True, tma=fwd["path"] == "tma", slots=3,
                                       product="fwd", gpu="triton-interpreter")  # fmt: skip
     assert source == "table" and dataclasses_equal(cfg, fastest)
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.bfloat16, 48))
@@ -274,7 +274,7 @@ def test_tune_merges_into_the_table_it_finds_bucket_by_bucket(tmp_path, device):
 
     first = run((20, 48, 100))
     second = run((300, 40, 24))
-    key_1, key_2 = configs.table_key(20, 100, 48), configs.table_key(300, 24, 40)
+    key_1, key_2 = tables.table_key(20, 100, 48), tables.table_key(300, 24, 40)
     assert list(first) == [key_1] and list(second) == [key_1, key_2]
     assert second[key_1] == first[key_1]
     third = run((20, 48, 100))  # re-tuned: replaced in place
@@ -294,7 +294,7 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
     monkeypatch.setattr(configs, "rule_config", rule_config)
     rules = {rule_config(20, torch.bfloat16, True, tma) for tma in (True, False)}
 
-    def true_ms(cfg):  # torch 0.5; the rule's config within configs.MARGIN of the fastest, so it stays
+    def true_ms(cfg):  # torch 0.5; the rule's config within autotune.MARGIN of the fastest, so it stays
         if cfg is None or cfg in rules:
             return 0.5 if cfg is None else 1.01
         return 1.0 + 1.0 / cfg.BLOCK_K + cfg.BLOCK_M * 1e-6 + cfg.BLOCK_N * 1e-8 + cfg.num_stages * 1e-10
@@ -314,14 +314,21 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
     rows = json.loads(written["timings"].read_text())["rows"]
     rule = rule_config(20, torch.bfloat16, True, rows[0]["path"] == "tma")
     others = sorted((c for c in map(lambda r: configs.KernelConfig(**r["config"]), rows) if c != rule), key=true_ms)
-    again = [configs.KernelConfig(**r["config"]) for r in rows if len(r["ms_rounds"]) == 1 + configs.CONFIRM_ROUNDS]
-    assert sorted(again, key=true_ms) == sorted(others[: configs.CONFIRM_TOP] + [rule], key=true_ms)
+    again = [configs.KernelConfig(**r["config"]) for r in rows if len(r["ms_rounds"]) == 1 + autotune.CONFIRM_ROUNDS]
+    assert sorted(again, key=true_ms) == sorted(others[: autotune.CONFIRM_TOP] + [rule], key=true_ms)
     assert sum(len(r["ms_rounds"]) == 1 for r in rows) == len(rows) - len(again)
     for r in rows:
         assert r["ms"] == true_ms(configs.KernelConfig(**r["config"])) == min(r["ms_rounds"])
-        assert r["torch_ms"] == 0.5 and r["torch_rounds"] == [2.0] + [0.5] * configs.CONFIRM_ROUNDS
+        assert r["torch_ms"] == 0.5 and r["torch_rounds"] == [2.0] + [0.5] * autotune.CONFIRM_ROUNDS
     (entries,) = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"].values()
     assert [e["config"] for e in entries.values()] == [rule.to_dict()]
+
+
+def _takes_descriptors(x, w) -> bool:
+    """Whether kernels.linear(x, w) moves its operands through tensor descriptors (aligned, contiguous operands)."""
+    size = x.element_size()
+    return plan.device(x.get_device()).has_tma and layout.tma_route(x.shape[0], w.shape[0], x.shape[1], x.stride(),
+                                                                    w.t().stride(), size, size, True, True) is not None
 
 
 def dataclasses_equal(cfg, other):
@@ -353,20 +360,20 @@ def test_a_tuned_config_must_beat_the_rule_by_the_margin(rule_slower_by, chosen)
 
 
 def test_contenders_are_the_fastest_few_and_the_rule():
-    """configs.contenders: the CONFIRM_TOP fastest by their first timing, fastest first, and the rule's config
+    """autotune.contenders: the CONFIRM_TOP fastest by their first timing, fastest first, and the rule's config
     wherever it ranks; an untimed candidate (None) never."""
     cands = [configs.KernelConfig(16 << i, 64, 32) for i in range(6)]
     first = [5.0, None, 1.0, 3.0, 2.0, 9.0]
-    assert configs.CONFIRM_TOP == 3
-    assert configs.contenders(cands, first, rule=cands[5]) == [2, 4, 3, 5]
-    assert configs.contenders(cands, first, rule=cands[4]) == [2, 4, 3]
-    assert configs.contenders(cands, first, rule=cands[1]) == [2, 4, 3]  # the rule untimed (it failed its check)
-    assert configs.contenders(cands[:2], [None, 4.0], rule=A) == [1]
+    assert autotune.CONFIRM_TOP == 3
+    assert autotune.contenders(cands, first, rule=cands[5]) == [2, 4, 3, 5]
+    assert autotune.contenders(cands, first, rule=cands[4]) == [2, 4, 3]
+    assert autotune.contenders(cands, first, rule=cands[1]) == [2, 4, 3]  # the rule untimed (it failed its check)
+    assert autotune.contenders(cands[:2], [None, 4.0], rule=A) == [1]
 
 
 def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env):
     """FUSED_TP_AUTOTUNE=1: the first launch of a shape times every candidate, then the three fastest twice more
-    (configs.contenders; the timing launches not counted), runs the fastest, and later launches of that shape time
+    (autotune.contenders; the timing launches not counted), runs the fastest, and later launches of that shape time
     nothing; a pinned config still wins."""
     if device == "cuda":
         pytest.skip("a fake timer stands in for the interpreter's wall clock")
@@ -377,7 +384,7 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env)
         return 1.0 / calls[-1].BLOCK_K + calls[-1].BLOCK_N * 1e-6
 
     launched = []
-    kernel = matmul._matmul_kernel
+    kernel = jit.matmul_kernel
 
     class Spy:  # records the meta-parameters of every launch
         def __getitem__(self, grid):
@@ -388,20 +395,20 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env)
             return launch
 
     set_env("FUSED_TP_AUTOTUNE", "1")
-    monkeypatch.setattr(matmul, "autotune_timer", timer)
-    monkeypatch.setattr(matmul, "_matmul_kernel", Spy())
-    monkeypatch.setattr(configs, "autotuned", {})
-    matmul._launch_plan.cache_clear()
+    monkeypatch.setattr(autotune, "timer", timer)
+    monkeypatch.setattr(jit, "matmul_kernel", Spy())
+    monkeypatch.setattr(autotune, "autotuned", {})
+    plan.clear_caches()
     x, w = torch.randn(6, 40), torch.randn(70, 40)
     before = kernels.path_counts.copy()
     y, again = kernels.linear(x, w), kernels.linear(x, w)
-    cands = configs.candidates(6, 70, 40, torch.float32, matmul._tma_layout(x, w.t(), y) is not None)
+    cands = configs.candidates(6, 70, 40, torch.float32, _takes_descriptors(x, w))
     score = lambda c: 1.0 / c.BLOCK_K + c.BLOCK_N * 1e-6  # noqa: E731
     assert configs.rule_config(6, torch.float32, matmul.INTERPRETED, True) not in cands  # the interpreter's
-    fastest = sorted(cands, key=score)[: configs.CONFIRM_TOP]
+    fastest = sorted(cands, key=score)[: autotune.CONFIRM_TOP]
     assert calls[: len(cands)] == cands  # every candidate once, then the fastest again, then nothing
-    assert calls[len(cands):] == fastest * configs.CONFIRM_ROUNDS
-    (chosen,) = configs.autotuned.values()
+    assert calls[len(cands):] == fastest * autotune.CONFIRM_ROUNDS
+    (chosen,) = autotune.autotuned.values()
     assert chosen == fastest[0]
     for meta in launched[-2:]:  # the two calls' own launches ran the chosen config
         assert {k: meta[k] for k in chosen.meta()} == chosen.meta()
@@ -412,4 +419,4 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env)
     with configs.pin_config(A):
         kernels.linear(x, w)
     assert kernels.path_counts["config_pinned"] == before["config_pinned"] + 1
-    assert len(calls) == len(cands) + configs.CONFIRM_TOP * configs.CONFIRM_ROUNDS
+    assert len(calls) == len(cands) + autotune.CONFIRM_TOP * autotune.CONFIRM_ROUNDS

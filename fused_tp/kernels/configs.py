@@ -1,16 +1,17 @@
-"""Launch configurations of the matmul kernel, in one place: the config space, its pruning rules, the tuned tables
-and the rule that picks a config for a launch.
+"""Launch configurations of the matmul kernel: the config type, the space `tune` searches and its pruning rules,
+the rule's configs, the split-K model, and the configs a user pins. tables.py holds the tuned tables, autotune.py
+run-time autotuning, and plan.pick_config applies the precedence below.
 
 A config is a choice of tile sizes and launch options; it never changes which function the kernel computes,
 only the order of its fp32 sums. Every rank of a process group must pick the same config for the same shape, so
 that replicated results stay bitwise identical across ranks: the choice is a pure function of the problem
 (product, sizes, dtype, layout, GPU model), or, with run-time autotuning, rank 0's. In order of precedence:
 
-    pinned   `with pin_config(cfg):` in the calling context, else FUSED_TP_CONFIG="BLOCK_M=128,BLOCK_N=256,..."
+    pinned   `with pin_config(cfg):` (process-wide), else FUSED_TP_CONFIG="BLOCK_M=128,BLOCK_N=256,..."
     autotuned  with FUSED_TP_AUTOTUNE=1: every candidate timed at the first launch of a shape in this process
-             (matmul.py does it; inside a layer call on a process group, rank 0's choice is broadcast)
+             (autotune.py; inside a layer call on a process group, rank 0's choice is broadcast)
     table    a tuned table shipped in fused_tp/kernels/tuned/ for this GPU: the entry of the product, dtype and
-             operand path whose shape bucket is nearest (`python -m fused_tp tune` writes them)
+             operand path whose shape bucket is nearest (tables.py; `python -m fused_tp tune` writes them)
     rule     CONFIGS below (and INTERPRETER_CONFIG under Triton's interpreter when no table names it)
 
 `fused_tp.path_counts["config_<source>"]` counts the launches each source configured.
@@ -19,13 +20,10 @@ that replicated results stay bitwise identical across ranks: the choice is a pur
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import functools
-import json
 import math
 import os
-import pathlib
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +31,6 @@ import torch
 PRODUCTS = ("fwd", "dgrad", "wgrad")  # y = x @ w.T + b;  grad_x = grad_y @ w;  grad_w = grad_y.T @ x
 PIN_ENV = "FUSED_TP_CONFIG"
 AUTOTUNE_ENV = "FUSED_TP_AUTOTUNE"
-MARGIN = 0.03  # how much faster than the rule's config a tuned one must time to be chosen (see `choose`)
-TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
 SHARED_MEMORY_BYTES = 232448  # what one program may use on sm_90 (227 KiB)
 
 
@@ -226,19 +222,23 @@ def choose_split_k(M: int, N: int, K: int, cfg: KernelConfig, slots: int, itemsi
     return min(s for s, c in costs.items() if c <= 1.02 * best)
 
 
-_pinned: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar("fused_tp_pinned", default=None)
+# A pinned config, for experiments and sweeps: process-wide module state rather than a context variable, so that a
+# launch reads one global (context variables cost host time and do not reach autograd's backward thread).
+_pinned: KernelConfig | None = None
 
 
 @contextlib.contextmanager
 def pin_config(config: KernelConfig):
-    """Run every launch inside the block with exactly `config` (for experiments and config sweeps)."""
+    """Run every launch inside the block, in every thread of the process, with exactly `config` (for experiments
+    and config sweeps)."""
+    global _pinned
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config: expected a KernelConfig, got {type(config).__name__}")
-    token = _pinned.set(config)
+    before, _pinned = _pinned, config
     try:
         yield config
     finally:
-        _pinned.reset(token)
+        _pinned = before
 
 
 @functools.lru_cache(maxsize=16)
@@ -271,166 +271,12 @@ def autotune_enabled() -> bool:
     return _env_autotune
 
 
-@dataclass(frozen=True)
-class Tuning:
-    """A layer call that is new on every rank of its group: its launches (re)decide their configs, and
-    `consensus(config) -> config` (None at world size 1) replaces each rank's choice with rank 0's."""
-
-    consensus: object = None
-
-
-_tuning: contextvars.ContextVar[Tuning | None] = contextvars.ContextVar("fused_tp_tuning", default=None)
-autotuned: dict = {}  # (gpu, product, dtype, tma, M, N, K) -> the config run-time autotuning chose in this process
-
-
-class tuning:
-    """`with tuning(scope):` makes `scope` the current Tuning. A class, not a generator: it runs around every layer
-    call and backward, and with no scope to set (autotuning off) it costs no context-variable write."""
-
-    __slots__ = ("scope", "token")
-
-    def __init__(self, scope: Tuning | None):
-        self.scope, self.token = scope, None
-
-    def __enter__(self) -> Tuning | None:
-        if self.scope is not None or _tuning.get() is not None:
-            self.token = _tuning.set(self.scope)
-        return self.scope
-
-    def __exit__(self, *exc) -> None:
-        if self.token is not None:
-            _tuning.reset(self.token)
-
-
-def current_tuning() -> Tuning | None:
-    return _tuning.get()
-
-
-# One timing is one sample of a shared host and a GPU's clocks: on the H100 host a whole do_bench median now and
-# then read 2-4x slow (bench/NOTES.md, attempt 29). So the CONFIRM_TOP fastest candidates and the rule's config are
-# timed CONFIRM_ROUNDS more times, and each keeps its fastest timing, as noise only ever slows a run down: a stalled
-# timing of the rule's config no longer hands its place to a config within MARGIN of it.
-CONFIRM_TOP = 3
-CONFIRM_ROUNDS = 2
-
-
-def contenders(candidates: list[KernelConfig], first_ms: list, rule: KernelConfig) -> list[int]:
-    """Indices of the candidates to time again: the CONFIRM_TOP fastest by their first timing (None: not timed,
-    never a contender) and the rule's config wherever it ranks."""
-    timed = sorted((i for i, t in enumerate(first_ms) if t is not None), key=lambda i: first_ms[i])
-    return timed[:CONFIRM_TOP] + [i for i in timed[CONFIRM_TOP:] if candidates[i] == rule]
-
-
-def choose(candidates: list[KernelConfig], times_ms: list, rule: KernelConfig) -> KernelConfig:
-    """The fastest candidate, unless the rule's config (if timed) is within MARGIN of it: the fastest of a dozen
-    noisy timings is optimistic, and a pick within noise of the rule's is as likely to be slower next time.
-    Untimed candidates (None) are never chosen."""
-    timed = [(t, c) for c, t in zip(candidates, times_ms) if t is not None]
-    fastest_ms, fastest = min(timed, key=lambda tc: tc[0])
-    rule_ms = next((t for t, c in timed if c == rule), None)
-    return rule if rule_ms is not None and fastest_ms >= (1 - MARGIN) * rule_ms else fastest
-
-
-_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "persistent", "split_k")
-
-
-def to_ints(cfg: KernelConfig | None) -> list[int]:
-    """A config as 8 integers (all 0 for None), for a collective."""
-    return [0] * len(_FIELDS) if cfg is None else [int(getattr(cfg, f) or 0) for f in _FIELDS]
-
-
-def from_ints(values: list[int]) -> KernelConfig | None:
-    if not any(values):
-        return None
-    fields = dict(zip(_FIELDS, values))
-    fields["persistent"], fields["split_k"] = bool(fields["persistent"]), fields["split_k"] or None
-    return KernelConfig(**fields)
-
-
 def pinned_config() -> KernelConfig | None:
     """The config pinned for the current context: pin_config's, else FUSED_TP_CONFIG's, else None."""
-    cfg = _pinned.get()
+    cfg = _pinned
     if cfg is None and _env_pin is not None:
         cfg = parse_config(_env_pin)
     return cfg
-
-
-def table_key(M: int, N: int, K: int) -> str:
-    return f"{bucket(M)}x{bucket(N)}x{bucket(K)}"
-
-
-@functools.lru_cache(maxsize=None)
-def tuned_table(gpu: str) -> dict:
-    """{(product, dtype name, path): {bucket (M, N, K): config}} for `gpu` from the tables in TABLE_DIR; empty if
-    none names it. A malformed table raises ValueError naming its file and entry."""
-    found = {}
-    for path in sorted(TABLE_DIR.glob("*.json")):
-        found.update(load_table(path).get(gpu, {}))
-    return found
-
-
-def load_table(path: pathlib.Path) -> dict:
-    """{gpu: {(product, dtype, path): {bucket: config}}} of one tuned table file.
-
-    The file: {"format": 1, "gpus": {gpu name: {product: {dtype: {"tma" | "pointers": {"MxNxK" bucket:
-    {"config": {KernelConfig fields}, ...measured fields, kept for people, ignored here}}}}}}}."""
-    try:
-        data = json.loads(pathlib.Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"tuned table {path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("gpus"), dict):
-        raise ValueError(f'tuned table {path}: expected {{"format": 1, "gpus": {{...}}}}')
-    out = {}
-    for gpu, products in data["gpus"].items():
-        for product, dtypes in _items(products, f"{path}: {gpu}"):
-            if product not in PRODUCTS:
-                raise ValueError(f"tuned table {path}: {gpu}: unknown product {product!r} (known: {PRODUCTS})")
-            for dtype, routes in _items(dtypes, f"{path}: {gpu}/{product}"):
-                if dtype not in TABLE_DTYPES:
-                    raise ValueError(f"tuned table {path}: {gpu}/{product}: unknown dtype {dtype!r} (known: "
-                                     f"{TABLE_DTYPES})")  # fmt: skip
-                for route, entries in _items(routes, f"{path}: {gpu}/{product}/{dtype}"):
-                    if route not in ("tma", "pointers"):
-                        raise ValueError(f"tuned table {path}: {gpu}/{product}/{dtype}: unknown path {route!r}")
-                    where = f"tuned table {path}: {gpu}/{product}/{dtype}/{route}"
-                    table = out.setdefault(gpu, {}).setdefault((product, dtype, route), {})
-                    for key, entry in _items(entries, where):
-                        dims = key.split("x")
-                        if len(dims) != 3 or not all(d.isdigit() for d in dims):
-                            raise ValueError(f"{where}: bucket {key!r} is not MxNxK")
-                        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-                            raise ValueError(f"{where}/{key}: expected an object with a 'config' object")
-                        table[tuple(map(int, dims))] = KernelConfig.from_dict(entry["config"], f"{where}/{key}")
-    return out
-
-
-def _items(d, where: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"tuned table {where}: expected an object, got {type(d).__name__}")
-    return d.items()
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# A table's dtype names: fp32 operands have two, as their dot products cut operands to TF32 or not (cuBLAS and
-# fused_tp follow torch.backends.cuda.matmul.allow_tf32), and the two run at speeds 4-8x apart.
-TABLE_DTYPES = ("bf16", "fp16", "fp32", "tf32")
-
-
-def table_dtype(dtype: torch.dtype, tf32: bool) -> str:
-    """The name a tuned table keys operands of `dtype` by; `tf32`: fp32 dot products may use TF32."""
-    return "tf32" if tf32 and dtype == torch.float32 else DTYPE_NAMES[dtype]
-
-
-def table_config(gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool,
-                 tf32: bool = False) -> KernelConfig | None:  # fmt: skip
-    """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
-    (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path."""
-    entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
-    if not entries:
-        return None
-    want = [math.log2(max(bucket(n), 1)) for n in (M, N, K)]
-    nearest = min(entries, key=lambda b: (sum(abs(math.log2(max(x, 1)) - w) for x, w in zip(b, want)), b))
-    return entries[nearest]
 
 
 def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> KernelConfig:
@@ -440,30 +286,6 @@ def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> Ker
     width = "32bit" if dtype == torch.float32 else "16bit"
     rows = "small_m" if M <= (128 if tma else 64) else "large"
     return CONFIGS[(width, "tma" if tma else "pointers", rows)]
-
-
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
-                product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None,
-                tf32: bool = False, aux_tile: bool = False) -> tuple[KernelConfig, str]:  # fmt: skip
-    """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
-    persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
-    `tf32` when fp32 dot products may use TF32, `aux_tile` when the epilogue reads a pre-activation tile.
-    `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
-    set. source: "pinned", "table" or "rule". A table's config without room for the pre-activation tile gives way
-    to the rule's, which has room (tests/test_tune.py). A pinned config whose tiles do not fit in shared memory
-    raises ValueError before the launch."""
-    cfg, source = pinned, "pinned"
-    if cfg is not None and not fits(cfg, dtype.itemsize, tma, aux_tile):
-        raise ValueError(
-            f"pinned config {cfg}: needs {cfg.shared_memory(dtype.itemsize, tma, aux_tile)} bytes of shared memory "
-            f"for {DTYPE_NAMES[dtype]} operands{' through tensor descriptors' if tma else ''}"
-            f"{' and a pre-activation tile' if aux_tile else ''}; a program has {SHARED_MEMORY_BYTES}"
-        )
-    if cfg is None:
-        cfg, source = table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
-    if cfg is None or not fits(cfg, dtype.itemsize, tma, aux_tile):
-        cfg, source = rule_config(M, dtype, interpreted, tma), "rule"
-    return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
 
 
 read_environment()

@@ -9,69 +9,81 @@
     bias_grad(grad_y [..., N])                                grad_b [N]
 
 Every output is a new contiguous tensor in the inputs' dtype. The fake implementations give those shapes from the
-inputs' alone, so a trace never runs a kernel; the real ones are the launchers of matmul.py, which read strides and
-data pointers when they run: a compiled graph takes the same path (descriptors, pointers, an aligned copy) for the
-tensors it is given at run time as eager code would, whatever they were when it was traced. They take a fresh
-descriptor scratch each launch (matmul.scratch_per_launch), which CUDA graphs from torch.compile need.
+inputs' alone, so a trace never runs a kernel. The real ones are matmul.py's functions, which plan the launch when
+they run, from the tensors they get (alignment included): a compiled graph takes the path eager code takes for the
+same tensors, an unaligned input included, and one graph serves every token count. They take a fresh descriptor
+scratch each launch (launch.scratch_per_launch), which CUDA graphs from torch.compile need.
+
+Opaque operators defined with torch.library.Library, not triton_op: a triton_op's launcher runs once, at trace
+time, on FakeTensors, so every decision that depends on the token count (config, split-K, copies) would become a
+guard and a recompile per shape bucket, and eager and compiled results could differ in their fp32 summation order;
+and under Triton's interpreter (the CPU suite) its kernels cannot be traced at all. Not custom_op either: its
+Python wrappers cost more host time per call than the dispatcher itself (bench/NOTES.md, session 11).
 
 The layers' autograd Functions call these through `linear` and the others below: the operator while torch.compile
-traces, the launcher itself in eager mode, where the dispatcher's boundary would cost host time (about 10 us a
-call through a custom_op, FIELD-NOTES) for nothing. Both run the same function.
+traces, the function itself in eager mode, where the dispatcher's boundary would cost host time for nothing.
+Neither has an autograd formula of its own: gradients come from the layers' Functions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import matmul
+from . import launch, matmul
 
-# `pre` when none was saved: the schema of a custom op cannot return None.
+# `pre` when none was saved: the schema of an operator cannot return None.
 _NO_PRE = (0,)
 
+_lib = torch.library.Library("fused_tp", "DEF")
+_lib.define("linear(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_pre) -> (Tensor, Tensor)")
+_lib.define("grad_input(Tensor grad_y, Tensor weight, str activation, Tensor? pre) -> Tensor")
+_lib.define("grad_weight(Tensor grad_y, Tensor x) -> Tensor")
+_lib.define("bias_grad(Tensor grad_y) -> Tensor")
 
-@torch.library.custom_op("fused_tp::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-               save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    with matmul.scratch_per_launch():
+
+def _linear_impl(x, weight, bias, activation, save_pre):
+    with launch.scratch_per_launch():
         y, pre = matmul.linear_prechecked(x, weight, bias, activation, save_pre)
     return y, pre if pre is not None else x.new_empty(_NO_PRE)
 
 
-@_linear_op.register_fake
+def _grad_input_impl(grad_y, weight, activation, pre):
+    with launch.scratch_per_launch():
+        return matmul.grad_input_prechecked(grad_y, weight, activation, pre)
+
+
+def _grad_weight_impl(grad_y, x):
+    with launch.scratch_per_launch():
+        return matmul.grad_params(grad_y, x, bias=False)[0]
+
+
+def _bias_grad_impl(grad_y):
+    return matmul.grad_params(grad_y, grad_y, weight=False)[1]  # no descriptors: no scratch
+
+
+for _name, _impl in (("linear", _linear_impl), ("grad_input", _grad_input_impl), ("grad_weight", _grad_weight_impl),
+                     ("bias_grad", _bias_grad_impl)):  # fmt: skip
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_name, _impl, _key)
+
+
+@torch.library.register_fake("fused_tp::linear", lib=_lib)
 def _(x, weight, bias, activation, save_pre):
     shape = (*x.shape[:-1], weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape if save_pre else _NO_PRE)
 
 
-@torch.library.custom_op("fused_tp::grad_input", mutates_args=())
-def _grad_input_op(grad_y: torch.Tensor, weight: torch.Tensor, activation: str,
-                   pre: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    with matmul.scratch_per_launch():
-        return matmul.grad_input(grad_y, weight, activation=activation or None, pre=pre)
-
-
-@_grad_input_op.register_fake
+@torch.library.register_fake("fused_tp::grad_input", lib=_lib)
 def _(grad_y, weight, activation, pre):
     return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
 
 
-@torch.library.custom_op("fused_tp::grad_weight", mutates_args=())
-def _grad_weight_op(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    with matmul.scratch_per_launch():
-        return matmul.grad_params(grad_y, x, bias=False)[0]
-
-
-@_grad_weight_op.register_fake
+@torch.library.register_fake("fused_tp::grad_weight", lib=_lib)
 def _(grad_y, x):
     return grad_y.new_empty((grad_y.shape[-1], x.shape[-1]))
 
 
-@torch.library.custom_op("fused_tp::bias_grad", mutates_args=())
-def _bias_grad_op(grad_y: torch.Tensor) -> torch.Tensor:
-    return matmul._colsum(matmul._rows(grad_y))  # no descriptors: no scratch
-
-
-@_bias_grad_op.register_fake
+@torch.library.register_fake("fused_tp::bias_grad", lib=_lib)
 def _(grad_y):
     return grad_y.new_empty((grad_y.shape[-1],))
 
@@ -79,20 +91,21 @@ def _(grad_y):
 def linear(x, weight, bias, activation: str = "", save_pre: bool = False):
     """(y, pre or None) of matmul.linear_prechecked, through the operator while torch.compile traces."""
     if torch.compiler.is_compiling():
-        y, pre = _linear_op(x, weight, bias, activation, save_pre)
+        y, pre = torch.ops.fused_tp.linear(x, weight, bias, activation, save_pre)
         return y, pre if save_pre else None
     return matmul.linear_prechecked(x, weight, bias, activation, save_pre)
 
 
 def grad_input(grad_y, weight, activation: str = "", pre=None):
-    """matmul.grad_input, through the operator while torch.compile traces."""
+    """matmul.grad_input_prechecked, through the operator while torch.compile traces."""
     if torch.compiler.is_compiling():
-        return _grad_input_op(grad_y, weight, activation, pre)
-    return matmul.grad_input(grad_y, weight, activation=activation or None, pre=pre)
+        return torch.ops.fused_tp.grad_input(grad_y, weight, activation, pre)
+    return matmul.grad_input_prechecked(grad_y, weight, activation, pre)
 
 
 def grad_params(grad_y, x, *, weight: bool = True, bias: bool = True):
     """matmul.grad_params, through the operators while torch.compile traces."""
     if torch.compiler.is_compiling():
-        return (_grad_weight_op(grad_y, x) if weight else None), (_bias_grad_op(grad_y) if bias else None)
+        return ((torch.ops.fused_tp.grad_weight(grad_y, x) if weight else None),
+                (torch.ops.fused_tp.bias_grad(grad_y) if bias else None))  # fmt: skip
     return matmul.grad_params(grad_y, x, weight=weight, bias=bias)

@@ -1,0 +1,83 @@
+"""The activations the matmul kernel can apply in its epilogue, as one table: each entry holds the function and its
+derivative as Triton code (run on the fp32 accumulator, before the one rounding) and as torch code (the CPU torch
+path, the references, the nn.Module a dense model uses in its place). A new activation is a new entry; the kernel
+takes an entry's two functions as compile-time arguments and calls them, with no branch per activation.
+
+    forward      C = fn(A @ B + bias), and the pre-activation A @ B + bias stored beside it for the backward
+    grad_input   C = (A @ B) * grad(pre)   the next layer's grad_input carried back through this activation
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+
+# GELU in fp32, as F.gelu computes it: exact, x * Phi(x), or approximate="tanh", where
+# 0.5 * x * (1 + tanh(u)) = x * sigmoid(2u) with u = sqrt(2 / pi) * (x + 0.044715 x^3).
+@triton.jit
+def gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_grad(x):
+    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def gelu_tanh(x):
+    return x * _sigmoid_2u(x)
+
+
+@triton.jit
+def gelu_tanh_grad(x):
+    s = _sigmoid_2u(x)
+    return s + x * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * x * x)
+
+
+@triton.jit
+def _sigmoid_2u(x):
+    # Below -80, exp(-2u) would overflow fp32 (and the interpreter's numpy warn); sigmoid is under 2e-35 there.
+    return tl.sigmoid(tl.maximum(1.5957691216057308 * (x + 0.044715 * x * x * x), -80.0))
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One entry of the table: `fn` and `grad` for the kernel, `torch_fn(x)` and `torch_grad(grad_y, pre)` (the
+    gradient through the activation at `pre`) computing the same in torch, `module()` the dense model's layer."""
+
+    fn: Callable
+    grad: Callable
+    torch_fn: Callable[[torch.Tensor], torch.Tensor]
+    torch_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    module: Callable[[], nn.Module]
+
+
+def _gelu(approximate: str) -> dict:
+    return dict(torch_fn=lambda x: torch.nn.functional.gelu(x, approximate=approximate),
+                torch_grad=lambda g, pre: torch.ops.aten.gelu_backward(g, pre, approximate=approximate),
+                module=lambda: nn.GELU(approximate))  # fmt: skip
+
+
+ACTIVATIONS = {
+    "gelu": Activation(gelu, gelu_grad, **_gelu("none")),  # F.gelu
+    "gelu_tanh": Activation(gelu_tanh, gelu_tanh_grad, **_gelu("tanh")),  # F.gelu(approximate="tanh")
+}
+
+
+def check_activation(activation, allow_none: bool = True) -> str:
+    """The table's name for `activation` (None -> ""); ValueError naming the argument if it is not one of
+    ACTIVATIONS, or None where `allow_none` (an MLP has an activation: ParallelMLP passes False)."""
+    if activation is None and allow_none:
+        return ""
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        choices = ["None"] * allow_none + [repr(name) for name in ACTIVATIONS]
+        expected = ", ".join(choices[:-1]) + " or " + choices[-1]
+        raise ValueError(f"activation: expected {expected}, got {activation!r}")
+    return activation

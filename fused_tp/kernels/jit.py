@@ -1,0 +1,239 @@
+"""The Triton kernels: one matmul kernel for the forward and both backward products of a linear layer, and a
+column-sum kernel for the bias gradient and the split-K partial sums. Nothing but kernel code: what to launch and how
+is plan.py's, the launch itself launch.py's.
+
+    C[M, N] = A[M, K] @ B[K, N]  (+ bias[N] on the fp32 accumulator)  (then an optional activation epilogue)
+
+A and B are read through their strides, so the three products of y = x @ w.T + b are one kernel:
+
+    op            A                  B                C
+    forward       x       [M, K]     w.T    [K, N]    y      [M, N]  + bias
+    grad_input    grad_y  [M, N]     w      [N, K]    grad_x [M, K]
+    grad_weight   grad_y.T[N, M]     x      [M, K]    grad_w [N, K]
+
+The bias gradient, the column sums of grad_y, is the second kernel: a reduction over rows. (Summing A's rows inside
+the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
+
+The activation epilogue (epilogues.py) runs on the fp32 accumulator, before C is rounded: the forward applies it and
+stores the pre-activation beside C; grad_input multiplies by its derivative at a stored pre-activation.
+
+Split-K: where a compute-bound C has too few tiles to keep every SM busy (configs.choose_split_k says when), the K
+loop is split over `splits` programs per tile. Each writes its fp32 partial sum to a workspace [splits, M, N], the
+bias going into split 0's partial only (as the row-parallel layer adds it on rank 0 only), and the column-sum kernel
+adds the partials in split order and rounds once: the same function, deterministic, no atomics.
+
+Under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported) the same code runs on the CPU:
+INTERPRETED says so.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+# Sizes are not specialised on their value (divisible by 16, equal to 1): masks and descriptors cover any size,
+# and a new shape must not mean a new compile. Strides stay specialised: a unit stride makes loads coalesced.
+@triton.jit(do_not_specialize=["M", "N", "K", "num_programs", "splits", "k_tiles_per_split"])
+def matmul_kernel(
+    # pointers
+    a_ptr,  # [M, K] A operand
+    b_ptr,  # [K, N] B operand
+    bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS; by split 0 only)
+    c_ptr,  # [M, N] output, or with SPLIT the fp32 partial sums [splits, M, N]
+    aux_ptr,  # [M, N] with C's strides: the pre-activation, stored (AUX == "store") or read (AUX == "load")
+    # sizes
+    M,
+    N,
+    K,
+    # strides, in elements
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_bias,
+    stride_cs,  # between the partial sums of two splits (SPLIT only)
+    # the work: (split, tile) items, split-major; each program walks the items pid, pid + num_programs, ...
+    splits,
+    k_tiles_per_split,  # every split runs this many K-steps; the last one's tail past K loads as zeros
+    num_programs,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # convert operands to fp32 before tl.dot (the interpreter's 16-bit dot is wrong)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
+    TMA: tl.constexpr,  # move A and B tiles with tensor descriptors (Hopper's bulk copy engine), not pointers
+    TMA_C: tl.constexpr,  # TMA: store C (and move the pre-activation) through descriptors too: their rows are aligned
+    A_T: tl.constexpr,  # TMA: A is stored M-contiguous (stride_am == 1), so its tiles load as [BLOCK_K, BLOCK_M]
+    B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
+    SPLIT: tl.constexpr,  # C holds fp32 partial sums, one [M, N] slab per split, stored through pointers
+    ACT: tl.constexpr,  # None, or an activation of epilogues.py: its fn (applied to C) or with AUX == "load" its grad
+    AUX: tl.constexpr,  # "", "store" (also write the pre-activation) or "load" (C *= ACT(aux))
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    num_tiles = num_pid_m * num_pid_n
+    if TMA:
+        # Descriptors address the operands in their stored order; out-of-bounds parts of a tile load as 0 and
+        # are not stored, so no masks are needed.
+        if A_T:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [K, M], [stride_ak, 1], [BLOCK_K, BLOCK_M])
+        else:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        if B_T:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
+        if TMA_C and AUX != "":  # the activation epilogue works on column halves (below)
+            c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
+            aux_desc = tl.make_tensor_descriptor(aux_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
+        elif TMA_C and not SPLIT:
+            c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
+    # An activation does not distribute over partial sums: the launcher never splits such a launch.
+    tl.static_assert(not (SPLIT and ACT is not None))
+
+    # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue.
+    for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=True):
+        # Split-major: the programs running at one time share one K-range of A and B in L2.
+        split = item // num_tiles
+        tile = item % num_tiles
+        # Grouped tile order (Triton tutorial 03): GROUP_M row-tiles share each column of B while it is in L2.
+        first_pid_m = (tile // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        # Every pointer offset is int64 (tests/test_scale.py checks the IR): a tensor of 2^31 elements or more, or
+        # a view with a large stride, must not wrap.
+        a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+        b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles_per_split):
+            k0 = (split * k_tiles_per_split + kt) * BLOCK_K
+            if TMA:
+                if A_T:
+                    a = a_desc.load([k0, pid_m * BLOCK_M]).T
+                else:
+                    a = a_desc.load([pid_m * BLOCK_M, k0])
+                if B_T:
+                    b = b_desc.load([pid_n * BLOCK_N, k0]).T
+                else:
+                    b = b_desc.load([k0, pid_n * BLOCK_N])
+            else:
+                ks = k0 + offs_k
+                a = tl.load(a_rows + ks[None, :].to(tl.int64) * stride_ak, mask=mask_m[:, None] & (ks[None, :] < K),
+                            other=0.0)  # fmt: skip
+                b = tl.load(b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :],
+                            other=0.0)  # fmt: skip
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+        if HAS_BIAS:
+            bias_n = tl.where(split == 0, N, 0)  # split 0 alone adds the bias
+            bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < bias_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if TMA_C and AUX != "":
+            # Through descriptors the activation epilogue works on two column halves, each staged in shared memory
+            # on its own: whole tiles of C and the pre-activation needed two output tiles beside the operand stages
+            # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
+            acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
+            m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+            _activation_epilogue(acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty,
+                                 aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
+            _activation_epilogue(acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, c_ptr.dtype.element_ty,
+                                 aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
+        else:
+            mask_c = mask_m[:, None] & mask_n[None, :]
+            if AUX == "load":
+                pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
+                acc *= ACT(pre.to(tl.float32))
+            elif ACT is not None:
+                if AUX == "store":
+                    tl.store(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty),
+                             mask=mask_c)  # fmt: skip
+                acc = ACT(acc)
+            if SPLIT:
+                # fp32 partials, stored in two column halves: the layout change before a store then needs half the
+                # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
+                c_rows = c_ptr + split.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm
+                acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
+                offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+                offs_hi = offs_lo + BLOCK_N // 2
+                tl.store(c_rows + offs_lo[None, :].to(tl.int64) * stride_cn, acc_lo,
+                         mask=mask_m[:, None] & (offs_lo[None, :] < N))  # fmt: skip
+                tl.store(c_rows + offs_hi[None, :].to(tl.int64) * stride_cn, acc_hi,
+                         mask=mask_m[:, None] & (offs_hi[None, :] < N))  # fmt: skip
+            elif TMA_C:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
+            else:
+                tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty),
+                         mask=mask_c)  # fmt: skip
+
+@triton.jit
+def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] as its left and right [BLOCK_M, BLOCK_N // 2] halves."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _activation_epilogue(acc, c_desc, aux_desc, m0, n0, C_TYPE: tl.constexpr, AUX_TYPE: tl.constexpr,
+                         ACT: tl.constexpr, AUX: tl.constexpr):  # fmt: skip
+    """The activation epilogue of a C block at (m0, n0) through tensor descriptors: C *= activation'(pre), or the
+    pre-activation stored and C = activation(C); ACT is the activation's grad or fn accordingly."""
+    if AUX == "load":
+        acc *= ACT(aux_desc.load([m0, n0]).to(tl.float32))
+    else:
+        aux_desc.store([m0, n0], acc.to(AUX_TYPE))
+        acc = ACT(acc)
+    c_desc.store([m0, n0], acc.to(C_TYPE))
+
+
+@triton.jit
+def _tile(ptr, offs_m, offs_n, stride_m, stride_n):
+    """The pointers of an [M, N] tile, in int64 (see the operands' pointers)."""
+    return ptr + offs_m[:, None].to(tl.int64) * stride_m + offs_n[None, :].to(tl.int64) * stride_n
+
+
+@triton.jit(do_not_specialize=["M", "N", "rows_per_program"])
+def colsum_kernel(
+    g_ptr,  # [M, N] input
+    out_ptr,  # [chunks, N] column sums of each chunk of rows_per_program rows (chunks = the grid's second dim)
+    M,
+    N,
+    stride_gm,
+    stride_gn,
+    rows_per_program,  # a multiple of BLOCK_M
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Program (i, j) sums rows [j * rows_per_program, (j + 1) * rows_per_program) of BLOCK_N columns, in a fixed
+    # order, so the result is the same on every run and every rank (no atomics).
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    first = tl.program_id(1) * rows_per_program
+    last = tl.minimum(first + rows_per_program, M)
+    cols = g_ptr + offs_n[None, :].to(tl.int64) * stride_gn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(first, last, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        g = tl.load(cols + rows[:, None].to(tl.int64) * stride_gm, mask=(rows[:, None] < last) & mask_n[None, :],
+                    other=0.0)  # fmt: skip
+        acc += g.to(tl.float32)
+    out = out_ptr + tl.program_id(1).to(tl.int64) * N + offs_n.to(tl.int64)
+    tl.store(out, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+
+INTERPRETED = isinstance(matmul_kernel, InterpretedFunction)

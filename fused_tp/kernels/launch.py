@@ -1,0 +1,115 @@
+"""Launching a planned kernel (plan.Launch), and the global memory device-side tensor descriptors need.
+
+Triton's JITFunction.run binds and specialises every argument of a launch: 32-41 us of host time for the matmul
+kernel on the H100 host, against 11-13 us for calling the compiled kernel with the same arguments, and 16-31 us for
+all of F.linear (bench/NOTES.md, attempt 18). So the first launch of a plan goes through kernel[grid](...), which
+compiles and returns the compiled kernel, and later launches of the same plan call that kernel directly. A plan
+fixes everything Triton specialises on (the meta-parameters, each integer argument's value, each tensor's dtype
+and 16-byte alignment, the device: plan.matmul_plan's key), so the kernel run would choose is the one kept; it is
+kept on the plan, whose cache is bounded.
+
+The direct call uses Triton's compiled-kernel internals (CompiledKernel.run and its arguments), which are not a
+public API: it is on only for the Triton versions it was run with on a GPU (TESTED_TRITON), and
+FUSED_TP_DIRECT_LAUNCH=0 (read at import) turns it off. Off, every launch goes through kernel[grid] (the same
+kernel, about 20-30 us more host time per launch); on an untested Triton a warning says so once.
+path_counts["direct_launch"] counts the direct launches.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import warnings
+
+import torch
+import triton
+from triton import knobs
+
+from .jit import INTERPRETED
+
+TESTED_TRITON = ("3.6",)  # major.minor versions whose compiled kernels were launched directly on a GPU
+TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
+DIRECT = TRITON_VERSION in TESTED_TRITON and os.environ.get("FUSED_TP_DIRECT_LAUNCH", "1") != "0"
+_warned_untested = False
+
+# How many launches took each path since import, by key: "triton", "triton-interpreter" or "torch" per product;
+# "tma" the matmul launches that moved tiles through tensor descriptors, "split_k" those that split their K loop,
+# "align_copy" / "fp32_copy" the operands copied first (layout.py), "config_pinned" / "config_autotuned" /
+# "config_table" / "config_rule" where each config came from, "direct_launch" the launches made directly.
+path_counts: collections.Counter = collections.Counter()
+
+
+def launch(kernel, spec, args: tuple) -> None:
+    """kernel[spec.grid](*args, *spec.ints, **spec.kwargs): `args` are the tensor arguments; directly through the
+    compiled kernel from the second launch of `spec` on (see above)."""
+    args = (*args, *spec.ints)
+    if spec.kwargs.get("TMA") and not INTERPRETED:
+        # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
+        triton.set_allocator(_descriptor_scratch)
+    compiled = spec.compiled
+    if compiled is None or not DIRECT:
+        compiled = kernel[spec.grid](*args, **spec.kwargs)
+        if not INTERPRETED and DIRECT:
+            spec.compiled = compiled
+            spec.values = tuple(spec.kwargs[p.name] for p in kernel.params if p.is_constexpr)
+        elif not INTERPRETED:
+            _warn_untested_once()
+        return
+    device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its lazy-init check: CUDA is up here
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    # Launch hooks (profilers) are passed on as run passes them, but an empty hook chain (Triton keeps hooks in
+    # chains that are never None) is passed as None: the launcher then skips it, and the launch metadata only hooks
+    # read is not built (bench/NOTES.md, attempt 24).
+    enter, leave = hook(knobs.runtime.launch_enter_hook), hook(knobs.runtime.launch_exit_hook)
+    grid, values = spec.grid, spec.values
+    meta = compiled.launch_metadata(grid, stream, *args, *values) if enter is not None or leave is not None else None
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, meta, enter, leave, *args, *values)
+    path_counts["direct_launch"] += 1
+
+
+def hook(chain):
+    """A launch hook as the launcher takes it: None for an empty chain (or none)."""
+    return chain if chain is not None and getattr(chain, "calls", True) else None
+
+
+def _warn_untested_once() -> None:
+    global _warned_untested
+    if not _warned_untested and TRITON_VERSION not in TESTED_TRITON:
+        _warned_untested = True
+        warnings.warn(f"fused_tp: Triton {triton.__version__} is not among the versions whose compiled kernels it "
+                      f"launches directly ({', '.join(TESTED_TRITON)}): every launch goes through Triton's launcher, "
+                      "about 20-30 us more host time each (fused_tp.kernels.launch.DIRECT)", stacklevel=4)  # fmt: skip
+
+
+_scratch: dict = {}  # (device index, stream) -> the descriptor scratch of the launches on that stream
+_reuse_scratch = True  # off while a registered operator runs (scratch_per_launch)
+
+
+@contextlib.contextmanager
+def scratch_per_launch():
+    """Launches inside take a fresh descriptor scratch each, kept nowhere. For the registered operators (ops.py):
+    torch.compile's CUDA graphs warm up with this thread's allocations routed to the graph's private pool, where
+    a buffer kept past the graph counts as a leak; eager launches, which skip the operators, keep reusing theirs."""
+    global _reuse_scratch
+    before, _reuse_scratch = _reuse_scratch, False
+    try:
+        yield
+    finally:
+        _reuse_scratch = before
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors a kernel makes on the device: one buffer per (device, stream), reused.
+
+    Launches on one stream run in order, so a kernel's descriptors are dead before the next one writes its own.
+    Reuse saves an allocation per launch (host time) and keeps the scratch out of each step's peak memory. A
+    stream being captured into a CUDA graph gets its own buffer from the graph's pool, not kept here, and so does
+    a launch from a registered operator (scratch_per_launch)."""
+    if not _reuse_scratch or torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+    key = (torch._C._cuda_getDevice(), stream)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < size:  # torch's blocks are 512-byte aligned, past any `alignment` asked for
+        buf = _scratch[key] = torch.empty(size, device="cuda", dtype=torch.int8)
+    return buf

@@ -1,0 +1,206 @@
+"""Launch plans: everything a launch decides, as a pure function of what a trace can see (sizes, strides, dtypes,
+16-byte alignment, the device and a few flags), cached, so that a launch's host work is one cache lookup, the
+allocations and the launch itself.
+
+    matmul_plan  which implementation runs (compiled Triton, the interpreter, the torch path), which operands are
+                 copied into another layout first (layout.py), whether tiles move through tensor descriptors, the
+                 config and where it came from (pick_config), the split-K factor, the grid, and the kernel's
+                 integer and compile-time arguments
+    colsum_plan  the same for a column sum (the bias gradient, or adding split-K partials)
+
+Alignment is an input, not something a plan reads: eager code passes each operand's data_ptr() % 16, a registered
+operator the same for the tensors it is called with (ops.py), so a compiled graph takes eager code's path for the
+tensors it gets at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import torch
+
+from . import configs, jit, layout, tables
+from .configs import SHARED_MEMORY_BYTES, KernelConfig, choose_split_k, colsum_chunks, fits
+from .epilogues import ACTIVATIONS
+
+PLAN_CACHE_SIZE = 4096  # plans kept (least recently used dropped): each holds its compiled kernel (launch.py)
+
+
+class Device(NamedTuple):
+    """Where a launch runs: `path` ("triton", "triton-interpreter" or "torch"), the name tuned tables key it by,
+    how many programs a persistent grid starts (one per SM), and whether it has tensor descriptors (sm_90+)."""
+
+    index: int
+    path: str
+    gpu: str
+    slots: int
+    has_tma: bool
+
+
+@functools.lru_cache(maxsize=None)
+def device(index: int) -> Device:
+    """The facts of the device of a tensor whose get_device() is `index` (-1: the CPU)."""
+    if jit.INTERPRETED:
+        return Device(index, "triton-interpreter", "triton-interpreter", configs.INTERPRETER_PROGRAMS, True)
+    if index < 0:
+        return Device(index, "torch", "cpu", 1, False)
+    props = torch.cuda.get_device_properties(index)
+    return Device(index, "triton", props.name, props.multi_processor_count, props.major >= 9)
+
+
+class Launch:
+    """One kernel launch: its grid, its integer arguments in the kernel's order, its compile-time arguments
+    (`kwargs`), and the compiled kernel once launch.py has it (kept here: a plan lives in a bounded cache)."""
+
+    __slots__ = ("grid", "ints", "kwargs", "values", "compiled")
+
+    def __init__(self, grid: tuple[int, int, int], ints: tuple, kwargs: dict):
+        self.grid, self.ints, self.kwargs, self.values, self.compiled = grid, ints, kwargs, None, None
+
+
+class MatmulPlan(NamedTuple):
+    """C[M, N] = A[M, K] @ B[K, N]: see matmul_plan. `copy_a` / `copy_b`: None, or the dim an aligned copy keeps
+    contiguous (layout.aligned_copy); `counts`: the path_counts keys a run adds; `wide`: C is written in fp32 and
+    rounded once after (the interpreter); `launch` is None where nothing is launched (an empty C, the torch path)."""
+
+    path: str
+    M: int
+    N: int
+    K: int
+    copy_a: int | None
+    copy_b: int | None
+    wide: bool
+    config: KernelConfig | None
+    splits: int
+    counts: tuple[str, ...]
+    launch: Launch | None
+    sum_partials: ColsumPlan | None
+
+
+class ColsumPlan(NamedTuple):
+    """out[N] = g[M, N].sum(0) in fp32, in a fixed order: one launch, or with row chunks a second plan summing the
+    chunks' partial sums [chunks, N]."""
+
+    M: int
+    N: int
+    chunks: int
+    launch: Launch
+    then: ColsumPlan | None
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
+                product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None,
+                tf32: bool = False, aux_tile: bool = False) -> tuple[KernelConfig, str]:  # fmt: skip
+    """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
+    persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
+    `tf32` when fp32 dot products may use TF32, `aux_tile` when the epilogue reads a pre-activation tile.
+    `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
+    set. source: "pinned", "table" or "rule". A table's config without room for the pre-activation tile gives way
+    to the rule's, which has room (tests/test_tune.py). A pinned config whose tiles do not fit in shared memory
+    raises ValueError before the launch."""
+    cfg, source = pinned, "pinned"
+    if cfg is not None and not fits(cfg, dtype.itemsize, tma, aux_tile):
+        raise ValueError(
+            f"pinned config {cfg}: needs {cfg.shared_memory(dtype.itemsize, tma, aux_tile)} bytes of shared memory "
+            f"for {tables.DTYPE_NAMES[dtype]} operands{' through tensor descriptors' if tma else ''}"
+            f"{' and a pre-activation tile' if aux_tile else ''}; a program has {SHARED_MEMORY_BYTES}"
+        )
+    if cfg is None:
+        cfg, source = tables.table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
+    if cfg is None or not fits(cfg, dtype.itemsize, tma, aux_tile):
+        cfg, source = configs.rule_config(M, dtype, interpreted, tma), "rule"
+    return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int], b_strides: tuple[int, int],
+                dtype: torch.dtype, aligned: tuple[bool, bool, bool, bool], bias_stride: int | None,
+                activation: str, aux: str, device_index: int, tf32: bool,
+                pinned: tuple[KernelConfig, str] | None) -> MatmulPlan:  # fmt: skip
+    """The plan of C[M, N] = A[M, K] @ B[K, N] (+ bias) with the activation epilogue, for `product` (configs.PRODUCTS).
+
+    aligned: the 16-byte alignment of A, B, the bias and a given pre-activation (aux == "load"); bias_stride: None
+    without a bias; aux: "" (C only), "store" (C = act(P) and P stored) or "load" (C = P * act'(pre)); tf32: fp32
+    dot products may use TF32 (F.linear's setting); pinned: (config, "pinned" or "autotuned") over table and rule.
+    A plan is built once per distinct set of these and reused: launches then pay a cache lookup."""
+    dev = device(device_index)
+    if dev.path == "torch":
+        return MatmulPlan("torch", M, N, K, None, None, False, None, 1, ("torch",), None, None)
+    fp32 = dtype == torch.float32
+    wide = dev.path == "triton-interpreter" and not fp32  # see matmul._out: the interpreter's 16-bit arithmetic
+    itemsize, c_itemsize = dtype.itemsize, 4 if wide else dtype.itemsize
+    counts = [dev.path]
+    # C and a stored pre-activation are fresh allocations (aligned); a given pre-activation may not be.
+    c_aligned = aligned[3] or aux != "load"
+    route = layout.tma_route(M, N, K, a_strides, b_strides, itemsize, c_itemsize, aligned[0] and aligned[1],
+                             c_aligned) if dev.has_tma else None  # fmt: skip
+    copy_a = copy_b = None
+    for why in ("align_copy", "fp32_copy") if dev.has_tma and M and N else ():
+        if why == "align_copy" and route is None:
+            copies = layout.align_copies(M, N, K, a_strides, b_strides, itemsize, fp32, tf32, aligned[:2])
+        elif why == "fp32_copy" and route is not None and fp32:
+            copies = layout.fp32_copies(M, N, route, tf32)
+            copies = (None if copy_a is not None else copies[0], None if copy_b is not None else copies[1])
+        else:
+            continue
+        if copies[0] is not None:
+            copy_a, a_strides = copies[0], layout.copy_strides(M, K, copies[0], itemsize)
+        if copies[1] is not None:
+            copy_b, b_strides = copies[1], layout.copy_strides(K, N, copies[1], itemsize)
+        if copies != (None, None):
+            counts += [why] * ((copies[0] is not None) + (copies[1] is not None))
+            ab_aligned = (copy_a is not None or aligned[0]) and (copy_b is not None or aligned[1])
+            route = layout.tma_route(M, N, K, a_strides, b_strides, itemsize, c_itemsize, ab_aligned, c_aligned)
+    if M == 0 or N == 0:  # nothing to compute: an empty C (and pre-activation)
+        return MatmulPlan(dev.path, M, N, K, None, None, wide, None, 1, tuple(counts), None, None)
+    cfg, source = pick_config(M, N, K, dtype, jit.INTERPRETED, route is not None, dev.slots, product, dev.gpu,
+                              pinned[0] if pinned else None, tf32, aux_tile=aux == "load")  # fmt: skip
+    counts.append("config_" + (pinned[1] if pinned else source))
+    k_tiles = _cdiv(K, cfg.BLOCK_K)
+    # An activation does not distribute over partial sums: such a launch is never split.
+    k_tiles_per_split = _cdiv(k_tiles, 1 if activation else cfg.split_k)
+    splits = _cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
+    items = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N) * splits
+    programs = min(items, dev.slots) if cfg.persistent else items
+    counts += ["tma"] * (route is not None) + ["split_k"] * (splits > 1)
+    act = None
+    if activation:
+        act = ACTIVATIONS[activation].grad if aux == "load" else ACTIVATIONS[activation].fn
+    kwargs = dict(HAS_BIAS=bias_stride is not None, UPCAST=wide, INPUT_PRECISION="tf32" if tf32 else "ieee",
+                  TMA=route is not None, A_T=route is not None and route[0], B_T=route is not None and route[1],
+                  TMA_C=route is not None and route[2], SPLIT=splits > 1, ACT=act, AUX=aux, **cfg.meta())  # fmt: skip
+    # C and the split partials are contiguous; the partials' slab stride is 0 without splits (no specialisation
+    # on M * N).
+    ints = (M, N, K, *a_strides, *b_strides, N, 1, bias_stride or 0, M * N if splits > 1 else 0, splits,
+            k_tiles_per_split, programs)  # fmt: skip
+    partials = colsum_plan(splits, M * N, device_index, configs.SPLIT_SUM_CONFIG) if splits > 1 else None
+    return MatmulPlan(dev.path, M, N, K, copy_a, copy_b, wide, cfg, splits, tuple(counts),
+                      Launch((programs, 1, 1), ints, kwargs), partials)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def colsum_plan(M: int, N: int, device_index: int, cfg: configs.ColsumConfig = configs.COLSUM_CONFIG,
+                g_strides: tuple[int, int] | None = None) -> ColsumPlan:  # fmt: skip
+    """The plan of out[N] = g[M, N].sum(0) (g's strides: row-major contiguous unless given; N > 0).
+
+    Few, long columns (a bias gradient over 32768 tokens of 3072 features is 48 column blocks) would leave most SMs
+    idle, so the rows are cut into chunks whose fp32 sums a second pass of the same kernel adds up."""
+    col_blocks = _cdiv(N, cfg.BLOCK_N)
+    chunks = colsum_chunks(M, col_blocks, device(device_index).slots, cfg)
+    rows_per_program = max(1, _cdiv(_cdiv(M, chunks), cfg.BLOCK_M)) * cfg.BLOCK_M
+    chunks = max(1, _cdiv(M, rows_per_program))
+    strides = g_strides or (N, 1)
+    launch = Launch((col_blocks, chunks, 1), (M, N, *strides, rows_per_program), cfg.meta())
+    return ColsumPlan(M, N, chunks, launch, colsum_plan(chunks, N, device_index, cfg) if chunks > 1 else None)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def clear_caches() -> None:
+    """Forget every plan and device fact (tests that change a rule or the interpreter switch call it)."""
+    for cached in (device, matmul_plan, colsum_plan):
+        cached.cache_clear()

@@ -1,0 +1,94 @@
+"""Tuned tables: the configs `python -m fused_tp tune` measured fastest, shipped as JSON in fused_tp/kernels/tuned/
+(one file per GPU model), read once per process and looked up by the nearest shape bucket.
+
+The file: {"format": 1, "gpus": {gpu name: {product: {dtype: {"tma" | "pointers": {"MxNxK" bucket:
+{"config": {KernelConfig fields}, ...measured fields, kept for people, ignored here}}}}}}}.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+
+import torch
+
+from .configs import PRODUCTS, KernelConfig, bucket
+
+TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
+
+
+def table_key(M: int, N: int, K: int) -> str:
+    return f"{bucket(M)}x{bucket(N)}x{bucket(K)}"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(gpu: str) -> dict:
+    """{(product, dtype name, path): {bucket (M, N, K): config}} for `gpu` from the tables in TABLE_DIR; empty if
+    none names it. A malformed table raises ValueError naming its file and entry."""
+    found = {}
+    for path in sorted(TABLE_DIR.glob("*.json")):
+        found.update(load_table(path).get(gpu, {}))
+    return found
+
+
+def load_table(path: pathlib.Path) -> dict:
+    """{gpu: {(product, dtype, path): {bucket: config}}} of one tuned table file (the format above)."""
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"tuned table {path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("gpus"), dict):
+        raise ValueError(f'tuned table {path}: expected {{"format": 1, "gpus": {{...}}}}')
+    out = {}
+    for gpu, products in data["gpus"].items():
+        for product, dtypes in _items(products, f"{path}: {gpu}"):
+            if product not in PRODUCTS:
+                raise ValueError(f"tuned table {path}: {gpu}: unknown product {product!r} (known: {PRODUCTS})")
+            for dtype, routes in _items(dtypes, f"{path}: {gpu}/{product}"):
+                if dtype not in TABLE_DTYPES:
+                    raise ValueError(f"tuned table {path}: {gpu}/{product}: unknown dtype {dtype!r} (known: "
+                                     f"{TABLE_DTYPES})")  # fmt: skip
+                for route, entries in _items(routes, f"{path}: {gpu}/{product}/{dtype}"):
+                    if route not in ("tma", "pointers"):
+                        raise ValueError(f"tuned table {path}: {gpu}/{product}/{dtype}: unknown path {route!r}")
+                    where = f"tuned table {path}: {gpu}/{product}/{dtype}/{route}"
+                    table = out.setdefault(gpu, {}).setdefault((product, dtype, route), {})
+                    for key, entry in _items(entries, where):
+                        dims = key.split("x")
+                        if len(dims) != 3 or not all(d.isdigit() for d in dims):
+                            raise ValueError(f"{where}: bucket {key!r} is not MxNxK")
+                        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+                            raise ValueError(f"{where}/{key}: expected an object with a 'config' object")
+                        table[tuple(map(int, dims))] = KernelConfig.from_dict(entry["config"], f"{where}/{key}")
+    return out
+
+
+def _items(d, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"tuned table {where}: expected an object, got {type(d).__name__}")
+    return d.items()
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# A table's dtype names: fp32 operands have two, as their dot products cut operands to TF32 or not (cuBLAS and
+# fused_tp follow torch.backends.cuda.matmul.allow_tf32), and the two run at speeds 4-8x apart.
+TABLE_DTYPES = ("bf16", "fp16", "fp32", "tf32")
+
+
+def table_dtype(dtype: torch.dtype, tf32: bool) -> str:
+    """The name a tuned table keys operands of `dtype` by; `tf32`: fp32 dot products may use TF32."""
+    return "tf32" if tf32 and dtype == torch.float32 else DTYPE_NAMES[dtype]
+
+
+def table_config(gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool,
+                 tf32: bool = False) -> KernelConfig | None:  # fmt: skip
+    """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
+    (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path."""
+    entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
+    if not entries:
+        return None
+    want = [math.log2(max(bucket(n), 1)) for n in (M, N, K)]
+    nearest = min(entries, key=lambda b: (sum(abs(math.log2(max(x, 1)) - w) for x, w in zip(b, want)), b))
+    return entries[nearest]
