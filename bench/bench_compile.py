@@ -1,6 +1,6 @@
 """Compiled fused_tp against compiled nn.Linear on the same model, side by side, at world size 1.
 
-    python bench/bench_compile.py [--dtype bf16|fp16] [--quick] [--modes default reduce-overhead]
+    python bench/bench_compile.py [--dtype bf16|fp16] [--quick] [--modes default reduce-overhead] [--tokens 16 128]
 
 Cases: the Column -> GELU -> Row MLP as three modules ("mlp") and as one ParallelMLP ("parallel_mlp"), each built
 with from_linear(s) of the nn.Sequential(nn.Linear, nn.GELU(), nn.Linear) it is timed against (same weights, same
@@ -45,6 +45,7 @@ def main():
     p.add_argument("--quick", action="store_true", help=f"the first model shape only, of {len(SHAPES)}")
     p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"],
                    choices=["default", "reduce-overhead"])
+    p.add_argument("--tokens", nargs="+", type=int, default=TOKENS, help="token counts (default: %(default)s)")
     args = p.parse_args()
     dtype, info = DTYPES[args.dtype], env()
     rows = []
@@ -52,12 +53,12 @@ def main():
         for mode in args.modes:
             torch._dynamo.reset()
             # models() at the largest token count; smaller batches are its leading rows (the models are the same)
-            built = models(max(TOKENS), hidden, ffn, dtype)
+            built = models(max(args.tokens), hidden, ffn, dtype)
             for layer in ("mlp", "parallel_mlp"):
                 base_mod, fused_mod, x_all, grad_all = built[layer]
                 compiled = {"baseline": torch.compile(base_mod, mode=mode, dynamic=True),
                             "fused_tp": torch.compile(fused_mod, mode=mode, dynamic=True, fullgraph=True)}
-                for tokens in TOKENS:
+                for tokens in args.tokens:
                     x, grad_y = x_all[:tokens], grad_all[:tokens]
                     start = time.perf_counter()
                     (base_f, base_fb, _), (fused_f, fused_fb, _) = (steps(compiled[n], x, grad_y) for n in compiled)

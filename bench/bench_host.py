@@ -98,7 +98,7 @@ def cases(device: str, dtype: torch.dtype, width: int) -> dict:
     return {
         "F.linear": lambda: F.linear(x, w, b),
         "kernels.linear": lambda: kernels.linear(x, w, b),
-        "torch.ops.fused_tp.linear": lambda: torch.ops.fused_tp.linear(x, w, b, "", False),
+        "torch.ops.fused_tp.linear": lambda: torch.ops.fused_tp.linear(x, w, b, ""),
         "kernels.grad_input": lambda: kernels.grad_input(x, w),
         "kernels.grad_params": lambda: kernels.grad_params(x, x),
         "nn.Linear forward, no_grad": no_grad(lin),

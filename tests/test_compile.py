@@ -33,7 +33,8 @@ def test_the_operators_pass_opcheck(device, lead, K, N, dtype, has_bias, activat
     t = lambda *shape: make_tensor(shape, "contiguous", dtype, device, gen)  # noqa: E731
     x, w, b, g = t(*lead, 4, K), t(N, K), t(N) if has_bias else None, t(*lead, 4, N)
     cases = [
-        (torch.ops.fused_tp.linear, (x, w, b, activation, save_pre and bool(activation))),
+        (torch.ops.fused_tp.linear_pre if save_pre and activation else torch.ops.fused_tp.linear,
+         (x, w, b, activation)),
         (torch.ops.fused_tp.grad_weight, (g, x)),
         (torch.ops.fused_tp.bias_grad, (g,)),
         (torch.ops.fused_tp.grad_input, (g, w, "", None)),
@@ -154,7 +155,7 @@ def test_the_rank_guard_and_autotuning_refuse_to_compile_on_a_group(rank_pools, 
 
 
 def test_operators_are_registered():
-    assert {"linear", "grad_input", "grad_weight", "bias_grad"} <= set(dir(torch.ops.fused_tp))
+    assert {"linear", "linear_pre", "grad_input", "grad_weight", "bias_grad"} <= set(dir(torch.ops.fused_tp))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

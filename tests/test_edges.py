@@ -148,6 +148,34 @@ def test_parallel_mlp_saves_no_more_than_the_dense_mlp(device, monkeypatch, x_gr
     assert save_pre and not any(save_pre)
 
 
+@pytest.mark.parametrize("kind", ["column", "column, gather_output", "row", "row, input_is_parallel=False",
+                                  "parallel_mlp"])  # fmt: skip
+def test_where_autograd_records_nothing_the_layers_skip_their_function(device, monkeypatch, kind):
+    """Under no_grad (or with nothing requiring grad) a layer call runs its kernels without its autograd Function,
+    whose bookkeeping would cost host time for nothing, and gives the Function's output bitwise."""
+    from fused_tp import autograd
+
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(16, 40, device=device), nn.Linear(40, 16, device=device)
+    col, row = fused_tp.ColumnParallelLinear.from_linear, fused_tp.RowParallelLinear.from_linear
+    layer, width = {"column": (col(fc1), 16), "column, gather_output": (col(fc1, gather_output=True), 16),
+                    "row": (row(fc2), 40), "row, input_is_parallel=False": (row(fc2, input_is_parallel=False), 40),
+                    "parallel_mlp": (fused_tp.ParallelMLP.from_linears(fc1, fc2), 16)}[kind]  # fmt: skip
+    x = torch.randn(5, width, device=device)
+    with_function = layer(x)
+    assert with_function.grad_fn is not None
+    functions = (autograd._ColumnParallelLinear, autograd._RowParallelLinear, autograd._ParallelMLP,
+                 autograd._GatherLastDim, autograd._ScatterLastDim)  # fmt: skip
+    for fn in functions:
+        monkeypatch.setattr(fn, "apply", lambda *args: pytest.fail("an autograd Function ran"))
+    with torch.no_grad():
+        y = layer(x)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    frozen = layer(x)
+    assert torch.equal(y, with_function) and torch.equal(frozen, with_function) and frozen.grad_fn is None
+
+
 def test_a_second_derivative_raises(device):
     """Double backward through a layer raises instead of silently leaving out the layer's second-order terms."""
     layer = fused_tp.ColumnParallelLinear(6, 4, device=device)

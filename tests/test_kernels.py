@@ -385,3 +385,34 @@ def test_launch_hooks_see_direct_launches_too():
             knobs.runtime.launch_enter_hook = chain
     assert len(seen) == 2 and all(m is not None for m in seen)
     assert launch.hook(knobs.runtime.launch_enter_hook) is None
+
+
+def test_direct_launch_is_gated_by_version_and_switch():
+    """The direct launch through Triton's compiled-kernel internals is on only for the Triton versions it was run
+    with on a GPU, and FUSED_TP_DIRECT_LAUNCH=0 turns it off; the cache of compiled kernels is the plans' own,
+    bounded."""
+    import os
+
+    want = launch.TRITON_VERSION in launch.TESTED_TRITON and os.environ.get("FUSED_TP_DIRECT_LAUNCH", "1") != "0"
+    assert launch.DIRECT == want
+    assert plan.matmul_plan.cache_info().maxsize == plan.colsum_plan.cache_info().maxsize == plan.PLAN_CACHE_SIZE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels on a GPU")
+def test_the_plain_launch_gives_the_direct_launches_bits(monkeypatch):
+    """With the direct launch switched off (an untested Triton, or FUSED_TP_DIRECT_LAUNCH=0), every launch goes
+    through kernel[grid]: the same kernels, the same bits, no direct launch counted."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (make_tensor(s, "contiguous", torch.bfloat16, "cuda", gen) for s in ((300, 96), (80, 96), (80,)))
+    g = make_tensor((300, 80), "contiguous", torch.bfloat16, "cuda", gen)
+
+    def run():
+        return kernels.linear(x, w, b, activation="gelu"), kernels.grad_input(g, w), *kernels.grad_params(g, x)
+
+    run()
+    direct = run()
+    monkeypatch.setattr(launch, "DIRECT", False)
+    before = kernels.path_counts["direct_launch"]
+    plain = run()
+    assert kernels.path_counts["direct_launch"] == before
+    assert all(torch.equal(u, v) for u, v in zip(direct, plain))

@@ -18,13 +18,13 @@ path_counts["direct_launch"] counts the direct launches.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import warnings
 
 import torch
 import triton
 from triton import knobs
+from triton.runtime.jit import JITFunction
 
 from .jit import INTERPRETED
 
@@ -44,13 +44,13 @@ def launch(kernel, spec, args: tuple) -> None:
     """kernel[spec.grid](*args, *spec.ints, **spec.kwargs): `args` are the tensor arguments; directly through the
     compiled kernel from the second launch of `spec` on (see above)."""
     args = (*args, *spec.ints)
-    if spec.kwargs.get("TMA") and not INTERPRETED:
+    if spec.tma and not INTERPRETED:
         # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
         triton.set_allocator(_descriptor_scratch)
     compiled = spec.compiled
     if compiled is None or not DIRECT:
         compiled = kernel[spec.grid](*args, **spec.kwargs)
-        if not INTERPRETED and DIRECT:
+        if isinstance(kernel, JITFunction) and DIRECT:  # not a stand-in (tests, bench_host's stubs)
             spec.compiled = compiled
             spec.values = tuple(spec.kwargs[p.name] for p in kernel.params if p.is_constexpr)
         elif not INTERPRETED:
@@ -86,17 +86,21 @@ _scratch: dict = {}  # (device index, stream) -> the descriptor scratch of the l
 _reuse_scratch = True  # off while a registered operator runs (scratch_per_launch)
 
 
-@contextlib.contextmanager
-def scratch_per_launch():
+class scratch_per_launch:
     """Launches inside take a fresh descriptor scratch each, kept nowhere. For the registered operators (ops.py):
     torch.compile's CUDA graphs warm up with this thread's allocations routed to the graph's private pool, where
-    a buffer kept past the graph counts as a leak; eager launches, which skip the operators, keep reusing theirs."""
-    global _reuse_scratch
-    before, _reuse_scratch = _reuse_scratch, False
-    try:
-        yield
-    finally:
-        _reuse_scratch = before
+    a buffer kept past the graph counts as a leak; eager launches, which skip the operators, keep reusing theirs.
+    A class, not a generator: it runs around every operator call."""
+
+    __slots__ = ("before",)
+
+    def __enter__(self) -> None:
+        global _reuse_scratch
+        self.before, _reuse_scratch = _reuse_scratch, False
+
+    def __exit__(self, *exc) -> None:
+        global _reuse_scratch
+        _reuse_scratch = self.before
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:

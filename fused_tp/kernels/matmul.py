@@ -84,6 +84,8 @@ def linear_prechecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """(y, pre) of linear() for arguments that check_linear_args has passed (the layers check theirs before any
     collective); `activation` as check_activation returns it. With save_pre, pre [..., N] is the pre-activation
     x @ weight.T + bias (rounded), else None."""
+    if save_pre and not activation:
+        raise ValueError("save_pre: the pre-activation is saved for an activation's derivative; no activation given")
     x, M, rows = _matrix(x)
     N, K = weight.shape
     out = (*x.shape[:-1], N)
@@ -150,7 +152,8 @@ def colsum(g: torch.Tensor, M: int, strides: tuple[int, int]) -> torch.Tensor:
         return torch.as_strided(g, (M, N), strides).float().sum(0).to(g.dtype)
     out = _out((N,), g.dtype, g.device, dev.path == "triton-interpreter")
     if N:
-        _colsum(plan.colsum_plan(M, N, dev.index, configs.COLSUM_CONFIG, strides), g, out)
+        p = plan.colsum_plan(M, N, dev.index, configs.COLSUM_CONFIG, g.dtype, out.dtype, strides, not g.data_ptr() % 16)
+        _colsum(p, g, out)
     return _rounded(out, g.dtype)
 
 

@@ -1,8 +1,8 @@
 """The kernels as PyTorch operators, `torch.ops.fused_tp.*`, so that torch.compile and CUDA graphs see them.
 
     op                                                        returns
-    linear(x [..., K], weight [N, K], bias [N]?, activation, save_pre)
-                                                              (y [..., N], pre [..., N] or [0])
+    linear(x [..., K], weight [N, K], bias [N]?, activation)  y [..., N]
+    linear_pre(x, weight, bias, activation)                   (y [..., N], pre [..., N]): the pre-activation too
     grad_input(grad_y [..., N], weight [N, K], activation, pre [..., K]?)
                                                               grad_x [..., K]
     grad_weight(grad_y [..., N], x [..., K])                  grad_w [N, K]
@@ -31,20 +31,22 @@ import torch
 
 from . import launch, matmul
 
-# `pre` when none was saved: the schema of an operator cannot return None.
-_NO_PRE = (0,)
-
 _lib = torch.library.Library("fused_tp", "DEF")
-_lib.define("linear(Tensor x, Tensor weight, Tensor? bias, str activation, bool save_pre) -> (Tensor, Tensor)")
+_lib.define("linear(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor")
+_lib.define("linear_pre(Tensor x, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)")
 _lib.define("grad_input(Tensor grad_y, Tensor weight, str activation, Tensor? pre) -> Tensor")
 _lib.define("grad_weight(Tensor grad_y, Tensor x) -> Tensor")
 _lib.define("bias_grad(Tensor grad_y) -> Tensor")
 
 
-def _linear_impl(x, weight, bias, activation, save_pre):
+def _linear_impl(x, weight, bias, activation):
     with launch.scratch_per_launch():
-        y, pre = matmul.linear_prechecked(x, weight, bias, activation, save_pre)
-    return y, pre if pre is not None else x.new_empty(_NO_PRE)
+        return matmul.linear_prechecked(x, weight, bias, activation)[0]
+
+
+def _linear_pre_impl(x, weight, bias, activation):
+    with launch.scratch_per_launch():
+        return matmul.linear_prechecked(x, weight, bias, activation, save_pre=True)
 
 
 def _grad_input_impl(grad_y, weight, activation, pre):
@@ -61,16 +63,21 @@ def _bias_grad_impl(grad_y):
     return matmul.grad_params(grad_y, grad_y, weight=False)[1]  # no descriptors: no scratch
 
 
-for _name, _impl in (("linear", _linear_impl), ("grad_input", _grad_input_impl), ("grad_weight", _grad_weight_impl),
-                     ("bias_grad", _bias_grad_impl)):  # fmt: skip
+for _name, _impl in (("linear", _linear_impl), ("linear_pre", _linear_pre_impl), ("grad_input", _grad_input_impl),
+                     ("grad_weight", _grad_weight_impl), ("bias_grad", _bias_grad_impl)):  # fmt: skip
     for _key in ("CPU", "CUDA"):
         _lib.impl(_name, _impl, _key)
 
 
 @torch.library.register_fake("fused_tp::linear", lib=_lib)
-def _(x, weight, bias, activation, save_pre):
+def _(x, weight, bias, activation):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("fused_tp::linear_pre", lib=_lib)
+def _(x, weight, bias, activation):
     shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape if save_pre else _NO_PRE)
+    return x.new_empty(shape), x.new_empty(shape)
 
 
 @torch.library.register_fake("fused_tp::grad_input", lib=_lib)
@@ -91,8 +98,9 @@ def _(grad_y):
 def linear(x, weight, bias, activation: str = "", save_pre: bool = False):
     """(y, pre or None) of matmul.linear_prechecked, through the operator while torch.compile traces."""
     if torch.compiler.is_compiling():
-        y, pre = torch.ops.fused_tp.linear(x, weight, bias, activation, save_pre)
-        return y, pre if save_pre else None
+        if save_pre:
+            return torch.ops.fused_tp.linear_pre(x, weight, bias, activation)
+        return torch.ops.fused_tp.linear(x, weight, bias, activation), None
     return matmul.linear_prechecked(x, weight, bias, activation, save_pre)
 
 

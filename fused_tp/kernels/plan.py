@@ -52,12 +52,14 @@ def device(index: int) -> Device:
 
 class Launch:
     """One kernel launch: its grid, its integer arguments in the kernel's order, its compile-time arguments
-    (`kwargs`), and the compiled kernel once launch.py has it (kept here: a plan lives in a bounded cache)."""
+    (`kwargs`), and the compiled kernel and its compile-time values once launch.py has them (kept here: a plan
+    lives in a bounded cache)."""
 
-    __slots__ = ("grid", "ints", "kwargs", "values", "compiled")
+    __slots__ = ("grid", "ints", "kwargs", "tma", "values", "compiled")
 
     def __init__(self, grid: tuple[int, int, int], ints: tuple, kwargs: dict):
         self.grid, self.ints, self.kwargs, self.values, self.compiled = grid, ints, kwargs, None, None
+        self.tma = bool(kwargs.get("TMA"))  # its kernel makes tensor descriptors, which need global scratch
 
 
 class MatmulPlan(NamedTuple):
@@ -175,15 +177,20 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
     # on M * N).
     ints = (M, N, K, *a_strides, *b_strides, N, 1, bias_stride or 0, M * N if splits > 1 else 0, splits,
             k_tiles_per_split, programs)  # fmt: skip
-    partials = colsum_plan(splits, M * N, device_index, configs.SPLIT_SUM_CONFIG) if splits > 1 else None
+    # The partials are fp32; C is written in fp32 where wide, else in the operands' dtype.
+    c_dtype = torch.float32 if wide else dtype
+    partials = colsum_plan(splits, M * N, device_index, configs.SPLIT_SUM_CONFIG, torch.float32,
+                           c_dtype) if splits > 1 else None  # fmt: skip
     return MatmulPlan(dev.path, M, N, K, copy_a, copy_b, wide, cfg, splits, tuple(counts),
                       Launch((programs, 1, 1), ints, kwargs), partials)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def colsum_plan(M: int, N: int, device_index: int, cfg: configs.ColsumConfig = configs.COLSUM_CONFIG,
-                g_strides: tuple[int, int] | None = None) -> ColsumPlan:  # fmt: skip
-    """The plan of out[N] = g[M, N].sum(0) (g's strides: row-major contiguous unless given; N > 0).
+def colsum_plan(M: int, N: int, device_index: int, cfg: configs.ColsumConfig, g_dtype: torch.dtype,
+                out_dtype: torch.dtype, g_strides: tuple[int, int] | None = None,
+                g_aligned: bool = True) -> ColsumPlan:  # fmt: skip
+    """The plan of out[N] = g[M, N].sum(0) (g's strides: row-major contiguous unless given; N > 0). The dtypes and
+    g's 16-byte alignment are part of the key because the compiled kernel kept on the plan is specialised on them.
 
     Few, long columns (a bias gradient over 32768 tokens of 3072 features is 48 column blocks) would leave most SMs
     idle, so the rows are cut into chunks whose fp32 sums a second pass of the same kernel adds up."""
@@ -193,7 +200,8 @@ def colsum_plan(M: int, N: int, device_index: int, cfg: configs.ColsumConfig = c
     chunks = max(1, _cdiv(M, rows_per_program))
     strides = g_strides or (N, 1)
     launch = Launch((col_blocks, chunks, 1), (M, N, *strides, rows_per_program), cfg.meta())
-    return ColsumPlan(M, N, chunks, launch, colsum_plan(chunks, N, device_index, cfg) if chunks > 1 else None)
+    then = colsum_plan(chunks, N, device_index, cfg, torch.float32, out_dtype) if chunks > 1 else None
+    return ColsumPlan(M, N, chunks, launch, then)
 
 
 def _cdiv(a: int, b: int) -> int:

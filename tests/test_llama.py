@@ -1,0 +1,78 @@
+"""A real client: a Hugging Face LlamaForCausalLM (tiny config, random weights, no download) whose MLP projections are
+fused_tp layers (gate and up column-parallel, down row-parallel, world size 1), against the dense model, eagerly and
+under torch.compile(fullgraph=True, dynamic=True): aot_eager on the CPU (the interpreter runs the kernels), inductor
+too on a GPU."""
+
+import pytest
+import torch
+import torch._dynamo.testing
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fused_tp
+from fused_tp.tolerance import tol
+
+BACKENDS = ["aot_eager", "inductor"] if torch.cuda.is_available() else ["aot_eager"]
+
+
+def _models(device):
+    """(dense model, the same with fused_tp MLP projections), equal weights, fp32."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         use_cache=False)  # fmt: skip
+    dense = LlamaForCausalLM(config).to(device)
+    model = LlamaForCausalLM(config).to(device)
+    model.load_state_dict(dense.state_dict())
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        mlp.gate_proj = fused_tp.ColumnParallelLinear.from_linear(mlp.gate_proj)
+        mlp.up_proj = fused_tp.ColumnParallelLinear.from_linear(mlp.up_proj)
+        mlp.down_proj = fused_tp.RowParallelLinear.from_linear(mlp.down_proj)
+    return dense, model
+
+
+def _assert_near(name: str, out: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    """||out - ref|| <= rel * ||ref||: a whole transformer has no elementwise magnitude to scale with (the tolerance
+    table's |x| @ |w|.T), so the bound is on the norm."""
+    err = (out.double() - ref.double()).norm().item()
+    assert err <= rel * ref.double().norm().item(), f"{name}: relative error {err / ref.double().norm():.3g} > {rel:.3g}"
+
+
+def _step(fn, model, ids):
+    """(logits, {parameter name: gradient}) of one forward and backward of sum(logits * fixed weights)."""
+    model.zero_grad(set_to_none=True)
+    logits = fn(ids).logits
+    weights = torch.linspace(-1, 1, logits.numel(), device=logits.device).view_as(logits)
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llama_with_fused_tp_mlps_matches_dense_and_compiles_whole(device, backend):
+    """Eager: logits and every gradient as the dense model's (fp32, within the rounding of a few stages of sums
+    over the hidden and intermediate widths). Compiled whole (fullgraph: no graph break), at two sequence lengths
+    through one compile, within the same bound of eager; under aot_eager, which runs the forward's operators as
+    eager code does, the logits bitwise (AOTAutograd decomposes backward formulas, SiLU's and the embedding's, into
+    other sums, and the gradients that flow through them differ in their last bits)."""
+    dense, model = _models(device)
+    bound = tol(torch.float32, 64, stages=8, tf32=device == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(1)
+    frames = None
+    for seq in (8, 13):
+        ids = torch.randint(0, 96, (2, seq), generator=gen).to(device)
+        ref, ref_grads = _step(dense, dense, ids)
+        eager, eager_grads = _step(model, model, ids)
+        traced, traced_grads = _step(compiled, model, ids)
+        # the dense model's parameter names: fused_tp's layers keep weight and bias under the same names
+        assert set(eager_grads) == set(ref_grads) == set(traced_grads)
+        for name, (a, b) in {"logits": (eager, ref), **{n: (eager_grads[n], ref_grads[n]) for n in ref_grads}}.items():
+            _assert_near(f"seq {seq}: {name}", a, b, bound.rel)
+        for name, (a, b) in {"logits": (traced, eager), **{n: (traced_grads[n], eager_grads[n])
+                                                          for n in eager_grads}}.items():  # fmt: skip
+            _assert_near(f"seq {seq}: {name}", a, b, bound.rel)
+            if backend == "aot_eager" and name == "logits":
+                assert torch.equal(a, b), f"seq {seq}: {name} differs from eager"
+        frames = counter.frame_count if frames is None else frames
+    assert counter.frame_count == frames, "a new sequence length recompiled"
