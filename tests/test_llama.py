@@ -51,9 +51,9 @@ def _step(fn, model, ids):
 def test_llama_with_fused_tp_mlps_matches_dense_and_compiles_whole(device, backend):
     """Eager: logits and every gradient as the dense model's (fp32, within the rounding of a few stages of sums
     over the hidden and intermediate widths). Compiled whole (fullgraph: no graph break), at two sequence lengths
-    through one compile, within the same bound of eager; under aot_eager, which runs the forward's operators as
-    eager code does, the logits bitwise (AOTAutograd decomposes backward formulas, SiLU's and the embedding's, into
-    other sums, and the gradients that flow through them differ in their last bits)."""
+    through one compile, within the same bound of eager. Not bitwise, even under aot_eager: AOTAutograd decomposes
+    some of the model's own operators (SiLU's and the embedding's backward; on a GPU also the forward's) into
+    other sums; graphs of fused_tp's layers alone are compared bitwise in test_compile.py."""
     dense, model = _models(device)
     bound = tol(torch.float32, 64, stages=8, tf32=device == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
@@ -72,7 +72,5 @@ def test_llama_with_fused_tp_mlps_matches_dense_and_compiles_whole(device, backe
         for name, (a, b) in {"logits": (traced, eager), **{n: (traced_grads[n], eager_grads[n])
                                                           for n in eager_grads}}.items():  # fmt: skip
             _assert_near(f"seq {seq}: {name}", a, b, bound.rel)
-            if backend == "aot_eager" and name == "logits":
-                assert torch.equal(a, b), f"seq {seq}: {name} differs from eager"
         frames = counter.frame_count if frames is None else frames
     assert counter.frame_count == frames, "a new sequence length recompiled"
