@@ -227,8 +227,7 @@ class _ScatterLastDim(Function):
 
 
 def _current_tuning() -> autotune.Tuning | None:
-    # run-time autotuning is eager-only (_preflight refuses it under torch.compile), and context variables do not
-    # trace: there is no scope to carry into backward
+    # run-time autotuning is eager-only (_preflight refuses it under torch.compile): no scope to carry into backward
     return None if torch.compiler.is_compiling() else autotune.current_tuning()
 
 
@@ -279,8 +278,8 @@ _tuned_calls: set = set()  # the facts of every layer call run-time autotuning h
 def _tuning_scope(group, facts: str, always: bool) -> autotune.Tuning | None:
     """FUSED_TP_AUTOTUNE=1 on a group: the first call with these facts (replicated, so new on every rank alike) is a
     tuning call; its launches, forward and backward, take rank 0's configs (autotune.autotuned_config). The facts
-    must fix every rank's launches (sizes, strides, the dense split size): a call whose facts were seen, but whose launches
-    are new on some rank, would let that rank choose alone. `always`: every call is a tuning call (one broadcast
+    must fix every rank's launches (sizes, strides, the dense split size): a call whose facts were seen, but whose
+    launches are new on some rank, would let that rank choose alone. `always`: every call is a tuning call (one broadcast
     per launch), where the facts cannot say what the other ranks' shards are."""
     if facts in _tuned_calls and not always:
         return None
