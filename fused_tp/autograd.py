@@ -279,8 +279,8 @@ def _tuning_scope(group, facts: str, always: bool) -> autotune.Tuning | None:
     """FUSED_TP_AUTOTUNE=1 on a group: the first call with these facts (replicated, so new on every rank alike) is a
     tuning call; its launches, forward and backward, take rank 0's configs (autotune.autotuned_config). The facts
     must fix every rank's launches (sizes, strides, the dense split size): a call whose facts were seen, but whose
-    launches are new on some rank, would let that rank choose alone. `always`: every call is a tuning call (one broadcast
-    per launch), where the facts cannot say what the other ranks' shards are."""
+    launches are new on some rank, would let that rank choose alone. `always`: every call is a tuning call (one
+    broadcast per launch), where the facts cannot say what the other ranks' shards are."""
     if facts in _tuned_calls and not always:
         return None
     _tuned_calls.add(facts)
