@@ -68,13 +68,9 @@ class MatmulPlan(NamedTuple):
     rounded once after (the interpreter); `launch` is None where nothing is launched (an empty C, the torch path)."""
 
     path: str
-    M: int
-    N: int
-    K: int
     copy_a: int | None
     copy_b: int | None
     wide: bool
-    config: KernelConfig | None
     splits: int
     counts: tuple[str, ...]
     launch: Launch | None
@@ -85,7 +81,6 @@ class ColsumPlan(NamedTuple):
     """out[N] = g[M, N].sum(0) in fp32, in a fixed order: one launch, or with row chunks a second plan summing the
     chunks' partial sums [chunks, N]."""
 
-    M: int
     N: int
     chunks: int
     launch: Launch
@@ -129,7 +124,7 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
     A plan is built once per distinct set of these and reused: launches then pay a cache lookup."""
     dev = device(device_index)
     if dev.path == "torch":
-        return MatmulPlan("torch", M, N, K, None, None, False, None, 1, ("torch",), None, None)
+        return MatmulPlan("torch", None, None, False, 1, ("torch",), None, None)
     fp32 = dtype == torch.float32
     wide = dev.path == "triton-interpreter" and not fp32  # see matmul._out: the interpreter's 16-bit arithmetic
     itemsize, c_itemsize = dtype.itemsize, 4 if wide else dtype.itemsize
@@ -156,7 +151,7 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
             ab_aligned = (copy_a is not None or aligned[0]) and (copy_b is not None or aligned[1])
             route = layout.tma_route(M, N, K, a_strides, b_strides, itemsize, c_itemsize, ab_aligned, c_aligned)
     if M == 0 or N == 0:  # nothing to compute: an empty C (and pre-activation)
-        return MatmulPlan(dev.path, M, N, K, None, None, wide, None, 1, tuple(counts), None, None)
+        return MatmulPlan(dev.path, None, None, wide, 1, tuple(counts), None, None)
     cfg, source = pick_config(M, N, K, dtype, jit.INTERPRETED, route is not None, dev.slots, product, dev.gpu,
                               pinned[0] if pinned else None, tf32, aux_tile=aux == "load")  # fmt: skip
     counts.append("config_" + (pinned[1] if pinned else source))
@@ -181,7 +176,7 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
     c_dtype = torch.float32 if wide else dtype
     partials = colsum_plan(splits, M * N, device_index, configs.SPLIT_SUM_CONFIG, torch.float32,
                            c_dtype) if splits > 1 else None  # fmt: skip
-    return MatmulPlan(dev.path, M, N, K, copy_a, copy_b, wide, cfg, splits, tuple(counts),
+    return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tuple(counts),
                       Launch((programs, 1, 1), ints, kwargs), partials)  # fmt: skip
 
 
@@ -201,7 +196,7 @@ def colsum_plan(M: int, N: int, device_index: int, cfg: configs.ColsumConfig, g_
     strides = g_strides or (N, 1)
     launch = Launch((col_blocks, chunks, 1), (M, N, *strides, rows_per_program), cfg.meta())
     then = colsum_plan(chunks, N, device_index, cfg, torch.float32, out_dtype) if chunks > 1 else None
-    return ColsumPlan(M, N, chunks, launch, then)
+    return ColsumPlan(N, chunks, launch, then)
 
 
 def _cdiv(a: int, b: int) -> int:
