@@ -63,6 +63,11 @@ def main() -> None:
             error = ((y - y_dense).norm() / y_dense.norm()).item()
             print(f"after {args.steps} steps, the sharded MLP's output against the dense MLP's: "
                   f"relative error {error:.2e} ({dist.get_world_size()} ranks, {dist.get_backend()}, {dtype})")
+        # torch 2.13 keeps gloo's worker threads past destroy_process_group once torch._dynamo is imported after
+        # init (torch.optim imports it; torch.distributed.nn binds group.WORLD as a default argument), and a worker
+        # still releasing the last collective's tensors when the interpreter finalises aborts the process. A barrier
+        # waits with the GIL released, so they finish first; its own work holds no Python tensors.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -136,6 +136,8 @@ def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> 
         if rank == 0:
             _report(args, backend, x.device, fused_tp.kernel_path(x.device), launches, pairs, sq.cpu(),
                     worst.cpu(), bound, timing.tolist())  # fmt: skip
+        # without it torch 2.13 can abort a rank at exit: see the barrier in examples/train_tp_mlp.py
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if failed:
