@@ -3,8 +3,11 @@
     python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick] [--graphs]
 
 Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden), the Column -> GELU -> Row MLP as
-three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), each from
-`from_linear(s)` of the nn.Linear layers it is timed against (same weights, same inputs), forward alone and
+three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), and Llama's gated
+MLP down(silu(gate(x)) * up(x)) without biases, as three fused_tp modules with silu(g) * u between them
+("swiglu_modules") and as one ParallelMLP whose fc1 launch computes gate, up and SwiGLU ("parallel_swiglu"),
+each from `from_linear(s)` / `from_gated` of the nn.Linear layers it is timed against (same weights, same
+inputs; the gated baseline is Hugging Face's LlamaMLP written out), forward alone and
 forward + backward (grads of the input and every parameter; parameter grads set to None before each step, in
 both), and the peak memory each step allocates beyond what was allocated before it. Outputs and gradients are
 checked against the baseline before timing. --graphs times each step, of both, replayed from a CUDA graph: the
@@ -34,20 +37,46 @@ CASES = [(8192, 4096, 14336), (8192, 8192, 7168), (4096, 4096, 7168), (128, 8192
 QUICK = [(8192, 4096, 14336), (16, 4096, 14336)]
 
 
-def models(tokens, hidden, ffn, dtype):
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): Hugging Face's LlamaMLP, over any three layers."""
+
+    def __init__(self, gate, up, down):
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def models(tokens, hidden, ffn, dtype, device="cuda"):
     """{layer: (baseline module, fused_tp module, input, grad of the output)}."""
     torch.manual_seed(0)
-    up, down = (nn.Linear(hidden, ffn, device="cuda", dtype=dtype), nn.Linear(ffn, hidden, device="cuda", dtype=dtype))
+    up, down = (nn.Linear(hidden, ffn, device=device, dtype=dtype), nn.Linear(ffn, hidden, device=device, dtype=dtype))
     col, row = fused_tp.ColumnParallelLinear.from_linear(up), fused_tp.RowParallelLinear.from_linear(down)
-    x, h = (torch.randn(tokens, hidden, device="cuda", dtype=dtype), torch.randn(tokens, ffn, device="cuda", dtype=dtype))
-    grad_mlp = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    x, h = (torch.randn(tokens, hidden, device=device, dtype=dtype), torch.randn(tokens, ffn, device=device, dtype=dtype))
+    grad_mlp = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    gated = [nn.Linear(i, o, bias=False, device=device, dtype=dtype) for i, o in ((hidden, ffn),) * 2 + ((ffn, hidden),)]
+    llama = GatedMLP(*gated)
     return {
-        "column": (up, col, x, torch.randn(tokens, ffn, device="cuda", dtype=dtype)),
-        "row": (down, row, h, torch.randn(tokens, hidden, device="cuda", dtype=dtype)),
+        "column": (up, col, x, torch.randn(tokens, ffn, device=device, dtype=dtype)),
+        "row": (down, row, h, torch.randn(tokens, hidden, device=device, dtype=dtype)),
         "mlp": (nn.Sequential(up, nn.GELU(), down), nn.Sequential(col, nn.GELU(), row), x, grad_mlp),
         "parallel_mlp": (nn.Sequential(up, nn.GELU(), down), fused_tp.ParallelMLP.from_linears(up, down), x,
                          grad_mlp),
+        "swiglu_modules": (llama, GatedMLP(col.from_linear(gated[0]), col.from_linear(gated[1]),
+                                           row.from_linear(gated[2])), x, grad_mlp),
+        "parallel_swiglu": (llama, fused_tp.ParallelMLP.from_gated(*gated), x, grad_mlp),
     }  # fmt: skip
+
+
+def dense_grads(layer: str, grads) -> list:
+    """fused_tp's gradients in the baseline's parameter order: a gated ParallelMLP's fc1 gradient holds gate's and
+    up's rows interleaved."""
+    grads = list(grads)
+    if layer == "parallel_swiglu":
+        x, fc1, fc2 = grads
+        return [x, fc1[0::2], fc1[1::2], fc2]
+    return grads
 
 
 def steps(module, x, grad_y):
@@ -121,13 +150,16 @@ def main():
         for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
             (base_f, base_fb, base_clear), (fused_f, fused_fb, fused_clear) = (steps(base_mod, x, grad_y),
                                                                                 steps(fused_mod, x, grad_y))  # fmt: skip
-            err = max(rel_err(fused_f(), base_f()), *(rel_err(a, b) for a, b in zip(fused_fb(), base_fb())))
+            err = max(rel_err(fused_f(), base_f()),
+                      *(rel_err(a, b) for a, b in zip(dense_grads(layer, fused_fb()), base_fb(), strict=True)))
             if not err <= CHECK[dtype]:
                 raise SystemExit(f"{layer} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}")
             for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
                 if args.graphs:
                     base, fused = graphed(base), graphed(fused)
-                    err = max(err, *(rel_err(a, b) for a, b in zip(_tensors(fused()), _tensors(base()))))
+                    pairs = zip(dense_grads(layer, _tensors(fused())) if step != "forward" else _tensors(fused()),
+                                _tensors(base()), strict=True)
+                    err = max(err, *(rel_err(a, b) for a, b in pairs))
                     if not err <= CHECK[dtype]:
                         raise SystemExit(f"{layer} {step} {tokens}x{hidden}x{ffn}: replayed from a CUDA graph, "
                                          f"fused_tp differs from nn.Linear by {err:.2e}")  # fmt: skip

@@ -151,6 +151,7 @@ class _ParallelMLP(Function):
 
     x        [..., K]      replicated input
     w1, b1   [F_r, K], [F_r]   this rank's Column shard;   w2 [N, F_r], b2 [N]   its Row shard, b2 replicated
+             (a gated activation: w1 [2 F_r, K] and b1 [2 F_r] hold (gate, up) row pairs, pre is [..., 2 F_r])
     forward:   pre = x @ w1.T + b1 ;  a = act(pre)                     (one launch, both stored)
                y = all_reduce(a @ w2.T + (b2 if r == 0 else 0))        [..., N]
     backward:  grad_pre = (grad_y @ w2) * act'(pre)                    (one launch)
@@ -377,8 +378,11 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
     def check():
         kernels.check_activation(activation, allow_none=False)
         kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
-        # fc2 reads what fc1 writes: [..., F_r] in fc1.weight's dtype, on its device; an empty view stands for it.
-        kernels.check_linear_args(w1.t()[:0], w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
+        kernels.check_gated_width(activation, w1.shape[0], "fc1.weight", "rows")
+        # fc2 reads what fc1 writes: [..., F_r] (a gated activation's: half fc1's rows) in fc1.weight's dtype, on
+        # its device; an empty view stands for it.
+        width = kernels.ACTIVATIONS[activation].width(w1.shape[0])
+        kernels.check_linear_args(w1.t()[:0, :width], w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
 
     def facts():
         return (f"{guard.describe('input', x)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .autograd import column_call, group_size_rank, mlp_call, row_call
+from .autograd import column_call, group_size_rank, mlp_call, row_call, shard_range
 
 
 class _ParallelLinear(nn.Module):
@@ -29,18 +30,31 @@ class _ParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options):
         """This rank's shard of `linear` (copied; `linear` is not modified), with the keyword options of __init__."""
+        return cls._from_linear(linear, None, **options)
+
+    @classmethod
+    def _from_linear(cls, linear: nn.Linear, span: tuple[int, int] | None, unit: int = 1, **options):
+        """from_linear with the shard's `span` and `unit` of _load_dense (an attention head's slice)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         kernels.check_dtype("linear.weight", w.dtype)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
                      device="meta", dtype=w.dtype, **options)  # fmt: skip
-        module._load_dense(w, linear.bias)
+        module._load_dense(w, linear.bias, unit, span)
         return module
 
-    def _load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def _load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, unit: int = 1,
+                    span: tuple[int, int] | None = None) -> None:  # fmt: skip
+        """This rank's shards of the dense parameters: along the split dim, the rows (Column) or columns (Row)
+        [start, stop) of `span`, by default torch.tensor_split's share with `unit` rows or columns kept together
+        (a gated fc1's (gate, up) pairs, an attention head's rows)."""
+        if span is None:
+            start, stop = shard_range(weight.shape[self._split_dim] // unit, self.world_size, self.rank)
+            span = (unit * start, unit * stop)
+
         def param(t: torch.Tensor, dim: int | None) -> nn.Parameter:
-            part = t.detach() if dim is None else torch.tensor_split(t.detach(), self.world_size, dim)[self.rank]
+            part = t.detach() if dim is None else t.detach().narrow(dim, span[0], span[1] - span[0])
             return nn.Parameter(part.clone(memory_format=torch.contiguous_format), requires_grad=t.requires_grad)
 
         self.weight = param(weight, self._split_dim)
@@ -113,12 +127,21 @@ class RowParallelLinear(_ParallelLinear):
 
 
 class ParallelMLP(nn.Module):
-    """fc1 -> GELU -> fc2 (Megatron's MLP): fc1 a ColumnParallelLinear, fc2 a RowParallelLinear, on one group.
+    """fc1 -> activation -> fc2 (Megatron's MLP): fc1 a ColumnParallelLinear, fc2 a RowParallelLinear, on one group.
 
-    The drop-in for nn.Sequential(nn.Linear, nn.GELU(approximate=...), nn.Linear) whose activation runs inside the
-    kernels: fc1's launch applies it and keeps the pre-activation, fc2's grad_input launch applies its derivative.
+    The drop-in for nn.Sequential(nn.Linear, nn.GELU(approximate=...), nn.Linear), or with activation="swiglu" for
+    Llama's gated MLP down(silu(gate(x)) * up(x)), whose activation runs inside the kernels: fc1's launch applies it
+    and keeps the pre-activation, fc2's grad_input launch applies its derivative.
     x [..., in_features] replicated  ->  [..., out_features] on every rank (out_features defaults to in_features).
-    activation: "gelu" (F.gelu) or "gelu_tanh" (F.gelu with approximate="tanh").
+
+    activation     fc1.weight (this rank's)                         between fc1 and fc2
+    "gelu"         [F_r, in_features]                               F.gelu
+    "gelu_tanh"    [F_r, in_features]                               F.gelu(approximate="tanh")
+    "swiglu"       [2 F_r, in_features]: row 2j is gate row j,      silu(gate) * up, [..., F_r]
+                   row 2j + 1 up row j (this rank's F_r features)
+
+    F_r is this rank's share of hidden_features (torch.tensor_split); a gated fc1 keeps each (gate, up) pair on one
+    rank, so one launch computes both projections and the product of their activations.
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
@@ -127,29 +150,63 @@ class ParallelMLP(nn.Module):
         kernels.check_activation(activation, allow_none=False)
         self.activation = activation
         out_features = in_features if out_features is None else out_features
-        self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, process_group=process_group,
-                                        device=device, dtype=dtype)  # fmt: skip
+        if kernels.ACTIVATIONS[activation].gated:
+            # gate, up, then down, as Llama builds them: the same shards as from_gated of layers built under one seed
+            gate, up = (nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype) for _ in range(2))
+            self.fc1 = ColumnParallelLinear(in_features, 2 * hidden_features, bias, process_group=process_group,
+                                            device="meta", dtype=gate.weight.dtype)  # fmt: skip
+            self.fc1._load_dense(*_interleaved(gate, up), unit=2)
+        else:
+            self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, process_group=process_group,
+                                            device=device, dtype=dtype)  # fmt: skip
         self.fc2 = RowParallelLinear(hidden_features, out_features, bias, process_group=process_group,
                                      device=device, dtype=dtype)  # fmt: skip
 
     @classmethod
     def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", process_group=None):
-        """This rank's shards of the dense fc1 -> activation -> fc2 (copied; the layers are not modified)."""
-        for name, layer in (("fc1", fc1), ("fc2", fc2)):
-            if not isinstance(layer, nn.Linear):
-                raise TypeError(f"{name}: expected an nn.Linear, got {type(layer).__name__}")
-            kernels.check_dtype(f"{name}.weight", layer.weight.dtype)
-        if fc2.weight.dtype != fc1.weight.dtype:
-            raise TypeError(f"fc2.weight: expected dtype {fc1.weight.dtype} (fc1.weight's), got {fc2.weight.dtype}")
-        if fc2.in_features != fc1.out_features:
-            raise ValueError(f"fc2: expected in_features {fc1.out_features} (fc1.out_features), got {fc2.in_features}")
-        if (fc1.bias is None) != (fc2.bias is None):
-            raise ValueError("fc2: expected a bias exactly when fc1 has one")
-        module = cls(fc1.in_features, fc1.out_features, fc2.out_features, fc1.bias is not None, activation=activation,
+        """This rank's shards of the dense fc1 -> activation -> fc2 (copied; the layers are not modified). For
+        activation="swiglu", fc1's output rows are interleaved (gate, up) pairs, as fc1.weight above; from_gated
+        takes separate gate and up layers."""
+        _check_linears(("fc1", fc1), ("fc2", fc2))
+        kernels.check_activation(activation, allow_none=False)
+        gated = kernels.ACTIVATIONS[activation].gated
+        kernels.check_gated_width(activation, fc1.out_features, "fc1", "out_features")
+        hidden = kernels.ACTIVATIONS[activation].width(fc1.out_features)
+        if fc2.in_features != hidden:
+            why = "half fc1.out_features" if gated else "fc1.out_features"
+            raise ValueError(f"fc2: expected in_features {hidden} ({why}), got {fc2.in_features}")
+        module = cls(fc1.in_features, hidden, fc2.out_features, fc1.bias is not None, activation=activation,
                      process_group=process_group, device="meta", dtype=fc1.weight.dtype)  # fmt: skip
-        module.fc1 = ColumnParallelLinear.from_linear(fc1, process_group=process_group)
+        module.fc1._load_dense(fc1.weight, fc1.bias, unit=2 if gated else 1)
         module.fc2 = RowParallelLinear.from_linear(fc2, process_group=process_group)
         return module
+
+    @classmethod
+    def from_gated(cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear, *, process_group=None):
+        """This rank's shards of down(silu(gate(x)) * up(x)) (copied; the layers are not modified), as a
+        ParallelMLP with activation="swiglu": fc1 interleaves the rows of gate and up."""
+        _check_linears(("gate", gate), ("up", up), ("down", down))
+        if (up.in_features, up.out_features) != (gate.in_features, gate.out_features):
+            raise ValueError(f"up: expected in_features {gate.in_features} and out_features {gate.out_features} "
+                             f"(gate's), got {up.in_features} and {up.out_features}")  # fmt: skip
+        if down.in_features != gate.out_features:
+            raise ValueError(f"down: expected in_features {gate.out_features} (gate.out_features), got "
+                             f"{down.in_features}")  # fmt: skip
+        module = cls(gate.in_features, gate.out_features, down.out_features, gate.bias is not None,
+                     activation="swiglu", process_group=process_group, device="meta", dtype=gate.weight.dtype)
+        module.fc1._load_dense(*_interleaved(gate, up), unit=2)
+        module.fc2 = RowParallelLinear.from_linear(down, process_group=process_group)
+        return module
+
+    @classmethod
+    def from_llama_mlp(cls, mlp: nn.Module, *, process_group=None):
+        """This rank's shards of a Hugging Face LlamaMLP (or any module with gate_proj, up_proj and down_proj
+        nn.Linear layers and an act_fn computing SiLU: Mistral's and Qwen2's too)."""
+        act = getattr(mlp, "act_fn", None)
+        probe = torch.linspace(-6.0, 6.0, 13)  # act_fn's class differs between libraries and versions: ask it
+        if not callable(act) or not torch.allclose(act(probe), F.silu(probe)):
+            raise ValueError(f"mlp: expected an act_fn computing SiLU (a SwiGLU MLP), got {type(act).__name__}")
+        return cls.from_gated(mlp.gate_proj, mlp.up_proj, mlp.down_proj, process_group=process_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self.fc1._check_group()
@@ -159,3 +216,28 @@ class ParallelMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+
+def _check_linears(*named: tuple[str, nn.Module]) -> None:
+    """TypeError or ValueError naming the argument unless every layer is an nn.Linear of one supported dtype, all
+    with a bias or none."""
+    for name, layer in named:
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"{name}: expected an nn.Linear, got {type(layer).__name__}")
+        kernels.check_dtype(f"{name}.weight", layer.weight.dtype)
+    first_name, first = named[0]
+    for name, layer in named[1:]:
+        if layer.weight.dtype != first.weight.dtype:
+            raise TypeError(f"{name}.weight: expected dtype {first.weight.dtype} ({first_name}.weight's), got "
+                            f"{layer.weight.dtype}")  # fmt: skip
+        if (layer.bias is None) != (first.bias is None):
+            raise ValueError(f"{name}: expected a bias exactly when {first_name} has one")
+
+
+def _interleaved(gate: nn.Linear, up: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of one layer whose output rows alternate gate's and up's: row 2j gate's j, 2j + 1 up's j."""
+    def pairs(g, u):
+        return torch.stack((g.detach(), u.detach()), 1).flatten(0, 1).requires_grad_(g.requires_grad)
+
+    bias = None if gate.bias is None else pairs(gate.bias, up.bias)
+    return pairs(gate.weight, up.weight), bias

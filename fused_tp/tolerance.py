@@ -108,15 +108,57 @@ def _mlp64(x, w1, b1, w2, b2, grad_y, act):
     return {"y": y.detach(), **{"grad_" + k: v.grad for k, v in leaves.items()}}
 
 
+def _gelu_magnitude(h):
+    # |gelu(h)| <= |h| and |gelu'| <= 1.13: a = 1.13 h; |gelu''| <= 0.8 carries an error in h into gelu'(h): the
+    # derivative is taken as 1.13 + 0.8 h (the same bounds hold for the tanh form).
+    return 1.13 * h + 0.8 * h.detach() * (h - h.detach())
+
+
+def _swiglu_magnitude(h):
+    # a = silu(g) * u of interleaved pairs: an error in g reaches a through u silu'(g) (|silu'| <= 1.1), one in u
+    # through silu(g) (|silu(g)| <= |g|), so a = 2.1 g u bounds both, and a itself. Backward, grad_g =
+    # grad_a u silu'(g) takes errors of grad_a (1.1 u), of u (1.1 grad_a) and of g (|silu''| <= 0.5: 0.5 u g
+    # grad_a), so d/dg is taken as 2.2 u + 0.5 u g; grad_u = grad_a silu(g) takes 2.1 g.
+    g, u = h[..., 0::2], h[..., 1::2]
+    gd, ud = g.detach(), u.detach()
+    return 2.1 * g * u + (0.1 * ud + 0.5 * ud * gd) * (g - gd)
+
+
+_MAGNITUDES = {"gelu": _gelu_magnitude, "gelu_tanh": _gelu_magnitude, "swiglu": _swiglu_magnitude}
+
+
+def activation_reference(activation: str, pre, pre_mag):
+    """(value, magnitude) in float64 of activation(pre) from the pre-activation's (value, magnitude), for act_tol
+    (whose GELU_SLOPE covers a GELU's derivative: its magnitude is the pre-activation's; SwiGLU's is 2.1 |gate| |up|,
+    _swiglu_magnitude)."""
+    from .kernels.epilogues import ACTIVATIONS
+
+    value = ACTIVATIONS[activation].torch_fn(pre)
+    return value, _MAGNITUDES[activation](pre_mag).detach() if ACTIVATIONS[activation].gated else pre_mag
+
+
+def activation_grad_reference(activation: str, grad, grad_mag, pre):
+    """(value, magnitude) in float64 of the gradient through the activation at a given (exact) pre-activation `pre`,
+    from the incoming gradient's (value, magnitude), for act_tol: an error in grad reaches it times |activation'|
+    (GELU: <= GELU_SLOPE; SwiGLU: 1.1 |up| for the gate, |silu(gate)| <= |gate| for up)."""
+    from .kernels.epilogues import ACTIVATIONS
+
+    pre64 = pre.detach().double().cpu().requires_grad_()
+    ACTIVATIONS[activation].torch_fn(pre64).backward(grad)
+    if not ACTIVATIONS[activation].gated:
+        return pre64.grad, GELU_SLOPE * grad_mag
+    gate, up = pre64.detach()[..., 0::2].abs(), pre64.detach()[..., 1::2].abs()
+    return pre64.grad, torch.stack((1.1 * up * grad_mag, gate * grad_mag), -1).flatten(-2)
+
+
 def mlp_reference(x, w1, b1, w2, b2, grad_y, activation="gelu"):
-    """(values, magnitudes) of the dense Linear -> GELU -> Linear in float64 (`activation`: a GELU of
-    fused_tp.kernels.ACTIVATIONS): dicts with y and grad_<name> of x, w1, b1, w2, b2. The magnitudes run the same
-    graph on absolute values with GELU replaced by a = 1.13 h whose derivative is taken as 1.13 + 0.8 h: |gelu(h)|
-    <= |h|, |gelu'| <= 1.13, and |gelu''| <= 0.8 carries an error in h into gelu'(h) (the same bounds hold for the
-    tanh form)."""
+    """(values, magnitudes) of the dense Linear -> activation -> Linear in float64 (`activation`: an entry of
+    fused_tp.kernels.ACTIVATIONS; "swiglu" reads w1's output rows as interleaved (gate, up) pairs): dicts with y
+    and grad_<name> of x, w1, b1, w2, b2. The magnitudes run the same graph on absolute values with the activation
+    replaced by a bound of it whose derivative bounds the errors the backward carries (_MAGNITUDES)."""
     from .kernels.epilogues import ACTIVATIONS
 
     ref = _mlp64(x, w1, b1, w2, b2, grad_y, ACTIVATIONS[activation].torch_fn)
     absolute = [None if t is None else t.detach().abs() for t in (x, w1, b1, w2, b2, grad_y)]
-    mag = _mlp64(*absolute, lambda h: 1.13 * h + 0.8 * h.detach() * (h - h.detach()))
+    mag = _mlp64(*absolute, _MAGNITUDES[activation])
     return ref, mag

@@ -17,6 +17,7 @@ from strategies import dtypes, make_tensor
 from torch import nn
 
 import fused_tp
+from fused_tp import kernels
 from fused_tp.tolerance import MLP_STAGES, assert_close, mlp_reference, tol
 
 BACKENDS = ["aot_eager", "inductor"] if torch.cuda.is_available() else ["aot_eager"]
@@ -24,29 +25,30 @@ BACKENDS = ["aot_eager", "inductor"] if torch.cuda.is_available() else ["aot_eag
 
 @settings(max_examples=8)
 @given(lead=st.sampled_from([(), (3,), (2, 1)]), K=st.sampled_from([1, 7, 16]), N=st.sampled_from([1, 5, 24]),
-       dtype=dtypes, has_bias=st.booleans(), activation=st.sampled_from(["", "gelu", "gelu_tanh"]),
+       dtype=dtypes, has_bias=st.booleans(), activation=st.sampled_from(["", "gelu", "gelu_tanh", "swiglu"]),
        save_pre=st.booleans())  # fmt: skip
 def test_the_operators_pass_opcheck(device, lead, K, N, dtype, has_bias, activation, save_pre):
     """torch.library.opcheck on every operator: schema, fake implementation (shapes, dtypes, strides) against the
-    real one, and AOT dispatch with dynamic shapes."""
+    real one, and AOT dispatch with dynamic shapes. A gated activation's forward reads 2N (gate, up) columns."""
     gen = torch.Generator().manual_seed(0)
     t = lambda *shape: make_tensor(shape, "contiguous", dtype, device, gen)  # noqa: E731
-    x, w, b, g = t(*lead, 4, K), t(N, K), t(N) if has_bias else None, t(*lead, 4, N)
+    unit = 2 if activation and kernels.ACTIVATIONS[activation].gated else 1
+    x, w, b, g = t(*lead, 4, K), t(N, K), t(unit * N) if has_bias else None, t(*lead, 4, N)
     cases = [
         (torch.ops.fused_tp.linear_pre if save_pre and activation else torch.ops.fused_tp.linear,
-         (x, w, b, activation)),
+         (x, t(unit * N, K), b, activation)),
         (torch.ops.fused_tp.grad_weight, (g, x)),
         (torch.ops.fused_tp.bias_grad, (g,)),
         (torch.ops.fused_tp.grad_input, (g, w, "", None)),
     ]
-    if activation:  # the derivative through the pre-activation of the layer before, x's shape
-        cases.append((torch.ops.fused_tp.grad_input, (g, w, activation, t(*lead, 4, K))))
+    if activation:  # the derivative through the pre-activation of the layer before, [..., K] or gated [..., 2K]
+        cases.append((torch.ops.fused_tp.grad_input, (g, w, activation, t(*lead, 4, unit * K))))
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
 STACKS = ("column", "column, gather_output", "row", "row, input_is_parallel=False", "Column -> GELU -> Row",
-          "ParallelMLP", "ParallelMLP, gelu_tanh")
+          "ParallelMLP", "ParallelMLP, gelu_tanh", "ParallelMLP, swiglu")
 
 
 def _stacks(device, dtype):
@@ -63,6 +65,8 @@ def _stacks(device, dtype):
         "Column -> GELU -> Row": (nn.Sequential(col(fc1), nn.GELU(), row(fc2)), 16),
         "ParallelMLP": (fused_tp.ParallelMLP.from_linears(fc1, fc2), 16),
         "ParallelMLP, gelu_tanh": (fused_tp.ParallelMLP.from_linears(fc1, fc2, activation="gelu_tanh"), 16),
+        "ParallelMLP, swiglu": (fused_tp.ParallelMLP.from_gated(fc1, nn.Linear(16, 40, device=device, dtype=dtype),
+                                                                fc2), 16),
     }
     assert tuple(stacks) == STACKS
     return stacks, (fc1, fc2)

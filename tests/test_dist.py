@@ -7,7 +7,7 @@ import os
 import dist_cases
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from strategies import dtypes, make_tensor, seeds
 from test_errors import BAD_CALLS
@@ -42,15 +42,19 @@ def _assert_replicated(name, outs):
 @pytest.mark.parametrize("world", WORLDS)
 @dist_settings
 @given(tokens=tokens, hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds,
-       kind=st.sampled_from(["mlp", "parallel_mlp"]), activation=st.sampled_from(["gelu", "gelu_tanh"]))  # fmt: skip
+       kind=st.sampled_from(["mlp", "parallel_mlp"]), activation=st.sampled_from(["gelu", "gelu_tanh", "swiglu"]))  # fmt: skip
 @example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="mlp",
          activation="gelu")  # ffn < world: an empty shard
 @example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="parallel_mlp",
          activation="gelu")  # the same through ParallelMLP
+@example(tokens=5, hidden=7, ffn=5, dtype=torch.float32, has_bias=True, seed=0, kind="parallel_mlp",
+         activation="swiglu")  # (gate, up) pairs split unevenly
 def test_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed, kind, activation):
     """Column -> GELU -> Row built with from_linear, as three modules or as one ParallelMLP (the activation in the
-    kernels): output and every gradient match the dense MLP."""
-    w1, b1 = _dense_linear(hidden, ffn, has_bias, dtype, seed)
+    kernels; SwiGLU's fc1 interleaves 2 * ffn gate and up rows, and only ParallelMLP keeps the pairs together):
+    output and every gradient match the dense MLP."""
+    assume(not (kind == "mlp" and activation == "swiglu"))
+    w1, b1 = _dense_linear(hidden, ffn * (2 if activation == "swiglu" else 1), has_bias, dtype, seed)
     w2, b2 = _dense_linear(ffn, hidden, has_bias, dtype, seed + 1)
     x, grad_y = _inputs((2, tokens), hidden, hidden, dtype, seed)
 

@@ -89,18 +89,18 @@ def test_kernel_launcher_checks(device):
 
 def test_activation_options_are_checked(device):
     x, w = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
-    with pytest.raises(ValueError, match=r"activation: expected None, 'gelu' or 'gelu_tanh', got 'relu'"):
+    with pytest.raises(ValueError, match=r"activation: expected None, 'gelu', 'gelu_tanh' or 'swiglu', got 'relu'"):
         kernels.linear(x, w, activation="relu")
     with pytest.raises(ValueError, match=r"pre: expected shape \(3, 4\) and dtype torch.float32, got \(3, 5\)"):
         kernels.grad_input(torch.randn(3, 5, device=device), w, activation="gelu", pre=torch.randn(3, 5, device=device))
     with pytest.raises(ValueError, match="pre: expected a tensor exactly when activation is given"):
         kernels.grad_input(torch.randn(3, 5, device=device), w, activation="gelu")
-    with pytest.raises(ValueError, match=r"activation: expected 'gelu' or 'gelu_tanh', got None"):
+    with pytest.raises(ValueError, match=r"activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got None"):
         fused_tp.ParallelMLP(4, 8, activation=None, device=device)
     # An MLP has an activation: ParallelMLP's message never offers None, whatever it is given.
-    with pytest.raises(ValueError, match=r"activation: expected 'gelu' or 'gelu_tanh', got 'silu'"):
+    with pytest.raises(ValueError, match=r"activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got 'silu'"):
         fused_tp.ParallelMLP(4, 8, activation="silu", device=device)
-    with pytest.raises(ValueError, match=r"activation: expected 'gelu' or 'gelu_tanh', got \['gelu'\]"):
+    with pytest.raises(ValueError, match=r"activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got \['gelu'\]"):
         fused_tp.ParallelMLP(4, 8, activation=["gelu"], device=device)
     fc1, fc2 = torch.nn.Linear(4, 8, device=device), torch.nn.Linear(8, 4, device=device)
     with pytest.raises(ValueError, match=r"fc2: expected in_features 8 \(fc1.out_features\), got 6"):
@@ -115,6 +115,37 @@ def test_activation_options_are_checked(device):
     mlp.fc2.weight = torch.nn.Parameter(torch.randn(4, 7, device=device))  # fc2 no longer reads fc1's output
     with pytest.raises(ValueError, match=r"fc1's output: expected last dim 7 \(fc2.weight.shape\[1\]\)"):
         mlp(torch.randn(3, 4, device=device))
+
+
+def test_gated_options_are_checked(device):
+    """SwiGLU reads (gate, up) pairs: an odd width, a pre-activation of the wrong width and mismatched layers raise,
+    naming the argument."""
+    x, w = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
+    with pytest.raises(ValueError, match=r"weight: expected an even number of rows for 'swiglu' \(interleaved gate "
+                                         r"and up pairs\), got 5"):  # fmt: skip
+        kernels.linear(x, w, activation="swiglu")
+    with pytest.raises(ValueError, match=r"pre: expected shape \(3, 8\) and dtype torch.float32, got \(3, 4\)"):
+        kernels.grad_input(torch.randn(3, 5, device=device), w, activation="swiglu",
+                           pre=torch.randn(3, 4, device=device))  # fmt: skip
+    fc1, fc2 = torch.nn.Linear(4, 8, device=device), torch.nn.Linear(8, 4, device=device)
+    with pytest.raises(ValueError, match=r"fc2: expected in_features 4 \(half fc1.out_features\), got 8"):
+        fused_tp.ParallelMLP.from_linears(fc1, fc2, activation="swiglu")
+    with pytest.raises(ValueError, match=r"fc1: expected an even number of out_features for 'swiglu'"):
+        fused_tp.ParallelMLP.from_linears(torch.nn.Linear(4, 7, device=device), fc2, activation="swiglu")
+    gate, down = torch.nn.Linear(4, 6, device=device), torch.nn.Linear(6, 4, device=device)
+    with pytest.raises(ValueError, match=r"up: expected in_features 4 and out_features 6 \(gate's\), got 4 and 5"):
+        fused_tp.ParallelMLP.from_gated(gate, torch.nn.Linear(4, 5, device=device), down)
+    with pytest.raises(ValueError, match=r"down: expected in_features 6 \(gate.out_features\), got 5"):
+        fused_tp.ParallelMLP.from_gated(gate, gate, torch.nn.Linear(5, 4, device=device))
+    with pytest.raises(ValueError, match="up: expected a bias exactly when gate has one"):
+        fused_tp.ParallelMLP.from_gated(gate, torch.nn.Linear(4, 6, bias=False, device=device), down)
+    with pytest.raises(ValueError, match="mlp: expected an act_fn computing SiLU"):
+        fused_tp.ParallelMLP.from_llama_mlp(torch.nn.Module())
+    mlp = fused_tp.ParallelMLP.from_gated(gate, gate, down)
+    mlp.fc1.weight = torch.nn.Parameter(torch.randn(7, 4, device=device))  # no longer (gate, up) pairs
+    mlp.fc1.bias = torch.nn.Parameter(torch.randn(7, device=device))
+    with pytest.raises(ValueError, match=r"fc1.weight: expected an even number of rows for 'swiglu'"):
+        mlp(x)
 
 
 @pytest.mark.parametrize("build, name", [

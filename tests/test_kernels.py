@@ -11,7 +11,8 @@ from strategies import dims, dtypes, layouts, make_tensor, seeds
 
 from fused_tp import kernels
 from fused_tp.kernels import ACTIVATIONS, configs, jit, launch, layout, matmul, plan
-from fused_tp.tolerance import GELU_SLOPE, act_tol, assert_close, linear_reference, tol
+from fused_tp.tolerance import (act_tol, activation_grad_reference, activation_reference, assert_close,
+                                linear_reference, tol)
 
 
 def _tf32(device):
@@ -103,17 +104,21 @@ def test_grad_params(device, M, K, N, dtype, need, g_layout, x_layout, lead, see
          w_layout="contiguous", seed=0)  # every operand through tensor descriptors
 @example(M=3, K=0, N=5, dtype=torch.float16, activation="gelu_tanh", has_bias=True, x_layout="contiguous",
          w_layout="contiguous", seed=0)  # no K-steps: gelu(bias)
+@example(M=70, K=40, N=67, dtype=torch.bfloat16, activation="swiglu", has_bias=True, x_layout="contiguous",
+         w_layout="transposed", seed=0)  # pairs across several output tiles, a partial last one
 def test_activation_epilogue(device, M, K, N, dtype, activation, has_bias, x_layout, w_layout, seed):
-    """linear(..., activation) is F.gelu of the product on the fp32 accumulator, and its saved pre-activation is the
-    product; grad_input through the activation is (grad_y @ w) * gelu'(pre), all against float64."""
+    """linear(..., activation) is the activation of the product on the fp32 accumulator, and its saved
+    pre-activation is the product; grad_input through the activation is (grad_y @ w) * activation'(pre), all
+    against float64. A gated activation (SwiGLU) reads 2N interleaved (gate, up) columns and writes N; its
+    grad_input writes the 2N gradients of the pairs."""
     gen = torch.Generator().manual_seed(seed)
+    width = 2 * N if ACTIVATIONS[activation].gated else N  # the pre-activation's
     x = make_tensor((M, K), x_layout, dtype, device, gen)
-    w = make_tensor((N, K), w_layout, dtype, device, gen)
-    b = make_tensor((N,), "contiguous", dtype, device, gen) if has_bias else None
-    w_next = make_tensor((K, N), w_layout, dtype, device, gen)  # a layer reading gelu(pre) [M, N]
+    w = make_tensor((width, K), w_layout, dtype, device, gen)
+    b = make_tensor((width,), "contiguous", dtype, device, gen) if has_bias else None
+    w_next = make_tensor((K, N), w_layout, dtype, device, gen)  # a layer reading activation(pre) [M, N]
     grad_next = make_tensor((M, K), "contiguous", dtype, device, gen)
     before = _clones(x, w, b, w_next, grad_next)
-    act = ACTIVATIONS[activation]
 
     y, pre = kernels.linear_prechecked(x, w, b, activation, save_pre=True)
     grad_pre = kernels.grad_input(grad_next, w_next, activation=activation, pre=pre)
@@ -121,57 +126,76 @@ def test_activation_epilogue(device, M, K, N, dtype, activation, has_bias, x_lay
     ref, mag = linear_reference(x, w, b)
     tf32 = _tf32(device)
     assert_close("pre", pre, ref, mag, tol(dtype, K, tf32=tf32))
-    assert_close("y", y, act.torch_fn(ref), mag, act_tol(dtype, K, tf32))
+    assert_close("y", y, *activation_reference(activation, ref, mag), act_tol(dtype, K, tf32))
     assert torch.equal(kernels.linear(x, w, b, activation=activation), y)
     # The derivative at the pre-activation the forward saved, as the layers' backward uses it.
     d, d_mag = linear_reference(grad_next, w_next.t())
-    pre64 = pre.detach().double().cpu().requires_grad_()
-    act.torch_fn(pre64).backward(d)
-    assert_close("grad_pre", grad_pre, pre64.grad, GELU_SLOPE * d_mag, act_tol(dtype, N, tf32))
+    grad_ref = activation_grad_reference(activation, d, d_mag, pre)
+    assert_close("grad_pre", grad_pre, *grad_ref, act_tol(dtype, N, tf32))
     _assert_unmodified(before, x, w, b, w_next, grad_next)
 
 
-@given(M=dims, K=st.integers(0, 600), N=dims, dtype=dtypes, op=st.sampled_from(["forward", "grad_input", "grad_weight"]),
+@given(M=dims, K=st.integers(0, 600), N=dims, dtype=dtypes,
+       op=st.sampled_from(["forward", "forward_gelu", "forward_swiglu", "grad_input", "grad_weight"]),
        split_k=st.sampled_from([None, 1, 2, 3, 5, 16]), a_layout=layouts, b_layout=layouts, seed=seeds)  # fmt: skip
 @example(M=8, K=512, N=8, dtype=torch.bfloat16, op="forward", split_k=2, a_layout="contiguous",
          b_layout="contiguous", seed=0)  # one tile, 8 K-steps in two splits
 @example(M=5, K=200, N=3, dtype=torch.float16, op="forward", split_k=16, a_layout="expanded", b_layout="sliced",
          seed=0)  # more splits asked for than K-steps
+@example(M=70, K=300, N=130, dtype=torch.float32, op="forward_gelu", split_k=3, a_layout="contiguous",
+         b_layout="contiguous", seed=0)  # several tiles, each summed by whichever split arrives last, then GELU
+@example(M=20, K=600, N=45, dtype=torch.bfloat16, op="forward_swiglu", split_k=3, a_layout="contiguous",
+         b_layout="transposed", seed=0)  # SwiGLU's pairs from the added partials
 def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k, a_layout, b_layout, seed):
-    """Splitting the K loop over programs (fp32 partials, bias in split 0's only, summed in split order) gives the
-    float64 result within the same tolerance, bitwise the same on a second run; path_counts says it split."""
+    """Splitting the K loop over programs (fp32 partials; the last program at a tile adds them in split order, then
+    the bias and the activation) gives the float64 result within the same tolerance, bitwise the same on a second
+    run; path_counts says it split."""
     gen = torch.Generator().manual_seed(seed)
-    if op == "forward":  # x [M, K] @ w.T
+    width = N  # the product's output width
+    if op.startswith("forward"):  # x [M, K] @ w.T + b, then the activation named after "forward_"
+        act = op[len("forward_"):] or None
+        width = 2 * N if act and ACTIVATIONS[act].gated else N
         a = make_tensor((M, K), a_layout, dtype, device, gen)
-        w, b = make_tensor((N, K), b_layout, dtype, device, gen), make_tensor((N,), "contiguous", dtype, device, gen)
-        run, ref = (lambda: kernels.linear(a, w, b)), linear_reference(a, w, b)
+        w = make_tensor((width, K), b_layout, dtype, device, gen)
+        b = make_tensor((width,), "contiguous", dtype, device, gen)
+        ref = linear_reference(a, w, b)
+        run = lambda: kernels.linear(a, w, b, activation=act)  # noqa: E731
+        ref = ref if act is None else activation_reference(act, *ref)
     elif op == "grad_input":  # grad_y [M, K] @ w [K, N]
         a, w = make_tensor((M, K), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
         run, ref = (lambda: kernels.grad_input(a, w)), linear_reference(a, w.t())
     else:  # grad_y [K, M] and x [K, N]: grad_w = grad_y.T @ x sums over the K rows
         a, x = make_tensor((K, M), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
         run, ref = (lambda: kernels.grad_params(a, x, bias=False)[0]), linear_reference(a.t(), x.t())
-    base, _ = plan.pick_config(M, N, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
+    base, _ = plan.pick_config(M, width, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
     cfg = dataclasses.replace(base, split_k=split_k)
     slots = plan.device(torch.empty(0, device=device).get_device()).slots
     k_tiles = -(-K // cfg.BLOCK_K)
-    expect_split = M * N > 0 and k_tiles > 1 and configs.choose_split_k(M, N, K, cfg, slots, dtype.itemsize) > 1
+    expect_split = M * N > 0 and k_tiles > 1 and configs.choose_split_k(M, width, K, cfg, slots, dtype.itemsize) > 1
     before = kernels.path_counts["split_k"]
     with configs.pin_config(cfg):
         out, again = run(), run()
     assert kernels.path_counts["split_k"] - before == 2 * expect_split
-    assert_close(op, out, *ref, tol(dtype, K, tf32=_tf32(device)))
+    assert_close(op, out, *ref, (act_tol if op.startswith("forward_") else tol)(dtype, K, tf32=_tf32(device)))
     assert torch.equal(out, again), "split-K must be deterministic"
+    kept = [buf for key, buf in launch._kept.items() if key[0] == "counters"]
+    assert not any(buf.any() for buf in kept), "a split launch leaves its tiles' arrival counters at zero"
 
 
 def test_split_k_rule():
-    """The rule splits a compute-bound product whose few tiles would leave SMs idle; not a memory-bound one, not
-    one with a tile per SM or more (both measured slower split on the H100), and stays within its bounds."""
+    """The rule splits a compute-bound product whose few tiles would leave SMs idle, and a memory-bound one so that
+    about 60% of the SMs stream a K-range each (the best split measured on the H200); not one with a tile per SM
+    or more; and stays within its bounds."""
     big = configs.CONFIGS[("16bit", "tma", "large")]
     small = configs.CONFIGS[("16bit", "tma", "small_m")]
+    decode = configs.KernelConfig(16, 64, 256, num_warps=4, num_stages=4)
     assert configs.choose_split_k(8192, 14336, 8192, big, 132, 2) == 1  # 1792 tiles
     assert configs.choose_split_k(1792, 4096, 16384, big, 132, 2) == 1  # 224 tiles: a partial second wave
-    assert configs.choose_split_k(16, 8192, 14336, small, 132, 2) == 1  # decode: 64 tiles stream the weight
+    assert configs.choose_split_k(16, 8192, 14336, small, 132, 2) == 1  # decode: 64 tiles already stream
+    assert configs.choose_split_k(1, 1280, 8192, decode, 132, 2) == 4  # 20 tiles: 80 items, measured best
+    assert configs.choose_split_k(32, 1280, 8192, decode, 132, 2) == 2  # 40 tiles, measured best
+    assert configs.choose_split_k(1, 7168, 8192, decode, 132, 2) == 1  # 112 tiles, measured best unsplit
+    assert configs.choose_split_k(1, 64, 1024, decode, 132, 2) == 1  # 4 K-steps: too few to share
     assert configs.choose_split_k(3072, 768, 32768, big, 132, 2) > 1  # narrow weight gradient: 72 long tiles
     assert configs.choose_split_k(3, 3, 64, small, 132, 2) == 1  # one K-step: nothing to split
     assert configs.choose_split_k(1, 8192, 14336, dataclasses.replace(small, split_k=3), 132, 2) == 3  # pinned
@@ -319,15 +343,15 @@ def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, fresh
 def test_descriptor_scratch_is_reused_per_stream():
     """Launches on one stream share one scratch buffer for their descriptors; another stream gets its own."""
     x, w = (torch.randn(64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    launch._scratch.clear()
+    launch._kept.clear()
     y, again = kernels.linear(x, w), kernels.linear(x, w)
-    assert len(launch._scratch) == 1
+    assert len(launch._kept) == 1
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         other = kernels.linear(x, w)
     torch.cuda.synchronize()
-    assert len(launch._scratch) == 2
+    assert len(launch._kept) == 2
     assert torch.equal(y, again) and torch.equal(y, other)
     assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))
 

@@ -74,3 +74,36 @@ def test_llama_with_fused_tp_mlps_matches_dense_and_compiles_whole(device, backe
             _assert_near(f"seq {seq}: {name}", a, b, bound.rel)
         frames = counter.frame_count if frames is None else frames
     assert counter.frame_count == frames, "a new sequence length recompiled"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llama_with_fused_swiglu_mlps_matches_dense_and_compiles_whole(device, backend):
+    """Each LlamaMLP replaced whole by ParallelMLP.from_llama_mlp (gate and up in one launch, SwiGLU in its
+    epilogue): logits and every gradient as the dense model's, the MLP's mapped back to gate_proj / up_proj /
+    down_proj (fc1's rows interleave gate's and up's), eagerly and compiled whole, within test 1's bound."""
+    dense, model = _models(device)
+    for layer, dense_layer in zip(model.model.layers, dense.model.layers):
+        layer.mlp = fused_tp.ParallelMLP.from_llama_mlp(dense_layer.mlp)
+    bound = tol(torch.float32, 64, stages=8, tf32=device == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+
+    def dense_names(grads):
+        out = {}
+        for name, g in grads.items():
+            prefix, _, leaf = name.rpartition("mlp.")
+            if leaf == "fc1.weight":
+                out[prefix + "mlp.gate_proj.weight"], out[prefix + "mlp.up_proj.weight"] = g[0::2], g[1::2]
+            elif leaf == "fc2.weight":
+                out[prefix + "mlp.down_proj.weight"] = g
+            else:
+                out[name] = g
+        return out
+
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    ref, ref_grads = _step(dense, dense, ids)
+    for fn in (model, compiled):
+        logits, grads = _step(fn, model, ids)
+        grads = dense_names(grads)
+        assert set(grads) == set(ref_grads)
+        for name, (a, b) in {"logits": (logits, ref), **{n: (grads[n], ref_grads[n]) for n in ref_grads}}.items():
+            _assert_near(name, a, b, bound.rel)

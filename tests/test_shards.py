@@ -4,10 +4,12 @@ bias once, equal the dense layer; gradients likewise. tests/test_dist.py runs th
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import DTYPES, dims, dtypes, make_tensor, seeds
 
+import fused_tp
 from fused_tp import kernels
 from fused_tp.autograd import _ColumnParallelLinear, _ParallelMLP, _RowParallelLinear, shard_range
 from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
@@ -99,17 +101,24 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
 @given(world=worlds, M=dims, K=dims, F=dims, dtype=dtypes, has_bias=st.booleans(),
        activation=st.sampled_from(list(kernels.ACTIVATIONS)), seed=seeds)  # fmt: skip
 @example(world=4, M=5, K=7, F=3, dtype=torch.bfloat16, has_bias=True, activation="gelu", seed=0)  # an empty shard
+@example(world=3, M=4, K=9, F=7, dtype=torch.float32, has_bias=True, activation="swiglu", seed=0)  # uneven pairs
 def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, activation, seed):
     """ParallelMLP's Function (activation and its derivative in the kernels' epilogues): the ranks' output partial
-    sums, with fc2's bias once, and their gradients equal the dense Linear -> GELU -> Linear."""
-    x, w1, b1, _ = _dense(M, K, F, dtype, has_bias, device, seed)
+    sums, with fc2's bias once, and their gradients equal the dense Linear -> activation -> Linear. SwiGLU's fc1 has
+    2F interleaved (gate, up) rows, split by pairs."""
+    unit = 2 if kernels.ACTIVATIONS[activation].gated else 1
+    x, w1, b1, _ = _dense(M, K, unit * F, dtype, has_bias, device, seed)
     _, w2, b2, grad_y = _dense(M, F, K, dtype, has_bias, device, seed + 1)  # w2 [K, F], grad_y [M, K]
+
+    def rows(t, rank):  # this rank's fc1 rows: whole pairs for a gated activation
+        return None if t is None else torch.tensor_split(t.unflatten(0, (-1, unit)), world, 0)[rank].flatten(0, 1)
+
     y = grad_x = None
     gw1, gb1, gw2, gb2 = [], [], [], []
     for rank in range(world):
         x_r, b2_r = _leaf(x), _leaf(b2)
-        w1_r, w2_r = _leaf(torch.tensor_split(w1, world, 0)[rank]), _leaf(torch.tensor_split(w2, world, 1)[rank])
-        b1_r = _leaf(None if b1 is None else torch.tensor_split(b1, world, 0)[rank])
+        w1_r, w2_r = _leaf(rows(w1, rank)), _leaf(torch.tensor_split(w2, world, 1)[rank])
+        b1_r = _leaf(rows(b1, rank))
         p_r = _ParallelMLP.apply(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation)
         p_r.backward(grad_y)
         y = p_r.detach() if y is None else y + p_r.detach()  # what the forward's all-reduce does
@@ -174,3 +183,18 @@ def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind
     for name in LEAVES:
         if wants[name]:
             assert_close(f"grad_{name}", joined[name](grads[name]), ref[f"grad_{name}"], mag[f"grad_{name}"], t)
+
+
+def test_a_swiglu_mlp_built_under_a_seed_holds_llamas_layers_built_under_it(device):
+    """ParallelMLP(activation="swiglu") builds gate, up and down as Llama's MLP does, in that order: its parameters
+    are from_gated's of nn.Linear layers built under the same seed, fc1 interleaving gate's and up's rows."""
+    torch.manual_seed(3)
+    mlp = fused_tp.ParallelMLP(6, 10, 4, activation="swiglu", device=device)
+    torch.manual_seed(3)
+    gate, up, down = nn.Linear(6, 10, device=device), nn.Linear(6, 10, device=device), nn.Linear(10, 4, device=device)
+    assert torch.equal(mlp.fc1.weight[0::2], gate.weight) and torch.equal(mlp.fc1.weight[1::2], up.weight)
+    assert torch.equal(mlp.fc1.bias[0::2], gate.bias) and torch.equal(mlp.fc1.bias[1::2], up.bias)
+    assert torch.equal(mlp.fc2.weight, down.weight) and torch.equal(mlp.fc2.bias, down.bias)
+    built = fused_tp.ParallelMLP.from_gated(gate, up, down)
+    for name, p in mlp.named_parameters():
+        assert torch.equal(p, dict(built.named_parameters())[name])

@@ -171,8 +171,6 @@ class ColsumConfig:
 
 # The bias gradient's column sums: 64 columns a program (224 programs for N = 14336 on 132 SMs), 64 rows a step.
 COLSUM_CONFIG = ColsumConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-# The same kernel adds split-K partials [splits, M * N]: few rows, many columns, so wide blocks of few rows.
-SPLIT_SUM_CONFIG = ColsumConfig(BLOCK_M=8, BLOCK_N=512, num_warps=4)
 
 
 def colsum_chunks(M: int, col_blocks: int, slots: int, cfg: ColsumConfig) -> int:
@@ -187,20 +185,26 @@ MEM_BYTES_PER_S = 3.0e12
 SM_BYTES_PER_S = MEM_BYTES_PER_S / 132
 TILE_OVERHEAD_STEPS = 2
 MAX_SPLIT_K = 16
+MEMORY_BOUND_ITEMS = 0.6  # a memory-bound split aims at this share of the SMs (choose_split_k)
+MIN_SPLIT_STEPS = 4  # the fewest K-steps a memory-bound split gives each program
 
 
 def choose_split_k(M: int, N: int, K: int, cfg: KernelConfig, slots: int, itemsize: int) -> int:
-    """How many programs share each output tile's K loop, so that fewer tiles than `slots` SMs, each with a long
-    K loop, still keep every SM busy (the weight gradient of a narrow layer over many tokens).
+    """How many programs share each output tile's K loop, so that an output of fewer tiles than `slots` SMs still
+    keeps enough SMs busy. A pure function of the problem, so every rank of a group splits alike.
 
-    A persistent grid of `slots` programs runs the (split, tile) items in waves. The model's time for s splits:
-    waves(s) * (K-steps per split + TILE_OVERHEAD_STEPS) * step, plus writing and reading s fp32 partial sums of
-    C through memory; a step is one BLOCK_M x BLOCK_N x BLOCK_K product on the tensor cores. The fewest splits
-    within 2% of the best time win. Not split, as measured slower on the H100 (bench/NOTES.md, attempt 9):
-    memory-bound products, fewer flops per byte of operands and result than the card's rate over its bandwidth
-    (decode rows stream the weight, and fewer SMs already fill the memory bus), and outputs with at least `slots`
-    tiles (a partial last wave cost less than the partials). A pure function of the problem, so every rank of a
-    group splits alike.
+    Memory-bound products (fewer flops per byte of operands and result than the card's rate over its bandwidth:
+    decode rows, which stream the weight) split so that about MEMORY_BOUND_ITEMS of the SMs each read one K-range
+    of one tile: on the H200, 1 token x 8192 -> 1280 ran in 17.4 us split 4 ways over 20 tiles (80 items) against
+    30.6 unsplit and 20.5-21.4 split 8 ways (160 items, more than one wave), and 8192 -> 7168 (112 tiles) ran
+    fastest unsplit (bench/NOTES.md, attempt 34). The split is added up inside the launch (jit.py), so it costs
+    no second launch; under MIN_SPLIT_STEPS K-steps a split is not worth its partials.
+
+    Compute-bound products split by a cost model: a persistent grid of `slots` programs runs the (split, tile)
+    items in waves; the time for s splits is waves(s) * (K-steps per split + TILE_OVERHEAD_STEPS) * step, plus
+    writing and reading s fp32 partial sums of C through memory, a step being one BLOCK_M x BLOCK_N x BLOCK_K
+    product on the tensor cores. The fewest splits within 2% of the best time win. Outputs with at least `slots`
+    tiles are not split (a partial last wave cost less than the partials on the H100: attempt 9).
     """
     if cfg.split_k is not None:
         return cfg.split_k
@@ -209,7 +213,8 @@ def choose_split_k(M: int, N: int, K: int, cfg: KernelConfig, slots: int, itemsi
     if not cfg.persistent or tiles == 0 or tiles >= slots or k_tiles < 2:
         return 1
     if 2 * M * N * K / ((M * K + K * N + M * N) * itemsize) < SM_FLOPS / SM_BYTES_PER_S:  # flops per byte
-        return 1
+        most = max(1, min(MAX_SPLIT_K, k_tiles // MIN_SPLIT_STEPS))
+        return min(range(1, most + 1), key=lambda s: abs(tiles * s - MEMORY_BOUND_ITEMS * slots))
     step = 2 * cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K / SM_FLOPS
 
     def cost(s: int) -> float:

@@ -5,6 +5,12 @@ takes an entry's two functions as compile-time arguments and calls them, with no
 
     forward      C = fn(A @ B + bias), and the pre-activation A @ B + bias stored beside it for the backward
     grad_input   C = (A @ B) * grad(pre)   the next layer's grad_input carried back through this activation
+
+A gated activation (SwiGLU) reads its pre-activation as interleaved pairs of columns, gate then up: P [..., 2H]
+holds gate_j at column 2j and up_j at 2j + 1, and C [..., H] = fn(gate, up). Its grad_input reads the pairs of pre
+and writes the gradient of both, interleaved the same way: C [..., 2H] = (A @ B) [..., H] times grad(gate, up),
+one factor for each. Interleaving keeps a pair in one output tile whatever the tile's width, so the layout of the
+weight does not depend on a launch config.
 """
 
 from __future__ import annotations
@@ -47,16 +53,41 @@ def _sigmoid_2u(x):
     return tl.sigmoid(tl.maximum(1.5957691216057308 * (x + 0.044715 * x * x * x), -80.0))
 
 
+# SwiGLU, silu(gate) * up in fp32, with silu(x) = x * sigmoid(x) as F.silu computes it, and its two partial
+# derivatives: d/dgate = up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))), d/dup = silu(gate).
+@triton.jit
+def swiglu(gate, up):
+    return gate * _sigmoid(gate) * up
+
+
+@triton.jit
+def swiglu_grad(gate, up):
+    s = _sigmoid(gate)
+    return up * s * (1.0 + gate * (1.0 - s)), gate * s
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp(-x) overflows fp32 below -88 (and the interpreter's numpy warns); sigmoid is under 2e-35 there.
+    return tl.sigmoid(tl.maximum(x, -80.0))
+
+
 @dataclass(frozen=True)
 class Activation:
     """One entry of the table: `fn` and `grad` for the kernel, `torch_fn(x)` and `torch_grad(grad_y, pre)` (the
-    gradient through the activation at `pre`) computing the same in torch, `module()` the dense model's layer."""
+    gradient through the activation at `pre`) computing the same in torch, `module()` the dense model's layer.
+    `gated`: fn takes interleaved (gate, up) column pairs and halves the width (see above)."""
 
     fn: Callable
     grad: Callable
     torch_fn: Callable[[torch.Tensor], torch.Tensor]
     torch_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     module: Callable[[], nn.Module]
+    gated: bool = False
+
+    def width(self, pre_width: int) -> int:
+        """The width of fn's output for a pre-activation `pre_width` wide."""
+        return pre_width // 2 if self.gated else pre_width
 
 
 def _gelu(approximate: str) -> dict:
@@ -65,9 +96,28 @@ def _gelu(approximate: str) -> dict:
                 module=lambda: nn.GELU(approximate))  # fmt: skip
 
 
+def _swiglu_torch(pre: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(pre[..., 0::2]) * pre[..., 1::2]
+
+
+def _swiglu_torch_grad(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    gate, up = pre[..., 0::2], pre[..., 1::2]
+    s = torch.sigmoid(gate)
+    return torch.stack((grad * up * s * (1 + gate * (1 - s)), grad * gate * s), -1).flatten(-2)
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up of interleaved (gate, up) column pairs [..., 2H] -> [..., H]: the dense model's layer
+    between a Linear whose output rows interleave gate and up projections and the down projection."""
+
+    def forward(self, pre: torch.Tensor) -> torch.Tensor:
+        return _swiglu_torch(pre)
+
+
 ACTIVATIONS = {
     "gelu": Activation(gelu, gelu_grad, **_gelu("none")),  # F.gelu
     "gelu_tanh": Activation(gelu_tanh, gelu_tanh_grad, **_gelu("tanh")),  # F.gelu(approximate="tanh")
+    "swiglu": Activation(swiglu, swiglu_grad, _swiglu_torch, _swiglu_torch_grad, SwiGLU, gated=True),  # Llama's MLP
 }
 
 

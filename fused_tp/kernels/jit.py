@@ -17,10 +17,12 @@ the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
 The activation epilogue (epilogues.py) runs on the fp32 accumulator, before C is rounded: the forward applies it and
 stores the pre-activation beside C; grad_input multiplies by its derivative at a stored pre-activation.
 
-Split-K: where a compute-bound C has too few tiles to keep every SM busy (configs.choose_split_k says when), the K
-loop is split over `splits` programs per tile. Each writes its fp32 partial sum to a workspace [splits, M, N], the
-bias going into split 0's partial only (as the row-parallel layer adds it on rank 0 only), and the column-sum kernel
-adds the partials in split order and rounds once: the same function, deterministic, no atomics.
+Split-K: where C has too few tiles to keep every SM busy (configs.choose_split_k says when), the K loop is split
+over `splits` programs per tile. Each writes its fp32 partial sum to a workspace [splits, M, N] and counts its
+arrival at the tile on an int32 counter; the program that arrives last adds the partials in split order and runs the
+epilogue (bias, activation, the one rounding) as an unsplit tile would, then zeroes the counter for the next launch.
+The atomic only counts: the sums and their order are the same whichever program arrives last, so the result is
+deterministic, and no second launch adds the partials.
 
 Under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported) the same code runs on the CPU:
 INTERPRETED says so.
@@ -41,8 +43,10 @@ def matmul_kernel(
     a_ptr,  # [M, K] A operand
     b_ptr,  # [K, N] B operand
     bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS; by split 0 only)
-    c_ptr,  # [M, N] output, or with SPLIT the fp32 partial sums [splits, M, N]
+    c_ptr,  # [M, N] output
+    ws_ptr,  # [splits, M, N] fp32 partial sums (SPLIT only)
     aux_ptr,  # [M, N] with C's strides: the pre-activation, stored (AUX == "store") or read (AUX == "load")
+    count_ptr,  # [tiles] int32 arrival counters (SPLIT only): zero before the launch, left zero after it
     # sizes
     M,
     N,
@@ -54,8 +58,9 @@ def matmul_kernel(
     stride_bn,
     stride_cm,
     stride_cn,
+    stride_xm,  # between the pre-activation's rows: C's, or with GATED the product's width (fwd) or C's (grad)
     stride_bias,
-    stride_cs,  # between the partial sums of two splits (SPLIT only)
+    stride_ws,  # between the partial sums of two splits (SPLIT only; each split's [M, N] is contiguous)
     # the work: (split, tile) items, split-major; each program walks the items pid, pid + num_programs, ...
     splits,
     k_tiles_per_split,  # every split runs this many K-steps; the last one's tail past K loads as zeros
@@ -72,14 +77,17 @@ def matmul_kernel(
     TMA_C: tl.constexpr,  # TMA: store C (and move the pre-activation) through descriptors too: their rows are aligned
     A_T: tl.constexpr,  # TMA: A is stored M-contiguous (stride_am == 1), so its tiles load as [BLOCK_K, BLOCK_M]
     B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
-    SPLIT: tl.constexpr,  # C holds fp32 partial sums, one [M, N] slab per split, stored through pointers
+    SPLIT: tl.constexpr,  # the K loop is split `splits` ways; the last program at a tile adds the partials
     ACT: tl.constexpr,  # None, or an activation of epilogues.py: its fn (applied to C) or with AUX == "load" its grad
     AUX: tl.constexpr,  # "", "store" (also write the pre-activation) or "load" (C *= ACT(aux))
+    GATED: tl.constexpr,  # ACT is gated (epilogues.py): C is half the product's width (fwd) or twice it (grad)
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     num_tiles = num_pid_m * num_pid_n
+    c_desc = None  # C and the pre-activation through descriptors (TMA_C)
+    aux_desc = None
     if TMA:
         # Descriptors address the operands in their stored order; out-of-bounds parts of a tile load as 0 and
         # are not stored, so no masks are needed.
@@ -94,13 +102,10 @@ def matmul_kernel(
         if TMA_C and AUX != "":  # the activation epilogue works on column halves (below)
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
             aux_desc = tl.make_tensor_descriptor(aux_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
-        elif TMA_C and not SPLIT:
+        elif TMA_C:
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
-    # An activation does not distribute over partial sums: the launcher never splits such a launch.
-    tl.static_assert(not (SPLIT and ACT is not None))
-
     # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue.
-    for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=True):
+    for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=not SPLIT):
         # Split-major: the programs running at one time share one K-range of A and B in L2.
         split = item // num_tiles
         tile = item % num_tiles
@@ -142,46 +147,95 @@ def matmul_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-        if HAS_BIAS:
-            bias_n = tl.where(split == 0, N, 0)  # split 0 alone adds the bias
-            bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < bias_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        if TMA_C and AUX != "":
-            # Through descriptors the activation epilogue works on two column halves, each staged in shared memory
-            # on its own: whole tiles of C and the pre-activation needed two output tiles beside the operand stages
-            # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
+        if SPLIT:
+            # fp32 partials, stored in two column halves: the layout change before a store then needs half the
+            # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
+            ws_rows = ws_ptr + offs_m[:, None].to(tl.int64) * N
             acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
-            m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-            _activation_epilogue(acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty,
-                                 aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
-            _activation_epilogue(acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, c_ptr.dtype.element_ty,
-                                 aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
+            offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+            offs_hi = offs_lo + BLOCK_N // 2
+            ws_split = ws_rows + split.to(tl.int64) * stride_ws
+            tl.store(ws_split + offs_lo[None, :].to(tl.int64), acc_lo, mask=mask_m[:, None] & (offs_lo[None, :] < N))
+            tl.store(ws_split + offs_hi[None, :].to(tl.int64), acc_hi, mask=mask_m[:, None] & (offs_hi[None, :] < N))
+            # Every thread's partial is stored before the arrival is counted; the counter's acquire-release at GPU
+            # scope then makes all splits' partials visible to the program that arrives last, which reads them
+            # from L2 (.cg: another SM wrote them).
+            tl.debug_barrier()
+            counter = count_ptr + tile.to(tl.int64)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
+                tile_ptrs = ws_rows + offs_n[None, :].to(tl.int64)
+                mask_c = mask_m[:, None] & mask_n[None, :]
+                acc = tl.load(tile_ptrs, mask=mask_c, other=0.0, cache_modifier=".cg")
+                for s in range(1, splits):
+                    acc += tl.load(tile_ptrs + tl.cast(s, tl.int64) * stride_ws, mask=mask_c, other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+                tl.store(counter, 0)
+                _epilogue(acc, bias_ptr, c_ptr, aux_ptr, c_desc, aux_desc, pid_m, pid_n, offs_m, offs_n, mask_m,
+                          mask_n, N, stride_cm, stride_cn, stride_xm, stride_bias, BLOCK_M, BLOCK_N, HAS_BIAS, TMA_C,
+                          ACT, AUX, GATED)  # fmt: skip
         else:
-            mask_c = mask_m[:, None] & mask_n[None, :]
-            if AUX == "load":
-                pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
-                acc *= ACT(pre.to(tl.float32))
-            elif ACT is not None:
-                if AUX == "store":
-                    tl.store(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty),
-                             mask=mask_c)  # fmt: skip
-                acc = ACT(acc)
-            if SPLIT:
-                # fp32 partials, stored in two column halves: the layout change before a store then needs half the
-                # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
-                c_rows = c_ptr + split.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm
-                acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
-                offs_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-                offs_hi = offs_lo + BLOCK_N // 2
-                tl.store(c_rows + offs_lo[None, :].to(tl.int64) * stride_cn, acc_lo,
-                         mask=mask_m[:, None] & (offs_lo[None, :] < N))  # fmt: skip
-                tl.store(c_rows + offs_hi[None, :].to(tl.int64) * stride_cn, acc_hi,
-                         mask=mask_m[:, None] & (offs_hi[None, :] < N))  # fmt: skip
-            elif TMA_C:
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
-            else:
-                tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty),
+            _epilogue(acc, bias_ptr, c_ptr, aux_ptr, c_desc, aux_desc, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n,
+                      N, stride_cm, stride_cn, stride_xm, stride_bias, BLOCK_M, BLOCK_N, HAS_BIAS, TMA_C, ACT, AUX,
+                      GATED)  # fmt: skip
+
+
+@triton.jit
+def _epilogue(acc, bias_ptr, c_ptr, aux_ptr, c_desc, aux_desc, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, N,
+              stride_cm, stride_cn, stride_xm, stride_bias, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_BIAS: tl.constexpr, TMA_C: tl.constexpr, ACT: tl.constexpr, AUX: tl.constexpr,
+              GATED: tl.constexpr):  # fmt: skip
+    """A C tile's epilogue on its whole fp32 sum `acc`: the bias, the activation (or its derivative at the stored
+    pre-activation), and the one rounding as C is stored."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n.to(tl.int64) * stride_bias, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if GATED:
+        # Through pointers only (the plan never sends a gated C through descriptors): C's tile is not the product's.
+        if AUX == "load":
+            # acc is the gradient of the activation's output; the (gate, up) pairs of its 2 * BLOCK_N
+            # pre-activation columns load as one contiguous tile, and both gradients store interleaved the same way.
+            offs_p = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+            mask_p = mask_m[:, None] & (offs_p[None, :] < 2 * N)
+            pairs = tl.load(_tile(aux_ptr, offs_m, offs_p, stride_xm, 1), mask=mask_p, other=0.0)
+            gate, up = tl.split(tl.reshape(pairs.to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
+            d_gate, d_up = ACT(gate, up)
+            grads = tl.reshape(tl.join(acc * d_gate, acc * d_up), (BLOCK_M, 2 * BLOCK_N))
+            tl.store(_tile(c_ptr, offs_m, offs_p, stride_cm, stride_cn), grads.to(c_ptr.dtype.element_ty),
+                     mask=mask_p)  # fmt: skip
+        else:
+            if AUX == "store":
+                tl.store(_tile(aux_ptr, offs_m, offs_n, stride_xm, 1), acc.to(aux_ptr.dtype.element_ty),
                          mask=mask_c)  # fmt: skip
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+            offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(_tile(c_ptr, offs_m, offs_h, stride_cm, stride_cn), ACT(gate, up).to(c_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & (offs_h[None, :] < N // 2))  # fmt: skip
+    elif TMA_C and AUX != "":
+        # Through descriptors the activation epilogue works on two column halves, each staged in shared memory
+        # on its own: whole tiles of C and the pre-activation needed two output tiles beside the operand stages
+        # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
+        acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
+        m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+        _activation_epilogue(acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty,
+                             aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
+        _activation_epilogue(acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, c_ptr.dtype.element_ty,
+                             aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
+    else:
+        if AUX == "load":
+            pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
+            acc *= ACT(pre.to(tl.float32))
+        elif ACT is not None:
+            if AUX == "store":
+                tl.store(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty),
+                         mask=mask_c)  # fmt: skip
+            acc = ACT(acc)
+        if TMA_C:
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
+        else:
+            tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty),
+                     mask=mask_c)  # fmt: skip
+
 
 @triton.jit
 def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -82,12 +82,12 @@ def _warn_untested_once() -> None:
                       "about 20-30 us more host time each (fused_tp.kernels.launch.DIRECT)", stacklevel=4)  # fmt: skip
 
 
-_scratch: dict = {}  # (device index, stream) -> the descriptor scratch of the launches on that stream
+_kept: dict = {}  # (what, device index, stream) -> a buffer the launches on that stream reuse
 _reuse_scratch = True  # off while a registered operator runs (scratch_per_launch)
 
 
 class scratch_per_launch:
-    """Launches inside take a fresh descriptor scratch each, kept nowhere. For the registered operators (ops.py):
+    """Launches inside take fresh scratch buffers each, kept nowhere. For the registered operators (ops.py):
     torch.compile's CUDA graphs warm up with this thread's allocations routed to the graph's private pool, where
     a buffer kept past the graph counts as a leak; eager launches, which skip the operators, keep reusing theirs.
     A class, not a generator: it runs around every operator call."""
@@ -103,17 +103,32 @@ class scratch_per_launch:
         _reuse_scratch = self.before
 
 
-def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the descriptors a kernel makes on the device: one buffer per (device, stream), reused.
+def _kept_buffer(what: str, size: int, dtype: torch.dtype, device: torch.device, stream, zeroed: bool):
+    """A buffer of at least `size` elements for launches on `stream`: one per (what, device, stream), reused.
 
-    Launches on one stream run in order, so a kernel's descriptors are dead before the next one writes its own.
-    Reuse saves an allocation per launch (host time) and keeps the scratch out of each step's peak memory. A
-    stream being captured into a CUDA graph gets its own buffer from the graph's pool, not kept here, and so does
-    a launch from a registered operator (scratch_per_launch)."""
-    if not _reuse_scratch or torch.cuda.is_current_stream_capturing():
-        return torch.empty(size, device="cuda", dtype=torch.int8)
-    key = (torch._C._cuda_getDevice(), stream)
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < size:  # torch's blocks are 512-byte aligned, past any `alignment` asked for
-        buf = _scratch[key] = torch.empty(size, device="cuda", dtype=torch.int8)
+    Launches on one stream run in order, so a kernel is done with the buffer before the next one uses it. Reuse
+    saves an allocation per launch (host time) and keeps scratch out of each step's peak memory. A stream being
+    captured into a CUDA graph gets its own buffer from the graph's pool, not kept here, and so does a launch from a
+    registered operator (scratch_per_launch). `zeroed`: a new buffer starts at zero (the kernels that use such a
+    buffer leave it at zero)."""
+    new = torch.zeros if zeroed else torch.empty
+    if not _reuse_scratch or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return new(size, device=device, dtype=dtype)
+    key = (what, device.index, stream)
+    buf = _kept.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _kept[key] = new(size, device=device, dtype=dtype)
     return buf
+
+
+def tile_counters(tiles: int, device: torch.device) -> torch.Tensor:
+    """The int32 arrival counters of a split-K launch's tiles (jit.py): zero, and left zero by the kernel."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
+    return _kept_buffer("counters", tiles, torch.int32, device, stream, zeroed=True)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors a kernel makes on the device (Triton's allocator hook). torch's blocks are
+    512-byte aligned, past any `alignment` asked for."""
+    device = torch.device("cuda", torch._C._cuda_getDevice())
+    return _kept_buffer("descriptors", size, torch.int8, device, stream, zeroed=False)

@@ -18,7 +18,7 @@ import torch
 
 from . import autotune, configs, jit, layout, plan
 from .epilogues import ACTIVATIONS, check_activation
-from .launch import launch, path_counts
+from .launch import launch, path_counts, tile_counters
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETED = jit.INTERPRETED
@@ -71,27 +71,37 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            activation: str | None = None) -> torch.Tensor:  # fmt: skip
     """y = x @ weight.T + bias, the contract of F.linear; with activation="gelu" (or "gelu_tanh"),
-    F.gelu(x @ weight.T + bias) (approximate="tanh"), computed on the fp32 accumulator before rounding.
+    F.gelu(x @ weight.T + bias) (approximate="tanh"), computed on the fp32 accumulator before rounding; with
+    activation="swiglu", silu(gate) * up of the product's interleaved (gate, up) column pairs (epilogues.py).
 
-    x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] contiguous, in x's dtype.
+    x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] (swiglu: [..., N / 2]) contiguous, in x's dtype.
     """
     check_linear_args(x, weight, bias)
-    return linear_prechecked(x, weight, bias, check_activation(activation))[0]
+    activation = check_activation(activation)
+    check_gated_width(activation, weight.shape[0], "weight", "rows")
+    return linear_prechecked(x, weight, bias, activation)[0]
+
+
+def check_gated_width(activation: str, width: int, name: str, what: str) -> None:
+    """ValueError naming `name` where a gated activation gets an odd pre-activation width (its gate/up pairs)."""
+    if activation and ACTIVATIONS[activation].gated and width % 2:
+        raise ValueError(f"{name}: expected an even number of {what} for {activation!r} (interleaved gate and up "
+                         f"pairs), got {width}")  # fmt: skip
 
 
 def linear_prechecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "",
                       save_pre: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(y, pre) of linear() for arguments that check_linear_args has passed (the layers check theirs before any
     collective); `activation` as check_activation returns it. With save_pre, pre [..., N] is the pre-activation
-    x @ weight.T + bias (rounded), else None."""
+    x @ weight.T + bias (rounded), else None; y is [..., N / 2] for a gated activation."""
     if save_pre and not activation:
         raise ValueError("save_pre: the pre-activation is saved for an activation's derivative; no activation given")
     x, M, rows = _matrix(x)
     N, K = weight.shape
-    out = (*x.shape[:-1], N)
+    out = (*x.shape[:-1], ACTIVATIONS[activation].width(N) if activation else N)
     w_strides = weight.stride()
     return _matmul("fwd", M, N, K, x, (rows, x.stride(-1)), weight, (w_strides[1], w_strides[0]), bias, out,
-                   activation, "store" if save_pre else "")  # fmt: skip
+                   activation, "store" if save_pre else "", pre_shape=(*x.shape[:-1], N))  # fmt: skip
 
 
 def grad_input(grad_y: torch.Tensor, weight: torch.Tensor, *, activation: str | None = None,
@@ -99,14 +109,16 @@ def grad_input(grad_y: torch.Tensor, weight: torch.Tensor, *, activation: str | 
     """grad_x = grad_y @ weight.   grad_y [..., N], weight [N, K]  ->  grad_x [..., K].
 
     With `activation` and `pre` [..., K], the pre-activation of the layer whose activation made this one's input
-    x = activation(pre): grad_pre = (grad_y @ weight) * activation'(pre), in the same launch.
+    x = activation(pre): grad_pre = (grad_y @ weight) * activation'(pre), in the same launch. A gated activation's
+    pre is [..., 2K], its (gate, up) pairs interleaved, and so is grad_pre: both gradients of each pair.
     """
     N, K = weight.shape
     act = check_activation(activation)
     if (pre is None) != (act == ""):
         raise ValueError("pre: expected a tensor exactly when activation is given")
-    if pre is not None and (pre.shape != (*grad_y.shape[:-1], K) or pre.dtype != grad_y.dtype):
-        raise ValueError(f"pre: expected shape {(*grad_y.shape[:-1], K)} and dtype {grad_y.dtype}, got "
+    pre_width = 2 * K if act and ACTIVATIONS[act].gated else K
+    if pre is not None and (pre.shape != (*grad_y.shape[:-1], pre_width) or pre.dtype != grad_y.dtype):
+        raise ValueError(f"pre: expected shape {(*grad_y.shape[:-1], pre_width)} and dtype {grad_y.dtype}, got "
                          f"{tuple(pre.shape)} {pre.dtype}")  # fmt: skip
     return grad_input_prechecked(grad_y, weight, act, pre)
 
@@ -117,8 +129,9 @@ def grad_input_prechecked(grad_y: torch.Tensor, weight: torch.Tensor, activation
     grad_y, M, rows = _matrix(grad_y)
     N, K = weight.shape
     pre = None if pre is None else pre.contiguous()  # read with the output's (contiguous) strides
+    width = 2 * K if activation and ACTIVATIONS[activation].gated else K
     return _matmul("dgrad", M, K, N, grad_y, (rows, grad_y.stride(-1)), weight, weight.stride(), None,
-                   (*grad_y.shape[:-1], K), activation, "load" if activation else "", pre)[0]  # fmt: skip
+                   (*grad_y.shape[:-1], width), activation, "load" if activation else "", pre)[0]  # fmt: skip
 
 
 def grad_params(
@@ -179,9 +192,10 @@ def _matrix(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def _matmul(product: str, M: int, N: int, K: int, a: torch.Tensor, a_strides: tuple[int, int], b: torch.Tensor,
             b_strides: tuple[int, int], bias: torch.Tensor | None, out_shape: tuple, activation: str = "",
-            aux: str = "", pre: torch.Tensor | None = None) -> tuple:  # fmt: skip
+            aux: str = "", pre: torch.Tensor | None = None, pre_shape: tuple | None = None) -> tuple:  # fmt: skip
     """(C, the stored pre-activation or None) of C[M, N] = A[M, K] @ B[K, N] (+ bias), A and B read from `a` and `b`
-    through the given strides; C new and contiguous, of `out_shape` (M * N elements)."""
+    through the given strides; C new and contiguous, of `out_shape` (M * N elements, or a gated activation's
+    width); the pre-activation stored (aux == "store") of `pre_shape`."""
     dtype, index = a.dtype, a.get_device()
     tf32 = dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
     aligned = (not a.data_ptr() % 16, not b.data_ptr() % 16, bias is None or not bias.data_ptr() % 16,
@@ -198,19 +212,21 @@ def _matmul(product: str, M: int, N: int, K: int, a: torch.Tensor, a_strides: tu
         path_counts[key] += 1
     if p.path == "torch":
         _warn_torch_path_once()
-        return _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre)
+        return _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape)
     c = _out(out_shape, dtype, a.device, p.wide)
-    saved = _out(out_shape, dtype, a.device, p.wide) if aux == "store" else None
+    saved = _out(pre_shape, dtype, a.device, p.wide) if aux == "store" else None
     if p.launch is not None:
         if p.copy_a is not None:
             a = layout.aligned_copy(torch.as_strided(a, (M, K), a_strides), p.copy_a)
         if p.copy_b is not None:
             b = layout.aligned_copy(torch.as_strided(b, (K, N), b_strides), p.copy_b)
-        partials = c if p.splits == 1 else torch.empty((p.splits, M, N), device=c.device, dtype=torch.float32)
+        if p.splits > 1:  # the partials need no initialising: every split writes its whole slab
+            partials = torch.empty((p.splits, M, N), device=c.device, dtype=torch.float32)
+            counters = tile_counters(p.tiles, c.device)
+        else:
+            partials = counters = c
         aux_t = saved if saved is not None else pre if pre is not None else c
-        launch(jit.matmul_kernel, p.launch, (a, b, c if bias is None else bias, partials, aux_t))
-        if p.sum_partials is not None:  # every element of every slab was written
-            _colsum(p.sum_partials, partials, c)
+        launch(jit.matmul_kernel, p.launch, (a, b, c if bias is None else bias, c, partials, aux_t, counters))
     return _rounded(c, dtype), None if saved is None else _rounded(saved, dtype)
 
 
@@ -235,14 +251,14 @@ def _autotuned(p, product, M, N, K, a, a_strides, b, b_strides, bias, aux, dtype
                             index, tf32, (cfg, "autotuned"))  # fmt: skip
 
 
-def _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre):
+def _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape):
     """The torch path: the kernels' function (fp32 accumulation, bias and activation on the accumulator, one
     rounding) for CPU tensors when Triton's interpreter is off."""
     c = torch.as_strided(a, (M, K), a_strides).float() @ torch.as_strided(b, (K, N), b_strides).float()
     c = c if bias is None else c + bias.float()
-    saved = c.to(a.dtype).view(out_shape) if aux == "store" else None
+    saved = c.to(a.dtype).view(pre_shape) if aux == "store" else None
     if aux == "load":
-        c = ACTIVATIONS[activation].torch_grad(c, pre.reshape(M, N).float())
+        c = ACTIVATIONS[activation].torch_grad(c, pre.reshape(M, -1).float())
     elif activation:
         c = ACTIVATIONS[activation].torch_fn(c)
     return c.to(a.dtype).view(out_shape), saved

@@ -1,10 +1,10 @@
 """The kernels as PyTorch operators, `torch.ops.fused_tp.*`, so that torch.compile and CUDA graphs see them.
 
     op                                                        returns
-    linear(x [..., K], weight [N, K], bias [N]?, activation)  y [..., N]
-    linear_pre(x, weight, bias, activation)                   (y [..., N], pre [..., N]): the pre-activation too
+    linear(x [..., K], weight [N, K], bias [N]?, activation)  y [..., N]  (a gated activation: [..., N / 2])
+    linear_pre(x, weight, bias, activation)                   (y, pre [..., N]): the pre-activation too
     grad_input(grad_y [..., N], weight [N, K], activation, pre [..., K]?)
-                                                              grad_x [..., K]
+                                                              grad_x [..., K]  (gated: pre and grad_x [..., 2K])
     grad_weight(grad_y [..., N], x [..., K])                  grad_w [N, K]
     bias_grad(grad_y [..., N])                                grad_b [N]
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import launch, matmul
+from .epilogues import ACTIVATIONS
 
 _lib = torch.library.Library("fused_tp", "DEF")
 _lib.define("linear(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor")
@@ -69,20 +70,24 @@ for _name, _impl in (("linear", _linear_impl), ("linear_pre", _linear_pre_impl),
         _lib.impl(_name, _impl, _key)
 
 
+def _width(activation: str, pre_width: int) -> int:
+    return ACTIVATIONS[activation].width(pre_width) if activation else pre_width
+
+
 @torch.library.register_fake("fused_tp::linear", lib=_lib)
 def _(x, weight, bias, activation):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], _width(activation, weight.shape[0])))
 
 
 @torch.library.register_fake("fused_tp::linear_pre", lib=_lib)
 def _(x, weight, bias, activation):
-    shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape)
+    lead, n = x.shape[:-1], weight.shape[0]
+    return x.new_empty((*lead, _width(activation, n))), x.new_empty((*lead, n))
 
 
 @torch.library.register_fake("fused_tp::grad_input", lib=_lib)
 def _(grad_y, weight, activation, pre):
-    return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
+    return grad_y.new_empty(pre.shape if pre is not None else (*grad_y.shape[:-1], weight.shape[1]))
 
 
 @torch.library.register_fake("fused_tp::grad_weight", lib=_lib)

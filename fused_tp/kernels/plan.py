@@ -6,7 +6,7 @@ allocations and the launch itself.
                  copied into another layout first (layout.py), whether tiles move through tensor descriptors, the
                  config and where it came from (pick_config), the split-K factor, the grid, and the kernel's
                  integer and compile-time arguments
-    colsum_plan  the same for a column sum (the bias gradient, or adding split-K partials)
+    colsum_plan  the same for a column sum (the bias gradient)
 
 Alignment is an input, not something a plan reads: eager code passes each operand's data_ptr() % 16, a registered
 operator the same for the tensors it is called with (ops.py), so a compiled graph takes eager code's path for the
@@ -65,16 +65,17 @@ class Launch:
 class MatmulPlan(NamedTuple):
     """C[M, N] = A[M, K] @ B[K, N]: see matmul_plan. `copy_a` / `copy_b`: None, or the dim an aligned copy keeps
     contiguous (layout.aligned_copy); `counts`: the path_counts keys a run adds; `wide`: C is written in fp32 and
-    rounded once after (the interpreter); `launch` is None where nothing is launched (an empty C, the torch path)."""
+    rounded once after (the interpreter); `tiles`: C's tiles, whose arrival counters a split launch needs;
+    `launch` is None where nothing is launched (an empty C, the torch path)."""
 
     path: str
     copy_a: int | None
     copy_b: int | None
     wide: bool
     splits: int
+    tiles: int
     counts: tuple[str, ...]
     launch: Launch | None
-    sum_partials: ColsumPlan | None
 
 
 class ColsumPlan(NamedTuple):
@@ -124,7 +125,7 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
     A plan is built once per distinct set of these and reused: launches then pay a cache lookup."""
     dev = device(device_index)
     if dev.path == "torch":
-        return MatmulPlan("torch", None, None, False, 1, ("torch",), None, None)
+        return MatmulPlan("torch", None, None, False, 1, 0, ("torch",), None)
     fp32 = dtype == torch.float32
     wide = dev.path == "triton-interpreter" and not fp32  # see matmul._out: the interpreter's 16-bit arithmetic
     itemsize, c_itemsize = dtype.itemsize, 4 if wide else dtype.itemsize
@@ -151,33 +152,33 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
             ab_aligned = (copy_a is not None or aligned[0]) and (copy_b is not None or aligned[1])
             route = layout.tma_route(M, N, K, a_strides, b_strides, itemsize, c_itemsize, ab_aligned, c_aligned)
     if M == 0 or N == 0:  # nothing to compute: an empty C (and pre-activation)
-        return MatmulPlan(dev.path, None, None, wide, 1, tuple(counts), None, None)
+        return MatmulPlan(dev.path, None, None, wide, 1, 0, tuple(counts), None)
     cfg, source = pick_config(M, N, K, dtype, jit.INTERPRETED, route is not None, dev.slots, product, dev.gpu,
                               pinned[0] if pinned else None, tf32, aux_tile=aux == "load")  # fmt: skip
     counts.append("config_" + (pinned[1] if pinned else source))
     k_tiles = _cdiv(K, cfg.BLOCK_K)
-    # An activation does not distribute over partial sums: such a launch is never split.
-    k_tiles_per_split = _cdiv(k_tiles, 1 if activation else cfg.split_k)
+    k_tiles_per_split = _cdiv(k_tiles, cfg.split_k)
     splits = _cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own
-    items = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N) * splits
+    tiles = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N)
+    items = tiles * splits
     programs = min(items, dev.slots) if cfg.persistent else items
     counts += ["tma"] * (route is not None) + ["split_k"] * (splits > 1)
-    act = None
+    act, gated = None, bool(activation) and ACTIVATIONS[activation].gated
     if activation:
         act = ACTIVATIONS[activation].grad if aux == "load" else ACTIVATIONS[activation].fn
     kwargs = dict(HAS_BIAS=bias_stride is not None, UPCAST=wide, INPUT_PRECISION="tf32" if tf32 else "ieee",
                   TMA=route is not None, A_T=route is not None and route[0], B_T=route is not None and route[1],
-                  TMA_C=route is not None and route[2], SPLIT=splits > 1, ACT=act, AUX=aux, **cfg.meta())  # fmt: skip
-    # C and the split partials are contiguous; the partials' slab stride is 0 without splits (no specialisation
-    # on M * N).
-    ints = (M, N, K, *a_strides, *b_strides, N, 1, bias_stride or 0, M * N if splits > 1 else 0, splits,
-            k_tiles_per_split, programs)  # fmt: skip
-    # The partials are fp32; C is written in fp32 where wide, else in the operands' dtype.
-    c_dtype = torch.float32 if wide else dtype
-    partials = colsum_plan(splits, M * N, device_index, configs.SPLIT_SUM_CONFIG, torch.float32,
-                           c_dtype) if splits > 1 else None  # fmt: skip
-    return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tuple(counts),
-                      Launch((programs, 1, 1), ints, kwargs), partials)  # fmt: skip
+                  TMA_C=route is not None and route[2] and not gated, SPLIT=splits > 1, ACT=act, AUX=aux,
+                  GATED=gated, **cfg.meta())  # fmt: skip
+    # C, the pre-activation and the split partials are contiguous; a gated C is half the product's width (the
+    # forward, its pre-activation the product's) or twice it (grad_input, its pre-activation C's). The partials'
+    # slab stride is 0 without splits (no specialisation on M * N).
+    c_width = (N // 2 if aux != "load" else 2 * N) if gated else N
+    pre_width = N if gated and aux != "load" else c_width
+    ints = (M, N, K, *a_strides, *b_strides, c_width, 1, pre_width, bias_stride or 0, M * N if splits > 1 else 0,
+            splits, k_tiles_per_split, programs)  # fmt: skip
+    return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts),
+                      Launch((programs, 1, 1), ints, kwargs))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
