@@ -4,12 +4,14 @@
     autograd.py  the autograd Functions and functional forms (with guard.py, the only code calling torch.distributed)
     guard.py     the optional rank-consistency guard
     modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear; ParallelMLP, Column -> GELU -> Row
+    parallelize.py  parallelize(model): a whole model's attention and MLP projections sharded (Hugging Face Llama family)
 """
 
 from .autograd import column_parallel_linear, row_parallel_linear
 from .guard import RankMismatchError, check_ranks
 from .kernels import kernel_path, path_counts
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
+from .parallelize import parallelize
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,7 @@ __all__ = [
     "check_ranks",
     "column_parallel_linear",
     "kernel_path",
+    "parallelize",
     "path_counts",
     "row_parallel_linear",
 ]

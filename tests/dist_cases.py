@@ -341,3 +341,73 @@ def subgroup_calls(device):
         configs.read_environment()
         forget_autotuning()
     return out
+
+
+def parallel_model_step(family, device, bound):
+    """A tiny random-weight Hugging Face causal LM of `family` ("llama", "mistral", "qwen2"), dense and through
+    fused_tp.parallelize on this rank, on the same ids: the largest ratio of each compared quantity's norm-wise
+    error to `bound` (logits, and every parameter's gradient against its slice of the dense gradient, sliced here
+    by whole heads and gate/up pairs, not by fused_tp's code), and whether greedy generate() gave the same tokens."""
+    import copy
+
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        use_cache=True, tie_word_embeddings=False)  # fmt: skip
+    dense = model_cls(config).to(device)
+    model = fused_tp.parallelize(copy.deepcopy(dense))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1)).to(device)
+    logits = {}
+    for m in (dense, model):
+        out = m(ids).logits
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+        (out * weights).sum().backward()
+        logits[m is model] = out.detach()
+
+    heads, kv_heads, d = 4, 2, 32 // 4
+    a, b = [(int(t[0]), int(t[-1]) + 1) for t in torch.tensor_split(torch.arange(heads), world)][rank]
+    kv = sorted({h // (heads // kv_heads) for h in range(a, b)})
+    dense_grads = {n: p.grad for n, p in dense.named_parameters()}
+
+    def rows(g, start, stop, unit):  # rows [start, stop) of units
+        return g[start * unit:stop * unit]
+
+    def expected(name):
+        stem, _, leaf = name.rpartition(".")
+        prefix = stem.rpartition(".")[0]
+        if stem.endswith("q_proj"):
+            return rows(dense_grads[name], a, b, d)
+        if stem.endswith(("k_proj", "v_proj")):
+            return rows(dense_grads[name], kv[0], kv[-1] + 1, d)
+        if stem.endswith("o_proj"):
+            return dense_grads[name][:, a * d:b * d] if leaf == "weight" else dense_grads[name]
+        if stem.endswith("mlp.fc1"):
+            gate, up = dense_grads[f"{prefix}.gate_proj.{leaf}"], dense_grads[f"{prefix}.up_proj.{leaf}"]
+            g = torch.stack((gate, up), 1).flatten(0, 1)  # interleaved (gate, up) rows
+            f_a, f_b = [(int(t[0]), int(t[-1]) + 1) for t in torch.tensor_split(torch.arange(40), world)][rank]
+            return rows(g, f_a, f_b, 2)
+        if stem.endswith("mlp.fc2"):
+            g = dense_grads[f"{prefix}.down_proj.{leaf}"]
+            f_a, f_b = [(int(t[0]), int(t[-1]) + 1) for t in torch.tensor_split(torch.arange(40), world)][rank]
+            return g[:, f_a:f_b] if leaf == "weight" else g
+        return dense_grads[name]
+
+    def ratio(got, want):
+        return ((got.double() - want.double()).norm() / (bound * want.double().norm())).item()
+
+    out = {"logits": ratio(logits[True], logits[False])}
+    for name, p in model.named_parameters():
+        out[name] = ratio(p.grad, expected(name))
+    with torch.no_grad():
+        prompt = ids[:1, :4]
+        out["generate"] = torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False),
+                                      dense.generate(prompt, max_new_tokens=3, do_sample=False))  # fmt: skip
+    return out

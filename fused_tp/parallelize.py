@@ -1,0 +1,133 @@
+"""Sharding a whole model: `parallelize(model)` replaces its attention and MLP projections by fused_tp layers, in
+place, on every rank of a group. Built on modules.py; the only collective of its own is the gradient sum of
+key/value heads that several ranks hold (below).
+
+    plan style     what it takes                                  what it becomes
+    "colwise"      an nn.Linear                                   ColumnParallelLinear.from_linear
+    "rowwise"      an nn.Linear                                   RowParallelLinear.from_linear
+    "swiglu"       a gated MLP (gate_proj, up_proj, down_proj,    ParallelMLP.from_llama_mlp: gate and up in one
+                   a SiLU act_fn: Hugging Face's LlamaMLP)        launch, SwiGLU in its epilogue
+    "attention"    an attention module (q_proj, k_proj, v_proj,   q, k, v column-parallel by whole heads, o_proj
+                   o_proj, head_dim, num_key_value_groups:        row-parallel over the same heads; the module's
+                   Hugging Face's LlamaAttention)                 num_key_value_groups set to this rank's
+
+Heads split as torch.tensor_split splits them: rank r keeps query heads [a, b) of H, and the key/value heads those
+heads read, [a // G, (b - 1) // G + 1) of H / G (G query heads share one key/value head). A key/value head that
+several ranks need (fewer key/value heads than ranks, or a group cut by the split) is held by each of them, as
+Megatron-LM and vLLM replicate them; its weight gradient is then the sum of what those ranks compute, which a hook
+on the parameter adds up over the group (eagerly; one all-reduce of the dense key/value weight's size per
+parameter). A rank's query heads must read its key/value heads in equal groups (Hugging Face's repeat_kv), else
+parallelize raises ValueError naming num_key_value_heads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .autograd import group_size_rank, shard_range
+from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
+
+# The Hugging Face causal LMs whose decoder layers are Llama's: LlamaAttention-like self_attn, LlamaMLP-like mlp.
+LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+LLAMA_PLAN = {"model.layers.*.self_attn": "attention", "model.layers.*.mlp": "swiglu"}
+STYLES = ("colwise", "rowwise", "swiglu", "attention")
+
+
+def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_group=None) -> nn.Module:
+    """Shard `model` in place over `process_group` (default: the default group) and return it.
+
+    plan: {module-name pattern (fnmatch, as named_modules names them): style of the table above}; None for a
+    Hugging Face model of LLAMA_FAMILY, whose every attention and MLP is sharded (LLAMA_PLAN). Every rank must hold
+    the same dense model (the same seed, or the same checkpoint loaded), as tensor parallelism's replicated input
+    needs; the rest of the model (embeddings, norms, the LM head) stays replicated. A pattern that matches nothing
+    raises ValueError, so a plan cannot silently leave a model dense."""
+    if plan is None:
+        if type(model).__name__ not in LLAMA_FAMILY:
+            raise ValueError(f"plan: expected a plan for a {type(model).__name__} (without one: "
+                             f"{', '.join(LLAMA_FAMILY)})")  # fmt: skip
+        plan = LLAMA_PLAN
+    for pattern, style in plan.items():
+        if style not in STYLES:
+            raise ValueError(f"plan[{pattern!r}]: expected one of {', '.join(map(repr, STYLES))}, got {style!r}")
+    names = {name for name, _ in model.named_modules()}
+    for pattern, style in plan.items():
+        matches = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+        if not matches:
+            raise ValueError(f"plan[{pattern!r}]: no module of the model has a matching name")
+        for name in matches:
+            parent, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            setattr(owner, leaf, _shard(getattr(owner, leaf), style, name, process_group))
+    return model
+
+
+def _shard(module: nn.Module, style: str, name: str, group) -> nn.Module:
+    if style == "colwise":
+        return ColumnParallelLinear.from_linear(module, process_group=group)
+    if style == "rowwise":
+        return RowParallelLinear.from_linear(module, process_group=group)
+    if style == "swiglu":
+        return ParallelMLP.from_llama_mlp(module, process_group=group)
+    _shard_attention(module, name, group)
+    return module
+
+
+def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[tuple[int, int, int, int]]:
+    """(a, b, kv_a, kv_b) of every rank: its query heads [a, b) and the key/value heads [kv_a, kv_b) they read.
+    ValueError naming the head counts where a rank would get no query head, or query heads that do not read its
+    key/value heads in equal groups (repeat_kv gives local query head i the key/value head i // group)."""
+    if heads < world:
+        raise ValueError(f"num_attention_heads: expected at least one head per rank, got {heads} heads for "
+                         f"{world} ranks{where}")  # fmt: skip
+    groups = heads // kv_heads
+    spans = []
+    for rank in range(world):
+        a, b = shard_range(heads, world, rank)
+        kv_a, kv_b = a // groups, (b - 1) // groups + 1
+        local = (b - a) // (kv_b - kv_a)
+        if (b - a) % (kv_b - kv_a) or any((a + i) // groups - kv_a != i // local for i in range(b - a)):
+            raise ValueError(f"num_key_value_heads: {heads} query heads in {kv_heads} groups over {world} ranks give "
+                             f"rank {rank} query heads [{a}, {b}), which do not read key/value heads [{kv_a}, "
+                             f"{kv_b}) in equal groups{where}")  # fmt: skip
+        spans.append((a, b, kv_a, kv_b))
+    return spans
+
+
+def _shard_attention(attn: nn.Module, name: str, group) -> None:
+    for part in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups"):
+        if not hasattr(attn, part):
+            raise ValueError(f"{name}: expected an attention module with {part} (Hugging Face's LlamaAttention)")
+    d = attn.head_dim
+    heads, kv_heads = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+    world, rank = group_size_rank(group)
+    spans = head_spans(heads, kv_heads, world, f" ({name})")
+    a, b, kv_a, kv_b = spans[rank]
+    shared = any(s[3] > t[2] for s, t in zip(spans, spans[1:]))  # a key/value head on two ranks
+    attn.q_proj = ColumnParallelLinear._from_linear(attn.q_proj, (a * d, b * d), process_group=group)
+    for part in ("k_proj", "v_proj"):
+        layer = ColumnParallelLinear._from_linear(getattr(attn, part), (kv_a * d, kv_b * d), process_group=group)
+        if shared:
+            for p in layer.parameters():
+                if p.requires_grad:
+                    p.register_hook(_SharedRowsGrad(kv_heads * d, kv_a * d, group))
+        setattr(attn, part, layer)
+    attn.o_proj = RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group)
+    attn.num_key_value_groups = (b - a) // (kv_b - kv_a)
+
+
+class _SharedRowsGrad:
+    """A parameter hook: the gradient of rows [start, start + n) of a dense [rows, ...] parameter that other ranks
+    hold too, summed over the group (each rank adds its rows into a dense buffer of zeros; one all-reduce)."""
+
+    def __init__(self, rows: int, start: int, group):
+        self.rows, self.start, self.group = rows, start, group
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        dense = grad.new_zeros((self.rows, *grad.shape[1:]))
+        dense[self.start:self.start + grad.shape[0]] = grad
+        dist.all_reduce(dense, group=self.group)
+        return dense[self.start:self.start + grad.shape[0]]
