@@ -51,15 +51,16 @@ class GatedMLP(nn.Module):
 def models(tokens, hidden, ffn, dtype, device="cuda"):
     """{layer: (baseline module, fused_tp module, input, grad of the output)}."""
     torch.manual_seed(0)
-    up, down = (nn.Linear(hidden, ffn, device=device, dtype=dtype), nn.Linear(ffn, hidden, device=device, dtype=dtype))
+    new = dict(device=device, dtype=dtype)
+    up, down = nn.Linear(hidden, ffn, **new), nn.Linear(ffn, hidden, **new)
     col, row = fused_tp.ColumnParallelLinear.from_linear(up), fused_tp.RowParallelLinear.from_linear(down)
-    x, h = (torch.randn(tokens, hidden, device=device, dtype=dtype), torch.randn(tokens, ffn, device=device, dtype=dtype))
-    grad_mlp = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    gated = [nn.Linear(i, o, bias=False, device=device, dtype=dtype) for i, o in ((hidden, ffn),) * 2 + ((ffn, hidden),)]
+    x, h = torch.randn(tokens, hidden, **new), torch.randn(tokens, ffn, **new)
+    grad_mlp = torch.randn(tokens, hidden, **new)
+    gated = [nn.Linear(i, o, bias=False, **new) for i, o in ((hidden, ffn), (hidden, ffn), (ffn, hidden))]
     llama = GatedMLP(*gated)
     return {
-        "column": (up, col, x, torch.randn(tokens, ffn, device=device, dtype=dtype)),
-        "row": (down, row, h, torch.randn(tokens, hidden, device=device, dtype=dtype)),
+        "column": (up, col, x, torch.randn(tokens, ffn, **new)),
+        "row": (down, row, h, torch.randn(tokens, hidden, **new)),
         "mlp": (nn.Sequential(up, nn.GELU(), down), nn.Sequential(col, nn.GELU(), row), x, grad_mlp),
         "parallel_mlp": (nn.Sequential(up, nn.GELU(), down), fused_tp.ParallelMLP.from_linears(up, down), x,
                          grad_mlp),

@@ -5,8 +5,10 @@
     guard.py     the optional rank-consistency guard
     modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear; ParallelMLP, Column -> GELU -> Row
     parallelize.py  parallelize(model): a whole model's attention and MLP projections sharded (Hugging Face Llama family)
+    checkpoint.py   sharded models to and from the dense model's state dict or safetensors file (resharding)
 """
 
+from . import checkpoint
 from .autograd import column_parallel_linear, row_parallel_linear
 from .guard import RankMismatchError, check_ranks
 from .kernels import kernel_path, path_counts
@@ -21,6 +23,7 @@ __all__ = [
     "RankMismatchError",
     "RowParallelLinear",
     "check_ranks",
+    "checkpoint",
     "column_parallel_linear",
     "kernel_path",
     "parallelize",

@@ -26,6 +26,21 @@ from . import guard, kernels
 from .kernels import autotune, configs, ops
 
 
+def resolve_group(group):
+    """The process group a layer runs on, from what it takes: None (the default group), a ProcessGroup, or a 1-D
+    DeviceMesh (of a larger mesh, the named dim: mesh["tp"]). TypeError or ValueError naming process_group else."""
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"process_group: expected a 1-D DeviceMesh (of a larger one, its dim: mesh['tp']), got "
+                             f"{group.ndim} dims {group.mesh_dim_names}")  # fmt: skip
+        return group.get_group()
+    raise TypeError(f"process_group: expected None, a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
+
+
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """(R, r) of `group`; (1, 0) when no group is given and torch.distributed is not initialised."""
     if group is None and not dist.is_initialized():
@@ -411,14 +426,15 @@ def _in_scope(scope: autotune.Tuning | None, fn, *args):
 def column_parallel_linear(x, weight, bias=None, *, process_group=None):
     """This rank's output features: x [..., K] replicated, weight [N_r, K], bias [N_r]  ->  [..., N_r].
 
-    Backward all-reduces grad_x over `process_group` (default: the default group).
+    Backward all-reduces grad_x over `process_group` (default: the default group; or a 1-D DeviceMesh).
     """
-    return column_call(x, weight, bias, process_group, None)
+    return column_call(x, weight, bias, resolve_group(process_group), None)
 
 
 def row_parallel_linear(x, weight, bias=None, *, process_group=None):
     """The full output, summed over ranks: x [..., K_r], weight [N, K_r], bias [N] replicated  ->  [..., N].
 
-    Forward all-reduces over `process_group` (default: the default group); the bias is counted once.
+    Forward all-reduces over `process_group` (default: the default group; or a 1-D DeviceMesh); the bias is
+    counted once.
     """
-    return row_call(x, weight, bias, process_group, None)
+    return row_call(x, weight, bias, resolve_group(process_group), None)

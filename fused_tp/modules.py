@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .autograd import column_call, group_size_rank, mlp_call, row_call, shard_range
+from .autograd import column_call, group_size_rank, mlp_call, resolve_group, row_call, shard_range
 
 
 class _ParallelLinear(nn.Module):
@@ -20,8 +20,8 @@ class _ParallelLinear(nn.Module):
         kernels.check_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype)
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.process_group = process_group
-        self.world_size, self.rank = group_size_rank(process_group)
+        self.process_group = resolve_group(process_group)
+        self.world_size, self.rank = group_size_rank(self.process_group)
         # Building the dense layer and slicing it makes the shards equal, value for value, to those of an
         # nn.Linear built under the same seed, whatever the world size.
         dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
@@ -52,6 +52,7 @@ class _ParallelLinear(nn.Module):
         if span is None:
             start, stop = shard_range(weight.shape[self._split_dim] // unit, self.world_size, self.rank)
             span = (unit * start, unit * stop)
+        self.shard_span = span  # checkpoint.py reads and writes the dense tensors' slices through it
 
         def param(t: torch.Tensor, dim: int | None) -> nn.Parameter:
             part = t.detach() if dim is None else t.detach().narrow(dim, span[0], span[1] - span[0])

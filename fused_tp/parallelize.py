@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .autograd import group_size_rank, shard_range
+from .autograd import group_size_rank, resolve_group, shard_range
+from .checkpoint import RefuseShardedSave
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
 
 # The Hugging Face causal LMs whose decoder layers are Llama's: LlamaAttention-like self_attn, LlamaMLP-like mlp.
@@ -38,13 +39,15 @@ STYLES = ("colwise", "rowwise", "swiglu", "attention")
 
 
 def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_group=None) -> nn.Module:
-    """Shard `model` in place over `process_group` (default: the default group) and return it.
+    """Shard `model` in place over `process_group` (default: the default group; or a 1-D DeviceMesh) and return it.
 
     plan: {module-name pattern (fnmatch, as named_modules names them): style of the table above}; None for a
     Hugging Face model of LLAMA_FAMILY, whose every attention and MLP is sharded (LLAMA_PLAN). Every rank must hold
     the same dense model (the same seed, or the same checkpoint loaded), as tensor parallelism's replicated input
     needs; the rest of the model (embeddings, norms, the LM head) stays replicated. A pattern that matches nothing
-    raises ValueError, so a plan cannot silently leave a model dense."""
+    raises ValueError, so a plan cannot silently leave a model dense. A Hugging Face model's save_pretrained then
+    raises, pointing to fused_tp.checkpoint.save_pretrained, which writes the dense checkpoint."""
+    process_group = resolve_group(process_group)
     if plan is None:
         if type(model).__name__ not in LLAMA_FAMILY:
             raise ValueError(f"plan: expected a plan for a {type(model).__name__} (without one: "
@@ -53,15 +56,18 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_gr
     for pattern, style in plan.items():
         if style not in STYLES:
             raise ValueError(f"plan[{pattern!r}]: expected one of {', '.join(map(repr, STYLES))}, got {style!r}")
-    names = {name for name, _ in model.named_modules()}
-    for pattern, style in plan.items():
-        matches = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
-        if not matches:
+    names = [name for name, _ in model.named_modules()]
+    matches = {pattern: [n for n in names if fnmatch.fnmatchcase(n, pattern)] for pattern in plan}
+    for pattern, found in matches.items():  # all checked before anything changes
+        if not found:
             raise ValueError(f"plan[{pattern!r}]: no module of the model has a matching name")
-        for name in matches:
+    for pattern, found in matches.items():
+        for name in found:
             parent, _, leaf = name.rpartition(".")
             owner = model.get_submodule(parent)
-            setattr(owner, leaf, _shard(getattr(owner, leaf), style, name, process_group))
+            setattr(owner, leaf, _shard(getattr(owner, leaf), plan[pattern], name, process_group))
+    if hasattr(model, "save_pretrained"):  # a Hugging Face model: its own would write one rank's shards
+        model.save_pretrained = RefuseShardedSave()
     return model
 
 

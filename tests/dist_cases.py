@@ -411,3 +411,115 @@ def parallel_model_step(family, device, bound):
         out["generate"] = torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False),
                                       dense.generate(prompt, max_new_tokens=3, do_sample=False))  # fmt: skip
     return out
+
+
+def _tiny_llama(device=None):
+    """(config, model class, a tiny random-weight LlamaForCausalLM built under seed 0)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)  # fmt: skip
+    return config, transformers.LlamaForCausalLM, transformers.LlamaForCausalLM(config).to(device)
+
+
+def checkpoint_save(path):
+    """parallelize the tiny Llama, gather its dense state dict (every rank), rank 0 writes it to `path`
+    (safetensors). Returns whether the gathered dict is the dense model's, bit for bit, name for name."""
+    from safetensors.torch import save_file
+
+    _, _, dense = _tiny_llama()
+    import copy
+
+    model = fused_tp.parallelize(copy.deepcopy(dense))
+    gathered = fused_tp.checkpoint.dense_state_dict(model)
+    want = dense.state_dict()
+    same = set(gathered) == set(want) and all(torch.equal(gathered[k], want[k]) for k in want)
+    if dist.get_rank() == 0:
+        save_file({k: v.contiguous() for k, v in gathered.items()}, path)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(model.state_dict(), checkpoint_id=path + ".dcp", planner=fused_tp.checkpoint.SavePlanner(model))
+    dist.barrier()
+    return same
+
+
+def checkpoint_load(path):
+    """A tiny Llama built on the meta device, parallelized, loaded from the dense safetensors file at `path` (each
+    rank reading its slices): whether gathered back it is the file bit for bit, whether no parameter was left on
+    the meta device, and its logits' norm-wise error against the dense model's; and whether a parallelized model
+    of other weights, loaded through DCP from the checkpoint checkpoint_save wrote beside `path` (at another TP
+    size), gathers back to the file bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    config, model_cls, dense = _tiny_llama()
+    with torch.device("meta"):
+        model = model_cls(config)
+    fused_tp.parallelize(model)
+    fused_tp.checkpoint.load_dense_state_dict(model, path)
+    # a buffer no checkpoint holds (the rotary frequencies): rebuilt, as after any meta-device build
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    want = load_file(path)
+    gathered = fused_tp.checkpoint.dense_state_dict(model)
+    same = set(gathered) == set(want) and all(torch.equal(gathered[k], want[k]) for k in want)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, ref = model(ids).logits, dense(ids).logits
+    torch.manual_seed(5)  # other weights, replaced by the load
+    other = fused_tp.parallelize(model_cls(config))
+    sd = other.state_dict()
+    dcp.load(sd, checkpoint_id=path + ".dcp", planner=fused_tp.checkpoint.LoadPlanner(other))
+    other.load_state_dict(sd)
+    loaded = fused_tp.checkpoint.dense_state_dict(other)
+    dcp_same = set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+    return same and dcp_same, on_meta, ((got - ref).norm() / ref.norm()).item()
+
+
+def pretrained_round_trip(directory):
+    """parallelize the tiny Llama; its own save_pretrained refuses; fused_tp.checkpoint.save_pretrained writes the
+    dense checkpoint, which from_pretrained loads as the dense model, bit for bit. Returns (refusal message, whether
+    the loaded state dict is the dense one)."""
+    import copy
+
+    _, model_cls, dense = _tiny_llama()
+    model = fused_tp.parallelize(copy.deepcopy(dense))
+    try:
+        model.save_pretrained(directory)
+        refusal = None
+    except RuntimeError as e:
+        refusal = str(e)
+    fused_tp.checkpoint.save_pretrained(model, directory)
+    loaded = model_cls.from_pretrained(directory).state_dict()
+    want = dense.state_dict()
+    return refusal, set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def mesh_calls(device):
+    """The layers on a 1-D DeviceMesh give the bits they give on its process group; a 2-D mesh is refused, naming
+    process_group, and its named dim mesh["tp"] works. Returns (bitwise equal, the refusal, (R, r) on mesh["tp"],
+    whether gather_output over mesh["tp"] is the dense output)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 10).to(device)
+    x = torch.randn(3, 12, device=device)
+    outs = [fused_tp.ColumnParallelLinear.from_linear(dense, process_group=g, gather_output=True)(x)
+            for g in (mesh, mesh.get_group())]  # fmt: skip
+    equal = torch.equal(*outs)
+    refusal = sub = matches = None
+    if world % 2 == 0:
+        mesh2 = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        try:
+            fused_tp.ColumnParallelLinear.from_linear(dense, process_group=mesh2)
+        except ValueError as e:
+            refusal = str(e)
+        layer = fused_tp.ColumnParallelLinear.from_linear(dense, process_group=mesh2["tp"], gather_output=True)
+        sub = (layer.world_size, layer.rank)
+        y = layer(x)
+        matches = ((y - dense(x)).norm() / dense(x).norm()).item() < 1e-5
+    return equal, refusal, sub, matches

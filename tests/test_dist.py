@@ -42,7 +42,8 @@ def _assert_replicated(name, outs):
 @pytest.mark.parametrize("world", WORLDS)
 @dist_settings
 @given(tokens=tokens, hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds,
-       kind=st.sampled_from(["mlp", "parallel_mlp"]), activation=st.sampled_from(["gelu", "gelu_tanh", "swiglu"]))  # fmt: skip
+       kind=st.sampled_from(["mlp", "parallel_mlp"]),
+       activation=st.sampled_from(["gelu", "gelu_tanh", "swiglu"]))  # fmt: skip
 @example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="mlp",
          activation="gelu")  # ffn < world: an empty shard
 @example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="parallel_mlp",
@@ -232,3 +233,14 @@ def test_guard_and_autotuning_on_a_subgroup(rank_pools, device):
     assert a["tokens differ"] and a["tokens differ"] == b["tokens differ"], (a, b)
     assert a["autotuned"][2] == b["autotuned"][2], "the members run different configs"
     assert torch.equal(a["autotuned"][1], b["autotuned"][1])  # grad_x is all-reduced: replicated
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_layers_take_a_device_mesh(rank_pools, device, world):
+    """A 1-D DeviceMesh wherever a process group goes, bitwise the same; a 2-D mesh raises, naming process_group;
+    its named dim mesh["tp"] shards over that dim's ranks."""
+    for rank, (equal, refusal, sub, matches) in enumerate(rank_pools(world).run(dist_cases.mesh_calls, device)):
+        assert equal, f"rank {rank}: the mesh and its group gave different bits"
+        if world % 2 == 0:
+            assert refusal.startswith("process_group: expected a 1-D DeviceMesh (of a larger one, its dim: mesh['tp'])")
+            assert sub == (2, rank % 2) and matches

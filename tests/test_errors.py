@@ -192,3 +192,10 @@ def test_layer_refuses_a_group_of_another_size(device, monkeypatch):
     monkeypatch.setattr(fused_tp.modules, "group_size_rank", lambda group: (2, 1))
     with pytest.raises(RuntimeError, match="process_group: the layer was built for rank 0 of 1, but the group now"):
         layer(torch.randn(3, 4, device=device))
+
+
+def test_a_process_group_of_another_type_is_refused():
+    with pytest.raises(TypeError, match="process_group: expected None, a ProcessGroup or a 1-D DeviceMesh, got str"):
+        fused_tp.ColumnParallelLinear(4, 6, process_group="tp")
+    with pytest.raises(TypeError, match="process_group: expected None, a ProcessGroup or a 1-D DeviceMesh, got int"):
+        fused_tp.column_parallel_linear(torch.randn(2, 4), torch.randn(3, 4), process_group=0)

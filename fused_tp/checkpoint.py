@@ -1,0 +1,283 @@
+"""Checkpoints of sharded models in the dense model's layout: gather the shards into the dense state dict, and load
+a dense state dict (or a safetensors file, each rank reading only its slices) straight into the shards. Together
+they reshard: a model saved at TP = N loads at TP = M. save_pretrained writes a parallelized Hugging Face model's
+dense checkpoint, which from_pretrained loads. For torch.distributed.checkpoint (DCP), SavePlanner and LoadPlanner
+place each shard as its chunk of the dense tensor, so DCP saves and reshards it (the default planners take a shard
+under a dense name for a replicated tensor: they would save one rank's and load it on every rank).
+
+    what a fused_tp layer holds            the dense tensors it maps to
+    ColumnParallelLinear  weight, bias     <name>.weight rows, <name>.bias rows [start, stop) (its shard_span)
+    RowParallelLinear     weight, bias     <name>.weight columns [start, stop); <name>.bias whole
+    ParallelMLP, GELU     fc1, fc2         <name>.fc1.*, <name>.fc2.* as above
+    ParallelMLP, SwiGLU   fc1, fc2         <name>.gate_proj.*, <name>.up_proj.* (fc1's interleaved pairs: gate rows
+                                           [start, stop), up rows the same), <name>.down_proj.* (as Row): the names of
+                                           Hugging Face's LlamaMLP, which from_llama_mlp and parallelize shard
+
+Everything else in the model (embeddings, norms, buffers) is replicated and keeps its name. Key/value heads that
+several ranks hold (parallelize) come from, and go to, the same dense rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from .autograd import group_size_rank, resolve_group
+from .kernels import ACTIVATIONS
+from .modules import ParallelMLP, _ParallelLinear
+
+
+def _pieces(model: nn.Module):
+    """(the layer's state dict prefix, the layer, the dense layers' names) for each fused_tp linear layer of `model`:
+    one name, or for a gated MLP's fc1 two (gate's, up's: its rows interleave theirs)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, _ParallelLinear):
+            continue
+        prefix = f"{name}." if name else ""
+        owner, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(owner)
+        gated = isinstance(parent, ParallelMLP) and ACTIVATIONS[parent.activation].gated
+        if gated:
+            base = f"{owner}." if owner else ""
+            names = {"fc1": (f"{base}gate_proj", f"{base}up_proj"), "fc2": (f"{base}down_proj",)}[leaf]
+        else:
+            names = (name,)
+        yield prefix, module, names
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The dense model's state dict, on every rank: each fused_tp layer's shards gathered over its process group
+    (one all-gather of the shard spans and one of the shards per tensor), bit for bit; the rest as
+    model.state_dict() has it. Call it on every rank."""
+    local = model.state_dict()
+    out = {}
+    covered = set()
+    for prefix, layer, names in _pieces(model):
+        process_group, world = layer.process_group, layer.world_size
+        spans = _all_spans(layer.shard_span, process_group, world)
+        for leaf in ("weight", "bias"):
+            t = getattr(layer, leaf)
+            covered.add(prefix + leaf)
+            if t is None:
+                continue
+            dim = layer._split_dim if leaf == "weight" else (0 if layer._split_dim == 0 else None)
+            full = t.detach() if dim is None else _gather(t.detach(), dim, spans, process_group, world)
+            if len(names) == 2:  # gated fc1: interleaved (gate, up) rows
+                out[f"{names[0]}.{leaf}"], out[f"{names[1]}.{leaf}"] = full[0::2].clone(), full[1::2].clone()
+            else:
+                out[f"{names[0]}.{leaf}"] = full
+    for key, value in local.items():
+        if key not in covered:
+            out[key] = value
+    return out
+
+
+def load_dense_state_dict(model: nn.Module, source, device=None, strict: bool = True) -> None:
+    """Load a dense state dict into `model`'s shards, in place: `source` a {name: tensor} dict or the path of a
+    .safetensors file, from which each rank reads only its slices. A fused_tp layer on the meta device (a model
+    built on it, then parallelize) gets new parameters on `device` (default: the CPU): a model of any size loads
+    without a dense copy of its layers. Replicated tensors load as model.load_state_dict(..., assign=True) loads
+    them. strict: every dense tensor the model needs must be in `source`, and nothing else (KeyError naming it;
+    the tensors read before it stay loaded)."""
+    reader = _Reader(source)
+    try:
+        used = set()
+        for prefix, layer, names in _pieces(model):
+            start, stop = layer.shard_span
+            for leaf in ("weight", "bias"):
+                old = getattr(layer, leaf)
+                if old is None:
+                    continue
+                dim = layer._split_dim if leaf == "weight" else (0 if layer._split_dim == 0 else None)
+                if len(names) == 2:
+                    parts = [reader.read(f"{n}.{leaf}", dim, start // 2, stop // 2) for n in names]
+                    value = torch.stack(parts, 1).flatten(0, 1)
+                else:
+                    value = reader.read(f"{names[0]}.{leaf}", dim, start, stop)
+                used.update(f"{n}.{leaf}" for n in names)
+                target = device if old.is_meta else old.device
+                setattr(layer, leaf, nn.Parameter(value.to(device=target or "cpu", dtype=old.dtype),
+                                                  requires_grad=old.requires_grad))  # fmt: skip
+        fused = {f"{prefix}{leaf}" for prefix, _, _ in _pieces(model) for leaf in ("weight", "bias")}
+        rest = {k: reader.read(k, None, 0, 0) for k in reader.keys() if k not in used}
+        missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+        missing = [k for k in missing if k not in fused]
+        if strict and (missing or unexpected):
+            what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+            raise KeyError(f"source: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    finally:
+        reader.close()
+
+
+def save_pretrained(model: nn.Module, directory, process_group=None, **options) -> None:
+    """A parallelized Hugging Face model's dense checkpoint: the shards gathered (dense_state_dict) and written by
+    rank 0 of `process_group` (the model's layers' group) with the model's own save_pretrained(directory,
+    state_dict=..., **options), so that from_pretrained loads the dense model. Call it on every rank (the gather is
+    a collective); it returns when the files are written."""
+    process_group = resolve_group(process_group)
+    dense = dense_state_dict(model)
+    world, rank = group_size_rank(process_group)
+    if rank == 0:
+        type(model).save_pretrained(model, directory, state_dict=dense, **options)
+    if world > 1:
+        dist.barrier(group=process_group)
+
+
+class RefuseShardedSave:
+    """What parallelize puts in place of a sharded model's save_pretrained: the model's own would write this rank's
+    shards under the dense names, a checkpoint no one can load."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("save_pretrained: this model's layers are fused_tp shards; call "
+                           "fused_tp.checkpoint.save_pretrained(model, directory) on every rank, which gathers them "
+                           "and writes the dense checkpoint from rank 0")  # fmt: skip
+
+
+def _placements(model: nn.Module, prefix: str = "") -> dict[str, tuple[torch.Size, torch.Size]]:
+    """{state dict key: (the shard's offsets in the dense tensor, the dense tensor's size)} of every sharded tensor
+    of `model` (a Row layer's bias is whole on every rank: not sharded)."""
+    out = {}
+    for name, layer, _ in _pieces(model):
+        start = layer.shard_span[0]
+        dense = layer.out_features if layer._split_dim == 0 else layer.in_features
+        for leaf in ("weight", "bias"):
+            t = getattr(layer, leaf)
+            dim = layer._split_dim if leaf == "weight" else (0 if layer._split_dim == 0 else None)
+            if t is None or dim is None:
+                continue
+            offsets, size = [0] * t.dim(), list(t.shape)
+            offsets[dim], size[dim] = start, dense
+            out[f"{prefix}{name}{leaf}"] = (torch.Size(offsets), torch.Size(size))
+    return out
+
+
+class SavePlanner(DefaultSavePlanner):
+    """torch.distributed.checkpoint's planner for a state dict of `model` (model.state_dict(), or under `prefix` in
+    a larger one): each shard is written as its chunk of the dense tensor, where the default planner would take
+    the shards for replicated tensors and keep one rank's. dcp.save(model.state_dict(), checkpoint_id=...,
+    planner=fused_tp.checkpoint.SavePlanner(model)); LoadPlanner loads it at any TP size."""
+
+    def __init__(self, model: nn.Module, prefix: str = "", **options):
+        super().__init__(**options)
+        self.placements = _placements(model, prefix)
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        items = []
+        for item in plan.items:
+            placed = self.placements.get(item.index.fqn)
+            if placed is None:
+                items.append(item)
+                continue
+            offsets, size = placed
+            t = self.state_dict[item.index.fqn]
+            items.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
+                                   tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, t.size()),
+                                                               properties=TensorProperties.create_from_tensor(t),
+                                                               size=size)))  # fmt: skip
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def lookup_object(self, index: MetadataIndex):
+        if index.fqn in self.placements:
+            return self.state_dict[index.fqn]
+        return super().lookup_object(index)
+
+
+class LoadPlanner(DefaultLoadPlanner):
+    """The planner that loads a checkpoint SavePlanner wrote (at any TP size) into `model`'s state dict: each shard
+    reads its chunk of the dense tensor. sd = model.state_dict(); dcp.load(sd, checkpoint_id=...,
+    planner=fused_tp.checkpoint.LoadPlanner(model)); model.load_state_dict(sd)."""
+
+    def __init__(self, model: nn.Module, prefix: str = "", **options):
+        super().__init__(**options)
+        self.placements = _placements(model, prefix)
+
+    def create_local_plan(self) -> LoadPlan:
+        rest = {k: v for k, v in self.state_dict.items() if k not in self.placements}
+        plan = create_default_local_load_plan(rest, self.metadata, not self.allow_partial_load)
+        items = list(plan.items)
+        for fqn, (offsets, size) in self.placements.items():
+            if fqn not in self.metadata.state_dict_metadata:
+                raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
+            md = self.metadata.state_dict_metadata[fqn]
+            if md.size != size:
+                raise ValueError(f"{fqn}: the checkpoint's dense size {tuple(md.size)} is not this model's "
+                                 f"{tuple(size)}")  # fmt: skip
+            local = ChunkStorageMetadata(offsets, self.state_dict[fqn].size())
+            items += create_read_items_for_chunk_list(fqn, md, [local])
+        return dataclasses.replace(plan, items=items)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        if index.fqn in self.placements:
+            return self.state_dict[index.fqn]
+        return super().lookup_tensor(index)
+
+
+def _all_spans(span, group, world):
+    if world == 1:
+        return [span]
+    spans = [None] * world
+    dist.all_gather_object(spans, tuple(span), group=group)
+    return spans
+
+
+def _gather(t: torch.Tensor, dim: int, spans, group, world) -> torch.Tensor:
+    """The dense tensor from every rank's [start, stop) slice along `dim` (slices may repeat: shared heads)."""
+    if world == 1:
+        return t.clone()
+    longest = max(b - a for a, b in spans)
+    pad = list(t.shape)
+    pad[dim] = longest
+    buf = t.new_zeros(pad)
+    buf.narrow(dim, 0, t.shape[dim]).copy_(t)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    shape = list(t.shape)
+    shape[dim] = max(b for _, b in spans)
+    full = t.new_empty(shape)
+    for (a, b), part in zip(spans, parts):
+        full.narrow(dim, a, b - a).copy_(part.narrow(dim, 0, b - a))
+    return full
+
+
+class _Reader:
+    """Dense tensors, whole or a slice along one dim, from a state dict or a safetensors file (slices read alone)."""
+
+    def __init__(self, source):
+        self.file = None
+        if isinstance(source, (str, os.PathLike)):
+            from safetensors import safe_open  # a dependency of transformers; needed only for files
+
+            self.file = safe_open(os.fspath(source), framework="pt")
+        elif not isinstance(source, dict):
+            raise TypeError(f"source: expected a state dict or a .safetensors path, got {type(source).__name__}")
+        self.source = source
+        self.names = set(self.file.keys() if self.file is not None else source.keys())
+
+    def keys(self):
+        return sorted(self.names)
+
+    def read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(f"source: missing {name!r}")
+        if self.file is None:
+            t = self.source[name]
+            return t if dim is None else t.narrow(dim, start, stop - start)
+        if dim is None:
+            return self.file.get_tensor(name)
+        view = self.file.get_slice(name)
+        return view[start:stop] if dim == 0 else view[:, start:stop]
+
+    def close(self):
+        self.file = None
+
