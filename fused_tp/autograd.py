@@ -88,6 +88,79 @@ def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch
     return torch.cat([p[..., :n] for p, n in zip(pieces, sizes)], dim=-1)
 
 
+def sequence_sizes(length: int, dim: int, group, world: int, rank: int) -> list[int]:
+    """Every rank's sequence length, from this rank's `length` (one all-gather of an integer): ValueError, the same
+    on every rank, unless they are torch.tensor_split's shares of their sum, rank r the r-th. It doubles as the
+    check that the ranks' sequence shards fit together, before any collective of the data."""
+    if world == 1:
+        return [length]
+    mine = torch.tensor([length], dtype=torch.int64, device=guard.collective_device(group))
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine, group=group)
+    sizes = [int(t.item()) for t in got]
+    want = [stop - start for start, stop in (shard_range(sum(sizes), world, r) for r in range(world))]
+    if sizes != want:
+        raise ValueError(f"input: expected the sequence (dim {dim}) split as torch.tensor_split splits {sum(sizes)} "
+                         f"over {world} ranks, lengths {want}; the ranks hold {sizes}")  # fmt: skip
+    return sizes
+
+
+def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group) -> torch.Tensor:
+    """Every rank's t (of sizes[r] along `dim`) concatenated along `dim`, in rank order."""
+    first = t.movedim(dim, 0)
+    longest = max(sizes)
+    piece = first.new_zeros((longest, *first.shape[1:]))
+    piece[: first.shape[0]] = first
+    out = piece.new_empty((len(sizes) * longest, *first.shape[1:]))
+    dist.all_gather_into_tensor(out, piece, group=group)
+    parts = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
+    return torch.cat(parts, 0).movedim(0, dim)
+
+
+def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, group) -> torch.Tensor:
+    """This rank's slice along `dim` (sizes[r] each, in rank order) of t summed over the ranks."""
+    full = t.movedim(dim, 0)
+    longest = max(sizes)
+    padded = full.new_zeros((len(sizes) * longest, *full.shape[1:]))
+    start = 0
+    for r, n in enumerate(sizes):
+        padded[r * longest: r * longest + n] = full[start:start + n]
+        start += n
+    out = padded.new_empty((longest, *full.shape[1:]))
+    dist.reduce_scatter_tensor(out, padded, group=group)
+    return out[: sizes[rank]].movedim(0, dim)
+
+
+class _GatherSequence(Function):
+    """Sequence parallelism's entry: x_r [S_r along dim] -> x [S along dim] on every rank; backward reduce-scatters
+    the gradient, so each rank gets the sum over ranks of its slice."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, rank, group):
+        ctx.dim, ctx.sizes, ctx.rank, ctx.group = dim, sizes, rank, group
+        return _seq_gather(x, dim, sizes, group)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _seq_reduce_scatter(grad, ctx.dim, ctx.sizes, ctx.rank, ctx.group), None, None, None, None
+
+
+class _ReduceScatterSequence(Function):
+    """Sequence parallelism's exit: partial sums y [S along dim] -> this rank's slice of their sum, [S_r]; backward
+    all-gathers the gradient along the sequence."""
+
+    @staticmethod
+    def forward(ctx, y, dim, sizes, rank, group):
+        ctx.dim, ctx.sizes, ctx.group = dim, sizes, group
+        return _seq_reduce_scatter(y, dim, sizes, rank, group)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _seq_gather(grad.contiguous(), ctx.dim, ctx.sizes, ctx.group), None, None, None, None
+
+
 class _ColumnParallelLinear(Function):
     """Column-parallel linear: W is split by output features.
 
@@ -331,17 +404,24 @@ def _launch_facts(x, dense_size: int | None, shard: bool = False):
 
 
 def column_call(x, weight, bias, group, gather_size: int | None, out_features: int | None = None,
-                world_rank: tuple[int, int] | None = None):  # fmt: skip
+                world_rank: tuple[int, int] | None = None, seq_dim: int | None = None):  # fmt: skip
     """Column-parallel linear; with `gather_size` (the layer's out_features) the output gathered on every rank.
     `out_features`: the dense layer's (None from the functional form); `world_rank`: the group's (R, r) where the
-    caller has them."""
+    caller has them; `seq_dim`: sequence parallelism, x holds this rank's share of the sequence along that dim,
+    gathered first (its gradient reduce-scattered, in place of grad_x's all-reduce)."""
     world, rank = world_rank or group_size_rank(group)
-    scope = _preflight("column-parallel linear", group, world, lambda: kernels.check_linear_args(x, weight, bias),
-                       lambda: f"{guard.describe('input', x)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
+
+    def check():
+        kernels.check_linear_args(x, weight, bias)
+        _check_seq_dim(x, seq_dim)
+
+    scope = _preflight("column-parallel linear", group, world, check,
+                       lambda: f"{_describe_input(x, seq_dim)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
                        _launch_facts(x, out_features))  # fmt: skip
     graph = _records_grad(x, weight, bias)
+    x, world_dgrad = _enter_sequence(x, seq_dim, group, world, rank, graph)
     if graph:
-        y = _in_scope(scope, _ColumnParallelLinear.apply, x, weight, bias, group, world)
+        y = _in_scope(scope, _ColumnParallelLinear.apply, x, weight, bias, group, world_dgrad)
     else:
         y = _in_scope(scope, ops.linear, x, weight, bias)[0]
     if gather_size is None:
@@ -352,10 +432,11 @@ def column_call(x, weight, bias, group, gather_size: int | None, out_features: i
 
 
 def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int | None = None,
-             world_rank: tuple[int, int] | None = None):  # fmt: skip
+             world_rank: tuple[int, int] | None = None, seq_dim: int | None = None):  # fmt: skip
     """Row-parallel linear on this rank's input features, or with `scatter_size` (the layer's in_features) on the
     replicated full input, of which it takes its slice. `in_features`: the dense layer's (None from the functional
-    form); `world_rank` as for column_call."""
+    form); `world_rank` as for column_call; `seq_dim`: sequence parallelism, the output reduce-scattered along that
+    dim (this rank's share of the sequence) in place of the all-reduce."""
     world, rank = world_rank or group_size_rank(group)
 
     def check():
@@ -365,6 +446,7 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
             raise ValueError(f"input: expected last dim {scatter_size} (in_features), got {got}")
         start, stop = shard_range(scatter_size, world, rank) if scatter_size is not None else (0, None)
         kernels.check_linear_args(x if scatter_size is None else x[..., start:stop], weight, bias)
+        _check_seq_dim(x, seq_dim)
 
     def facts():
         # The shard's last dim is this rank's own; the full input and every leading dim are replicated.
@@ -374,6 +456,11 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
 
     scope = _preflight("row-parallel linear", group, world, check, facts,
                        _launch_facts(x, in_features, shard=scatter_size is None))  # fmt: skip
+    if seq_dim is not None and world > 1:
+        graph = _records_grad(x, weight, bias)
+        # the partial sums, the bias in rank 0's only, then reduce-scattered: world 1 to the Function, no all-reduce
+        y = _in_scope(scope, _RowParallelLinear.apply if graph else _row_forward, x, weight, bias, group, 1, rank)
+        return _leave_sequence(y, seq_dim, group, world, rank, graph)
     if _records_grad(x, weight, bias):
         if scatter_size is not None:
             x = _ScatterLastDim.apply(x, group, world, rank)
@@ -385,14 +472,16 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
 
 
 def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
-             world_rank: tuple[int, int] | None = None):  # fmt: skip
+             world_rank: tuple[int, int] | None = None, seq_dim: int | None = None):  # fmt: skip
     """Column (w1, b1) -> activation -> Row (w2, b2) on this rank's shards; the full output on every rank.
-    `hidden_features`: the dense hidden width; `world_rank` as for column_call."""
+    `hidden_features`: the dense hidden width; `world_rank` as for column_call; `seq_dim`: sequence parallelism,
+    input and output this rank's share of the sequence along that dim (an all-gather in, a reduce-scatter out)."""
     world, rank = world_rank or group_size_rank(group)
 
     def check():
         kernels.check_activation(activation, allow_none=False)
         kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
+        _check_seq_dim(x, seq_dim)
         kernels.check_gated_width(activation, w1.shape[0], "fc1.weight", "rows")
         # fc2 reads what fc1 writes: [..., F_r] (a gated activation's: half fc1's rows) in fc1.weight's dtype, on
         # its device; an empty view stands for it.
@@ -400,13 +489,61 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
         kernels.check_linear_args(w1.t()[:0, :width], w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
 
     def facts():
-        return (f"{guard.describe('input', x)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
+        return (f"{_describe_input(x, seq_dim)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
                 f"activation {activation}")  # fmt: skip
 
     scope = _preflight("parallel MLP", group, world, check, facts, _launch_facts(x, hidden_features))
+    if seq_dim is not None and world > 1:
+        graph = _records_grad(x, w1, b1, w2, b2)
+        x, _ = _enter_sequence(x, seq_dim, group, world, rank, graph)
+        if graph:  # world 1 to the Function: the gather and the reduce-scatter replace its all-reduces
+            y = _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, 1, rank, activation)
+        else:
+            y = _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, 1, rank, activation, False)[0]
+        return _leave_sequence(y, seq_dim, group, world, rank, graph)
     if _records_grad(x, w1, b1, w2, b2):
         return _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, world, rank, activation)
     return _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, world, rank, activation, False)[0]
+
+
+def _check_seq_dim(x, seq_dim: int | None) -> None:
+    """ValueError naming sequence_dim unless it is a dim of x other than its last (the features)."""
+    if seq_dim is not None and not (-x.dim() <= seq_dim < x.dim() and seq_dim % x.dim() != x.dim() - 1):
+        raise ValueError(f"sequence_dim: expected a dim of the input other than its last (the features), got "
+                         f"{seq_dim} for an input of {x.dim()} dims")  # fmt: skip
+
+
+def _describe_input(x, seq_dim: int | None) -> str:
+    """The input's facts for the rank guard; under sequence parallelism, without its own share of the sequence."""
+    if seq_dim is None or not isinstance(x, torch.Tensor) or not -x.dim() <= seq_dim < x.dim():
+        return guard.describe("input", x)  # (a bad sequence_dim raises in the checks, on every rank alike)
+    return guard.describe("input", x.narrow(seq_dim, 0, 0)) + f" (sequence dim {seq_dim % x.dim()})"
+
+
+def _enter_sequence(x, seq_dim: int | None, group, world: int, rank: int, graph: bool):
+    """(the input, the world size of grad_x's all-reduce): under sequence parallelism x gathered along the
+    sequence, its gradient reduce-scattered by the gather, so no all-reduce (1); else x and `world`."""
+    if seq_dim is None or world == 1:
+        return x, world
+    if torch.compiler.is_compiling():
+        raise RuntimeError("sequence_parallel: runs eagerly only, for now; compile the layers without it")
+    seq_dim %= x.dim()
+    sizes = sequence_sizes(x.shape[seq_dim], seq_dim, group, world, rank)
+    if graph:
+        return _GatherSequence.apply(x, seq_dim, sizes, rank, group), 1
+    return _seq_gather(x, seq_dim, sizes, group), 1
+
+
+def _leave_sequence(y, seq_dim: int, group, world: int, rank: int, graph: bool):
+    """This rank's share of the sequence of y's sum over the ranks (torch.tensor_split's, along seq_dim)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("sequence_parallel: runs eagerly only, for now; compile the layers without it")
+    seq_dim %= y.dim()
+    size = y.shape[seq_dim]
+    sizes = [stop - start for start, stop in (shard_range(size, world, r) for r in range(world))]
+    if graph:
+        return _ReduceScatterSequence.apply(y, seq_dim, sizes, rank, group)
+    return _seq_reduce_scatter(y, seq_dim, sizes, rank, group)
 
 
 def _records_grad(*tensors) -> bool:

@@ -90,17 +90,23 @@ class ColumnParallelLinear(_ParallelLinear):
     _split_dim = 0
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gather_output: bool = False,
-                 process_group=None, device=None, dtype=None):  # fmt: skip
+                 sequence_parallel: bool = False, sequence_dim: int = 0, process_group=None, device=None,
+                 dtype=None):  # fmt: skip
+        if gather_output and sequence_parallel:
+            raise ValueError("gather_output: a sequence-parallel Column layer feeds a Row layer (its output is the "
+                             "whole sequence's features of this rank); gather_output=True is not taken with it")
         self.gather_output = gather_output
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self._check_group()
         gather_size = self.out_features if self.gather_output else None
-        return column_call(x, self.weight, self.bias, self.process_group, gather_size, self.out_features, world_rank)
+        return column_call(x, self.weight, self.bias, self.process_group, gather_size, self.out_features, world_rank,
+                           self.sequence_dim if self.sequence_parallel else None)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", gather_output={self.gather_output}"
+        return super().extra_repr() + f", gather_output={self.gather_output}" + _sequence_repr(self)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -114,17 +120,23 @@ class RowParallelLinear(_ParallelLinear):
     _split_dim = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_is_parallel: bool = True,
-                 process_group=None, device=None, dtype=None):  # fmt: skip
+                 sequence_parallel: bool = False, sequence_dim: int = 0, process_group=None, device=None,
+                 dtype=None):  # fmt: skip
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("input_is_parallel: a sequence-parallel Row layer takes a Column layer's output (this "
+                             "rank's features); input_is_parallel=False is not taken with it")
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self._check_group()
         scatter_size = None if self.input_is_parallel else self.in_features
-        return row_call(x, self.weight, self.bias, self.process_group, scatter_size, self.in_features, world_rank)
+        return row_call(x, self.weight, self.bias, self.process_group, scatter_size, self.in_features, world_rank,
+                        self.sequence_dim if self.sequence_parallel else None)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}"
+        return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}" + _sequence_repr(self)
 
 
 class ParallelMLP(nn.Module):
@@ -146,10 +158,12 @@ class ParallelMLP(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
-                 *, activation: str = "gelu", process_group=None, device=None, dtype=None):  # fmt: skip
+                 *, activation: str = "gelu", sequence_parallel: bool = False, sequence_dim: int = 0,
+                 process_group=None, device=None, dtype=None):  # fmt: skip
         super().__init__()
         kernels.check_activation(activation, allow_none=False)
         self.activation = activation
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         out_features = in_features if out_features is None else out_features
         if kernels.ACTIVATIONS[activation].gated:
             # gate, up, then down, as Llama builds them: the same shards as from_gated of layers built under one seed
@@ -164,7 +178,8 @@ class ParallelMLP(nn.Module):
                                      device=device, dtype=dtype)  # fmt: skip
 
     @classmethod
-    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", process_group=None):
+    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", process_group=None,
+                     **sequence):  # fmt: skip
         """This rank's shards of the dense fc1 -> activation -> fc2 (copied; the layers are not modified). For
         activation="swiglu", fc1's output rows are interleaved (gate, up) pairs, as fc1.weight above; from_gated
         takes separate gate and up layers."""
@@ -177,13 +192,13 @@ class ParallelMLP(nn.Module):
             why = "half fc1.out_features" if gated else "fc1.out_features"
             raise ValueError(f"fc2: expected in_features {hidden} ({why}), got {fc2.in_features}")
         module = cls(fc1.in_features, hidden, fc2.out_features, fc1.bias is not None, activation=activation,
-                     process_group=process_group, device="meta", dtype=fc1.weight.dtype)  # fmt: skip
+                     process_group=process_group, device="meta", dtype=fc1.weight.dtype, **sequence)  # fmt: skip
         module.fc1._load_dense(fc1.weight, fc1.bias, unit=2 if gated else 1)
         module.fc2 = RowParallelLinear.from_linear(fc2, process_group=process_group)
         return module
 
     @classmethod
-    def from_gated(cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear, *, process_group=None):
+    def from_gated(cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear, *, process_group=None, **sequence):
         """This rank's shards of down(silu(gate(x)) * up(x)) (copied; the layers are not modified), as a
         ParallelMLP with activation="swiglu": fc1 interleaves the rows of gate and up."""
         _check_linears(("gate", gate), ("up", up), ("down", down))
@@ -194,29 +209,35 @@ class ParallelMLP(nn.Module):
             raise ValueError(f"down: expected in_features {gate.out_features} (gate.out_features), got "
                              f"{down.in_features}")  # fmt: skip
         module = cls(gate.in_features, gate.out_features, down.out_features, gate.bias is not None,
-                     activation="swiglu", process_group=process_group, device="meta", dtype=gate.weight.dtype)
+                     activation="swiglu", process_group=process_group, device="meta", dtype=gate.weight.dtype,
+                     **sequence)  # fmt: skip
         module.fc1._load_dense(*_interleaved(gate, up), unit=2)
         module.fc2 = RowParallelLinear.from_linear(down, process_group=process_group)
         return module
 
     @classmethod
-    def from_llama_mlp(cls, mlp: nn.Module, *, process_group=None):
+    def from_llama_mlp(cls, mlp: nn.Module, *, process_group=None, **sequence):
         """This rank's shards of a Hugging Face LlamaMLP (or any module with gate_proj, up_proj and down_proj
         nn.Linear layers and an act_fn computing SiLU: Mistral's and Qwen2's too)."""
         act = getattr(mlp, "act_fn", None)
         probe = torch.linspace(-6.0, 6.0, 13)  # act_fn's class differs between libraries and versions: ask it
         if not callable(act) or not torch.allclose(act(probe), F.silu(probe)):
             raise ValueError(f"mlp: expected an act_fn computing SiLU (a SwiGLU MLP), got {type(act).__name__}")
-        return cls.from_gated(mlp.gate_proj, mlp.up_proj, mlp.down_proj, process_group=process_group)
+        return cls.from_gated(mlp.gate_proj, mlp.up_proj, mlp.down_proj, process_group=process_group, **sequence)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self.fc1._check_group()
         self.fc2._check_group()
         return mlp_call(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                        self.fc1.process_group, self.activation, self.fc1.out_features, world_rank)  # fmt: skip
+                        self.fc1.process_group, self.activation, self.fc1.out_features, world_rank,
+                        self.sequence_dim if self.sequence_parallel else None)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
+        return f"activation={self.activation!r}" + _sequence_repr(self)
+
+
+def _sequence_repr(module) -> str:
+    return f", sequence_parallel=True, sequence_dim={module.sequence_dim}" if module.sequence_parallel else ""
 
 
 def _check_linears(*named: tuple[str, nn.Module]) -> None:

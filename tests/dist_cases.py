@@ -523,3 +523,46 @@ def mesh_calls(device):
         y = layer(x)
         matches = ((y - dense(x)).norm() / dense(x).norm()).item() < 1e-5
     return equal, refusal, sub, matches
+
+
+def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
+    """Column -> activation -> Row with sequence parallelism ("mlp": three modules; "parallel_mlp": ParallelMLP),
+    on this rank's share of the sequence of x and grad_y (torch.tensor_split along seq_dim). Returns this rank's
+    output and input gradient, and each layer's shards and their gradients, as layers_step does."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    linears = [_dense_linear(w, b, device) for w, b in dense]
+    options = dict(sequence_parallel=True, sequence_dim=seq_dim)
+    if kind == "mlp":
+        layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0], **options),
+                  fused_tp.RowParallelLinear.from_linear(linears[1], **options)]  # fmt: skip
+        forward = nn.Sequential(layers[0], fused_tp.kernels.ACTIVATIONS[activation].module(), layers[1])
+    else:
+        forward = fused_tp.ParallelMLP.from_linears(*linears, activation=activation, **options)
+        layers = [forward.fc1, forward.fc2]
+    x_r = torch.tensor_split(x, world, seq_dim)[rank].to(device).requires_grad_()
+    y = forward(x_r)
+    y.backward(torch.tensor_split(grad_y, world, seq_dim)[rank].to(device))
+    out = {"y": _cpu(y), "grad_x": _cpu(x_r.grad)}
+    for i, layer in enumerate(layers):
+        out[f"w{i}"], out[f"grad_w{i}"] = _cpu(layer.weight), _cpu(layer.weight.grad)
+        if layer.bias is not None:
+            out[f"b{i}"], out[f"grad_b{i}"] = _cpu(layer.bias), _cpu(layer.bias.grad)
+    return out
+
+
+def sequence_parallel_bad_calls(device):
+    """(the error each rank raised) for a sequence shard of the wrong length on rank 0, then a sequence dim the
+    input does not have; the group still works after both."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    layer = fused_tp.ColumnParallelLinear(8, 6, sequence_parallel=True).to(device)
+    errors = []
+    for x in (torch.randn(3 + (rank == 0) * 2, 8, device=device), torch.randn(8, device=device)):
+        try:
+            layer(x)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    ok = torch.ones(1)
+    dist.all_reduce(ok)
+    return errors, ok.item() == world

@@ -244,3 +244,50 @@ def test_layers_take_a_device_mesh(rank_pools, device, world):
         if world % 2 == 0:
             assert refusal.startswith("process_group: expected a 1-D DeviceMesh (of a larger one, its dim: mesh['tp'])")
             assert sub == (2, rank % 2) and matches
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@dist_settings
+@given(tokens=st.integers(1, 11), hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds,
+       kind=st.sampled_from(["mlp", "parallel_mlp"]), activation=st.sampled_from(["gelu", "swiglu"]),
+       seq_dim=st.sampled_from([0, 1]))  # fmt: skip
+@example(tokens=5, hidden=7, ffn=3, dtype=torch.float32, has_bias=True, seed=0, kind="parallel_mlp",
+         activation="swiglu", seq_dim=1)  # uneven sequence shards, an empty one at world 4 ... and uneven pairs
+def test_sequence_parallel_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed,
+                                             kind, activation, seq_dim):  # fmt: skip
+    """Sequence parallelism: each rank feeds its share of the sequence (torch.tensor_split, uneven lengths too) and
+    gets its share of the output; concatenated along the sequence, outputs and input gradients equal the dense MLP
+    on the whole sequence, and the shards' weight gradients (the row bias's, the same on every rank) too."""
+    assume(not (kind == "mlp" and activation == "swiglu"))
+    w1, b1 = _dense_linear(hidden, ffn * (2 if activation == "swiglu" else 1), has_bias, dtype, seed)
+    w2, b2 = _dense_linear(ffn, hidden, has_bias, dtype, seed + 1)
+    x, grad_y = _inputs((tokens, 2), hidden, hidden, dtype, seed)  # [S, B, K]
+    if seq_dim == 1:
+        x, grad_y = x.transpose(0, 1).contiguous(), grad_y.transpose(0, 1).contiguous()  # [B, S, K]
+
+    outs = rank_pools(world).run(dist_cases.sequence_parallel_step, kind, device, [(w1, b1), (w2, b2)], x, grad_y,
+                                 activation, seq_dim)  # fmt: skip
+
+    ref, mag = mlp_reference(x.reshape(-1, hidden), w1, b1, w2, b2, grad_y.reshape(-1, hidden), activation)
+    t = tol(dtype, max(hidden, ffn, 2 * tokens), rounds=world, stages=MLP_STAGES)
+    y = torch.cat([o["y"] for o in outs], seq_dim).reshape(-1, hidden)
+    grad_x = torch.cat([o["grad_x"] for o in outs], seq_dim).reshape(-1, hidden)
+    assert_close("y", y, ref["y"], mag["y"], t)
+    assert_close("grad_x", grad_x, ref["grad_x"], mag["grad_x"], t)
+    assert_close("grad_w1", torch.cat([o["grad_w0"] for o in outs], 0), ref["grad_w1"], mag["grad_w1"], t)
+    assert_close("grad_w2", torch.cat([o["grad_w1"] for o in outs], 1), ref["grad_w2"], mag["grad_w2"], t)
+    if has_bias:
+        assert_close("grad_b1", torch.cat([o["grad_b0"] for o in outs], 0), ref["grad_b1"], mag["grad_b1"], t)
+        _assert_replicated("grad_b1", outs)
+        assert_close("grad_b2", outs[0]["grad_b1"], ref["grad_b2"], mag["grad_b2"], t)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sequence_parallel_bad_input_raises_the_same_error_on_every_rank(rank_pools, device, world):
+    outs = rank_pools(world).run(dist_cases.sequence_parallel_bad_calls, device)
+    for rank, (errors, group_ok) in enumerate(outs):
+        assert errors[0] == outs[0][0][0] and errors[0].startswith("input: expected the sequence (dim 0) split as "
+                                                                   "torch.tensor_split splits"), errors  # fmt: skip
+        assert errors[1] == "sequence_dim: expected a dim of the input other than its last (the features), got 0 " \
+                            "for an input of 1 dims", errors
+        assert group_ok

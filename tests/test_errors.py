@@ -199,3 +199,13 @@ def test_a_process_group_of_another_type_is_refused():
         fused_tp.ColumnParallelLinear(4, 6, process_group="tp")
     with pytest.raises(TypeError, match="process_group: expected None, a ProcessGroup or a 1-D DeviceMesh, got int"):
         fused_tp.column_parallel_linear(torch.randn(2, 4), torch.randn(3, 4), process_group=0)
+
+
+def test_sequence_parallel_options_that_do_not_go_together_are_refused():
+    with pytest.raises(ValueError, match="gather_output: a sequence-parallel Column layer feeds a Row layer"):
+        fused_tp.ColumnParallelLinear(4, 6, gather_output=True, sequence_parallel=True)
+    with pytest.raises(ValueError, match="input_is_parallel: a sequence-parallel Row layer takes a Column layer's"):
+        fused_tp.RowParallelLinear(6, 4, input_is_parallel=False, sequence_parallel=True)
+    layer = fused_tp.ColumnParallelLinear(4, 6, sequence_parallel=True, sequence_dim=2)
+    with pytest.raises(ValueError, match="sequence_dim: expected a dim of the input other than its last"):
+        layer(torch.randn(3, 4))

@@ -104,7 +104,9 @@ def matmul_kernel(
             aux_desc = tl.make_tensor_descriptor(aux_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // 2])
         elif TMA_C:
             c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
-    # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue.
+    # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue. Not with
+    # SPLIT: Triton 3.6 cannot flatten a loop whose body holds the partials' loop under a runtime branch
+    # (TritonGPUFuseNestedLoops fails; bench/NOTES.md, attempt 34).
     for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=not SPLIT):
         # Split-major: the programs running at one time share one K-range of A and B in L2.
         split = item // num_tiles
