@@ -105,20 +105,27 @@ def sequence_sizes(length: int, dim: int, group, world: int, rank: int) -> list[
     return sizes
 
 
-def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group) -> torch.Tensor:
-    """Every rank's t (of sizes[r] along `dim`) concatenated along `dim`, in rank order."""
+def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group, async_op: bool = False):
+    """Every rank's t (of sizes[r] along `dim`) concatenated along `dim`, in rank order; with async_op, a function
+    that waits for the gather and returns it."""
     first = t.movedim(dim, 0)
     longest = max(sizes)
     piece = first.new_zeros((longest, *first.shape[1:]))
     piece[: first.shape[0]] = first
     out = piece.new_empty((len(sizes) * longest, *first.shape[1:]))
-    dist.all_gather_into_tensor(out, piece, group=group)
-    parts = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
-    return torch.cat(parts, 0).movedim(0, dim)
+    work = dist.all_gather_into_tensor(out, piece, group=group, async_op=async_op)
+
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)], 0).movedim(0, dim)
+
+    return finish if async_op else finish()
 
 
-def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, group) -> torch.Tensor:
-    """This rank's slice along `dim` (sizes[r] each, in rank order) of t summed over the ranks."""
+def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, group, async_op: bool = False):
+    """This rank's slice along `dim` (sizes[r] each, in rank order) of t summed over the ranks; with async_op, a
+    function that waits for the reduce-scatter and returns it."""
     full = t.movedim(dim, 0)
     longest = max(sizes)
     padded = full.new_zeros((len(sizes) * longest, *full.shape[1:]))
@@ -127,23 +134,14 @@ def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, 
         padded[r * longest: r * longest + n] = full[start:start + n]
         start += n
     out = padded.new_empty((longest, *full.shape[1:]))
-    dist.reduce_scatter_tensor(out, padded, group=group)
-    return out[: sizes[rank]].movedim(0, dim)
+    work = dist.reduce_scatter_tensor(out, padded, group=group, async_op=async_op)
 
+    def finish() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return out[: sizes[rank]].movedim(0, dim)
 
-class _GatherSequence(Function):
-    """Sequence parallelism's entry: x_r [S_r along dim] -> x [S along dim] on every rank; backward reduce-scatters
-    the gradient, so each rank gets the sum over ranks of its slice."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, rank, group):
-        ctx.dim, ctx.sizes, ctx.rank, ctx.group = dim, sizes, rank, group
-        return _seq_gather(x, dim, sizes, group)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        return _seq_reduce_scatter(grad, ctx.dim, ctx.sizes, ctx.rank, ctx.group), None, None, None, None
+    return finish if async_op else finish()
 
 
 class _ReduceScatterSequence(Function):
@@ -171,14 +169,19 @@ class _ColumnParallelLinear(Function):
                            dgrad:    grad_x = all_reduce(grad_y_shard @ w_shard)
                            wgrad:    grad_w_shard = grad_y_shard.T @ x ;  grad_b_shard = grad_y_shard.sum(rows)
     The all-reduce of grad_x runs while wgrad computes.
+
+    With `seq` = (dim, sizes, rank), sequence parallelism: x is this rank's share of the sequence, all-gathered
+    along `dim` before the product; backward gathers it again (what forward saved is the share, not the
+    sequence) while dgrad computes, and reduce-scatters grad_x, in place of the all-reduce, while wgrad computes.
     """
 
     @staticmethod
-    def forward(ctx, x, w_shard, b_shard, group, world):
+    def forward(ctx, x, w_shard, b_shard, group, world, seq):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w_shard if need_x else None)
-        ctx.group, ctx.world, ctx.tuning = group, world, _current_tuning()
-        return ops.linear(x, w_shard, b_shard)[0]
+        ctx.group, ctx.world, ctx.seq, ctx.tuning = group, world, seq, _current_tuning()
+        x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
+        return ops.linear(x_full, w_shard, b_shard)[0]
 
     @staticmethod
     # Triton kernels and collectives build no graph: once_differentiable makes a second derivative raise
@@ -187,13 +190,26 @@ class _ColumnParallelLinear(Function):
     def backward(ctx, grad_y_shard):
         x, w_shard = ctx.saved_tensors
         with _tuning(ctx.tuning):  # autograd's thread does not inherit the forward's context
-            grads = _column_grads(grad_y_shard, x, w_shard, ctx.needs_input_grad[:3], ctx.group, ctx.world)
-        return *grads, None, None
+            grads = _column_grads(grad_y_shard, x, w_shard, ctx.needs_input_grad[:3], ctx.group, ctx.world, ctx.seq)
+        return *grads, None, None, None
 
 
-def _column_grads(grad_y_shard, x, w_shard, need, group, world) -> tuple:
+def _column_grads(grad_y_shard, x, w_shard, need, group, world, seq=None) -> tuple:
     """(grad_x, grad_w_shard, grad_b_shard) of a column-parallel layer, None where `need` says no: grad_x
-    all-reduced over the group while the weight and bias gradients compute."""
+    all-reduced over the group while the weight and bias gradients compute; with `seq` (sequence parallelism), x
+    this rank's share of the sequence, gathered again while grad_x computes, and grad_x reduce-scattered while the
+    weight and bias gradients compute."""
+    if seq is not None:
+        dim, sizes, rank = seq
+        gathering = _seq_gather(x, dim, sizes, group, async_op=True) if need[1] else None
+        scattering = None
+        if need[0]:
+            grad_x_full = ops.grad_input(grad_y_shard, w_shard)
+            scattering = _seq_reduce_scatter(grad_x_full, dim, sizes, rank, group, async_op=True)
+        x_full = gathering() if gathering is not None else None
+        grad_w, grad_b = ops.grad_params(grad_y_shard, x_full if x_full is not None else grad_y_shard,
+                                         weight=need[1], bias=need[2])  # fmt: skip
+        return (scattering() if scattering is not None else None), grad_w, grad_b
     grad_x = work = None
     if need[0]:
         grad_x, work = _all_reduce(ops.grad_input(grad_y_shard, w_shard), group, world, async_op=True)
@@ -246,18 +262,22 @@ class _ParallelMLP(Function):
                grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)
                grad_x = all_reduce(grad_pre @ w1), running while grad_w1 = grad_pre.T @ x and grad_b1 compute
     Against Column, F.gelu and Row as three modules: two elementwise launches fewer a step, and no pass of its own
-    over pre and a in either direction.
+    over pre and a in either direction. With `seq`, sequence parallelism as for _ColumnParallelLinear: x is this
+    rank's share of the sequence, gathered first; y is then the ranks' partial sums, which the caller
+    reduce-scatters (world 1 here: no all-reduce).
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation):
+    def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation, seq):
         need = ctx.needs_input_grad
         # The gradient reaches fc1 only through act'(pre): pre is written only for that (memory, and a store).
         pre_needed = any(need[:3])
-        y, a, pre = _mlp_forward(x, w1, b1, w2, b2, group, world, rank, activation, pre_needed)
+        x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
+        y, a, pre = _mlp_forward(x_full, w1, b1, w2, b2, group, world, rank, activation, pre_needed)
         ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, pre,
                               a if need[3] else None, w2 if pre_needed else None)  # fmt: skip
-        ctx.group, ctx.world, ctx.activation, ctx.tuning = group, world, activation, _current_tuning()
+        ctx.group, ctx.world, ctx.seq, ctx.activation = group, world, seq, activation
+        ctx.tuning = _current_tuning()
         return y
 
     @staticmethod
@@ -270,8 +290,8 @@ class _ParallelMLP(Function):
             grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4])
             if pre is not None:
                 grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre)
-                grads1 = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world)
-        return *grads1, grad_w2, grad_b2, None, None, None, None
+                grads1 = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world, ctx.seq)
+        return *grads1, grad_w2, grad_b2, None, None, None, None, None
 
 
 def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):
@@ -419,10 +439,11 @@ def column_call(x, weight, bias, group, gather_size: int | None, out_features: i
                        lambda: f"{_describe_input(x, seq_dim)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
                        _launch_facts(x, out_features))  # fmt: skip
     graph = _records_grad(x, weight, bias)
-    x, world_dgrad = _enter_sequence(x, seq_dim, group, world, rank, graph)
+    seq = _sequence(x, seq_dim, group, world, rank)
     if graph:
-        y = _in_scope(scope, _ColumnParallelLinear.apply, x, weight, bias, group, world_dgrad)
+        y = _in_scope(scope, _ColumnParallelLinear.apply, x, weight, bias, group, world, seq)
     else:
+        x = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
         y = _in_scope(scope, ops.linear, x, weight, bias)[0]
     if gather_size is None:
         return y
@@ -493,16 +514,17 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
                 f"activation {activation}")  # fmt: skip
 
     scope = _preflight("parallel MLP", group, world, check, facts, _launch_facts(x, hidden_features))
-    if seq_dim is not None and world > 1:
+    seq = _sequence(x, seq_dim, group, world, rank)
+    if seq is not None:
         graph = _records_grad(x, w1, b1, w2, b2)
-        x, _ = _enter_sequence(x, seq_dim, group, world, rank, graph)
         if graph:  # world 1 to the Function: the gather and the reduce-scatter replace its all-reduces
-            y = _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, 1, rank, activation)
+            y = _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, 1, rank, activation, seq)
         else:
+            x = _seq_gather(x, seq[0], seq[1], group)
             y = _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, 1, rank, activation, False)[0]
         return _leave_sequence(y, seq_dim, group, world, rank, graph)
     if _records_grad(x, w1, b1, w2, b2):
-        return _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, world, rank, activation)
+        return _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, world, rank, activation, None)
     return _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, world, rank, activation, False)[0]
 
 
@@ -520,18 +542,15 @@ def _describe_input(x, seq_dim: int | None) -> str:
     return guard.describe("input", x.narrow(seq_dim, 0, 0)) + f" (sequence dim {seq_dim % x.dim()})"
 
 
-def _enter_sequence(x, seq_dim: int | None, group, world: int, rank: int, graph: bool):
-    """(the input, the world size of grad_x's all-reduce): under sequence parallelism x gathered along the
-    sequence, its gradient reduce-scattered by the gather, so no all-reduce (1); else x and `world`."""
+def _sequence(x, seq_dim: int | None, group, world: int, rank: int):
+    """Sequence parallelism's (dim, every rank's length, rank) for a layer's input x, or None without it (or at
+    world size 1, where it changes nothing)."""
     if seq_dim is None or world == 1:
-        return x, world
+        return None
     if torch.compiler.is_compiling():
         raise RuntimeError("sequence_parallel: runs eagerly only, for now; compile the layers without it")
     seq_dim %= x.dim()
-    sizes = sequence_sizes(x.shape[seq_dim], seq_dim, group, world, rank)
-    if graph:
-        return _GatherSequence.apply(x, seq_dim, sizes, rank, group), 1
-    return _seq_gather(x, seq_dim, sizes, group), 1
+    return seq_dim, sequence_sizes(x.shape[seq_dim], seq_dim, group, world, rank), rank
 
 
 def _leave_sequence(y, seq_dim: int, group, world: int, rank: int, graph: bool):

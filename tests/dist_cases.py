@@ -528,7 +528,8 @@ def mesh_calls(device):
 def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
     """Column -> activation -> Row with sequence parallelism ("mlp": three modules; "parallel_mlp": ParallelMLP),
     on this rank's share of the sequence of x and grad_y (torch.tensor_split along seq_dim). Returns this rank's
-    output and input gradient, and each layer's shards and their gradients, as layers_step does."""
+    output and input gradient, and each layer's shards and their gradients, as layers_step does, and whether
+    forward saved the gathered input (it should save this rank's share and gather again in backward)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     linears = [_dense_linear(w, b, device) for w, b in dense]
     options = dict(sequence_parallel=True, sequence_dim=seq_dim)
@@ -540,9 +541,15 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
         forward = fused_tp.ParallelMLP.from_linears(*linears, activation=activation, **options)
         layers = [forward.fc1, forward.fc2]
     x_r = torch.tensor_split(x, world, seq_dim)[rank].to(device).requires_grad_()
-    y = forward(x_r)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = forward(x_r)
     y.backward(torch.tensor_split(grad_y, world, seq_dim)[rank].to(device))
-    out = {"y": _cpu(y), "grad_x": _cpu(x_r.grad)}
+    full = x.to(device)
+    out = {"y": _cpu(y), "grad_x": _cpu(x_r.grad),
+           # (where this rank's share is the whole sequence, saving it is saving the share)
+           "saved_the_sequence": x_r.shape != full.shape and any(t.shape == full.shape and torch.equal(t, full)
+                                                                 for t in saved)}  # fmt: skip
     for i, layer in enumerate(layers):
         out[f"w{i}"], out[f"grad_w{i}"] = _cpu(layer.weight), _cpu(layer.weight.grad)
         if layer.bias is not None:
@@ -566,3 +573,32 @@ def sequence_parallel_bad_calls(device):
     ok = torch.ones(1)
     dist.all_reduce(ok)
     return errors, ok.item() == world
+
+
+def sequence_parallel_against_dtensor(device, seed):
+    """The same dense MLP (Linear -> GELU -> Linear) sharded by fused_tp with sequence_parallel=True and by DTensor's
+    ColwiseParallel(input_layouts=Shard(0)) / RowwiseParallel(output_layouts=Shard(0)), on this rank's share of an
+    evenly split sequence: (output, input gradient) of each."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(seed)
+    dense = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 12)).to(device)  # 24: even over 2, 3, 4
+    x = torch.randn(4 * world, 3, 12, device=device)
+    grad_y = torch.randn(4 * world, 3, 12, device=device)
+    mesh = init_device_mesh(device if device == "cpu" else "cuda", (world,))
+    reference = parallelize_module(copy.deepcopy(dense), mesh, {"0": ColwiseParallel(input_layouts=Shard(0)),
+                                                               "2": RowwiseParallel(output_layouts=Shard(0))})  # fmt: skip
+    ours = fused_tp.ParallelMLP.from_linears(dense[0], dense[2], sequence_parallel=True, process_group=mesh)
+    out = {}
+    for name, model in (("dtensor", reference), ("fused_tp", ours)):
+        x_r = x.chunk(world, 0)[rank].clone().requires_grad_()
+        y = model(x_r)
+        y.backward(grad_y.chunk(world, 0)[rank])
+        # DTensor's outputs are AsyncCollectiveTensors: an op (clone) waits for their collective before they leave
+        out[name] = (_cpu(y.clone()), _cpu(x_r.grad.clone()))
+    return out

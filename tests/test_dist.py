@@ -280,6 +280,7 @@ def test_sequence_parallel_mlp_matches_dense(rank_pools, device, world, tokens, 
         assert_close("grad_b1", torch.cat([o["grad_b0"] for o in outs], 0), ref["grad_b1"], mag["grad_b1"], t)
         _assert_replicated("grad_b1", outs)
         assert_close("grad_b2", outs[0]["grad_b1"], ref["grad_b2"], mag["grad_b2"], t)
+    assert not any(o["saved_the_sequence"] for o in outs), "forward saved the gathered input, not this rank's share"
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -291,3 +292,16 @@ def test_sequence_parallel_bad_input_raises_the_same_error_on_every_rank(rank_po
         assert errors[1] == "sequence_dim: expected a dim of the input other than its last (the features), got 0 " \
                             "for an input of 1 dims", errors
         assert group_ok
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sequence_parallel_matches_dtensor(rank_pools, device, world):
+    """fused_tp's sequence-parallel ParallelMLP against DTensor's SequenceParallel-style Colwise / Rowwise plan on
+    the same weights and the same sequence shards (even: DTensor's Shard chunks by ceil division): outputs and input
+    gradients within the fp32 rounding of the two summation orders."""
+    for rank, out in enumerate(rank_pools(world).run(dist_cases.sequence_parallel_against_dtensor, device, 0)):
+        (y_ref, gx_ref), (y, gx) = out["dtensor"], out["fused_tp"]
+        assert y.shape == y_ref.shape and gx.shape == gx_ref.shape
+        for name, a, b in (("y", y, y_ref), ("grad_x", gx, gx_ref)):
+            err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+            assert err <= 1e-5, f"rank {rank}: {name} off DTensor's by {err:.3g}"

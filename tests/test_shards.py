@@ -47,7 +47,7 @@ def test_column_shards_equal_dense(device, world, M, K, N, dtype, has_bias, seed
         x_r = _leaf(x)
         w_r = _leaf(torch.tensor_split(w, world, 0)[rank])
         b_r = _leaf(None if b is None else torch.tensor_split(b, world, 0)[rank])
-        y_r = _ColumnParallelLinear.apply(x_r, w_r, b_r, None, 1)
+        y_r = _ColumnParallelLinear.apply(x_r, w_r, b_r, None, 1, None)
         y_r.backward(torch.tensor_split(grad_y, world, 1)[rank])
         ys.append(y_r.detach())
         gxs.append(x_r.grad)
@@ -119,7 +119,7 @@ def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, a
         x_r, b2_r = _leaf(x), _leaf(b2)
         w1_r, w2_r = _leaf(rows(w1, rank)), _leaf(torch.tensor_split(w2, world, 1)[rank])
         b1_r = _leaf(rows(b1, rank))
-        p_r = _ParallelMLP.apply(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation)
+        p_r = _ParallelMLP.apply(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation, None)
         p_r.backward(grad_y)
         y = p_r.detach() if y is None else y + p_r.detach()  # what the forward's all-reduce does
         grad_x = x_r.grad if grad_x is None else grad_x + x_r.grad  # and the backward's
@@ -163,9 +163,10 @@ def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind
                   "w2": torch.tensor_split(w2, world, 1)[rank], "b2": b2}  # fmt: skip
         leaves = {name: t.detach().clone().requires_grad_(wants[name]) for name, t in shards.items()}
         if kind == "parallel_mlp":
-            p_r = _ParallelMLP.apply(*leaves.values(), None, 1, rank, "gelu")
+            p_r = _ParallelMLP.apply(*leaves.values(), None, 1, rank, "gelu", None)
         else:
-            h = torch.nn.functional.gelu(_ColumnParallelLinear.apply(leaves["x"], leaves["w1"], leaves["b1"], None, 1))
+            h = torch.nn.functional.gelu(_ColumnParallelLinear.apply(leaves["x"], leaves["w1"], leaves["b1"], None, 1,
+                                                                        None))
             p_r = _RowParallelLinear.apply(h, leaves["w2"], leaves["b2"], None, 1, rank)
         assert p_r.requires_grad == any(wants.values())
         if p_r.requires_grad:
