@@ -1,6 +1,7 @@
 """A tensor-parallel Column -> GELU -> Row MLP, forward + backward, against the references and the floors.
 
     torchrun --nproc-per-node N bench/bench_tp_mlp.py [--dtype bf16] [--steps 20] [--quick | --tiny]
+                                                      [--sequence-parallel]
 
 Every rank builds the same dense MLP from one seed; in one run, with the same weights and inputs:
     fused_tp    ColumnParallelLinear -> GELU -> RowParallelLinear, three modules
@@ -10,6 +11,11 @@ Every rank builds the same dense MLP from one seed; in one run, with the same we
     dtensor     torch's parallelize_module with ColwiseParallel / RowwiseParallel on the nn.Linear MLP
     gemms       the floor of compute: each rank's shard GEMMs of forward and backward alone (F.linear, no comm)
     allreduces  the floor of communication: the two all-reduces of [tokens, hidden] alone
+With --sequence-parallel, each rank feeds and gets its share of the tokens (an even split), and every provider is
+its sequence-parallel form: fused_tp's layers and ParallelMLP with sequence_parallel=True, the Megatron-style
+reference with an all-gather in and a reduce-scatter out (blocking), DTensor's ColwiseParallel(input_layouts=
+Shard(0)) / RowwiseParallel(output_layouts=Shard(0)); the floor of communication keeps the all-reduces, the same
+total volume. Results go to bench_tp_mlp_sp_<dtype>.json.
 Outputs and input gradients are checked against the megatron reference before timing. A step is timed on every
 rank from a barrier to the end of backward (device synchronised); its time is the max over ranks, the figure the
 median over steps. Rank 0 writes bench/results/<gpu>-x<N>/bench_tp_mlp_<dtype>.json and a .png of the ratios (with
@@ -37,7 +43,7 @@ from common import DTYPES, env, markdown_table, plot_ratios, rel_err, results_di
 # (tokens, hidden, ffn): Llama-3-70B's, 8B's and Llama-2-7B's MLPs, and decode token counts on the 70B one.
 CASES = [(8192, 8192, 28672), (4096, 4096, 14336), (2048, 4096, 11008), (128, 8192, 28672), (16, 8192, 28672)]
 QUICK = [(4096, 4096, 14336), (16, 8192, 28672)]
-TINY = [(5, 16, 24)]
+TINY = [(8, 16, 24)]
 CHECK = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
@@ -75,17 +81,57 @@ class _MegatronRow(torch.autograd.Function):
         return g @ w, g2.t() @ x2, g2.sum(0)
 
 
+def _gather_tokens(x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty((x.shape[0] * dist.get_world_size(), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
+def _reduce_scatter_tokens(y: torch.Tensor) -> torch.Tensor:
+    out = y.new_empty((y.shape[0] // dist.get_world_size(), *y.shape[1:]))
+    dist.reduce_scatter_tensor(out, y.contiguous())
+    return out
+
+
+class _MegatronGather(torch.autograd.Function):
+    """Sequence parallelism's entry: this rank's tokens -> all of them; backward reduce-scatters, blocking."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _gather_tokens(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_tokens(g)
+
+
+class _MegatronReduceScatter(torch.autograd.Function):
+    """Sequence parallelism's exit: partial sums of all tokens -> this rank's tokens of their sum; backward
+    all-gathers, blocking."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return _reduce_scatter_tokens(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_tokens(g)
+
+
 OURS, REFERENCES = ("fused_tp", "fused_mlp"), ("megatron", "dtensor")
 
 
-def models(dense: nn.Sequential, world: int, rank: int, device):
-    """{provider: forward function of x} built from the same dense MLP."""
+def models(dense: nn.Sequential, world: int, rank: int, device, sequence_parallel: bool = False):
+    """{provider: forward function of x} built from the same dense MLP (x: this rank's tokens with
+    sequence_parallel, else all of them)."""
     import fused_tp
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     up, down = dense[0], dense[2]
-    col, row = fused_tp.ColumnParallelLinear.from_linear(up), fused_tp.RowParallelLinear.from_linear(down)
+    sp = dict(sequence_parallel=sequence_parallel)
+    col, row = fused_tp.ColumnParallelLinear.from_linear(up, **sp), fused_tp.RowParallelLinear.from_linear(down, **sp)
     shard = lambda t, dim: nn.Parameter(torch.tensor_split(t.detach(), world, dim)[rank].clone())  # noqa: E731
     w1, b1, w2 = shard(up.weight, 0), shard(up.bias, 0), shard(down.weight, 1)
     b2 = nn.Parameter(down.bias.detach().clone())
@@ -93,12 +139,23 @@ def models(dense: nn.Sequential, world: int, rank: int, device):
                          nn.Linear(down.in_features, down.out_features)).to(device, up.weight.dtype)  # fmt: skip
     copy.load_state_dict(dense.state_dict())
     mesh = init_device_mesh(device.type, (world,))
-    tp = parallelize_module(copy, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    mlp = fused_tp.ParallelMLP.from_linears(up, down)
+    if sequence_parallel:
+        plan = {"0": ColwiseParallel(input_layouts=Shard(0)), "2": RowwiseParallel(output_layouts=Shard(0))}
+
+        def megatron(x):  # the row bias after the reduce-scatter, as Megatron-LM adds it
+            h = F.gelu(F.linear(_MegatronGather.apply(x), w1, b1))
+            return _MegatronReduceScatter.apply(F.linear(h, w2)) + b2
+    else:
+        plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+
+        def megatron(x):
+            return _MegatronRow.apply(F.gelu(_MegatronColumn.apply(x, w1, b1)), w2, b2)
+    tp = parallelize_module(copy, mesh, plan)
+    mlp = fused_tp.ParallelMLP.from_linears(up, down, **sp)
     return {
         "fused_tp": lambda x: row(F.gelu(col(x))),
         "fused_mlp": mlp,
-        "megatron": lambda x: _MegatronRow.apply(F.gelu(_MegatronColumn.apply(x, w1, b1)), w2, b2),
+        "megatron": megatron,
         "dtensor": tp,
     }, [col.weight, col.bias, row.weight, row.bias, w1, b1, w2, b2, *tp.parameters(), *mlp.parameters()]
 
@@ -110,6 +167,7 @@ def main():
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
     sizes.add_argument("--tiny", action="store_true", help="one tiny case: checks the script, measures nothing")
+    p.add_argument("--sequence-parallel", action="store_true", help="every provider's sequence-parallel form")
     args = p.parse_args()
 
     gpus = torch.cuda.device_count()
@@ -127,9 +185,11 @@ def main():
     for tokens, hidden, ffn in TINY if args.tiny else QUICK if args.quick else CASES:
         torch.manual_seed(0)
         dense = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden)).to(device, dtype)
-        providers, params = models(dense, world, rank, device)
+        providers, params = models(dense, world, rank, device, args.sequence_parallel)
         x = torch.randn(tokens, hidden, device=device, dtype=dtype)
         grad_y = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        if args.sequence_parallel:  # this rank's tokens; every case's count splits evenly over 2, 4 and 8
+            x, grad_y = x.chunk(world)[rank].contiguous(), grad_y.chunk(world)[rank].contiguous()
 
         def step(forward):
             inp = x.detach().requires_grad_()
@@ -138,7 +198,7 @@ def main():
             y = forward(inp)
             y = y.full_tensor() if hasattr(y, "full_tensor") else y
             y.backward(grad_y)
-            return y.detach(), inp.grad
+            return y.detach().clone(), inp.grad.clone()  # (clone: DTensor's outputs wait for their collective)
 
         ref_y, ref_grad = step(providers["megatron"])
         for name in ("fused_tp", "fused_mlp", "dtensor"):
@@ -149,11 +209,12 @@ def main():
         # The floors: this rank's six shard GEMMs (forward, grad_input, grad_weight of each layer), and the two
         # all-reduces of [tokens, hidden] (the row layer's forward, the column layer's grad_input).
         w1, w2 = params[4].detach(), params[6].detach()
+        x_all, g_all = (torch.randn(tokens, hidden, device=device, dtype=dtype) for _ in range(2))  # all tokens
         h, grad_h = (torch.randn(tokens, w1.shape[0], device=device, dtype=dtype) for _ in range(2))
         sums = [torch.empty(tokens, hidden, device=device, dtype=dtype) for _ in range(2)]
         floors = {
-            "gemms": lambda: (F.linear(x, w1), grad_h @ w1, grad_h.t() @ x, F.linear(h, w2), grad_y @ w2,
-                              grad_y.t() @ h),  # fmt: skip
+            "gemms": lambda: (F.linear(x_all, w1), grad_h @ w1, grad_h.t() @ x_all, F.linear(h, w2), g_all @ w2,
+                              g_all.t() @ h),  # fmt: skip
             "allreduces": lambda: [dist.all_reduce(t) for t in sums],
         }
         timed = {name: (lambda f=f: step(f)) for name, f in providers.items()} | floors
@@ -181,7 +242,8 @@ def main():
                 "gemms_ms", "allreduces_ms", *ratios, "fused_mlp_over_floor"]  # fmt: skip
         print(markdown_table(rows, cols))
         if not args.tiny:
-            out = results_dir(f"{info['gpu']}-x{world}") / f"bench_tp_mlp_{args.dtype}"
+            name = f"bench_tp_mlp_{'sp_' if args.sequence_parallel else ''}{args.dtype}"
+            out = results_dir(f"{info['gpu']}-x{world}") / name
             write(out.with_suffix(".json"), {"env": info, "rows": [dict(r, **info) for r in rows]})
             bars = [dict(r, reference=f"{ours} vs {ref}", ratio=r[f"{ours}_vs_{ref}"])
                     for r in rows for ours in OURS for ref in REFERENCES]  # fmt: skip

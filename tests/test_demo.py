@@ -83,17 +83,18 @@ def test_the_example_trains_under_torchrun_on_2_ranks():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--tiny runs the kernels through Triton's interpreter, whose "
                     "triton 3.6 (the GPU image's) cannot run their persistent loop; on GPUs the bench runs for real")
 def test_tp_mlp_bench_agrees_with_megatron_and_dtensor_on_gloo_ranks():
-    """bench/bench_tp_mlp.py --tiny under torchrun on 2 gloo ranks: fused_tp's output and input gradient match the
-    Megatron-style reference and DTensor's parallelize_module before anything is timed (the script exits non-zero
-    otherwise), so the multi-GPU benchmark's three providers compute the same MLP. On a machine with 2 GPUs this
-    runs on NCCL."""
+    """bench/bench_tp_mlp.py --tiny under torchrun on 2 gloo ranks, with and without --sequence-parallel: fused_tp's
+    output and input gradient match the Megatron-style reference and DTensor's parallelize_module before anything
+    is timed (the script exits non-zero otherwise), so the multi-GPU benchmark's providers compute the same MLP. On
+    a machine with 2 GPUs this runs on NCCL."""
     env = dict(os.environ)
     if torch.cuda.device_count() < 2:  # CPU ranks: the kernels through the interpreter
         env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "bench/bench_tp_mlp.py", "--tiny",
-         "--steps", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(r"^\| 5 \| 16 \| 24 \| 2 \|", out.stdout, re.M), out.stdout
+    for mode in ([], ["--sequence-parallel"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "bench/bench_tp_mlp.py", "--tiny",
+             "--steps", "1", *mode],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert re.search(r"^\| 8 \| 16 \| 24 \| 2 \|", out.stdout, re.M), out.stdout
