@@ -93,29 +93,18 @@ def _reduce_scatter_tokens(y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _MegatronGather(torch.autograd.Function):
-    """Sequence parallelism's entry: this rank's tokens -> all of them; backward reduce-scatters, blocking."""
+class _MegatronSequence(torch.autograd.Function):
+    """Sequence parallelism's entry (gather=True: this rank's tokens -> all of them) or exit (False: partial sums of
+    all tokens -> this rank's tokens of their sum); backward does the other, blocking."""
 
     @staticmethod
-    def forward(ctx, x):
-        return _gather_tokens(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_tokens(g)
-
-
-class _MegatronReduceScatter(torch.autograd.Function):
-    """Sequence parallelism's exit: partial sums of all tokens -> this rank's tokens of their sum; backward
-    all-gathers, blocking."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return _reduce_scatter_tokens(y)
+    def forward(ctx, t, gather):
+        ctx.gather = gather
+        return _gather_tokens(t) if gather else _reduce_scatter_tokens(t)
 
     @staticmethod
     def backward(ctx, g):
-        return _gather_tokens(g)
+        return (_reduce_scatter_tokens(g) if ctx.gather else _gather_tokens(g)), None
 
 
 OURS, REFERENCES = ("fused_tp", "fused_mlp"), ("megatron", "dtensor")
@@ -143,8 +132,8 @@ def models(dense: nn.Sequential, world: int, rank: int, device, sequence_paralle
         plan = {"0": ColwiseParallel(input_layouts=Shard(0)), "2": RowwiseParallel(output_layouts=Shard(0))}
 
         def megatron(x):  # the row bias after the reduce-scatter, as Megatron-LM adds it
-            h = F.gelu(F.linear(_MegatronGather.apply(x), w1, b1))
-            return _MegatronReduceScatter.apply(F.linear(h, w2)) + b2
+            h = F.gelu(F.linear(_MegatronSequence.apply(x, True), w1, b1))
+            return _MegatronSequence.apply(F.linear(h, w2), False) + b2
     else:
         plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
 

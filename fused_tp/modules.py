@@ -15,11 +15,13 @@ class _ParallelLinear(nn.Module):
 
     _split_dim: int  # the dim of the dense weight [out_features, in_features] that is split across ranks
 
-    def __init__(self, in_features, out_features, bias, process_group, device, dtype):
+    def __init__(self, in_features, out_features, bias, process_group, device, dtype, sequence_parallel=False,
+                 sequence_dim=0):  # fmt: skip
         # Refused here, not at the first call: a float64 layer would otherwise build and fail later, blaming the input.
         kernels.check_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype)
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         self.process_group = resolve_group(process_group)
         self.world_size, self.rank = group_size_rank(self.process_group)
         # Building the dense layer and slicing it makes the shards equal, value for value, to those of an
@@ -96,8 +98,7 @@ class ColumnParallelLinear(_ParallelLinear):
             raise ValueError("gather_output: a sequence-parallel Column layer feeds a Row layer (its output is the "
                              "whole sequence's features of this rank); gather_output=True is not taken with it")
         self.gather_output = gather_output
-        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
-        super().__init__(in_features, out_features, bias, process_group, device, dtype)
+        super().__init__(in_features, out_features, bias, process_group, device, dtype, sequence_parallel, sequence_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self._check_group()
@@ -126,8 +127,7 @@ class RowParallelLinear(_ParallelLinear):
             raise ValueError("input_is_parallel: a sequence-parallel Row layer takes a Column layer's output (this "
                              "rank's features); input_is_parallel=False is not taken with it")
         self.input_is_parallel = input_is_parallel
-        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
-        super().__init__(in_features, out_features, bias, process_group, device, dtype)
+        super().__init__(in_features, out_features, bias, process_group, device, dtype, sequence_parallel, sequence_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self._check_group()
