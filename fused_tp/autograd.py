@@ -95,9 +95,9 @@ def sequence_sizes(length: int, dim: int, group, world: int, rank: int) -> list[
     if world == 1:
         return [length]
     mine = torch.tensor([length], dtype=torch.int64, device=guard.collective_device(group))
-    got = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(got, mine, group=group)
-    sizes = [int(t.item()) for t in got]
+    got = mine.new_empty(world)
+    dist.all_gather_into_tensor(got, mine, group=group)
+    sizes = got.tolist()  # one host sync (on a GPU), the price of uneven shards any rank may hold
     want = [stop - start for start, stop in (shard_range(sum(sizes), world, r) for r in range(world))]
     if sizes != want:
         raise ValueError(f"input: expected the sequence (dim {dim}) split as torch.tensor_split splits {sum(sizes)} "
@@ -110,14 +110,19 @@ def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group, async_op: bo
     that waits for the gather and returns it."""
     first = t.movedim(dim, 0)
     longest = max(sizes)
-    piece = first.new_zeros((longest, *first.shape[1:]))
-    piece[: first.shape[0]] = first
+    if first.shape[0] == longest:
+        piece = first.contiguous()
+    else:  # all_gather_into_tensor wants equal pieces: a short shard is padded, and trimmed after
+        piece = first.new_zeros((longest, *first.shape[1:]))
+        piece[: first.shape[0]] = first
     out = piece.new_empty((len(sizes) * longest, *first.shape[1:]))
     work = dist.all_gather_into_tensor(out, piece, group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
         if work is not None:
             work.wait()
+        if min(sizes) == longest:  # even shards: the gathered rows are the sequence
+            return out.movedim(0, dim)
         return torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)], 0).movedim(0, dim)
 
     return finish if async_op else finish()
@@ -128,11 +133,14 @@ def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, 
     function that waits for the reduce-scatter and returns it."""
     full = t.movedim(dim, 0)
     longest = max(sizes)
-    padded = full.new_zeros((len(sizes) * longest, *full.shape[1:]))
-    start = 0
-    for r, n in enumerate(sizes):
-        padded[r * longest: r * longest + n] = full[start:start + n]
-        start += n
+    if min(sizes) == longest:  # even shards: the rows are already in the collective's layout
+        padded = full.contiguous()
+    else:
+        padded = full.new_zeros((len(sizes) * longest, *full.shape[1:]))
+        start = 0
+        for r, n in enumerate(sizes):
+            padded[r * longest: r * longest + n] = full[start:start + n]
+            start += n
     out = padded.new_empty((longest, *full.shape[1:]))
     work = dist.reduce_scatter_tensor(out, padded, group=group, async_op=async_op)
 

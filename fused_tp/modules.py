@@ -35,15 +35,15 @@ class _ParallelLinear(nn.Module):
         return cls._from_linear(linear, None, **options)
 
     @classmethod
-    def _from_linear(cls, linear: nn.Linear, span: tuple[int, int] | None, unit: int = 1, **options):
-        """from_linear with the shard's `span` and `unit` of _load_dense (an attention head's slice)."""
+    def _from_linear(cls, linear: nn.Linear, span: tuple[int, int] | None, **options):
+        """from_linear with the shard's `span` of _load_dense (an attention head's slice); None: tensor_split's."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         kernels.check_dtype("linear.weight", w.dtype)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
                      device="meta", dtype=w.dtype, **options)  # fmt: skip
-        module._load_dense(w, linear.bias, unit, span)
+        module._load_dense(w, linear.bias, span=span)
         return module
 
     def _load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, unit: int = 1,

@@ -3,6 +3,8 @@
 Each case takes CPU tensors drawn by the parent, runs on the test device, and returns CPU tensors, so the
 parent can check every rank's results against one float64 reference."""
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -348,20 +350,7 @@ def parallel_model_step(family, device, bound):
     fused_tp.parallelize on this rank, on the same ids: the largest ratio of each compared quantity's norm-wise
     error to `bound` (logits, and every parameter's gradient against its slice of the dense gradient, sliced here
     by whole heads and gate/up pairs, not by fused_tp's code), and whether greedy generate() gave the same tokens."""
-    import copy
-
-    import transformers
-
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[family]
-    torch.manual_seed(0)
-    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        use_cache=True, tie_word_embeddings=False)  # fmt: skip
-    dense = model_cls(config).to(device)
+    _, _, dense = _tiny_model(family, device)
     model = fused_tp.parallelize(copy.deepcopy(dense))
     world, rank = dist.get_world_size(), dist.get_rank()
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1)).to(device)
@@ -413,15 +402,21 @@ def parallel_model_step(family, device, bound):
     return out
 
 
-def _tiny_llama(device=None):
-    """(config, model class, a tiny random-weight LlamaForCausalLM built under seed 0)."""
+def _tiny_model(family="llama", device=None):
+    """(config, model class, a tiny random-weight causal LM of `family` ("llama", "mistral", "qwen2") built under
+    seed 0): 4 query heads in 2 groups of width 8, an intermediate width of 40."""
     import transformers
 
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=False)  # fmt: skip
-    return config, transformers.LlamaForCausalLM, transformers.LlamaForCausalLM(config).to(device)
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        tie_word_embeddings=False)  # fmt: skip
+    return config, model_cls, model_cls(config).to(device)
 
 
 def checkpoint_save(path):
@@ -429,9 +424,7 @@ def checkpoint_save(path):
     (safetensors). Returns whether the gathered dict is the dense model's, bit for bit, name for name."""
     from safetensors.torch import save_file
 
-    _, _, dense = _tiny_llama()
-    import copy
-
+    _, _, dense = _tiny_model()
     model = fused_tp.parallelize(copy.deepcopy(dense))
     gathered = fused_tp.checkpoint.dense_state_dict(model)
     want = dense.state_dict()
@@ -454,7 +447,7 @@ def checkpoint_load(path):
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    config, model_cls, dense = _tiny_llama()
+    config, model_cls, dense = _tiny_model()
     with torch.device("meta"):
         model = model_cls(config)
     fused_tp.parallelize(model)
@@ -482,9 +475,7 @@ def pretrained_round_trip(directory):
     """parallelize the tiny Llama; its own save_pretrained refuses; fused_tp.checkpoint.save_pretrained writes the
     dense checkpoint, which from_pretrained loads as the dense model, bit for bit. Returns (refusal message, whether
     the loaded state dict is the dense one)."""
-    import copy
-
-    _, model_cls, dense = _tiny_llama()
+    _, model_cls, dense = _tiny_model()
     model = fused_tp.parallelize(copy.deepcopy(dense))
     try:
         model.save_pretrained(directory)
@@ -579,8 +570,6 @@ def sequence_parallel_against_dtensor(device, seed):
     """The same dense MLP (Linear -> GELU -> Linear) sharded by fused_tp with sequence_parallel=True and by DTensor's
     ColwiseParallel(input_layouts=Shard(0)) / RowwiseParallel(output_layouts=Shard(0)), on this rank's share of an
     evenly split sequence: (output, input gradient) of each."""
-    import copy
-
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -591,8 +580,8 @@ def sequence_parallel_against_dtensor(device, seed):
     x = torch.randn(4 * world, 3, 12, device=device)
     grad_y = torch.randn(4 * world, 3, 12, device=device)
     mesh = init_device_mesh(device if device == "cpu" else "cuda", (world,))
-    reference = parallelize_module(copy.deepcopy(dense), mesh, {"0": ColwiseParallel(input_layouts=Shard(0)),
-                                                               "2": RowwiseParallel(output_layouts=Shard(0))})  # fmt: skip
+    plan = {"0": ColwiseParallel(input_layouts=Shard(0)), "2": RowwiseParallel(output_layouts=Shard(0))}
+    reference = parallelize_module(copy.deepcopy(dense), mesh, plan)
     ours = fused_tp.ParallelMLP.from_linears(dense[0], dense[2], sequence_parallel=True, process_group=mesh)
     out = {}
     for name, model in (("dtensor", reference), ("fused_tp", ours)):
