@@ -1,6 +1,6 @@
 """fused_tp's layers against the same built from nn.Linear, side by side, at world size 1.
 
-    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick] [--graphs]
+    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick] [--graphs] [--layers column row ...]
 
 Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden), the Column -> GELU -> Row MLP as
 three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), and Llama's gated
@@ -13,7 +13,8 @@ both), and the peak memory each step allocates beyond what was allocated before 
 checked against the baseline before timing. --graphs times each step, of both, replayed from a CUDA graph: the
 GPU's work of a step without the host's (what a decode loop or a training step under torch.cuda.graph runs); the
 replayed outputs are checked too, and the peak memory is not measured. Writes
-bench/results/<gpu>/bench_layers_<dtype>[_graphs].json and .png; prints a markdown table.
+bench/results/<gpu>/bench_layers_<dtype>[_quick][_<layers>][_graphs].json and .png (`--layers` names the layers
+timed, all by default); prints a markdown table.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import fused_tp  # noqa: E402
 # shard of the 8B one, and decode token counts.
 CASES = [(8192, 4096, 14336), (8192, 8192, 7168), (4096, 4096, 7168), (128, 8192, 7168), (16, 4096, 14336)]
 QUICK = [(8192, 4096, 14336), (16, 4096, 14336)]
+LAYERS = ("column", "row", "mlp", "parallel_mlp", "swiglu_modules", "parallel_swiglu")  # models()'s keys
 
 
 class GatedMLP(nn.Module):
@@ -144,11 +146,14 @@ def main():
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
     p.add_argument("--graphs", action="store_true", help="time steps replayed from CUDA graphs, both providers")
+    p.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS), help="which layers (default: all)")
     args = p.parse_args()
     dtype, info = DTYPES[args.dtype], env()
     rows = []
     for tokens, hidden, ffn in QUICK if args.quick else CASES:
         for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
+            if layer not in args.layers:
+                continue
             (base_f, base_fb, base_clear), (fused_f, fused_fb, fused_clear) = (steps(base_mod, x, grad_y),
                                                                                 steps(fused_mod, x, grad_y))  # fmt: skip
             err = max(rel_err(fused_f(), base_f()),
@@ -175,7 +180,8 @@ def main():
 
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
-    name = f"bench_layers_{args.dtype}{'_quick' if args.quick else ''}{'_graphs' if args.graphs else ''}"
+    some = "" if set(args.layers) == set(LAYERS) else "_" + "-".join(args.layers)
+    name = f"bench_layers_{args.dtype}{'_quick' if args.quick else ''}{some}{'_graphs' if args.graphs else ''}"
     out = results_dir(info["gpu"]) / name
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
     for r in rows:

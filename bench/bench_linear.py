@@ -1,9 +1,14 @@
 """fused_tp's kernels against cuBLAS, side by side: forward, grad_input, grad_weight + grad_bias.
 
-    python bench/bench_linear.py [--dtype bf16|fp16|fp32] [--tf32] [--quick] [--compare-rule]
+    python bench/bench_linear.py [--dtype bf16|fp16|fp32] [--tf32] [--shapes speed|quick|decode|...] [--quick]
+                                 [--ops forward grad_input grad_weight+bias] [--compare-rule]
 
-Baselines: F.linear(x, w, b) (one cuBLASLt kernel with the bias in its epilogue), grad_y @ w, and
-grad_y.T @ x plus grad_y.sum(0). Every output is checked against the baseline, and a slice against float64,
+Shapes: a preset of fused_tp/shapes.py (--quick is --shapes quick). `--shapes decode --ops forward` is issue 18's
+decode set: its summary adds the goals (geometric mean and lowest ratio, and which shards of 32 MB or more read
+the weight at 75% of the card's copy rate).
+
+Baselines: F.linear(x, w, b) (one cuBLASLt kernel with the bias in its epilogue), grad_y @ w, and grad_y.T @ x plus
+grad_y.sum(0). Every output is checked against the baseline, and a slice against float64,
 before anything is timed. --compare-rule also times, interleaved in the same run, fused_tp pinned to the config
 the rule would pick without a tuned table (configs.rule_config): `table_over_rule` = rule ms / fused_tp ms shows
 what the shipped tuned table gains. Writes bench/results/<gpu>/bench_linear_<dtype>.json and .png; prints a
@@ -13,6 +18,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -25,15 +31,11 @@ from common import (DTYPES, env, geomean, markdown_table, plot_ratios, rel_err, 
 
 import fused_tp  # noqa: E402
 from fused_tp import kernels  # noqa: E402
-from fused_tp.kernels import configs  # noqa: E402
+from fused_tp.kernels import configs, plan  # noqa: E402
+from fused_tp.shapes import DECODE_SHARDS, PRESETS  # noqa: E402
 
-# (M tokens, K, N): shards of Llama-3-70B/8B-like MLPs at TP 1/2/4/8, odd shapes, and decode shapes.
-SHAPES = [
-    (8192, 8192, 14336), (8192, 14336, 8192), (8192, 8192, 7168), (8192, 7168, 8192), (8192, 8192, 3584),
-    (8192, 3584, 8192), (4096, 4096, 7168), (4096, 7168, 4096), (16384, 4096, 1792), (32768, 768, 3072),
-    (1000, 4000, 3000), (4097, 4095, 1023),
-] + [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))]  # fmt: skip
-QUICK = [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (4097, 4095, 1023), (16, 8192, 14336)]
+DECODE_BIG_BYTES = 32e6  # issue 18: shards this large should stream at DECODE_COPY_SHARE of the copy rate
+DECODE_COPY_SHARE = 0.75
 
 # Norm-wise relative error allowed against the baseline and float64: a few roundings of the output dtype, or
 # for float32 with TF32 on, of TF32's 10-bit mantissa (2^-11).
@@ -55,6 +57,37 @@ def ops(M, K, N, dtype):
         "grad_weight+bias": (lambda: (gy.t() @ x, gy.sum(0)), lambda: kernels.grad_params(gy, x),
                              lambda g: (g[0][s], gy[:, s].double().T @ x.double()), 2 * M * N * K),
     }  # fmt: skip
+
+
+OPS = ("forward", "grad_input", "grad_weight+bias")
+
+
+def launch_config(op: str, M: int, K: int, N: int, dtype) -> str:
+    """The config and split the launch of `op` takes (its matmul's C[m, n], k deep), and where the config came from,
+    as plan.pick_config gives them for contiguous operands on this GPU, for the record."""
+    m, n, k = {"forward": (M, N, K), "grad_input": (M, K, N), "grad_weight+bias": (N, K, M)}[op]
+    dev = plan.device(torch.cuda.current_device())
+    product = {"forward": "fwd", "grad_input": "dgrad", "grad_weight+bias": "wgrad"}[op]
+    cfg, source = plan.pick_config(m, n, k, dtype, False, dev.has_tma, dev.slots, product, dev.gpu,
+                                   configs.pinned_config(), torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
+    return (f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
+            f"{'' if cfg.persistent else ' np'} split{cfg.split_k} ({source})")
+
+
+def decode_goals(rows: list[dict]) -> dict:
+    """Issue 18's decode goals over the forward rows: geometric mean >= 1.15, none below 0.95, and shards of
+    DECODE_BIG_BYTES or more reading the weight at DECODE_COPY_SHARE of the copy rate."""
+    fwd = [r for r in rows if r["op"] == "forward"]
+    big = [r for r in fwd if r["N"] * r["K"] * r["dtype_bytes"] >= DECODE_BIG_BYTES]
+    slow = [r for r in big if r["fused_tp_of_copy_rate"] < DECODE_COPY_SHARE]
+    return dict(geomean=geomean(r["ratio"] for r in fwd), lowest=min(r["ratio"] for r in fwd),
+                below_0_95=sum(r["ratio"] < 0.95 for r in fwd), rows=len(fwd), big_rows=len(big),
+                big_below_copy_share=len(slow),
+                big_copy_share_range=[min(r["fused_tp_of_copy_rate"] for r in big),
+                                      max(r["fused_tp_of_copy_rate"] for r in big)] if big else None,
+                baseline_big_copy_share_range=[min(r["baseline_weight_gbps"] / r["copy_gbps"] for r in big),
+                                               max(r["baseline_weight_gbps"] / r["copy_gbps"] for r in big)]
+                if big else None)  # fmt: skip
 
 
 def copy_rate() -> float:
@@ -89,17 +122,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--tf32", action="store_true", help="fp32: allow TF32 in both cuBLAS and fused_tp")
-    p.add_argument("--quick", action="store_true", help=f"{len(QUICK)} shapes instead of {len(SHAPES)}")
+    p.add_argument("--shapes", choices=list(PRESETS), default="speed", help="a preset of fused_tp/shapes.py")
+    p.add_argument("--quick", action="store_true", help="--shapes quick")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which products (default: all three)")
+    p.add_argument("--rep-ms", type=float, default=100,
+                   help="do_bench's timing budget per call in ms (warm-up: a quarter of it, at most 25)")
     p.add_argument("--compare-rule", action="store_true", help="also time the rule's config, without the table")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
+    preset = "quick" if args.quick else args.shapes
+    timer = lambda fn: triton.testing.do_bench(fn, warmup=min(25, args.rep_ms / 4), rep=args.rep_ms,  # noqa: E731
+                                                return_mode="median")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     info = env()
     info["copy_gbps"] = copy_rate()
     tag = args.dtype + ("-tf32" if args.tf32 and dtype == torch.float32 else "")
     rows = []
-    for M, K, N in QUICK if args.quick else SHAPES:
+    for M, K, N in PRESETS[preset]:
         for op, (base, fused, check, flops) in ops(M, K, N, dtype).items():
+            if op not in args.ops:
+                continue
             err_base, err_f64 = errors(fused(), base(), check)
             limit = CHECK_TF32 if args.tf32 and dtype == torch.float32 else CHECK[dtype]
             if not (err_base <= limit and err_f64 <= limit):
@@ -107,33 +149,47 @@ def main():
             providers = {"baseline": base, "fused_tp": fused}
             if args.compare_rule:
                 providers["rule"] = pinned_to_rule(fused, M if op != "grad_weight+bias" else N, dtype)
-            t = time_interleaved(providers)
+            t = time_interleaved(providers, timer=timer)
             (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
             row = dict(op=op, dtype=tag, M=M, K=K, N=N, baseline_ms=tb, fused_tp_ms=tf,
                        baseline_tflops=flops / tb * 1e-9, fused_tp_tflops=flops / tf * 1e-9, ratio=tb / tf,
-                       spread=max(sb, sf), err_vs_fp64=err_f64, **info)  # fmt: skip
+                       spread=max(sb, sf), err_vs_fp64=err_f64, config=launch_config(op, M, K, N, dtype),
+                       **info)  # fmt: skip
+            if preset.startswith("decode"):
+                row["shard"] = DECODE_SHARDS[(K, N)]
             if args.compare_rule:
                 row.update(rule_ms=t["rule"][0], table_over_rule=t["rule"][0] / tf)
             if M <= 128:  # bound by reading (or writing) the weight
                 nbytes = N * K * dtype.itemsize
-                row.update(baseline_weight_gbps=nbytes / tb * 1e-6, fused_tp_weight_gbps=nbytes / tf * 1e-6,
+                row.update(dtype_bytes=dtype.itemsize, baseline_weight_gbps=nbytes / tb * 1e-6,
+                           fused_tp_weight_gbps=nbytes / tf * 1e-6,
                            fused_tp_of_copy_rate=nbytes / tf * 1e-6 / info["copy_gbps"])  # fmt: skip
             rows.append(row)
-            print(f"{op:>17} {M:>6} {K:>6} {N:>6}  ratio {row['ratio']:.3f}  ({tf:.4f} vs {tb:.4f} ms)", flush=True)
+            print(f"{op:>17} {M:>6} {K:>6} {N:>6}  ratio {row['ratio']:.3f}  ({tf:.4f} vs {tb:.4f} ms)  "
+                  f"{row['config']}", flush=True)
 
     summary = {op: geomean(r["ratio"] for r in rows if r["op"] == op) for op in dict.fromkeys(r["op"] for r in rows)}
     if args.compare_rule:
         summary.update({f"{op} table_over_rule": geomean(r["table_over_rule"] for r in rows if r["op"] == op)
                         for op in dict.fromkeys(r["op"] for r in rows)})  # fmt: skip
-    out = results_dir(info["gpu"]) / f"bench_linear_{tag}{'_quick' if args.quick else ''}"
-    write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
-    plot_ratios(rows, out.with_suffix(".png"), f"fused_tp vs cuBLAS, {tag}, {info['gpu']}, torch {info['torch']}, "
-                f"triton {info['triton']}", series="op", label=lambda r: f"{r['M']}x{r['K']}x{r['N']}")  # fmt: skip
+    goals = decode_goals(rows) if preset == "decode" else None
+    out = results_dir(info["gpu"]) / f"bench_linear_{tag}{'' if preset == 'speed' else '_' + preset}"
+    write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "decode_goals": goals,
+                                     "rows": rows})  # fmt: skip
+    title = f"fused_tp vs cuBLAS, {tag}, {info['gpu']}, torch {info['torch']}, triton {info['triton']}"
+    if preset.startswith("decode"):  # one bar group per shard, one bar per token count
+        plot_ratios(rows, out.with_suffix(".png"), title + " (bars: tokens)", series="M",
+                    label=lambda r: f"{r['op'][0]} {r['K']}x{r['N']}")  # fmt: skip
+    else:
+        plot_ratios(rows, out.with_suffix(".png"), title, series="op", label=lambda r: f"{r['M']}x{r['K']}x{r['N']}")
     cols = ["op", "M", "K", "N", "baseline_tflops", "fused_tp_tflops", "ratio", "spread"]
+    cols += ["fused_tp_of_copy_rate", "config", "shard"] if preset.startswith("decode") else []
     cols += ["table_over_rule"] if args.compare_rule else []
     print("\n" + markdown_table(rows, cols))
     print("\ngeometric mean of ratios (baseline_ms / fused_tp_ms; > 1 is faster):", 
           ", ".join(f"{op} {g:.3f}" for op, g in summary.items()))
+    if goals:
+        print("decode goals:", json.dumps(goals))
 
 
 if __name__ == "__main__":

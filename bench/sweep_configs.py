@@ -18,10 +18,11 @@ import sys
 import triton.testing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from bench_linear import CHECK, QUICK, SHAPES, errors, ops  # noqa: E402
+from bench_linear import CHECK, errors, ops  # noqa: E402
 from common import DTYPES, env, markdown_table, results_dir, write  # noqa: E402
 
 from fused_tp.kernels.configs import SPACE, KernelConfig, pin_config  # noqa: E402
+from fused_tp.shapes import PRESETS  # noqa: E402
 
 CANDIDATES = SPACE  # the tune command's space (fused_tp/kernels/configs.py)
 
@@ -46,7 +47,7 @@ def main():
         shapes = SPLIT_SHAPES
         candidates = [dataclasses.replace(c, split_k=s) for c in SPLIT_BASES for s in (None, 1, 2, 3, 4, 6, 8)]
     else:
-        shapes, candidates = QUICK if args.quick else SHAPES, CANDIDATES
+        shapes, candidates = PRESETS["quick" if args.quick else "speed"], CANDIDATES
     rows, best = [], []
     for M, K, N in shapes:
         for op, (base, fused, check, flops) in ops(M, K, N, dtype).items():

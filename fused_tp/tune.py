@@ -20,6 +20,7 @@ imported), timed by the wall clock, which says nothing about speed but exercises
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import re
@@ -30,25 +31,11 @@ import torch.nn.functional as F
 from . import kernels, path_counts
 from .kernels import autotune, configs, plan, tables
 from .kernels.matmul import INTERPRETED
+from .shapes import PRESETS
 
 # --dtype: the operand dtype; fp32 twice, as tf32 (torch.backends.cuda.matmul.allow_tf32 on, for cuBLAS and for
 # fused_tp) and fp32 (off): tables.TABLE_DTYPES.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-# (M tokens, K, N): the speed issue's shapes (Llama-3-70B/8B MLP shards at TP 1-8, odd and decode shapes).
-DECODE = [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))]
-PRESETS = {
-    "speed": [(8192, 8192, 14336), (8192, 14336, 8192), (8192, 8192, 7168), (8192, 7168, 8192), (8192, 8192, 3584),
-              (8192, 3584, 8192), (4096, 4096, 7168), (4096, 7168, 4096), (16384, 4096, 1792), (32768, 768, 3072),
-              (1000, 4000, 3000), (4097, 4095, 1023)] + DECODE,
-    "quick": [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (16, 8192, 14336)],
-    # the speed set's decode shapes alone, and mid-size products (512-2048 tokens), which no speed-set bucket is near
-    "decode": DECODE,
-    "mid": [(512, 4096, 1024), (1024, 4096, 1024), (2048, 4096, 1024), (1024, 1024, 4096), (512, 4096, 4096),
-            (2048, 4096, 4096), (2048, 4096, 14336)],
-    # bench_layers.py's 16- and 128-token layers, whose output widths (4096, 7168) no decode bucket is near
-    "layers": [(16, 4096, 14336), (16, 14336, 4096), (128, 8192, 7168), (128, 7168, 8192)],
-    "tiny": [(8, 16, 24), (33, 40, 17)],  # for the interpreter
-}  # fmt: skip
 # Relative Frobenius error against torch that a config's output must stay within (one rounding of the output,
 # different fp32 summation orders): a wrong config fails by orders of magnitude more.
 CHECK = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 1e-4, "tf32": 4e-3}
@@ -61,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="operand dtype; tf32 is fp32 with allow_tf32 on, fp32 with it off")
     parser.add_argument("--shapes", default="speed", help=f"a preset ({', '.join(PRESETS)}) or a file of M,K,N lines")
     parser.add_argument("--out", default="tune-out", help="directory for the results")
+    parser.add_argument("--rep-ms", type=float, default=100,
+                        help="GPU: each timing's budget in ms (do_bench's rep; 25 ms of warm-up before it)")
 
 
 def load_shapes(spec: str) -> list[tuple[int, int, int]]:
@@ -82,11 +71,11 @@ def load_shapes(spec: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def gpu_timer(fn) -> float:
-    """do_bench's median, with 4x the timing budget of run-time autotuning: a shipped table is worth it."""
+def gpu_timer(fn, rep_ms: float = 100) -> float:
+    """do_bench's median, by default with 4x the timing budget of run-time autotuning: a shipped table is worth it."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
 def problem(product: str, M: int, K: int, N: int, dtype, device):
@@ -128,7 +117,8 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not INTERPRETED:
         raise SystemExit("tune: needs a GPU, or TRITON_INTERPRET=1 set before fused_tp is imported (interpreter)")
-    timer = timer or (gpu_timer if device == "cuda" else autotune.timer)  # the latter: the interpreter's wall clock
+    if timer is None:  # on the CPU, the interpreter's wall clock
+        timer = functools.partial(gpu_timer, rep_ms=args.rep_ms) if device == "cuda" else autotune.timer
     dtype, shapes = DTYPES[args.dtype], load_shapes(args.shapes)
     products = configs.PRODUCTS if args.kernel == "all" else (args.kernel,)
     gpu = plan.device(torch.cuda.current_device() if device == "cuda" else -1).gpu

@@ -569,7 +569,8 @@ def sequence_parallel_bad_calls(device):
 def sequence_parallel_against_dtensor(device, seed):
     """The same dense MLP (Linear -> GELU -> Linear) sharded by fused_tp with sequence_parallel=True and by DTensor's
     ColwiseParallel(input_layouts=Shard(0)) / RowwiseParallel(output_layouts=Shard(0)), on this rank's share of an
-    evenly split sequence: (output, input gradient) of each."""
+    evenly split sequence: (output, input gradient) of each. DTensor runs on the CPU: on one GPU shared by gloo
+    ranks, a "cuda" mesh's collectives killed every rank (H200, torch 2.11), and the reference needs no GPU."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -579,15 +580,15 @@ def sequence_parallel_against_dtensor(device, seed):
     dense = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 12)).to(device)  # 24: even over 2, 3, 4
     x = torch.randn(4 * world, 3, 12, device=device)
     grad_y = torch.randn(4 * world, 3, 12, device=device)
-    mesh = init_device_mesh(device if device == "cpu" else "cuda", (world,))
+    mesh = init_device_mesh("cpu", (world,))
     plan = {"0": ColwiseParallel(input_layouts=Shard(0)), "2": RowwiseParallel(output_layouts=Shard(0))}
-    reference = parallelize_module(copy.deepcopy(dense), mesh, plan)
+    reference = parallelize_module(copy.deepcopy(dense).cpu(), mesh, plan)
     ours = fused_tp.ParallelMLP.from_linears(dense[0], dense[2], sequence_parallel=True, process_group=mesh)
     out = {}
-    for name, model in (("dtensor", reference), ("fused_tp", ours)):
-        x_r = x.chunk(world, 0)[rank].clone().requires_grad_()
+    for name, model, on in (("dtensor", reference, "cpu"), ("fused_tp", ours, device)):
+        x_r = x.chunk(world, 0)[rank].to(on, copy=True).requires_grad_()
         y = model(x_r)
-        y.backward(grad_y.chunk(world, 0)[rank])
+        y.backward(grad_y.chunk(world, 0)[rank].to(on))
         # DTensor's outputs are AsyncCollectiveTensors: an op (clone) waits for their collective before they leave
         out[name] = (_cpu(y.clone()), _cpu(x_r.grad.clone()))
     return out

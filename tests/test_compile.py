@@ -159,7 +159,9 @@ def test_the_rank_guard_and_autotuning_refuse_to_compile_on_a_group(rank_pools, 
 
 
 def test_operators_are_registered():
-    assert {"linear", "linear_pre", "grad_input", "grad_weight", "bias_grad"} <= set(dir(torch.ops.fused_tp))
+    # looked up by name: dir() of an op namespace lists only the operators looked up before (torch 2.11)
+    for name in ("linear", "linear_pre", "grad_input", "grad_weight", "bias_grad"):
+        assert isinstance(getattr(torch.ops.fused_tp, name), torch._ops.OpOverloadPacket), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -73,14 +73,15 @@ class KernelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def shared_memory(self, itemsize: int, tma: bool, aux_tile: bool = False) -> int:
-        """Bytes of shared memory a program needs: num_stages A and B tiles, and one output-sized tile: what a
-        descriptor store stages, or with `aux_tile` (an epilogue that reads the pre-activation) what it loads. The
-        activation epilogue works on column halves so that C's half and the pre-activation's half share that
-        tile's room (whole tiles of both needed 278568 bytes for 128x256x64 in 3 stages on the H100). A lower
-        bound: the compiler may add layout-conversion scratch."""
+    def shared_memory(self, itemsize: int, tma: bool, aux_tile: int = 0) -> int:
+        """Bytes of shared memory a program needs: num_stages A and B tiles, and room for what the epilogue stages:
+        one output-sized tile for a descriptor store, or `aux_tile` of them for the pre-activation an epilogue
+        reads (grad_input's activation derivative: 1, or 2 for a gated activation's (gate, up) pairs). The
+        activation epilogue works on column halves so that C's half and the pre-activation's half share one tile's
+        room (whole tiles of both needed 278568 bytes for 128x256x64 in 3 stages on the H100). A lower bound: the
+        compiler may add layout-conversion scratch."""
         stages = self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K * itemsize
-        return stages + (tma or aux_tile) * self.BLOCK_M * self.BLOCK_N * itemsize
+        return stages + max(int(tma), int(aux_tile)) * self.BLOCK_M * self.BLOCK_N * itemsize
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
@@ -138,9 +139,20 @@ SPACE = (
 )
 
 
-def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: bool = False) -> bool:
+def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int = 0) -> bool:
     """Pruning rule 1: the program's tiles fit in shared memory."""
     return cfg.shared_memory(itemsize, tma, aux_tile) <= SHARED_MEMORY_BYTES
+
+
+def with_room(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int) -> KernelConfig:
+    """`cfg`, or where its tiles leave no room for the epilogue's (a gated derivative loads two pre-activation
+    tiles: 278528 bytes for the rule's 128x256x64 in 3 stages), its tile narrowed, then its stages cut: the
+    narrower tile keeps the K pipeline that a large product needs."""
+    while not fits(cfg, itemsize, tma, aux_tile) and cfg.BLOCK_N > 64:
+        cfg = dataclasses.replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
+    while not fits(cfg, itemsize, tma, aux_tile) and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    return cfg
 
 
 def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:

@@ -236,8 +236,8 @@ def _autotuned(p, product, M, N, K, a, a_strides, b, b_strides, bias, aux, dtype
     the same tiles). An empty launch times nothing but still takes part in a consensus, so that every rank makes
     the same collectives."""
     tma = p.launch is not None and p.launch.kwargs["TMA"]
-    key = (p.path, index, product, dtype, tf32, tma, aux == "load", M, N, K)
-    aux_tile = aux == "load"
+    aux_tile = plan.aux_tiles(activation, aux)
+    key = (p.path, index, product, dtype, tf32, tma, aux_tile, M, N, K)
     cands = [c for c in configs.candidates(M, N, K, dtype, tma) if configs.fits(c, dtype.itemsize, tma, aux_tile)]
     rule = configs.rule_config(M, dtype, jit.INTERPRETED, tma)
     out = (M, N)

@@ -90,25 +90,27 @@ class ColsumPlan(NamedTuple):
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
                 product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None,
-                tf32: bool = False, aux_tile: bool = False) -> tuple[KernelConfig, str]:  # fmt: skip
+                tf32: bool = False, aux_tile: int = 0) -> tuple[KernelConfig, str]:  # fmt: skip
     """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
     persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
-    `tf32` when fp32 dot products may use TF32, `aux_tile` when the epilogue reads a pre-activation tile.
+    `tf32` when fp32 dot products may use TF32, `aux_tile`: the pre-activation tiles the epilogue reads (aux_tiles).
     `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
-    set. source: "pinned", "table" or "rule". A table's config without room for the pre-activation tile gives way
-    to the rule's, which has room (tests/test_tune.py). A pinned config whose tiles do not fit in shared memory
+    set. source: "pinned", "table" or "rule". A table's config without room for the pre-activation tiles gives way
+    to the rule's, narrowed where it has no room either (configs.with_room; tests/test_tune.py). A pinned config whose tiles do not fit in shared memory
     raises ValueError before the launch."""
     cfg, source = pinned, "pinned"
     if cfg is not None and not fits(cfg, dtype.itemsize, tma, aux_tile):
         raise ValueError(
             f"pinned config {cfg}: needs {cfg.shared_memory(dtype.itemsize, tma, aux_tile)} bytes of shared memory "
             f"for {tables.DTYPE_NAMES[dtype]} operands{' through tensor descriptors' if tma else ''}"
-            f"{' and a pre-activation tile' if aux_tile else ''}; a program has {SHARED_MEMORY_BYTES}"
+            f"{' and ' + str(int(aux_tile)) + ' pre-activation tile(s)' if aux_tile else ''}; a program has "
+            f"{SHARED_MEMORY_BYTES}"
         )
     if cfg is None:
         cfg, source = tables.table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
     if cfg is None or not fits(cfg, dtype.itemsize, tma, aux_tile):
-        cfg, source = configs.rule_config(M, dtype, interpreted, tma), "rule"
+        cfg, source = configs.with_room(configs.rule_config(M, dtype, interpreted, tma), dtype.itemsize, tma,
+                                        aux_tile), "rule"  # fmt: skip
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
 
 
@@ -154,7 +156,7 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
     if M == 0 or N == 0:  # nothing to compute: an empty C (and pre-activation)
         return MatmulPlan(dev.path, None, None, wide, 1, 0, tuple(counts), None)
     cfg, source = pick_config(M, N, K, dtype, jit.INTERPRETED, route is not None, dev.slots, product, dev.gpu,
-                              pinned[0] if pinned else None, tf32, aux_tile=aux == "load")  # fmt: skip
+                              pinned[0] if pinned else None, tf32, aux_tile=aux_tiles(activation, aux))  # fmt: skip
     counts.append("config_" + (pinned[1] if pinned else source))
     k_tiles = _cdiv(K, cfg.BLOCK_K)
     k_tiles_per_split = _cdiv(k_tiles, cfg.split_k)
@@ -198,6 +200,12 @@ def colsum_plan(M: int, N: int, device_index: int, cfg: configs.ColsumConfig, g_
     launch = Launch((col_blocks, chunks, 1), (M, N, *strides, rows_per_program), cfg.meta())
     then = colsum_plan(chunks, N, device_index, cfg, torch.float32, out_dtype) if chunks > 1 else None
     return ColsumPlan(N, chunks, launch, then)
+
+
+def aux_tiles(activation: str, aux: str) -> int:
+    """Output-sized pre-activation tiles the epilogue of a launch reads: grad_input's derivative reads one, a gated
+    activation's (gate, up) pairs two; other launches none."""
+    return 0 if aux != "load" else 2 if ACTIVATIONS[activation].gated else 1
 
 
 def _cdiv(a: int, b: int) -> int:

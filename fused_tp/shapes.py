@@ -1,0 +1,73 @@
+"""The problem shapes that `tune`, the bench scripts and the tests share, as (M tokens, K, N) of y[M, N] = x[M, K] @
+w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on it speak of the same shapes.
+
+    speed    the speed issue's 18 shapes: Llama-3-70B/8B MLP shards at TP 1-8, odd widths, three decode sizes
+    quick    four of them, for a look in a minute
+    decode   issue 18's decode set: every projection of the DECODE_MODELS as a TP 1, 2, 4 and 8 shard (DECODE_SHARDS),
+             at DECODE_TOKENS tokens
+    decode-buckets  what `tune` needs to fill the table for the whole decode set in a fifth of the time: one shape
+             per tuned-table bucket (the most flops) at 1, 8, 32 and 128 tokens; the table's nearest-bucket lookup
+             serves 4, 16 and 64 tokens from their neighbours
+    mid      mid-size products (512-2048 tokens), which no speed-set bucket is near
+    layers   bench_layers.py's 16- and 128-token layers, whose output widths no decode bucket of `speed` is near
+    tiny     for the interpreter
+"""
+
+from __future__ import annotations
+
+# (hidden, intermediate, attention heads, key/value heads) with 128-wide heads; an expert has no attention.
+DECODE_MODELS = {
+    "llama3-8b": (4096, 14336, 32, 8),
+    "llama3-70b": (8192, 28672, 64, 8),
+    "mixtral-8x22b-expert": (6144, 16384, 0, 0),
+}
+DECODE_TP = (1, 2, 4, 8)
+DECODE_TOKENS = (1, 4, 8, 16, 32, 64, 128)
+HEAD_DIM = 128
+
+
+def _decode_shards() -> dict[tuple[int, int], str]:
+    """{(K, N): the projections with that shard}. Column layers (qkv, and gate/up as one SwiGLU launch of
+    interleaved pairs) split the output features, row layers (o, down) the input features; at TP 8 each rank of a
+    Llama-3 holds one key/value head."""
+    shards = {}
+    for model, (hidden, inter, heads, kv_heads) in DECODE_MODELS.items():
+        for tp in DECODE_TP:
+            proj = {"gate_up": (hidden, 2 * inter // tp), "down": (inter // tp, hidden)}
+            if heads:
+                proj = {"qkv": (hidden, (heads + 2 * kv_heads) * HEAD_DIM // tp),
+                        "o": (heads * HEAD_DIM // tp, hidden), **proj}  # fmt: skip
+            for name, kn in proj.items():
+                label = f"{model} {name} tp{tp}"
+                shards[kn] = f"{shards[kn]}, {label}" if kn in shards else label
+    return shards
+
+
+DECODE_SHARDS = _decode_shards()
+_SPEED_DECODE = [(m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))]
+DECODE = [(m, k, n) for m in DECODE_TOKENS for k, n in DECODE_SHARDS]
+
+
+def _one_per_bucket(shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    from .kernels.tables import table_key  # the tuned table's bucket of a forward launch C[M, N] (K deep)
+
+    best = {}
+    for M, K, N in shapes:
+        key = table_key(M, N, K)
+        if key not in best or M * K * N > best[key][0] * best[key][1] * best[key][2]:
+            best[key] = (M, K, N)
+    return list(best.values())
+
+
+PRESETS = {
+    "speed": [(8192, 8192, 14336), (8192, 14336, 8192), (8192, 8192, 7168), (8192, 7168, 8192), (8192, 8192, 3584),
+              (8192, 3584, 8192), (4096, 4096, 7168), (4096, 7168, 4096), (16384, 4096, 1792), (32768, 768, 3072),
+              (1000, 4000, 3000), (4097, 4095, 1023)] + _SPEED_DECODE,
+    "quick": [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (4097, 4095, 1023), (16, 8192, 14336)],
+    "decode": DECODE,
+    "decode-buckets": _one_per_bucket([(m, k, n) for m in (1, 8, 32, 128) for k, n in DECODE_SHARDS]),
+    "mid": [(512, 4096, 1024), (1024, 4096, 1024), (2048, 4096, 1024), (1024, 1024, 4096), (512, 4096, 4096),
+            (2048, 4096, 4096), (2048, 4096, 14336)],
+    "layers": [(16, 4096, 14336), (16, 14336, 4096), (128, 8192, 7168), (128, 7168, 8192)],
+    "tiny": [(8, 16, 24), (33, 40, 17)],
+}  # fmt: skip
