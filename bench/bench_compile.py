@@ -22,8 +22,17 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_layers import models, steps  # noqa: E402
 from bench_linear import CHECK  # noqa: E402
-from common import (DTYPES, env, geomean, markdown_table, plot_ratios, rel_err, results_dir,  # noqa: E402
-                    time_interleaved, write)
+from common import (
+    DTYPES,
+    env,
+    geomean,
+    markdown_table,
+    plot_ratios,
+    rel_err,
+    results_dir,  # noqa: E402
+    time_interleaved,
+    write,
+)
 
 # (hidden, ffn): the Llama-3-8B MLP whole, and a Llama-3-70B MLP's shard at TP 4 (28672 / 4).
 SHAPES = [(4096, 14336), (8192, 7168)]
@@ -32,6 +41,7 @@ TOKENS = [16, 128, 1024, 8192]
 
 def _marked_step(step):
     """A step that first tells inductor's CUDA graphs a new iteration begins (its outputs may then be reused)."""
+
     def run():
         torch.compiler.cudagraph_mark_step_begin()
         return step()
@@ -43,8 +53,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--quick", action="store_true", help=f"the first model shape only, of {len(SHAPES)}")
-    p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"],
-                   choices=["default", "reduce-overhead"])
+    p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"], choices=["default", "reduce-overhead"])
     p.add_argument("--tokens", nargs="+", type=int, default=TOKENS, help="token counts (default: %(default)s)")
     args = p.parse_args()
     dtype, info = DTYPES[args.dtype], env()
@@ -56,29 +65,50 @@ def main():
             built = models(max(args.tokens), hidden, ffn, dtype)
             for layer in ("mlp", "parallel_mlp"):
                 base_mod, fused_mod, x_all, grad_all = built[layer]
-                compiled = {"baseline": torch.compile(base_mod, mode=mode, dynamic=True),
-                            "fused_tp": torch.compile(fused_mod, mode=mode, dynamic=True, fullgraph=True)}
+                compiled = {
+                    "baseline": torch.compile(base_mod, mode=mode, dynamic=True),
+                    "fused_tp": torch.compile(fused_mod, mode=mode, dynamic=True, fullgraph=True),
+                }
                 for tokens in args.tokens:
                     x, grad_y = x_all[:tokens], grad_all[:tokens]
                     start = time.perf_counter()
                     (base_f, base_fb, _), (fused_f, fused_fb, _) = (steps(compiled[n], x, grad_y) for n in compiled)
                     if mode == "reduce-overhead":
                         base_f, base_fb, fused_f, fused_fb = map(_marked_step, (base_f, base_fb, fused_f, fused_fb))
-                    err = max(rel_err(fused_f().clone(), base_f().clone()),
-                              *(rel_err(a, b) for a, b in zip([t.clone() for t in fused_fb()], base_fb())))
+                    err = max(
+                        rel_err(fused_f().clone(), base_f().clone()),
+                        *(rel_err(a, b) for a, b in zip([t.clone() for t in fused_fb()], base_fb())),
+                    )
                     first_s = time.perf_counter() - start  # both compiles (the first token count) and first runs
                     if not err <= CHECK[dtype]:
-                        raise SystemExit(f"{layer} {mode} {tokens}x{hidden}x{ffn}: fused_tp differs from "
-                                         f"nn.Linear by {err:.2e}")  # fmt: skip
+                        raise SystemExit(
+                            f"{layer} {mode} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}"
+                        )
                     for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
                         t = time_interleaved({"baseline": base, "fused_tp": fused})
                         (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
-                        rows.append(dict(layer=layer, mode=mode, step=step, dtype=args.dtype, tokens=tokens,
-                                         hidden=hidden, ffn=ffn, baseline_ms=tb, fused_tp_ms=tf, ratio=tb / tf,
-                                         spread=max(sb, sf), err_vs_baseline=err, first_calls_s=first_s,
-                                         **info))  # fmt: skip
-                        print(f"{layer:>12} {mode:>15} {step:>16} {tokens:>5} {hidden:>5} {ffn:>5}  "
-                              f"ratio {tb / tf:.3f}", flush=True)
+                        rows.append(
+                            dict(
+                                layer=layer,
+                                mode=mode,
+                                step=step,
+                                dtype=args.dtype,
+                                tokens=tokens,
+                                hidden=hidden,
+                                ffn=ffn,
+                                baseline_ms=tb,
+                                fused_tp_ms=tf,
+                                ratio=tb / tf,
+                                spread=max(sb, sf),
+                                err_vs_baseline=err,
+                                first_calls_s=first_s,
+                                **info,
+                            )
+                        )
+                        print(
+                            f"{layer:>12} {mode:>15} {step:>16} {tokens:>5} {hidden:>5} {ffn:>5}  ratio {tb / tf:.3f}",
+                            flush=True,
+                        )
 
     series = lambda r: f"{r['layer']} {r['mode']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
@@ -86,11 +116,20 @@ def main():
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
     for r in rows:
         r["series"] = series(r)
-    plot_ratios(rows, out.with_suffix(".png"), f"compiled fused_tp vs compiled nn.Linear, world size 1, "
-                f"{args.dtype}, {info['gpu']}, torch {info['torch']}, triton {info['triton']}", series="series",
-                label=lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip
-    print("\n" + markdown_table(rows, ["layer", "mode", "step", "tokens", "hidden", "ffn", "baseline_ms",
-                                       "fused_tp_ms", "ratio", "spread"]))  # fmt: skip
+    plot_ratios(
+        rows,
+        out.with_suffix(".png"),
+        f"compiled fused_tp vs compiled nn.Linear, world size 1, "
+        f"{args.dtype}, {info['gpu']}, torch {info['torch']}, triton {info['triton']}",
+        series="series",
+        label=lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}",
+    )
+    print(
+        "\n"
+        + markdown_table(
+            rows, ["layer", "mode", "step", "tokens", "hidden", "ffn", "baseline_ms", "fused_tp_ms", "ratio", "spread"]
+        )
+    )
     print("\ngeometric mean of ratios (> 1 is faster):", ", ".join(f"{s} {g:.3f}" for s, g in summary.items()))
 
 

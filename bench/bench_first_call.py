@@ -33,8 +33,8 @@ PRODUCTS = ("fwd", "dgrad", "wgrad")
 def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
     import torch
     import torch.nn.functional as F
-
     from common import DTYPES, time_interleaved
+
     from fused_tp import kernels, path_counts
     from fused_tp.kernels import autotune, configs, jit, plan
 
@@ -43,8 +43,11 @@ def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
     for M, K, N in shapes:
         x, w, b = (torch.randn(s, device=device, dtype=dtype) for s in ((M, K), (N, K), (N,)))
         g = torch.randn(M, N, device=device, dtype=dtype)
-        ours = {"fwd": lambda: kernels.linear(x, w, b), "dgrad": lambda: kernels.grad_input(g, w),
-                "wgrad": lambda: kernels.grad_params(g, x)}  # fmt: skip
+        ours = {
+            "fwd": lambda: kernels.linear(x, w, b),
+            "dgrad": lambda: kernels.grad_input(g, w),
+            "wgrad": lambda: kernels.grad_params(g, x),
+        }
         theirs = {"fwd": lambda: F.linear(x, w, b), "dgrad": lambda: g @ w, "wgrad": lambda: (g.t() @ x, g.sum(0))}
         # each product's launcher (M, N, K), as the tables and the autotuner key it
         launch = {"fwd": (M, N, K), "dgrad": (M, K, N), "wgrad": (N, K, M)}
@@ -56,23 +59,47 @@ def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
             fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        row = dict(M=M, K=K, N=N, first_call_s=time.perf_counter() - start,
-                   sources={k: v - before[k] for k, v in path_counts.items() if k.startswith("config_")})  # fmt: skip
+        row = dict(
+            M=M,
+            K=K,
+            N=N,
+            first_call_s=time.perf_counter() - start,
+            sources={k: v - before[k] for k, v in path_counts.items() if k.startswith("config_")},
+        )
         if autotune:
             for name in PRODUCTS:
                 key = next(k for k in autotune.autotuned if k[2] == name and k[7:] == launch[name])
                 tma, tf32 = key[5], key[4]
                 tuned, dev = autotune.autotuned[key], plan.device(x.get_device())
-                table, source = plan.pick_config(*launch[name], dtype, interpreted=jit.INTERPRETED, tma=tma,
-                                                 slots=dev.slots, product=name, gpu=dev.gpu, tf32=tf32)  # fmt: skip
-                t = time_interleaved({"autotuned": _pinned(ours[name], tuned, configs),
-                                      "table": _pinned(ours[name], table, configs), "cublas": theirs[name]},
-                                     timer=None if device == "cuda" else autotune.timer)  # fmt: skip
-                row.update({f"{name}_autotuned_ms": t["autotuned"][0], f"{name}_table_ms": t["table"][0],
-                            f"{name}_cublas_ms": t["cublas"][0], f"{name}_table_source": source,
-                            f"{name}_autotuned_over_table": t["table"][0] / t["autotuned"][0],
-                            f"{name}_same_config": tuned == _unsplit(table), f"{name}_spread": max(
-                                s for _, s in t.values())})  # fmt: skip
+                table, source = plan.pick_config(
+                    *launch[name],
+                    dtype,
+                    interpreted=jit.INTERPRETED,
+                    tma=tma,
+                    slots=dev.slots,
+                    product=name,
+                    gpu=dev.gpu,
+                    tf32=tf32,
+                )
+                t = time_interleaved(
+                    {
+                        "autotuned": _pinned(ours[name], tuned, configs),
+                        "table": _pinned(ours[name], table, configs),
+                        "cublas": theirs[name],
+                    },
+                    timer=None if device == "cuda" else autotune.timer,
+                )
+                row.update(
+                    {
+                        f"{name}_autotuned_ms": t["autotuned"][0],
+                        f"{name}_table_ms": t["table"][0],
+                        f"{name}_cublas_ms": t["cublas"][0],
+                        f"{name}_table_source": source,
+                        f"{name}_autotuned_over_table": t["table"][0] / t["autotuned"][0],
+                        f"{name}_same_config": tuned == _unsplit(table),
+                        f"{name}_spread": max(s for _, s in t.values()),
+                    }
+                )
         rows.append(row)
     return rows
 
@@ -120,8 +147,16 @@ def main():
                 environ["FUSED_TP_AUTOTUNE"] = "1"
             if not torch.cuda.is_available():
                 environ["TRITON_INTERPRET"] = "1"
-            command = [sys.executable, __file__, "--child", mode, "--dtype", args.dtype,
-                       "--shapes", *(",".join(map(str, s)) for s in shapes)]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--dtype",
+                args.dtype,
+                "--shapes",
+                *(",".join(map(str, s)) for s in shapes),
+            ]
             done = subprocess.run(command, env=environ, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{mode} process failed:\n{done.stderr}")
@@ -129,22 +164,55 @@ def main():
             rows.append(dict(mode=mode, **r))
             print(mode, r["M"], r["K"], r["N"], f"first call {r['first_call_s']:.2f} s", flush=True)
     info = env()
-    first = [dict(M=t["M"], K=t["K"], N=t["N"], table_first_s=t["first_call_s"], autotune_first_s=a["first_call_s"])
-             for t, a in zip((r for r in rows if r["mode"] == "table"), (r for r in rows if r["mode"] == "autotune"))]
-    speed = [dict(M=r["M"], K=r["K"], N=r["N"], product=name, autotuned_ms=r[f"{name}_autotuned_ms"],
-                  table_ms=r[f"{name}_table_ms"], cublas_ms=r[f"{name}_cublas_ms"],
-                  autotuned_over_table=r[f"{name}_autotuned_over_table"], same_config=r[f"{name}_same_config"],
-                  spread=r[f"{name}_spread"])
-             for r in rows if r["mode"] == "autotune" for name in PRODUCTS]  # fmt: skip
+    first = [
+        dict(M=t["M"], K=t["K"], N=t["N"], table_first_s=t["first_call_s"], autotune_first_s=a["first_call_s"])
+        for t, a in zip((r for r in rows if r["mode"] == "table"), (r for r in rows if r["mode"] == "autotune"))
+    ]
+    speed = [
+        dict(
+            M=r["M"],
+            K=r["K"],
+            N=r["N"],
+            product=name,
+            autotuned_ms=r[f"{name}_autotuned_ms"],
+            table_ms=r[f"{name}_table_ms"],
+            cublas_ms=r[f"{name}_cublas_ms"],
+            autotuned_over_table=r[f"{name}_autotuned_over_table"],
+            same_config=r[f"{name}_same_config"],
+            spread=r[f"{name}_spread"],
+        )
+        for r in rows
+        if r["mode"] == "autotune"
+        for name in PRODUCTS
+    ]
     geo = {name: geomean(s["autotuned_over_table"] for s in speed if s["product"] == name) for name in PRODUCTS}
-    write(results_dir(info["gpu"]) / f"bench_first_call_{args.dtype}.json",
-          {"env": info, "first_call": first, "speed": speed, "geomean_autotuned_over_table": geo, "rows": rows})
+    write(
+        results_dir(info["gpu"]) / f"bench_first_call_{args.dtype}.json",
+        {"env": info, "first_call": first, "speed": speed, "geomean_autotuned_over_table": geo, "rows": rows},
+    )
     print(markdown_table(first, ["M", "K", "N", "table_first_s", "autotune_first_s"]))
     print()
-    print(markdown_table(speed, ["product", "M", "K", "N", "autotuned_ms", "table_ms", "cublas_ms",
-                                 "autotuned_over_table", "same_config", "spread"]))  # fmt: skip
-    print("\ngeometric mean of autotuned over table (> 1: autotuning's configs are faster):",
-          ", ".join(f"{name} {v:.3f}" for name, v in geo.items()))
+    print(
+        markdown_table(
+            speed,
+            [
+                "product",
+                "M",
+                "K",
+                "N",
+                "autotuned_ms",
+                "table_ms",
+                "cublas_ms",
+                "autotuned_over_table",
+                "same_config",
+                "spread",
+            ],
+        )
+    )
+    print(
+        "\ngeometric mean of autotuned over table (> 1: autotuning's configs are faster):",
+        ", ".join(f"{name} {v:.3f}" for name, v in geo.items()),
+    )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,17 @@ def _rank(rank: int, args, backend: str, init_method: str, results) -> None:
     if gpus:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=args.world_size,
-                            timeout=timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=args.world_size, timeout=timedelta(seconds=120)
+    )
     sync = torch.cuda.synchronize if gpus else (lambda: None)
     dtype, hidden = DTYPES[args.dtype], args.hidden
     torch.manual_seed(0)
-    mlp = nn.Sequential(fused_tp.ColumnParallelLinear(hidden, 4 * hidden, device=device, dtype=dtype), nn.GELU(),
-                        fused_tp.RowParallelLinear(4 * hidden, hidden, device=device, dtype=dtype))  # fmt: skip
+    mlp = nn.Sequential(
+        fused_tp.ColumnParallelLinear(hidden, 4 * hidden, device=device, dtype=dtype),
+        nn.GELU(),
+        fused_tp.RowParallelLinear(4 * hidden, hidden, device=device, dtype=dtype),
+    )
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
@@ -65,9 +69,21 @@ def _rank(rank: int, args, backend: str, init_method: str, results) -> None:
         dist.all_gather_object(gathered, times)
         worst = {m: [max(g[m][s] for g in gathered) for s in range(args.steps)] for m in times}
         off, on = (statistics.median(worst[m]) * 1e3 for m in ("off", "on"))
-        rows.append(dict(tokens=tokens, hidden=hidden, ffn=4 * hidden, dtype=args.dtype, world_size=args.world_size,
-                         backend=backend, step_ms_guard_off=off, step_ms_guard_on=on, overhead_ms=on - off,
-                         overhead_per_layer_call_ms=(on - off) / 2, ratio=off / on))  # fmt: skip
+        rows.append(
+            dict(
+                tokens=tokens,
+                hidden=hidden,
+                ffn=4 * hidden,
+                dtype=args.dtype,
+                world_size=args.world_size,
+                backend=backend,
+                step_ms_guard_off=off,
+                step_ms_guard_on=on,
+                overhead_ms=on - off,
+                overhead_per_layer_call_ms=(on - off) / 2,
+                ratio=off / on,
+            )
+        )
     if rank == 0:
         results.put(rows)
     dist.destroy_process_group()
@@ -78,8 +94,9 @@ def main():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--backend", choices=["gloo", "nccl"], default=None,
-                   help="default: nccl with a GPU per rank, else gloo")  # fmt: skip
+    p.add_argument(
+        "--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with a GPU per rank, else gloo"
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tokens", type=int, nargs="+", default=[16, 2048])
@@ -98,10 +115,25 @@ def main():
     rows = [dict(r, **info) for r in results.get()]
     # Ranks sharing a card write beside the single-card results; one GPU per rank, in <gpu>-x<N>.
     out = results_dir(info["gpu"] + (f"-x{args.world_size}" if backend == "nccl" else "")) / (
-        f"bench_guard_{backend}_{args.dtype}_world{args.world_size}.json")
+        f"bench_guard_{backend}_{args.dtype}_world{args.world_size}.json"
+    )
     write(out, {"env": info, "rows": rows})
-    print(markdown_table(rows, ["tokens", "hidden", "ffn", "world_size", "backend", "step_ms_guard_off",
-                                "step_ms_guard_on", "overhead_ms", "overhead_per_layer_call_ms"]))  # fmt: skip
+    print(
+        markdown_table(
+            rows,
+            [
+                "tokens",
+                "hidden",
+                "ffn",
+                "world_size",
+                "backend",
+                "step_ms_guard_off",
+                "step_ms_guard_on",
+                "overhead_ms",
+                "overhead_per_layer_call_ms",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -61,12 +61,14 @@ def host_us(fn, calls: int) -> float:
 
 
 # (case, baseline case, the bound on fused_tp / baseline host time): the layer-level pairs the goals name.
-PAIRS = [("Column forward, no_grad", "nn.Linear forward, no_grad", 1.3),
-         ("Column fwd+bwd", "nn.Linear fwd+bwd", 1.25),
-         ("Row fwd+bwd", "nn.Linear fwd+bwd", 1.25),
-         ("ParallelMLP fwd+bwd", "nn.Linear MLP fwd+bwd", 1.25),
-         ("kernels.linear", "F.linear", None),
-         ("torch.ops.fused_tp.linear", "F.linear", None)]  # fmt: skip
+PAIRS = [
+    ("Column forward, no_grad", "nn.Linear forward, no_grad", 1.3),
+    ("Column fwd+bwd", "nn.Linear fwd+bwd", 1.25),
+    ("Row fwd+bwd", "nn.Linear fwd+bwd", 1.25),
+    ("ParallelMLP fwd+bwd", "nn.Linear MLP fwd+bwd", 1.25),
+    ("kernels.linear", "F.linear", None),
+    ("torch.ops.fused_tp.linear", "F.linear", None),
+]
 
 
 def cases(device: str, dtype: torch.dtype, width: int) -> dict:
@@ -125,8 +127,14 @@ def main():
         jit.matmul_kernel = jit.colsum_kernel = _Stub()
     elif device == "cpu":
         args.calls = min(args.calls, 20)  # the interpreter runs the kernels: its time says nothing about launches
-    info = dict(env(), kernel_path=kernels.kernel_path(device), stub_kernels=args.stub_kernels, dtype=str(dtype),
-                width=width, calls=args.calls)  # fmt: skip
+    info = dict(
+        env(),
+        kernel_path=kernels.kernel_path(device),
+        stub_kernels=args.stub_kernels,
+        dtype=str(dtype),
+        width=width,
+        calls=args.calls,
+    )
     named = cases(device, dtype, width)
     rows = []
     for r in range(args.rounds):
@@ -141,17 +149,29 @@ def main():
     # Ratios within each round (a host's speed swings between rounds), then their median over the rounds.
     ratios = []
     for case, base, bound in PAIRS:
-        per_round = sorted(next(r["host_us"] for r in rows if r["round"] == i and r["case"] == case)
-                           / next(r["host_us"] for r in rows if r["round"] == i and r["case"] == base)
-                           for i in range(args.rounds))  # fmt: skip
-        ratios.append(dict(case=case, baseline=base, median_ratio=per_round[len(per_round) // 2],
-                           min_ratio=per_round[0], max_ratio=per_round[-1], bound=bound,
-                           within_bound=None if bound is None else per_round[len(per_round) // 2] <= bound))  # fmt: skip
+        per_round = sorted(
+            next(r["host_us"] for r in rows if r["round"] == i and r["case"] == case)
+            / next(r["host_us"] for r in rows if r["round"] == i and r["case"] == base)
+            for i in range(args.rounds)
+        )
+        ratios.append(
+            dict(
+                case=case,
+                baseline=base,
+                median_ratio=per_round[len(per_round) // 2],
+                min_ratio=per_round[0],
+                max_ratio=per_round[-1],
+                bound=bound,
+                within_bound=None if bound is None else per_round[len(per_round) // 2] <= bound,
+            )
+        )
     out = results_dir(info["gpu"]) / f"bench_host{'_stub' if args.stub_kernels else ''}.json"
     write(out, {"env": info, "summary": summary, "ratios": ratios, "rows": rows})
     print("\n" + markdown_table(summary, ["case", "min_us", "median_us", "max_us"]))
-    print("\nhost time over the baseline's, median of per-round ratios (bound: the issue's goal)\n"
-          + markdown_table(ratios, ["case", "baseline", "median_ratio", "min_ratio", "max_ratio", "bound"]))
+    print(
+        "\nhost time over the baseline's, median of per-round ratios (bound: the issue's goal)\n"
+        + markdown_table(ratios, ["case", "baseline", "median_ratio", "min_ratio", "max_ratio", "bound"])
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,17 @@ from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_linear import CHECK  # noqa: E402
-from common import (DTYPES, env, geomean, markdown_table, plot_ratios, rel_err, results_dir,  # noqa: E402
-                    time_interleaved, write)
+from common import (
+    DTYPES,
+    env,
+    geomean,
+    markdown_table,
+    plot_ratios,
+    rel_err,
+    results_dir,  # noqa: E402
+    time_interleaved,
+    write,
+)
 
 import fused_tp  # noqa: E402
 
@@ -64,12 +73,15 @@ def models(tokens, hidden, ffn, dtype, device="cuda"):
         "column": (up, col, x, torch.randn(tokens, ffn, **new)),
         "row": (down, row, h, torch.randn(tokens, hidden, **new)),
         "mlp": (nn.Sequential(up, nn.GELU(), down), nn.Sequential(col, nn.GELU(), row), x, grad_mlp),
-        "parallel_mlp": (nn.Sequential(up, nn.GELU(), down), fused_tp.ParallelMLP.from_linears(up, down), x,
-                         grad_mlp),
-        "swiglu_modules": (llama, GatedMLP(col.from_linear(gated[0]), col.from_linear(gated[1]),
-                                           row.from_linear(gated[2])), x, grad_mlp),
+        "parallel_mlp": (nn.Sequential(up, nn.GELU(), down), fused_tp.ParallelMLP.from_linears(up, down), x, grad_mlp),
+        "swiglu_modules": (
+            llama,
+            GatedMLP(col.from_linear(gated[0]), col.from_linear(gated[1]), row.from_linear(gated[2])),
+            x,
+            grad_mlp,
+        ),
         "parallel_swiglu": (llama, fused_tp.ParallelMLP.from_gated(*gated), x, grad_mlp),
-    }  # fmt: skip
+    }
 
 
 def dense_grads(layer: str, grads) -> list:
@@ -154,29 +166,56 @@ def main():
         for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
             if layer not in args.layers:
                 continue
-            (base_f, base_fb, base_clear), (fused_f, fused_fb, fused_clear) = (steps(base_mod, x, grad_y),
-                                                                                steps(fused_mod, x, grad_y))  # fmt: skip
-            err = max(rel_err(fused_f(), base_f()),
-                      *(rel_err(a, b) for a, b in zip(dense_grads(layer, fused_fb()), base_fb(), strict=True)))
+            (base_f, base_fb, base_clear), (fused_f, fused_fb, fused_clear) = (
+                steps(base_mod, x, grad_y),
+                steps(fused_mod, x, grad_y),
+            )
+            err = max(
+                rel_err(fused_f(), base_f()),
+                *(rel_err(a, b) for a, b in zip(dense_grads(layer, fused_fb()), base_fb(), strict=True)),
+            )
             if not err <= CHECK[dtype]:
                 raise SystemExit(f"{layer} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}")
             for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
                 if args.graphs:
                     base, fused = graphed(base), graphed(fused)
-                    pairs = zip(dense_grads(layer, _tensors(fused())) if step != "forward" else _tensors(fused()),
-                                _tensors(base()), strict=True)
+                    pairs = zip(
+                        dense_grads(layer, _tensors(fused())) if step != "forward" else _tensors(fused()),
+                        _tensors(base()),
+                        strict=True,
+                    )
                     err = max(err, *(rel_err(a, b) for a, b in pairs))
                     if not err <= CHECK[dtype]:
-                        raise SystemExit(f"{layer} {step} {tokens}x{hidden}x{ffn}: replayed from a CUDA graph, "
-                                         f"fused_tp differs from nn.Linear by {err:.2e}")  # fmt: skip
+                        raise SystemExit(
+                            f"{layer} {step} {tokens}x{hidden}x{ffn}: replayed from a CUDA graph, "
+                            f"fused_tp differs from nn.Linear by {err:.2e}"
+                        )
                 t = time_interleaved({"baseline": base, "fused_tp": fused})
                 (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
                 mb, mf = (None, None) if args.graphs else (peak_mib(base, base_clear), peak_mib(fused, fused_clear))
-                rows.append(dict(layer=layer, step=step, dtype=args.dtype, tokens=tokens, hidden=hidden, ffn=ffn,
-                                 baseline_ms=tb, fused_tp_ms=tf, ratio=tb / tf, spread=max(sb, sf), err_vs_baseline=err,
-                                 baseline_peak_mib=mb, fused_tp_peak_mib=mf, **info))  # fmt: skip
-                print(f"{layer:>12} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}"
-                      + ("" if mb is None else f"  peak MiB {mb:.0f} vs {mf:.0f}"), flush=True)
+                rows.append(
+                    dict(
+                        layer=layer,
+                        step=step,
+                        dtype=args.dtype,
+                        tokens=tokens,
+                        hidden=hidden,
+                        ffn=ffn,
+                        baseline_ms=tb,
+                        fused_tp_ms=tf,
+                        ratio=tb / tf,
+                        spread=max(sb, sf),
+                        err_vs_baseline=err,
+                        baseline_peak_mib=mb,
+                        fused_tp_peak_mib=mf,
+                        **info,
+                    )
+                )
+                print(
+                    f"{layer:>12} {step:>16} {tokens:>6} {hidden:>6} {ffn:>6}  ratio {tb / tf:.3f}"
+                    + ("" if mb is None else f"  peak MiB {mb:.0f} vs {mf:.0f}"),
+                    flush=True,
+                )
 
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
@@ -186,12 +225,34 @@ def main():
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
     for r in rows:
         r["series"] = series(r)
-    plot_ratios(rows, out.with_suffix(".png"), f"fused_tp layers vs nn.Linear, world size 1, {args.dtype}, "
-                f"{'CUDA graphs, ' if args.graphs else ''}"
-                f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}", series="series",
-                label=lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip
-    print("\n" + markdown_table(rows, ["layer", "step", "tokens", "hidden", "ffn", "baseline_ms", "fused_tp_ms",
-                                       "ratio", "spread", "baseline_peak_mib", "fused_tp_peak_mib"]))  # fmt: skip
+    plot_ratios(
+        rows,
+        out.with_suffix(".png"),
+        f"fused_tp layers vs nn.Linear, world size 1, {args.dtype}, "
+        f"{'CUDA graphs, ' if args.graphs else ''}"
+        f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}",
+        series="series",
+        label=lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}",
+    )
+    print(
+        "\n"
+        + markdown_table(
+            rows,
+            [
+                "layer",
+                "step",
+                "tokens",
+                "hidden",
+                "ffn",
+                "baseline_ms",
+                "fused_tp_ms",
+                "ratio",
+                "spread",
+                "baseline_peak_mib",
+                "fused_tp_peak_mib",
+            ],
+        )
+    )
     print("\ngeometric mean of ratios (> 1 is faster):", ", ".join(f"{s} {g:.3f}" for s, g in summary.items()))
 
 

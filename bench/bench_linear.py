@@ -26,8 +26,17 @@ import torch.nn.functional as F
 import triton.testing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import (DTYPES, env, geomean, markdown_table, plot_ratios, rel_err, results_dir,  # noqa: E402
-                    time_interleaved, write)
+from common import (
+    DTYPES,
+    env,
+    geomean,
+    markdown_table,
+    plot_ratios,
+    rel_err,
+    results_dir,  # noqa: E402
+    time_interleaved,
+    write,
+)
 
 import fused_tp  # noqa: E402
 from fused_tp import kernels  # noqa: E402
@@ -50,13 +59,25 @@ def ops(M, K, N, dtype):
     x, w, b, gy = randn(M, K), randn(N, K) / K**0.5, randn(N), randn(M, N)
     s = slice(0, 64)  # rows checked in float64
     return {
-        "forward": (lambda: F.linear(x, w, b), lambda: kernels.linear(x, w, b),
-                    lambda y: (y[s], x[s].double() @ w.double().T + b.double()), 2 * M * N * K),
-        "grad_input": (lambda: gy @ w, lambda: kernels.grad_input(gy, w),
-                       lambda g: (g[s], gy[s].double() @ w.double()), 2 * M * N * K),
-        "grad_weight+bias": (lambda: (gy.t() @ x, gy.sum(0)), lambda: kernels.grad_params(gy, x),
-                             lambda g: (g[0][s], gy[:, s].double().T @ x.double()), 2 * M * N * K),
-    }  # fmt: skip
+        "forward": (
+            lambda: F.linear(x, w, b),
+            lambda: kernels.linear(x, w, b),
+            lambda y: (y[s], x[s].double() @ w.double().T + b.double()),
+            2 * M * N * K,
+        ),
+        "grad_input": (
+            lambda: gy @ w,
+            lambda: kernels.grad_input(gy, w),
+            lambda g: (g[s], gy[s].double() @ w.double()),
+            2 * M * N * K,
+        ),
+        "grad_weight+bias": (
+            lambda: (gy.t() @ x, gy.sum(0)),
+            lambda: kernels.grad_params(gy, x),
+            lambda g: (g[0][s], gy[:, s].double().T @ x.double()),
+            2 * M * N * K,
+        ),
+    }
 
 
 OPS = ("forward", "grad_input", "grad_weight+bias")
@@ -68,10 +89,23 @@ def launch_config(op: str, M: int, K: int, N: int, dtype) -> str:
     m, n, k = {"forward": (M, N, K), "grad_input": (M, K, N), "grad_weight+bias": (N, K, M)}[op]
     dev = plan.device(torch.cuda.current_device())
     product = {"forward": "fwd", "grad_input": "dgrad", "grad_weight+bias": "wgrad"}[op]
-    cfg, source = plan.pick_config(m, n, k, dtype, False, dev.has_tma, dev.slots, product, dev.gpu,
-                                   configs.pinned_config(), torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
-    return (f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
-            f"{'' if cfg.persistent else ' np'} split{cfg.split_k} ({source})")
+    cfg, source = plan.pick_config(
+        m,
+        n,
+        k,
+        dtype,
+        False,
+        dev.has_tma,
+        dev.slots,
+        product,
+        dev.gpu,
+        configs.pinned_config(),
+        torch.backends.cuda.matmul.allow_tf32,
+    )
+    return (
+        f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
+        f"{'' if cfg.persistent else ' np'} split{cfg.split_k} ({source})"
+    )
 
 
 def decode_goals(rows: list[dict]) -> dict:
@@ -80,14 +114,26 @@ def decode_goals(rows: list[dict]) -> dict:
     fwd = [r for r in rows if r["op"] == "forward"]
     big = [r for r in fwd if r["N"] * r["K"] * r["dtype_bytes"] >= DECODE_BIG_BYTES]
     slow = [r for r in big if r["fused_tp_of_copy_rate"] < DECODE_COPY_SHARE]
-    return dict(geomean=geomean(r["ratio"] for r in fwd), lowest=min(r["ratio"] for r in fwd),
-                below_0_95=sum(r["ratio"] < 0.95 for r in fwd), rows=len(fwd), big_rows=len(big),
-                big_below_copy_share=len(slow),
-                big_copy_share_range=[min(r["fused_tp_of_copy_rate"] for r in big),
-                                      max(r["fused_tp_of_copy_rate"] for r in big)] if big else None,
-                baseline_big_copy_share_range=[min(r["baseline_weight_gbps"] / r["copy_gbps"] for r in big),
-                                               max(r["baseline_weight_gbps"] / r["copy_gbps"] for r in big)]
-                if big else None)  # fmt: skip
+    return dict(
+        geomean=geomean(r["ratio"] for r in fwd),
+        lowest=min(r["ratio"] for r in fwd),
+        below_0_95=sum(r["ratio"] < 0.95 for r in fwd),
+        rows=len(fwd),
+        big_rows=len(big),
+        big_below_copy_share=len(slow),
+        big_copy_share_range=[
+            min(r["fused_tp_of_copy_rate"] for r in big),
+            max(r["fused_tp_of_copy_rate"] for r in big),
+        ]
+        if big
+        else None,
+        baseline_big_copy_share_range=[
+            min(r["baseline_weight_gbps"] / r["copy_gbps"] for r in big),
+            max(r["baseline_weight_gbps"] / r["copy_gbps"] for r in big),
+        ]
+        if big
+        else None,
+    )
 
 
 def copy_rate() -> float:
@@ -125,14 +171,22 @@ def main():
     p.add_argument("--shapes", choices=list(PRESETS), default="speed", help="a preset of fused_tp/shapes.py")
     p.add_argument("--quick", action="store_true", help="--shapes quick")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which products (default: all three)")
-    p.add_argument("--rep-ms", type=float, default=100,
-                   help="do_bench's timing budget per call in ms (warm-up: a quarter of it, at most 25)")
+    p.add_argument(
+        "--rep-ms",
+        type=float,
+        default=100,
+        help="do_bench's timing budget per call in ms (warm-up: a quarter of it, at most 25)",
+    )
     p.add_argument("--compare-rule", action="store_true", help="also time the rule's config, without the table")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     preset = "quick" if args.quick else args.shapes
-    timer = lambda fn: triton.testing.do_bench(fn, warmup=min(25, args.rep_ms / 4), rep=args.rep_ms,  # noqa: E731
-                                                return_mode="median")
+    timer = lambda fn: triton.testing.do_bench(
+        fn,
+        warmup=min(25, args.rep_ms / 4),
+        rep=args.rep_ms,  # noqa: E731
+        return_mode="median",
+    )
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     info = env()
     info["copy_gbps"] = copy_rate()
@@ -151,43 +205,72 @@ def main():
                 providers["rule"] = pinned_to_rule(fused, M if op != "grad_weight+bias" else N, dtype)
             t = time_interleaved(providers, timer=timer)
             (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
-            row = dict(op=op, dtype=tag, M=M, K=K, N=N, baseline_ms=tb, fused_tp_ms=tf,
-                       baseline_tflops=flops / tb * 1e-9, fused_tp_tflops=flops / tf * 1e-9, ratio=tb / tf,
-                       spread=max(sb, sf), err_vs_fp64=err_f64, config=launch_config(op, M, K, N, dtype),
-                       **info)  # fmt: skip
+            row = dict(
+                op=op,
+                dtype=tag,
+                M=M,
+                K=K,
+                N=N,
+                baseline_ms=tb,
+                fused_tp_ms=tf,
+                baseline_tflops=flops / tb * 1e-9,
+                fused_tp_tflops=flops / tf * 1e-9,
+                ratio=tb / tf,
+                spread=max(sb, sf),
+                err_vs_fp64=err_f64,
+                config=launch_config(op, M, K, N, dtype),
+                **info,
+            )
             if preset.startswith("decode"):
                 row["shard"] = DECODE_SHARDS[(K, N)]
             if args.compare_rule:
                 row.update(rule_ms=t["rule"][0], table_over_rule=t["rule"][0] / tf)
             if M <= 128:  # bound by reading (or writing) the weight
                 nbytes = N * K * dtype.itemsize
-                row.update(dtype_bytes=dtype.itemsize, baseline_weight_gbps=nbytes / tb * 1e-6,
-                           fused_tp_weight_gbps=nbytes / tf * 1e-6,
-                           fused_tp_of_copy_rate=nbytes / tf * 1e-6 / info["copy_gbps"])  # fmt: skip
+                row.update(
+                    dtype_bytes=dtype.itemsize,
+                    baseline_weight_gbps=nbytes / tb * 1e-6,
+                    fused_tp_weight_gbps=nbytes / tf * 1e-6,
+                    fused_tp_of_copy_rate=nbytes / tf * 1e-6 / info["copy_gbps"],
+                )
             rows.append(row)
-            print(f"{op:>17} {M:>6} {K:>6} {N:>6}  ratio {row['ratio']:.3f}  ({tf:.4f} vs {tb:.4f} ms)  "
-                  f"{row['config']}", flush=True)
+            print(
+                f"{op:>17} {M:>6} {K:>6} {N:>6}  ratio {row['ratio']:.3f}  ({tf:.4f} vs {tb:.4f} ms)  {row['config']}",
+                flush=True,
+            )
 
     summary = {op: geomean(r["ratio"] for r in rows if r["op"] == op) for op in dict.fromkeys(r["op"] for r in rows)}
     if args.compare_rule:
-        summary.update({f"{op} table_over_rule": geomean(r["table_over_rule"] for r in rows if r["op"] == op)
-                        for op in dict.fromkeys(r["op"] for r in rows)})  # fmt: skip
+        summary.update(
+            {
+                f"{op} table_over_rule": geomean(r["table_over_rule"] for r in rows if r["op"] == op)
+                for op in dict.fromkeys(r["op"] for r in rows)
+            }
+        )
     goals = decode_goals(rows) if preset == "decode" else None
     out = results_dir(info["gpu"]) / f"bench_linear_{tag}{'' if preset == 'speed' else '_' + preset}"
-    write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "decode_goals": goals,
-                                     "rows": rows})  # fmt: skip
+    write(
+        out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "decode_goals": goals, "rows": rows}
+    )
     title = f"fused_tp vs cuBLAS, {tag}, {info['gpu']}, torch {info['torch']}, triton {info['triton']}"
     if preset.startswith("decode"):  # one bar group per shard, one bar per token count
-        plot_ratios(rows, out.with_suffix(".png"), title + " (bars: tokens)", series="M",
-                    label=lambda r: f"{r['op'][0]} {r['K']}x{r['N']}")  # fmt: skip
+        plot_ratios(
+            rows,
+            out.with_suffix(".png"),
+            title + " (bars: tokens)",
+            series="M",
+            label=lambda r: f"{r['op'][0]} {r['K']}x{r['N']}",
+        )
     else:
         plot_ratios(rows, out.with_suffix(".png"), title, series="op", label=lambda r: f"{r['M']}x{r['K']}x{r['N']}")
     cols = ["op", "M", "K", "N", "baseline_tflops", "fused_tp_tflops", "ratio", "spread"]
     cols += ["fused_tp_of_copy_rate", "config", "shard"] if preset.startswith("decode") else []
     cols += ["table_over_rule"] if args.compare_rule else []
     print("\n" + markdown_table(rows, cols))
-    print("\ngeometric mean of ratios (baseline_ms / fused_tp_ms; > 1 is faster):", 
-          ", ".join(f"{op} {g:.3f}" for op, g in summary.items()))
+    print(
+        "\ngeometric mean of ratios (baseline_ms / fused_tp_ms; > 1 is faster):",
+        ", ".join(f"{op} {g:.3f}" for op, g in summary.items()),
+    )
     if goals:
         print("decode goals:", json.dumps(goals))
 

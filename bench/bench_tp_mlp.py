@@ -113,10 +113,11 @@ OURS, REFERENCES = ("fused_tp", "fused_mlp"), ("megatron", "dtensor")
 def models(dense: nn.Sequential, world: int, rank: int, device, sequence_parallel: bool = False):
     """{provider: forward function of x} built from the same dense MLP (x: this rank's tokens with
     sequence_parallel, else all of them)."""
-    import fused_tp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import fused_tp
 
     up, down = dense[0], dense[2]
     sp = dict(sequence_parallel=sequence_parallel)
@@ -124,8 +125,9 @@ def models(dense: nn.Sequential, world: int, rank: int, device, sequence_paralle
     shard = lambda t, dim: nn.Parameter(torch.tensor_split(t.detach(), world, dim)[rank].clone())  # noqa: E731
     w1, b1, w2 = shard(up.weight, 0), shard(up.bias, 0), shard(down.weight, 1)
     b2 = nn.Parameter(down.bias.detach().clone())
-    copy = nn.Sequential(nn.Linear(up.in_features, up.out_features), nn.GELU(),
-                         nn.Linear(down.in_features, down.out_features)).to(device, up.weight.dtype)  # fmt: skip
+    copy = nn.Sequential(
+        nn.Linear(up.in_features, up.out_features), nn.GELU(), nn.Linear(down.in_features, down.out_features)
+    ).to(device, up.weight.dtype)
     copy.load_state_dict(dense.state_dict())
     mesh = init_device_mesh(device.type, (world,))
     if sequence_parallel:
@@ -139,6 +141,7 @@ def models(dense: nn.Sequential, world: int, rank: int, device, sequence_paralle
 
         def megatron(x):
             return _MegatronRow.apply(F.gelu(_MegatronColumn.apply(x, w1, b1)), w2, b2)
+
     tp = parallelize_module(copy, mesh, plan)
     mlp = fused_tp.ParallelMLP.from_linears(up, down, **sp)
     return {
@@ -202,8 +205,14 @@ def main():
         h, grad_h = (torch.randn(tokens, w1.shape[0], device=device, dtype=dtype) for _ in range(2))
         sums = [torch.empty(tokens, hidden, device=device, dtype=dtype) for _ in range(2)]
         floors = {
-            "gemms": lambda: (F.linear(x_all, w1), grad_h @ w1, grad_h.t() @ x_all, F.linear(h, w2), g_all @ w2,
-                              g_all.t() @ h),  # fmt: skip
+            "gemms": lambda: (
+                F.linear(x_all, w1),
+                grad_h @ w1,
+                grad_h.t() @ x_all,
+                F.linear(h, w2),
+                g_all @ w2,
+                g_all.t() @ h,
+            ),
             "allreduces": lambda: [dist.all_reduce(t) for t in sums],
         }
         timed = {name: (lambda f=f: step(f)) for name, f in providers.items()} | floors
@@ -222,23 +231,53 @@ def main():
         ms = {n: statistics.median(max(g[n][s] for g in gathered) for s in range(args.steps)) * 1e3 for n in times}
         floor = max(ms["gemms"], ms["allreduces"])
         ratios = {f"{ours}_vs_{ref}": ms[ref] / ms[ours] for ours in OURS for ref in REFERENCES}
-        rows.append(dict(tokens=tokens, hidden=hidden, ffn=ffn, tp=world, dtype=args.dtype,
-                         **{f"{n}_ms": v for n, v in ms.items()}, **ratios, floor_ms=floor,
-                         **{f"{ours}_over_floor": ms[ours] / floor for ours in OURS}))  # fmt: skip
+        rows.append(
+            dict(
+                tokens=tokens,
+                hidden=hidden,
+                ffn=ffn,
+                tp=world,
+                dtype=args.dtype,
+                **{f"{n}_ms": v for n, v in ms.items()},
+                **ratios,
+                floor_ms=floor,
+                **{f"{ours}_over_floor": ms[ours] / floor for ours in OURS},
+            )
+        )
     if rank == 0:
         info = env()
-        cols = ["tokens", "hidden", "ffn", "tp", "fused_tp_ms", "fused_mlp_ms", "megatron_ms", "dtensor_ms",
-                "gemms_ms", "allreduces_ms", *ratios, "fused_mlp_over_floor"]  # fmt: skip
+        cols = [
+            "tokens",
+            "hidden",
+            "ffn",
+            "tp",
+            "fused_tp_ms",
+            "fused_mlp_ms",
+            "megatron_ms",
+            "dtensor_ms",
+            "gemms_ms",
+            "allreduces_ms",
+            *ratios,
+            "fused_mlp_over_floor",
+        ]
         print(markdown_table(rows, cols))
         if not args.tiny:
             name = f"bench_tp_mlp_{'sp_' if args.sequence_parallel else ''}{args.dtype}"
             out = results_dir(f"{info['gpu']}-x{world}") / name
             write(out.with_suffix(".json"), {"env": info, "rows": [dict(r, **info) for r in rows]})
-            bars = [dict(r, reference=f"{ours} vs {ref}", ratio=r[f"{ours}_vs_{ref}"])
-                    for r in rows for ours in OURS for ref in REFERENCES]  # fmt: skip
-            plot_ratios(bars, out.with_suffix(".png"), f"fused_tp MLP step vs the references, TP {world}, "
-                        f"{args.dtype}, {info['gpu']}", "reference",
-                        lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}")  # fmt: skip
+            bars = [
+                dict(r, reference=f"{ours} vs {ref}", ratio=r[f"{ours}_vs_{ref}"])
+                for r in rows
+                for ours in OURS
+                for ref in REFERENCES
+            ]
+            plot_ratios(
+                bars,
+                out.with_suffix(".png"),
+                f"fused_tp MLP step vs the references, TP {world}, {args.dtype}, {info['gpu']}",
+                "reference",
+                lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}",
+            )
     # DTensor's modules hold reference cycles whose collectives' work objects are freed only by the garbage
     # collector; left to the interpreter's exit, after the group is destroyed, they ended rank 0 in `terminate called
     # without an active exception` on gloo (about 1 run in 5 on a CPU; 0 in 64 with the collection here).

@@ -33,7 +33,8 @@ SPLIT_BASES = [
     KernelConfig(64, 256, 64, num_warps=4, num_stages=4),
 ]
 SPLIT_SHAPES = [(16384, 4096, 1792), (32768, 768, 3072), (1000, 4000, 3000), (4097, 4095, 1023)] + [
-    (m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))]  # fmt: skip
+    (m, k, n) for m in (1, 16, 128) for k, n in ((8192, 14336), (14336, 8192))
+]
 
 
 def main():
@@ -65,13 +66,34 @@ def main():
                         ok, ms = False, None
                         print(f"  {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 timings.append((cfg, ms, ok))
-                rows.append(dict(op=op, M=M, K=K, N=N, config=repr(cfg), ms=ms, correct=ok, baseline_ms=base_ms,
-                                 tflops=None if ms is None else flops / ms * 1e-9, **info))  # fmt: skip
+                rows.append(
+                    dict(
+                        op=op,
+                        M=M,
+                        K=K,
+                        N=N,
+                        config=repr(cfg),
+                        ms=ms,
+                        correct=ok,
+                        baseline_ms=base_ms,
+                        tflops=None if ms is None else flops / ms * 1e-9,
+                        **info,
+                    )
+                )
             good = [(ms, cfg) for cfg, ms, ok in timings if ms is not None]
             ms, cfg = min(good, key=lambda t: t[0])
-            best.append(dict(op=op, M=M, K=K, N=N, best_ratio=base_ms / ms, default_ratio=base_ms / default_ms,
-                             best=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
-                                  f"{' p' if cfg.persistent else ''} k{cfg.split_k or 'auto'}"))  # fmt: skip
+            best.append(
+                dict(
+                    op=op,
+                    M=M,
+                    K=K,
+                    N=N,
+                    best_ratio=base_ms / ms,
+                    default_ratio=base_ms / default_ms,
+                    best=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
+                    f"{' p' if cfg.persistent else ''} k{cfg.split_k or 'auto'}",
+                )
+            )
             print(best[-1], flush=True)
     name = f"sweep_{'split' if args.split else 'configs'}_{args.dtype}.json"
     write(results_dir(info["gpu"]) / name, {"env": info, "best": best, "rows": rows})

@@ -42,8 +42,11 @@ def main() -> None:
         torch.manual_seed(0)  # the same dense weights and batch on every rank
         hidden, ffn = args.hidden, 4 * args.hidden
         dense = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden)).to(device, dtype)
-        model = nn.Sequential(fused_tp.ColumnParallelLinear.from_linear(dense[0]), nn.GELU(),
-                              fused_tp.RowParallelLinear.from_linear(dense[2]))  # fmt: skip
+        model = nn.Sequential(
+            fused_tp.ColumnParallelLinear.from_linear(dense[0]),
+            nn.GELU(),
+            fused_tp.RowParallelLinear.from_linear(dense[2]),
+        )
         x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
         target = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
 
@@ -61,8 +64,10 @@ def main() -> None:
             y, y_dense = model(x).float(), dense(x).float()
         if rank == 0:
             error = ((y - y_dense).norm() / y_dense.norm()).item()
-            print(f"after {args.steps} steps, the sharded MLP's output against the dense MLP's: "
-                  f"relative error {error:.2e} ({dist.get_world_size()} ranks, {dist.get_backend()}, {dtype})")
+            print(
+                f"after {args.steps} steps, the sharded MLP's output against the dense MLP's: "
+                f"relative error {error:.2e} ({dist.get_world_size()} ranks, {dist.get_backend()}, {dtype})"
+            )
         # torch 2.13 keeps gloo's worker threads past destroy_process_group once torch._dynamo is imported after
         # init (torch.optim imports it; torch.distributed.nn binds group.WORLD as a default argument), and a worker
         # still releasing the last collective's tensors when the interpreter finalises aborts the process. A barrier

@@ -1,11 +1,11 @@
 """fused_tp: tensor-parallel linear layers whose shard matmul and bias run in one Triton kernel.
 
-    kernels/     Triton kernels and launchers (no torch.distributed)
-    autograd.py  the autograd Functions and functional forms (with guard.py, the only code calling torch.distributed)
-    guard.py     the optional rank-consistency guard
-    modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear; ParallelMLP, Column -> GELU -> Row
-    parallelize.py  parallelize(model): a whole model's attention and MLP projections sharded (Hugging Face Llama family)
-    checkpoint.py   sharded models to and from the dense model's state dict or safetensors file (resharding)
+kernels/     Triton kernels and launchers (no torch.distributed)
+autograd.py  the autograd Functions and functional forms (with guard.py, the only code calling torch.distributed)
+guard.py     the optional rank-consistency guard
+modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear; ParallelMLP, Column -> GELU -> Row
+parallelize.py  parallelize(model): a whole model's attention and MLP projections sharded (Hugging Face Llama family)
+checkpoint.py   sharded models to and from the dense model's state dict or safetensors file (resharding)
 """
 
 from . import checkpoint

@@ -12,10 +12,15 @@ def main(argv=None) -> None:
     demo_help = "shard a dense MLP over local ranks, check it against float64 and time it"
     demo.add_arguments(commands.add_parser("demo", help=demo_help, description=demo_help, formatter_class=defaults))
     tune_help = "time every kernel config on shapes, write a tuned table"
-    tune.add_arguments(commands.add_parser(
-        "tune", help=tune_help, formatter_class=defaults,
-        description=f"{tune_help}. Needs a GPU; without one, set TRITON_INTERPRET=1 to run it through Triton's "
-                    "interpreter (timed by the wall clock: a check of the command, not speed)."))  # fmt: skip
+    tune.add_arguments(
+        commands.add_parser(
+            "tune",
+            help=tune_help,
+            formatter_class=defaults,
+            description=f"{tune_help}. Needs a GPU; without one, set TRITON_INTERPRET=1 to run it through Triton's "
+            "interpreter (timed by the wall clock: a check of the command, not speed).",
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo.main(args)

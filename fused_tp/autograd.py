@@ -35,8 +35,10 @@ def resolve_group(group):
 
     if isinstance(group, DeviceMesh):
         if group.ndim != 1:
-            raise ValueError(f"process_group: expected a 1-D DeviceMesh (of a larger one, its dim: mesh['tp']), got "
-                             f"{group.ndim} dims {group.mesh_dim_names}")  # fmt: skip
+            raise ValueError(
+                f"process_group: expected a 1-D DeviceMesh (of a larger one, its dim: mesh['tp']), got "
+                f"{group.ndim} dims {group.mesh_dim_names}"
+            )
         return group.get_group()
     raise TypeError(f"process_group: expected None, a ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
 
@@ -100,8 +102,10 @@ def sequence_sizes(length: int, dim: int, group, world: int, rank: int) -> list[
     sizes = got.tolist()  # one host sync (on a GPU), the price of uneven shards any rank may hold
     want = [stop - start for start, stop in (shard_range(sum(sizes), world, r) for r in range(world))]
     if sizes != want:
-        raise ValueError(f"input: expected the sequence (dim {dim}) split as torch.tensor_split splits {sum(sizes)} "
-                         f"over {world} ranks, lengths {want}; the ranks hold {sizes}")  # fmt: skip
+        raise ValueError(
+            f"input: expected the sequence (dim {dim}) split as torch.tensor_split splits {sum(sizes)} "
+            f"over {world} ranks, lengths {want}; the ranks hold {sizes}"
+        )
     return sizes
 
 
@@ -123,7 +127,7 @@ def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group, async_op: bo
             work.wait()
         if min(sizes) == longest:  # even shards: the gathered rows are the sequence
             return out.movedim(0, dim)
-        return torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)], 0).movedim(0, dim)
+        return torch.cat([out[r * longest : r * longest + n] for r, n in enumerate(sizes)], 0).movedim(0, dim)
 
     return finish if async_op else finish()
 
@@ -139,7 +143,7 @@ def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, 
         padded = full.new_zeros((len(sizes) * longest, *full.shape[1:]))
         start = 0
         for r, n in enumerate(sizes):
-            padded[r * longest: r * longest + n] = full[start:start + n]
+            padded[r * longest : r * longest + n] = full[start : start + n]
             start += n
     out = padded.new_empty((longest, *full.shape[1:]))
     work = dist.reduce_scatter_tensor(out, padded, group=group, async_op=async_op)
@@ -215,8 +219,9 @@ def _column_grads(grad_y_shard, x, w_shard, need, group, world, seq=None) -> tup
             grad_x_full = ops.grad_input(grad_y_shard, w_shard)
             scattering = _seq_reduce_scatter(grad_x_full, dim, sizes, rank, group, async_op=True)
         x_full = gathering() if gathering is not None else None
-        grad_w, grad_b = ops.grad_params(grad_y_shard, x_full if x_full is not None else grad_y_shard,
-                                         weight=need[1], bias=need[2])  # fmt: skip
+        grad_w, grad_b = ops.grad_params(
+            grad_y_shard, x_full if x_full is not None else grad_y_shard, weight=need[1], bias=need[2]
+        )
         return (scattering() if scattering is not None else None), grad_w, grad_b
     grad_x = work = None
     if need[0]:
@@ -282,8 +287,9 @@ class _ParallelMLP(Function):
         pre_needed = any(need[:3])
         x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
         y, a, pre = _mlp_forward(x_full, w1, b1, w2, b2, group, world, rank, activation, pre_needed)
-        ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, pre,
-                              a if need[3] else None, w2 if pre_needed else None)  # fmt: skip
+        ctx.save_for_backward(
+            x if need[1] else None, w1 if need[0] else None, pre, a if need[3] else None, w2 if pre_needed else None
+        )
         ctx.group, ctx.world, ctx.seq, ctx.activation = group, world, seq, activation
         ctx.tuning = _current_tuning()
         return y
@@ -366,8 +372,10 @@ def _preflight(where: str, group, world: int, check, facts, launch_facts) -> aut
     broadcasts are host decisions that a graph cannot hold, so on a group they raise instead of being left out."""
     if torch.compiler.is_compiling():
         if world > 1 and (guard.enabled() or configs.autotune_enabled()):
-            raise RuntimeError(f"{where}: the rank guard (FUSED_TP_CHECK_RANKS, check_ranks()) and run-time "
-                               "autotuning (FUSED_TP_AUTOTUNE) run eagerly only; turn them off to compile")
+            raise RuntimeError(
+                f"{where}: the rank guard (FUSED_TP_CHECK_RANKS, check_ranks()) and run-time "
+                "autotuning (FUSED_TP_AUTOTUNE) run eagerly only; turn them off to compile"
+            )
         check()
         return None
     if world == 1 or not (guard.enabled() or configs.autotune_enabled()):
@@ -422,6 +430,7 @@ def _param_facts(weight, bias, replicated_dim: int) -> str:
 def _launch_facts(x, dense_size: int | None, shard: bool = False):
     """launch_facts for _preflight: x's strides (a shard's follow its own width: there, whether it is contiguous) and
     the dense size, or None where the caller does not know the dense size."""
+
     def text():
         if dense_size is None or not isinstance(x, torch.Tensor):
             return None
@@ -431,8 +440,16 @@ def _launch_facts(x, dense_size: int | None, shard: bool = False):
     return text
 
 
-def column_call(x, weight, bias, group, gather_size: int | None, out_features: int | None = None,
-                world_rank: tuple[int, int] | None = None, seq_dim: int | None = None):  # fmt: skip
+def column_call(
+    x,
+    weight,
+    bias,
+    group,
+    gather_size: int | None,
+    out_features: int | None = None,
+    world_rank: tuple[int, int] | None = None,
+    seq_dim: int | None = None,
+):
     """Column-parallel linear; with `gather_size` (the layer's out_features) the output gathered on every rank.
     `out_features`: the dense layer's (None from the functional form); `world_rank`: the group's (R, r) where the
     caller has them; `seq_dim`: sequence parallelism, x holds this rank's share of the sequence along that dim,
@@ -443,9 +460,14 @@ def column_call(x, weight, bias, group, gather_size: int | None, out_features: i
         kernels.check_linear_args(x, weight, bias)
         _check_seq_dim(x, seq_dim)
 
-    scope = _preflight("column-parallel linear", group, world, check,
-                       lambda: f"{_describe_input(x, seq_dim)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
-                       _launch_facts(x, out_features))  # fmt: skip
+    scope = _preflight(
+        "column-parallel linear",
+        group,
+        world,
+        check,
+        lambda: f"{_describe_input(x, seq_dim)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
+        _launch_facts(x, out_features),
+    )
     graph = _records_grad(x, weight, bias)
     seq = _sequence(x, seq_dim, group, world, rank)
     if graph:
@@ -460,8 +482,16 @@ def column_call(x, weight, bias, group, gather_size: int | None, out_features: i
     return _all_gather_last_dim(y, group, world, gather_size)
 
 
-def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int | None = None,
-             world_rank: tuple[int, int] | None = None, seq_dim: int | None = None):  # fmt: skip
+def row_call(
+    x,
+    weight,
+    bias,
+    group,
+    scatter_size: int | None,
+    in_features: int | None = None,
+    world_rank: tuple[int, int] | None = None,
+    seq_dim: int | None = None,
+):
     """Row-parallel linear on this rank's input features, or with `scatter_size` (the layer's in_features) on the
     replicated full input, of which it takes its slice. `in_features`: the dense layer's (None from the functional
     form); `world_rank` as for column_call; `seq_dim`: sequence parallelism, the output reduce-scattered along that
@@ -469,8 +499,9 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
     world, rank = world_rank or group_size_rank(group)
 
     def check():
-        if scatter_size is not None and (not isinstance(x, torch.Tensor) or x.dim() == 0
-                                         or x.shape[-1] != scatter_size):  # fmt: skip
+        if scatter_size is not None and (
+            not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != scatter_size
+        ):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"input: expected last dim {scatter_size} (in_features), got {got}")
         start, stop = shard_range(scatter_size, world, rank) if scatter_size is not None else (0, None)
@@ -483,8 +514,9 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
         input_facts = guard.describe("input", x, leading_only=leading)
         return f"{input_facts}; {_param_facts(weight, bias, 0)}; scatter {scatter_size}"
 
-    scope = _preflight("row-parallel linear", group, world, check, facts,
-                       _launch_facts(x, in_features, shard=scatter_size is None))  # fmt: skip
+    scope = _preflight(
+        "row-parallel linear", group, world, check, facts, _launch_facts(x, in_features, shard=scatter_size is None)
+    )
     if seq_dim is not None and world > 1:
         graph = _records_grad(x, weight, bias)
         # the partial sums, the bias in rank 0's only, then reduce-scattered: world 1 to the Function, no all-reduce
@@ -500,8 +532,18 @@ def row_call(x, weight, bias, group, scatter_size: int | None, in_features: int 
     return _in_scope(scope, _row_forward, x, weight, bias, group, world, rank)
 
 
-def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
-             world_rank: tuple[int, int] | None = None, seq_dim: int | None = None):  # fmt: skip
+def mlp_call(
+    x,
+    w1,
+    b1,
+    w2,
+    b2,
+    group,
+    activation: str,
+    hidden_features: int,
+    world_rank: tuple[int, int] | None = None,
+    seq_dim: int | None = None,
+):
     """Column (w1, b1) -> activation -> Row (w2, b2) on this rank's shards; the full output on every rank.
     `hidden_features`: the dense hidden width; `world_rank` as for column_call; `seq_dim`: sequence parallelism,
     input and output this rank's share of the sequence along that dim (an all-gather in, a reduce-scatter out)."""
@@ -518,8 +560,10 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
         kernels.check_linear_args(w1.t()[:0, :width], w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
 
     def facts():
-        return (f"{_describe_input(x, seq_dim)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
-                f"activation {activation}")  # fmt: skip
+        return (
+            f"{_describe_input(x, seq_dim)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
+            f"activation {activation}"
+        )
 
     scope = _preflight("parallel MLP", group, world, check, facts, _launch_facts(x, hidden_features))
     seq = _sequence(x, seq_dim, group, world, rank)
@@ -539,8 +583,10 @@ def mlp_call(x, w1, b1, w2, b2, group, activation: str, hidden_features: int,
 def _check_seq_dim(x, seq_dim: int | None) -> None:
     """ValueError naming sequence_dim unless it is a dim of x other than its last (the features)."""
     if seq_dim is not None and not (-x.dim() <= seq_dim < x.dim() and seq_dim % x.dim() != x.dim() - 1):
-        raise ValueError(f"sequence_dim: expected a dim of the input other than its last (the features), got "
-                         f"{seq_dim} for an input of {x.dim()} dims")  # fmt: skip
+        raise ValueError(
+            f"sequence_dim: expected a dim of the input other than its last (the features), got "
+            f"{seq_dim} for an input of {x.dim()} dims"
+        )
 
 
 def _describe_input(x, seq_dim: int | None) -> str:

@@ -91,7 +91,7 @@ def load_dense_state_dict(model: nn.Module, source, device=None, strict: bool = 
     reader = _Reader(source)
     try:
         used = set()
-        for prefix, layer, names in _pieces(model):
+        for _prefix, layer, names in _pieces(model):
             start, stop = layer.shard_span
             for leaf in ("weight", "bias"):
                 old = getattr(layer, leaf)
@@ -105,8 +105,11 @@ def load_dense_state_dict(model: nn.Module, source, device=None, strict: bool = 
                     value = reader.read(f"{names[0]}.{leaf}", dim, start, stop)
                 used.update(f"{n}.{leaf}" for n in names)
                 target = device if old.is_meta else old.device
-                setattr(layer, leaf, nn.Parameter(value.to(device=target or "cpu", dtype=old.dtype),
-                                                  requires_grad=old.requires_grad))  # fmt: skip
+                setattr(
+                    layer,
+                    leaf,
+                    nn.Parameter(value.to(device=target or "cpu", dtype=old.dtype), requires_grad=old.requires_grad),
+                )
         fused = {f"{prefix}{leaf}" for prefix, _, _ in _pieces(model) for leaf in ("weight", "bias")}
         rest = {k: reader.read(k, None, 0, 0) for k in reader.keys() if k not in used}
         missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
@@ -137,9 +140,11 @@ class RefuseShardedSave:
     shards under the dense names, a checkpoint no one can load."""
 
     def __call__(self, *args, **kwargs):
-        raise RuntimeError("save_pretrained: this model's layers are fused_tp shards; call "
-                           "fused_tp.checkpoint.save_pretrained(model, directory) on every rank, which gathers them "
-                           "and writes the dense checkpoint from rank 0")  # fmt: skip
+        raise RuntimeError(
+            "save_pretrained: this model's layers are fused_tp shards; call "
+            "fused_tp.checkpoint.save_pretrained(model, directory) on every rank, which gathers them "
+            "and writes the dense checkpoint from rank 0"
+        )
 
 
 def _placements(model: nn.Module, prefix: str = "") -> dict[str, tuple[torch.Size, torch.Size]]:
@@ -180,10 +185,17 @@ class SavePlanner(DefaultSavePlanner):
                 continue
             offsets, size = placed
             t = self.state_dict[item.index.fqn]
-            items.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
-                                   tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, t.size()),
-                                                               properties=TensorProperties.create_from_tensor(t),
-                                                               size=size)))  # fmt: skip
+            items.append(
+                WriteItem(
+                    index=MetadataIndex(item.index.fqn, offsets),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets, t.size()),
+                        properties=TensorProperties.create_from_tensor(t),
+                        size=size,
+                    ),
+                )
+            )
         self.plan = dataclasses.replace(plan, items=items)
         return self.plan
 
@@ -211,8 +223,9 @@ class LoadPlanner(DefaultLoadPlanner):
                 raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
             md = self.metadata.state_dict_metadata[fqn]
             if md.size != size:
-                raise ValueError(f"{fqn}: the checkpoint's dense size {tuple(md.size)} is not this model's "
-                                 f"{tuple(size)}")  # fmt: skip
+                raise ValueError(
+                    f"{fqn}: the checkpoint's dense size {tuple(md.size)} is not this model's {tuple(size)}"
+                )
             local = ChunkStorageMetadata(offsets, self.state_dict[fqn].size())
             items += create_read_items_for_chunk_list(fqn, md, [local])
         return dataclasses.replace(plan, items=items)
@@ -280,4 +293,3 @@ class _Reader:
 
     def close(self):
         self.file = None
-

@@ -24,8 +24,12 @@ PROCESS_GROUP_TIMEOUT = timedelta(seconds=120)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, default=2, help="ranks to spawn")
-    parser.add_argument("--backend", choices=["gloo", "nccl"], default=None,
-                        help="None: nccl with one GPU per rank when there are enough GPUs, else gloo")  # fmt: skip
+    parser.add_argument(
+        "--backend",
+        choices=["gloo", "nccl"],
+        default=None,
+        help="None: nccl with one GPU per rank when there are enough GPUs, else gloo",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="parameters and activations")
     parser.add_argument("--tokens", type=int, default=64, help="rows of the input")
     parser.add_argument("--hidden", type=int, default=256, help="model width; the MLP is 4x wider")
@@ -63,16 +67,20 @@ def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> 
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=args.world_size,
-                            timeout=PROCESS_GROUP_TIMEOUT)  # fmt: skip
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=args.world_size, timeout=PROCESS_GROUP_TIMEOUT
+    )
     failed = False
     try:
         dtype, world = DTYPES[args.dtype], args.world_size
         hidden, ffn = args.hidden, 4 * args.hidden
         torch.manual_seed(0)
         dense = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden)).to(device, dtype)
-        tp = nn.Sequential(fused_tp.ColumnParallelLinear.from_linear(dense[0]), nn.GELU(),
-                           fused_tp.RowParallelLinear.from_linear(dense[2]))  # fmt: skip
+        tp = nn.Sequential(
+            fused_tp.ColumnParallelLinear.from_linear(dense[0]),
+            nn.GELU(),
+            fused_tp.RowParallelLinear.from_linear(dense[2]),
+        )
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(args.tokens, hidden, generator=gen).to(device, dtype)
         grad_y = torch.randn(args.tokens, hidden, generator=gen).to(device, dtype)
@@ -115,7 +123,7 @@ def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> 
             ("grad_b1 (column)", tp[0].bias.grad, dense[0].bias.grad[own], "grad_b1", own, False),
             ("grad_w2 (row)", tp[2].weight.grad, dense[2].weight.grad[:, own], "grad_w2", (slice(None), own), False),
             ("grad_b2 (row)", tp[2].bias.grad, dense[2].bias.grad, "grad_b2", ..., True),
-        ]  # fmt: skip
+        ]
         # Per tensor: squared norms [|tp - dense|, |dense|, |tp - f64|, |f64|, |dense - f64|] summed over ranks for
         # shards (replicated tensors count once, rank 0's), and the worst error over the bound, maxed over ranks.
         sq = torch.zeros(len(pairs), 5, dtype=torch.float64)
@@ -134,8 +142,18 @@ def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> 
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)
         failed = bool((~(worst <= 1)).any())
         if rank == 0:
-            _report(args, backend, x.device, fused_tp.kernel_path(x.device), launches, pairs, sq.cpu(),
-                    worst.cpu(), bound, timing.tolist())  # fmt: skip
+            _report(
+                args,
+                backend,
+                x.device,
+                fused_tp.kernel_path(x.device),
+                launches,
+                pairs,
+                sq.cpu(),
+                worst.cpu(),
+                bound,
+                timing.tolist(),
+            )
         # without it torch 2.13 can abort a rank at exit: see the barrier in examples/train_tp_mlp.py
         dist.barrier()
     finally:
@@ -147,8 +165,10 @@ def _rank_main(rank: int, args, backend: str, device: str, init_method: str) -> 
 def _report(args, backend, device, path, launches, pairs, sq, worst, bound, timing) -> None:
     norm = sq.sqrt()
     rel = lambda num, den: (num / den).item() if den > 0 else 0.0  # noqa: E731
-    print(f"fused_tp demo: Column -> GELU -> Row MLP, {args.world_size} ranks ({backend}, {device.type}), "
-          f"{args.dtype}, tokens {args.tokens}, hidden {args.hidden}, ffn {4 * args.hidden}")  # fmt: skip
+    print(
+        f"fused_tp demo: Column -> GELU -> Row MLP, {args.world_size} ranks ({backend}, {device.type}), "
+        f"{args.dtype}, tokens {args.tokens}, hidden {args.hidden}, ffn {4 * args.hidden}"
+    )
     line = f"kernel path: {path} ({launches[path]} kernel launches per rank in 1 + {args.steps} steps"
     if path == "triton":  # the copy engine is a GPU's: under the interpreter the count says nothing
         line += f"; {launches['tma']} of them moved tiles with the GPU's bulk copy engine (TMA)"
@@ -156,14 +176,20 @@ def _report(args, backend, device, path, launches, pairs, sq, worst, bound, timi
     print(f"{'relative error':<18}{'TP vs dense':>14}{'TP vs fp64':>14}{'dense vs fp64':>16}{'worst / bound':>16}")
     for i, (name, *_) in enumerate(pairs):
         verdict = "PASS" if worst[i] <= 1 else "FAIL"
-        print(f"{name:<18}{rel(norm[i, 0], norm[i, 1]):>14.2e}{rel(norm[i, 2], norm[i, 3]):>14.2e}"
-              f"{rel(norm[i, 4], norm[i, 3]):>16.2e}{worst[i].item():>12.1e}  {verdict}")  # fmt: skip
+        print(
+            f"{name:<18}{rel(norm[i, 0], norm[i, 1]):>14.2e}{rel(norm[i, 2], norm[i, 3]):>14.2e}"
+            f"{rel(norm[i, 4], norm[i, 3]):>16.2e}{worst[i].item():>12.1e}  {verdict}"
+        )
     passed = bool((worst <= 1).all())
-    print(f"\n{'PASS' if passed else 'FAIL'}: {'every' if passed else 'not every'} element of the output and the "
-          f"gradients is within the {args.dtype} bound of its float64 value, |error| <= {bound.rel:.3g} * "
-          f"magnitude + {bound.abs:.3g} (the test suite's tolerance table, fused_tp/tolerance.py)")  # fmt: skip
+    print(
+        f"\n{'PASS' if passed else 'FAIL'}: {'every' if passed else 'not every'} element of the output and the "
+        f"gradients is within the {args.dtype} bound of its float64 value, |error| <= {bound.rel:.3g} * "
+        f"magnitude + {bound.abs:.3g} (the test suite's tolerance table, fused_tp/tolerance.py)"
+    )
     t_tp, t_dense = timing
-    print(f"\ntime per forward+backward step (median of {args.steps}, max over ranks): "
-          f"dense nn.Linear {t_dense * 1e3:.2f} ms, fused_tp {t_tp * 1e3:.2f} ms")  # fmt: skip
+    print(
+        f"\ntime per forward+backward step (median of {args.steps}, max over ranks): "
+        f"dense nn.Linear {t_dense * 1e3:.2f} ms, fused_tp {t_tp * 1e3:.2f} ms"
+    )
     if path == "triton-interpreter":
         print("(the interpreter runs the Triton kernels in Python on the CPU: these times are not speed)")

@@ -112,8 +112,9 @@ def agree(where: str, group, facts: str, error: Exception | None) -> None:
     if error is not None and errors == {mine}:
         raise error  # every rank failed the same check: its own error is already the same everywhere
     lines = "\n".join(f"  rank {r}: {f}" + (f"\n    raised {e}" if e else "") for r, (f, e) in enumerate(seen))
-    raise RankMismatchError(f"{where}: the ranks of the group disagree about this call (FUSED_TP_CHECK_RANKS):\n"
-                            f"{lines}") from error  # fmt: skip
+    raise RankMismatchError(
+        f"{where}: the ranks of the group disagree about this call (FUSED_TP_CHECK_RANKS):\n{lines}"
+    ) from error
 
 
 read_environment()

@@ -15,8 +15,9 @@ class _ParallelLinear(nn.Module):
 
     _split_dim: int  # the dim of the dense weight [out_features, in_features] that is split across ranks
 
-    def __init__(self, in_features, out_features, bias, process_group, device, dtype, sequence_parallel=False,
-                 sequence_dim=0):  # fmt: skip
+    def __init__(
+        self, in_features, out_features, bias, process_group, device, dtype, sequence_parallel=False, sequence_dim=0
+    ):
         # Refused here, not at the first call: a float64 layer would otherwise build and fail later, blaming the input.
         kernels.check_dtype("dtype", torch.get_default_dtype() if dtype is None else dtype)
         super().__init__()
@@ -41,13 +42,15 @@ class _ParallelLinear(nn.Module):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         kernels.check_dtype("linear.weight", w.dtype)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     device="meta", dtype=w.dtype, **options)  # fmt: skip
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=w.dtype, **options
+        )
         module._load_dense(w, linear.bias, span=span)
         return module
 
-    def _load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None, unit: int = 1,
-                    span: tuple[int, int] | None = None) -> None:  # fmt: skip
+    def _load_dense(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, unit: int = 1, span: tuple[int, int] | None = None
+    ) -> None:
         """This rank's shards of the dense parameters: along the split dim, the rows (Column) or columns (Row)
         [start, stop) of `span`, by default torch.tensor_split's share with `unit` rows or columns kept together
         (a gated fc1's (gate, up) pairs, an attention head's rows)."""
@@ -91,20 +94,40 @@ class ColumnParallelLinear(_ParallelLinear):
 
     _split_dim = 0
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gather_output: bool = False,
-                 sequence_parallel: bool = False, sequence_dim: int = 0, process_group=None, device=None,
-                 dtype=None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        sequence_dim: int = 0,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
         if gather_output and sequence_parallel:
-            raise ValueError("gather_output: a sequence-parallel Column layer feeds a Row layer (its output is the "
-                             "whole sequence's features of this rank); gather_output=True is not taken with it")
+            raise ValueError(
+                "gather_output: a sequence-parallel Column layer feeds a Row layer (its output is the "
+                "whole sequence's features of this rank); gather_output=True is not taken with it"
+            )
         self.gather_output = gather_output
         super().__init__(in_features, out_features, bias, process_group, device, dtype, sequence_parallel, sequence_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self._check_group()
         gather_size = self.out_features if self.gather_output else None
-        return column_call(x, self.weight, self.bias, self.process_group, gather_size, self.out_features, world_rank,
-                           self.sequence_dim if self.sequence_parallel else None)  # fmt: skip
+        return column_call(
+            x,
+            self.weight,
+            self.bias,
+            self.process_group,
+            gather_size,
+            self.out_features,
+            world_rank,
+            self.sequence_dim if self.sequence_parallel else None,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gather_output={self.gather_output}" + _sequence_repr(self)
@@ -120,20 +143,40 @@ class RowParallelLinear(_ParallelLinear):
 
     _split_dim = 1
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, sequence_dim: int = 0, process_group=None, device=None,
-                 dtype=None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        sequence_dim: int = 0,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
         if sequence_parallel and not input_is_parallel:
-            raise ValueError("input_is_parallel: a sequence-parallel Row layer takes a Column layer's output (this "
-                             "rank's features); input_is_parallel=False is not taken with it")
+            raise ValueError(
+                "input_is_parallel: a sequence-parallel Row layer takes a Column layer's output (this "
+                "rank's features); input_is_parallel=False is not taken with it"
+            )
         self.input_is_parallel = input_is_parallel
         super().__init__(in_features, out_features, bias, process_group, device, dtype, sequence_parallel, sequence_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self._check_group()
         scatter_size = None if self.input_is_parallel else self.in_features
-        return row_call(x, self.weight, self.bias, self.process_group, scatter_size, self.in_features, world_rank,
-                        self.sequence_dim if self.sequence_parallel else None)  # fmt: skip
+        return row_call(
+            x,
+            self.weight,
+            self.bias,
+            self.process_group,
+            scatter_size,
+            self.in_features,
+            world_rank,
+            self.sequence_dim if self.sequence_parallel else None,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", input_is_parallel={self.input_is_parallel}" + _sequence_repr(self)
@@ -157,9 +200,20 @@ class ParallelMLP(nn.Module):
     rank, so one launch computes both projections and the product of their activations.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
-                 *, activation: str = "gelu", sequence_parallel: bool = False, sequence_dim: int = 0,
-                 process_group=None, device=None, dtype=None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        bias: bool = True,
+        *,
+        activation: str = "gelu",
+        sequence_parallel: bool = False,
+        sequence_dim: int = 0,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         kernels.check_activation(activation, allow_none=False)
         self.activation = activation
@@ -168,18 +222,25 @@ class ParallelMLP(nn.Module):
         if kernels.ACTIVATIONS[activation].gated:
             # gate, up, then down, as Llama builds them: the same shards as from_gated of layers built under one seed
             gate, up = (nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype) for _ in range(2))
-            self.fc1 = ColumnParallelLinear(in_features, 2 * hidden_features, bias, process_group=process_group,
-                                            device="meta", dtype=gate.weight.dtype)  # fmt: skip
+            self.fc1 = ColumnParallelLinear(
+                in_features,
+                2 * hidden_features,
+                bias,
+                process_group=process_group,
+                device="meta",
+                dtype=gate.weight.dtype,
+            )
             self.fc1._load_dense(*_interleaved(gate, up), unit=2)
         else:
-            self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, process_group=process_group,
-                                            device=device, dtype=dtype)  # fmt: skip
-        self.fc2 = RowParallelLinear(hidden_features, out_features, bias, process_group=process_group,
-                                     device=device, dtype=dtype)  # fmt: skip
+            self.fc1 = ColumnParallelLinear(
+                in_features, hidden_features, bias, process_group=process_group, device=device, dtype=dtype
+            )
+        self.fc2 = RowParallelLinear(
+            hidden_features, out_features, bias, process_group=process_group, device=device, dtype=dtype
+        )
 
     @classmethod
-    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", process_group=None,
-                     **sequence):  # fmt: skip
+    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", process_group=None, **sequence):
         """This rank's shards of the dense fc1 -> activation -> fc2 (copied; the layers are not modified). For
         activation="swiglu", fc1's output rows are interleaved (gate, up) pairs, as fc1.weight above; from_gated
         takes separate gate and up layers."""
@@ -191,8 +252,17 @@ class ParallelMLP(nn.Module):
         if fc2.in_features != hidden:
             why = "half fc1.out_features" if gated else "fc1.out_features"
             raise ValueError(f"fc2: expected in_features {hidden} ({why}), got {fc2.in_features}")
-        module = cls(fc1.in_features, hidden, fc2.out_features, fc1.bias is not None, activation=activation,
-                     process_group=process_group, device="meta", dtype=fc1.weight.dtype, **sequence)  # fmt: skip
+        module = cls(
+            fc1.in_features,
+            hidden,
+            fc2.out_features,
+            fc1.bias is not None,
+            activation=activation,
+            process_group=process_group,
+            device="meta",
+            dtype=fc1.weight.dtype,
+            **sequence,
+        )
         module.fc1._load_dense(fc1.weight, fc1.bias, unit=2 if gated else 1)
         module.fc2 = RowParallelLinear.from_linear(fc2, process_group=process_group)
         return module
@@ -203,14 +273,25 @@ class ParallelMLP(nn.Module):
         ParallelMLP with activation="swiglu": fc1 interleaves the rows of gate and up."""
         _check_linears(("gate", gate), ("up", up), ("down", down))
         if (up.in_features, up.out_features) != (gate.in_features, gate.out_features):
-            raise ValueError(f"up: expected in_features {gate.in_features} and out_features {gate.out_features} "
-                             f"(gate's), got {up.in_features} and {up.out_features}")  # fmt: skip
+            raise ValueError(
+                f"up: expected in_features {gate.in_features} and out_features {gate.out_features} "
+                f"(gate's), got {up.in_features} and {up.out_features}"
+            )
         if down.in_features != gate.out_features:
-            raise ValueError(f"down: expected in_features {gate.out_features} (gate.out_features), got "
-                             f"{down.in_features}")  # fmt: skip
-        module = cls(gate.in_features, gate.out_features, down.out_features, gate.bias is not None,
-                     activation="swiglu", process_group=process_group, device="meta", dtype=gate.weight.dtype,
-                     **sequence)  # fmt: skip
+            raise ValueError(
+                f"down: expected in_features {gate.out_features} (gate.out_features), got {down.in_features}"
+            )
+        module = cls(
+            gate.in_features,
+            gate.out_features,
+            down.out_features,
+            gate.bias is not None,
+            activation="swiglu",
+            process_group=process_group,
+            device="meta",
+            dtype=gate.weight.dtype,
+            **sequence,
+        )
         module.fc1._load_dense(*_interleaved(gate, up), unit=2)
         module.fc2 = RowParallelLinear.from_linear(down, process_group=process_group)
         return module
@@ -228,9 +309,18 @@ class ParallelMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         world_rank = self.fc1._check_group()
         self.fc2._check_group()
-        return mlp_call(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                        self.fc1.process_group, self.activation, self.fc1.out_features, world_rank,
-                        self.sequence_dim if self.sequence_parallel else None)  # fmt: skip
+        return mlp_call(
+            x,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            self.fc1.process_group,
+            self.activation,
+            self.fc1.out_features,
+            world_rank,
+            self.sequence_dim if self.sequence_parallel else None,
+        )
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}" + _sequence_repr(self)
@@ -250,14 +340,16 @@ def _check_linears(*named: tuple[str, nn.Module]) -> None:
     first_name, first = named[0]
     for name, layer in named[1:]:
         if layer.weight.dtype != first.weight.dtype:
-            raise TypeError(f"{name}.weight: expected dtype {first.weight.dtype} ({first_name}.weight's), got "
-                            f"{layer.weight.dtype}")  # fmt: skip
+            raise TypeError(
+                f"{name}.weight: expected dtype {first.weight.dtype} ({first_name}.weight's), got {layer.weight.dtype}"
+            )
         if (layer.bias is None) != (first.bias is None):
             raise ValueError(f"{name}: expected a bias exactly when {first_name} has one")
 
 
 def _interleaved(gate: nn.Linear, up: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of one layer whose output rows alternate gate's and up's: row 2j gate's j, 2j + 1 up's j."""
+
     def pairs(g, u):
         return torch.stack((g.detach(), u.detach()), 1).flatten(0, 1).requires_grad_(g.requires_grad)
 

@@ -50,8 +50,9 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_gr
     process_group = resolve_group(process_group)
     if plan is None:
         if type(model).__name__ not in LLAMA_FAMILY:
-            raise ValueError(f"plan: expected a plan for a {type(model).__name__} (without one: "
-                             f"{', '.join(LLAMA_FAMILY)})")  # fmt: skip
+            raise ValueError(
+                f"plan: expected a plan for a {type(model).__name__} (without one: {', '.join(LLAMA_FAMILY)})"
+            )
         plan = LLAMA_PLAN
     for pattern, style in plan.items():
         if style not in STYLES:
@@ -87,8 +88,9 @@ def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[t
     ValueError naming the head counts where a rank would get no query head, or query heads that do not read its
     key/value heads in equal groups (repeat_kv gives local query head i the key/value head i // group)."""
     if heads < world:
-        raise ValueError(f"num_attention_heads: expected at least one head per rank, got {heads} heads for "
-                         f"{world} ranks{where}")  # fmt: skip
+        raise ValueError(
+            f"num_attention_heads: expected at least one head per rank, got {heads} heads for {world} ranks{where}"
+        )
     groups = heads // kv_heads
     spans = []
     for rank in range(world):
@@ -96,9 +98,11 @@ def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[t
         kv_a, kv_b = a // groups, (b - 1) // groups + 1
         local = (b - a) // (kv_b - kv_a)
         if (b - a) % (kv_b - kv_a) or any((a + i) // groups - kv_a != i // local for i in range(b - a)):
-            raise ValueError(f"num_key_value_heads: {heads} query heads in {kv_heads} groups over {world} ranks give "
-                             f"rank {rank} query heads [{a}, {b}), which do not read key/value heads [{kv_a}, "
-                             f"{kv_b}) in equal groups{where}")  # fmt: skip
+            raise ValueError(
+                f"num_key_value_heads: {heads} query heads in {kv_heads} groups over {world} ranks give "
+                f"rank {rank} query heads [{a}, {b}), which do not read key/value heads [{kv_a}, "
+                f"{kv_b}) in equal groups{where}"
+            )
         spans.append((a, b, kv_a, kv_b))
     return spans
 
@@ -134,6 +138,6 @@ class _SharedRowsGrad:
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
         dense = grad.new_zeros((self.rows, *grad.shape[1:]))
-        dense[self.start:self.start + grad.shape[0]] = grad
+        dense[self.start : self.start + grad.shape[0]] = grad
         dist.all_reduce(dense, group=self.group)
-        return dense[self.start:self.start + grad.shape[0]]
+        return dense[self.start : self.start + grad.shape[0]]

@@ -35,8 +35,11 @@ def _decode_shards() -> dict[tuple[int, int], str]:
         for tp in DECODE_TP:
             proj = {"gate_up": (hidden, 2 * inter // tp), "down": (inter // tp, hidden)}
             if heads:
-                proj = {"qkv": (hidden, (heads + 2 * kv_heads) * HEAD_DIM // tp),
-                        "o": (heads * HEAD_DIM // tp, hidden), **proj}  # fmt: skip
+                proj = {
+                    "qkv": (hidden, (heads + 2 * kv_heads) * HEAD_DIM // tp),
+                    "o": (heads * HEAD_DIM // tp, hidden),
+                    **proj,
+                }
             for name, kn in proj.items():
                 label = f"{model} {name} tp{tp}"
                 shards[kn] = f"{shards[kn]}, {label}" if kn in shards else label
@@ -60,14 +63,33 @@ def _one_per_bucket(shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, 
 
 
 PRESETS = {
-    "speed": [(8192, 8192, 14336), (8192, 14336, 8192), (8192, 8192, 7168), (8192, 7168, 8192), (8192, 8192, 3584),
-              (8192, 3584, 8192), (4096, 4096, 7168), (4096, 7168, 4096), (16384, 4096, 1792), (32768, 768, 3072),
-              (1000, 4000, 3000), (4097, 4095, 1023)] + _SPEED_DECODE,
+    "speed": [
+        (8192, 8192, 14336),
+        (8192, 14336, 8192),
+        (8192, 8192, 7168),
+        (8192, 7168, 8192),
+        (8192, 8192, 3584),
+        (8192, 3584, 8192),
+        (4096, 4096, 7168),
+        (4096, 7168, 4096),
+        (16384, 4096, 1792),
+        (32768, 768, 3072),
+        (1000, 4000, 3000),
+        (4097, 4095, 1023),
+    ]
+    + _SPEED_DECODE,
     "quick": [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (4097, 4095, 1023), (16, 8192, 14336)],
     "decode": DECODE,
     "decode-buckets": _one_per_bucket([(m, k, n) for m in (1, 8, 32, 128) for k, n in DECODE_SHARDS]),
-    "mid": [(512, 4096, 1024), (1024, 4096, 1024), (2048, 4096, 1024), (1024, 1024, 4096), (512, 4096, 4096),
-            (2048, 4096, 4096), (2048, 4096, 14336)],
+    "mid": [
+        (512, 4096, 1024),
+        (1024, 4096, 1024),
+        (2048, 4096, 1024),
+        (1024, 1024, 4096),
+        (512, 4096, 4096),
+        (2048, 4096, 4096),
+        (2048, 4096, 14336),
+    ],
     "layers": [(16, 4096, 14336), (16, 14336, 4096), (128, 8192, 7168), (128, 7168, 8192)],
     "tiny": [(8, 16, 24), (33, 40, 17)],
-}  # fmt: skip
+}

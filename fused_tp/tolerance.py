@@ -26,8 +26,9 @@ TINY = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**
 ACC = 2.0**-24  # fp32 accumulation
 # A 10-bit mantissa, truncated: Triton hands fp32 bits to the tensor cores, which drop the low 13, where cuBLAS
 # rounds to nearest first (2^-11); Triton's maintainers matched torch only after an explicit cvt.rna.tf32.f32
-# (triton-lang/triton#4574). Rounding the operands in the kernel, as cuBLAS does, would restore 2^-11: not done. Seen on the H100: the 16-token case of
-# test_fp32_operands_are_copied_into_the_layout_the_product_reads failed under 2^-11 and passes under 2^-10.
+# (triton-lang/triton#4574). Rounding the operands in the kernel, as cuBLAS does, would restore 2^-11: not done.
+# Seen on the H100: the 16-token case of test_fp32_operands_are_copied_into_the_layout_the_product_reads failed
+# under 2^-11 and passes under 2^-10.
 TF32_INPUT = 2.0**-10
 
 
@@ -88,8 +89,11 @@ def linear_reference(x, w, b=None):
 def layer_reference(x, w, b, grad_y):
     """{name: (value, magnitude)} in float64 for y, grad_x, grad_w (and grad_b) of y = x @ w.T + b, x [M, K]."""
     g64 = grad_y.detach().double().cpu()
-    ref = {"y": linear_reference(x, w, b), "grad_x": linear_reference(grad_y, w.t()),
-           "grad_w": linear_reference(grad_y.t(), x.t())}  # fmt: skip
+    ref = {
+        "y": linear_reference(x, w, b),
+        "grad_x": linear_reference(grad_y, w.t()),
+        "grad_w": linear_reference(grad_y.t(), x.t()),
+    }
     if b is not None:
         ref["grad_b"] = (g64.sum(0), g64.abs().sum(0))
     return ref

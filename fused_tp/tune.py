@@ -42,14 +42,26 @@ CHECK = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 1e-4, "tf32": 4e-3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", choices=[*configs.PRODUCTS, "all"], default="all",
-                        help="which product: fwd (x @ w.T + b), dgrad (grad_y @ w), wgrad (grad_y.T @ x, grad_b)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16",
-                        help="operand dtype; tf32 is fp32 with allow_tf32 on, fp32 with it off")
+    parser.add_argument(
+        "--kernel",
+        choices=[*configs.PRODUCTS, "all"],
+        default="all",
+        help="which product: fwd (x @ w.T + b), dgrad (grad_y @ w), wgrad (grad_y.T @ x, grad_b)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="bf16",
+        help="operand dtype; tf32 is fp32 with allow_tf32 on, fp32 with it off",
+    )
     parser.add_argument("--shapes", default="speed", help=f"a preset ({', '.join(PRESETS)}) or a file of M,K,N lines")
     parser.add_argument("--out", default="tune-out", help="directory for the results")
-    parser.add_argument("--rep-ms", type=float, default=100,
-                        help="GPU: each timing's budget in ms (do_bench's rep; 25 ms of warm-up before it)")
+    parser.add_argument(
+        "--rep-ms",
+        type=float,
+        default=100,
+        help="GPU: each timing's budget in ms (do_bench's rep; 25 ms of warm-up before it)",
+    )
 
 
 def load_shapes(spec: str) -> list[tuple[int, int, int]]:
@@ -145,9 +157,20 @@ def _tune(args: argparse.Namespace, timer) -> dict:
             err = _rel_err(ours(), ref)
             # A config whose output is wrong is kept in the timings, marked, and never chosen.
             ms = timer(ours) if err <= CHECK[args.dtype] else None
-        rows.append(dict(product=product, M=shape[0], K=shape[1], N=shape[2], launch_mnk=list(dims), path=route,
-                         config=cfg.to_dict(), ms_rounds=[] if ms is None else [ms], rel_err=err,
-                         passed_check=ms is not None))  # fmt: skip
+        rows.append(
+            dict(
+                product=product,
+                M=shape[0],
+                K=shape[1],
+                N=shape[2],
+                launch_mnk=list(dims),
+                path=route,
+                config=cfg.to_dict(),
+                ms_rounds=[] if ms is None else [ms],
+                rel_err=err,
+                passed_check=ms is not None,
+            )
+        )
     _confirm(rows, calls, baselines, timer, args.dtype)
 
     best, table = choose(rows, args.dtype)
@@ -197,8 +220,14 @@ def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -
         for r in mine:
             ms = min(r["ms_rounds"], default=None)
             flops = 2 * r["M"] * r["K"] * r["N"]
-            r.update(ms=ms, tflops=ms and flops / ms / 1e9, torch_ms=base_ms, torch_rounds=baselines[key],
-                     torch_tflops=flops / base_ms / 1e9, ratio=ms and base_ms / ms)
+            r.update(
+                ms=ms,
+                tflops=ms and flops / ms / 1e9,
+                torch_ms=base_ms,
+                torch_rounds=baselines[key],
+                torch_tflops=flops / base_ms / 1e9,
+                ratio=ms and base_ms / ms,
+            )
 
 
 def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
@@ -211,7 +240,7 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
     for r in rows:
         by_shape.setdefault((r["product"], r["M"], r["K"], r["N"]), []).append(r)
     chosen = []
-    for key, mine in sorted(by_shape.items()):
+    for _key, mine in sorted(by_shape.items()):
         timed = [r for r in mine if r["ms"] is not None]
         if not timed:
             continue
@@ -229,9 +258,16 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
         key, flops = tables.table_key(m, n, k), 2 * m * n * k
         # Two shapes in one bucket: the larger problem's choice, since it carries more of a model's time.
         if key not in entries or entries[key]["flops"] < flops:
-            entries[key] = dict(config=r["config"], shape_MKN=[r["M"], r["K"], r["N"]], ms=r["ms"],
-                                rule_ms=r["rule_ms"], tflops=r["tflops"], torch_ms=r["torch_ms"], ratio=r["ratio"],
-                                flops=flops)  # fmt: skip
+            entries[key] = dict(
+                config=r["config"],
+                shape_MKN=[r["M"], r["K"], r["N"]],
+                ms=r["ms"],
+                rule_ms=r["rule_ms"],
+                tflops=r["tflops"],
+                torch_ms=r["torch_ms"],
+                ratio=r["ratio"],
+                flops=flops,
+            )
     return chosen, table
 
 
@@ -243,8 +279,9 @@ def _markdown(rows) -> str:
         if v is None:
             return "-"
         if c == "config":
-            return ",".join(f"{k}={v[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
-                                                    "persistent"))  # fmt: skip
+            return ",".join(
+                f"{k}={v[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent")
+            )
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -54,8 +54,10 @@ def layers_step(kind, device, dense, x, grad_y, activation="gelu"):
 def _stack(kind, linears, activation):
     """(forward, its fused_tp layers) for a kind of layers_step, from dense nn.Linear layers."""
     if kind == "mlp":
-        layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0]),
-                  fused_tp.RowParallelLinear.from_linear(linears[1])]  # fmt: skip
+        layers = [
+            fused_tp.ColumnParallelLinear.from_linear(linears[0]),
+            fused_tp.RowParallelLinear.from_linear(linears[1]),
+        ]
         return nn.Sequential(layers[0], fused_tp.kernels.ACTIVATIONS[activation].module(), layers[1]), layers
     if kind == "parallel_mlp":
         mlp = fused_tp.ParallelMLP.from_linears(*linears, activation=activation)
@@ -164,8 +166,9 @@ def guarded_calls(device, in_features, out_features):
         "input needs grad on rank 0 only": lambda: col(x.clone().requires_grad_(rank == 0)),
         "bad width on the last rank": lambda: col(x[:, : in_features - (rank == dist.get_world_size() - 1)]),
         "bad width on every rank": lambda: col(x[:, :-1]),
-        "full input of the wrong width on rank 0": lambda: row_full(torch.randn(3, out_features + (rank == 0),
-                                                                                  device=device)),
+        "full input of the wrong width on rank 0": lambda: row_full(
+            torch.randn(3, out_features + (rank == 0), device=device)
+        ),
         "no grad on rank 1 only": lambda: _maybe_no_grad(rank == 1, lambda: col(x.requires_grad_())),
     }
     out = {}
@@ -216,8 +219,9 @@ def faulty_step(rank, world_size, init_method, device, timeout_s, fault, backend
         # torch 2.11's watchdog catches the timeout, then gets stuck dumping debug info; its heartbeat monitor ends
         # the process after this many seconds (default 480). README's fault table says what a user sets.
         os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", "5")
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))  # fmt: skip
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
     col = fused_tp.ColumnParallelLinear(8, 16, device=device)
     row = fused_tp.RowParallelLinear(16, 8, device=device)
     h = col(torch.randn(4, 8, device=device))
@@ -282,8 +286,13 @@ def autotuned_steps(device, hidden, ffns, steps, dtype):
     forget_autotuning()
     try:
         torch.manual_seed(0)
-        mlps = [(fused_tp.ColumnParallelLinear(hidden, ffn, device=device, dtype=dtype),
-                 fused_tp.RowParallelLinear(ffn, hidden, device=device, dtype=dtype)) for ffn in ffns]  # fmt: skip
+        mlps = [
+            (
+                fused_tp.ColumnParallelLinear(hidden, ffn, device=device, dtype=dtype),
+                fused_tp.RowParallelLinear(ffn, hidden, device=device, dtype=dtype),
+            )
+            for ffn in ffns
+        ]
         x = torch.randn(5, hidden, device=device, dtype=dtype, requires_grad=True)
         outs = []
         for _ in range(steps):
@@ -296,8 +305,11 @@ def autotuned_steps(device, hidden, ffns, steps, dtype):
         chosen = {}
         for key, cfg in autotune.autotuned.items():
             _, _, product, key_dtype, _, tma, aux_tile, M, N, K = key
-            cands = [c for c in configs.candidates(M, N, K, key_dtype, tma)
-                     if configs.fits(c, key_dtype.itemsize, tma, aux_tile)]  # fmt: skip
+            cands = [
+                c
+                for c in configs.candidates(M, N, K, key_dtype, tma)
+                if configs.fits(c, key_dtype.itemsize, tma, aux_tile)
+            ]
             rule = configs.rule_config(M, key_dtype, jit.INTERPRETED, tma)
             alone = autotune.choose(cands, [score(c) for c in cands], rule) if M and N else None
             chosen[f"{product} {(M, N, K)}"] = {"ran": cfg, "alone": alone, "candidates": len(cands)}
@@ -367,7 +379,7 @@ def parallel_model_step(family, device, bound):
     dense_grads = {n: p.grad for n, p in dense.named_parameters()}
 
     def rows(g, start, stop, unit):  # rows [start, stop) of units
-        return g[start * unit:stop * unit]
+        return g[start * unit : stop * unit]
 
     def expected(name):
         stem, _, leaf = name.rpartition(".")
@@ -377,7 +389,7 @@ def parallel_model_step(family, device, bound):
         if stem.endswith(("k_proj", "v_proj")):
             return rows(dense_grads[name], kv[0], kv[-1] + 1, d)
         if stem.endswith("o_proj"):
-            return dense_grads[name][:, a * d:b * d] if leaf == "weight" else dense_grads[name]
+            return dense_grads[name][:, a * d : b * d] if leaf == "weight" else dense_grads[name]
         if stem.endswith("mlp.fc1"):
             gate, up = dense_grads[f"{prefix}.gate_proj.{leaf}"], dense_grads[f"{prefix}.up_proj.{leaf}"]
             g = torch.stack((gate, up), 1).flatten(0, 1)  # interleaved (gate, up) rows
@@ -397,8 +409,10 @@ def parallel_model_step(family, device, bound):
         out[name] = ratio(p.grad, expected(name))
     with torch.no_grad():
         prompt = ids[:1, :4]
-        out["generate"] = torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False),
-                                      dense.generate(prompt, max_new_tokens=3, do_sample=False))  # fmt: skip
+        out["generate"] = torch.equal(
+            model.generate(prompt, max_new_tokens=3, do_sample=False),
+            dense.generate(prompt, max_new_tokens=3, do_sample=False),
+        )
     return out
 
 
@@ -413,9 +427,16 @@ def _tiny_model(family="llama", device=None):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[family]
     torch.manual_seed(0)
-    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        tie_word_embeddings=False)  # fmt: skip
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return config, model_cls, model_cls(config).to(device)
 
 
@@ -499,8 +520,10 @@ def mesh_calls(device):
     torch.manual_seed(0)
     dense = nn.Linear(12, 10).to(device)
     x = torch.randn(3, 12, device=device)
-    outs = [fused_tp.ColumnParallelLinear.from_linear(dense, process_group=g, gather_output=True)(x)
-            for g in (mesh, mesh.get_group())]  # fmt: skip
+    outs = [
+        fused_tp.ColumnParallelLinear.from_linear(dense, process_group=g, gather_output=True)(x)
+        for g in (mesh, mesh.get_group())
+    ]
     equal = torch.equal(*outs)
     refusal = sub = matches = None
     if world % 2 == 0:
@@ -525,8 +548,10 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
     linears = [_dense_linear(w, b, device) for w, b in dense]
     options = dict(sequence_parallel=True, sequence_dim=seq_dim)
     if kind == "mlp":
-        layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0], **options),
-                  fused_tp.RowParallelLinear.from_linear(linears[1], **options)]  # fmt: skip
+        layers = [
+            fused_tp.ColumnParallelLinear.from_linear(linears[0], **options),
+            fused_tp.RowParallelLinear.from_linear(linears[1], **options),
+        ]
         forward = nn.Sequential(layers[0], fused_tp.kernels.ACTIVATIONS[activation].module(), layers[1])
     else:
         forward = fused_tp.ParallelMLP.from_linears(*linears, activation=activation, **options)
@@ -537,10 +562,13 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
         y = forward(x_r)
     y.backward(torch.tensor_split(grad_y, world, seq_dim)[rank].to(device))
     full = x.to(device)
-    out = {"y": _cpu(y), "grad_x": _cpu(x_r.grad),
-           # (where this rank's share is the whole sequence, saving it is saving the share)
-           "saved_the_sequence": x_r.shape != full.shape and any(t.shape == full.shape and torch.equal(t, full)
-                                                                 for t in saved)}  # fmt: skip
+    out = {
+        "y": _cpu(y),
+        "grad_x": _cpu(x_r.grad),
+        # (where this rank's share is the whole sequence, saving it is saving the share)
+        "saved_the_sequence": x_r.shape != full.shape
+        and any(t.shape == full.shape and torch.equal(t, full) for t in saved),
+    }
     for i, layer in enumerate(layers):
         out[f"w{i}"], out[f"grad_w{i}"] = _cpu(layer.weight), _cpu(layer.weight.grad)
         if layer.bias is not None:

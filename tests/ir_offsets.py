@@ -16,36 +16,73 @@ from triton.compiler import ASTSource, compile
 
 from fused_tp.kernels import epilogues, jit
 
-_MATMUL_META = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee", ACT=None, AUX="",
-                    GATED=False)
+_MATMUL_META = dict(
+    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee", ACT=None, AUX="", GATED=False
+)
 VARIANTS = {
     "matmul, pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False),
     "matmul, pointers, split-K": dict(HAS_BIAS=True, UPCAST=True, TMA=False, A_T=False, B_T=False, SPLIT=True),
     "matmul, descriptors": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False),
-    "matmul, descriptors, C through pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=True, TMA_C=False, A_T=False,
-                                                    B_T=True, SPLIT=False),
+    "matmul, descriptors, C through pointers": dict(
+        HAS_BIAS=True, UPCAST=False, TMA=True, TMA_C=False, A_T=False, B_T=True, SPLIT=False
+    ),
     "matmul, descriptors, split-K": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=True),
-    "matmul, descriptors, split-K, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=True,
-                                                                          A_T=False, B_T=True, SPLIT=True,
-                                                                          ACT=epilogues.gelu, AUX="store"),
-    "matmul, pointers, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False,
-                                                              B_T=False, SPLIT=False, ACT=epilogues.gelu, AUX="store"),
-    "matmul, pointers, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=False, A_T=False, B_T=False,
-                                                SPLIT=False, ACT=epilogues.gelu_tanh_grad, AUX="load"),
-    "matmul, descriptors, GELU storing the pre-activation": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False,
-                                                                 B_T=True, SPLIT=False, ACT=epilogues.gelu,
-                                                                 AUX="store"),
-    "matmul, descriptors, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False,
-                                                   SPLIT=False, ACT=epilogues.gelu_grad, AUX="load"),
-    "matmul, descriptors, C through pointers, GELU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=True,
-                                                                       TMA_C=False, A_T=True, B_T=False, SPLIT=False,
-                                                                       ACT=epilogues.gelu_grad, AUX="load"),
-    "matmul, descriptors, SwiGLU storing the pre-activation, split-K": dict(HAS_BIAS=True, UPCAST=False, TMA=True,
-                                                                            TMA_C=False, A_T=False, B_T=True,
-                                                                            SPLIT=True, ACT=epilogues.swiglu,
-                                                                            AUX="store", GATED=True),
-    "matmul, pointers, SwiGLU's derivative": dict(HAS_BIAS=False, UPCAST=False, TMA=False, A_T=False, B_T=False,
-                                                  SPLIT=False, ACT=epilogues.swiglu_grad, AUX="load", GATED=True),
+    "matmul, descriptors, split-K, GELU storing the pre-activation": dict(
+        HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=True, ACT=epilogues.gelu, AUX="store"
+    ),
+    "matmul, pointers, GELU storing the pre-activation": dict(
+        HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False, ACT=epilogues.gelu, AUX="store"
+    ),
+    "matmul, pointers, GELU's derivative": dict(
+        HAS_BIAS=False,
+        UPCAST=False,
+        TMA=False,
+        A_T=False,
+        B_T=False,
+        SPLIT=False,
+        ACT=epilogues.gelu_tanh_grad,
+        AUX="load",
+    ),
+    "matmul, descriptors, GELU storing the pre-activation": dict(
+        HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False, ACT=epilogues.gelu, AUX="store"
+    ),
+    "matmul, descriptors, GELU's derivative": dict(
+        HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=False, ACT=epilogues.gelu_grad, AUX="load"
+    ),
+    "matmul, descriptors, C through pointers, GELU's derivative": dict(
+        HAS_BIAS=False,
+        UPCAST=False,
+        TMA=True,
+        TMA_C=False,
+        A_T=True,
+        B_T=False,
+        SPLIT=False,
+        ACT=epilogues.gelu_grad,
+        AUX="load",
+    ),
+    "matmul, descriptors, SwiGLU storing the pre-activation, split-K": dict(
+        HAS_BIAS=True,
+        UPCAST=False,
+        TMA=True,
+        TMA_C=False,
+        A_T=False,
+        B_T=True,
+        SPLIT=True,
+        ACT=epilogues.swiglu,
+        AUX="store",
+        GATED=True,
+    ),
+    "matmul, pointers, SwiGLU's derivative": dict(
+        HAS_BIAS=False,
+        UPCAST=False,
+        TMA=False,
+        A_T=False,
+        B_T=False,
+        SPLIT=False,
+        ACT=epilogues.swiglu_grad,
+        AUX="load",
+        GATED=True,
+    ),
 }
 
 
@@ -71,11 +108,24 @@ def main() -> dict:
     out = {}
     for name, switches in VARIANTS.items():
         meta = {**_MATMUL_META, "TMA_C": switches["TMA"], **switches}  # C as A and B unless a variant says
-        out[name] = offset_types(ttir(jit.matmul_kernel, meta,
-                                      dict(a_ptr="*bf16", b_ptr="*bf16", bias_ptr="*bf16", c_ptr="*bf16",
-                                           ws_ptr="*fp32", aux_ptr="*bf16", count_ptr="*i32")))  # fmt: skip
-    out["column sum"] = offset_types(ttir(jit.colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64),
-                                          dict(g_ptr="*bf16", out_ptr="*fp32")))  # fmt: skip
+        out[name] = offset_types(
+            ttir(
+                jit.matmul_kernel,
+                meta,
+                dict(
+                    a_ptr="*bf16",
+                    b_ptr="*bf16",
+                    bias_ptr="*bf16",
+                    c_ptr="*bf16",
+                    ws_ptr="*fp32",
+                    aux_ptr="*bf16",
+                    count_ptr="*i32",
+                ),
+            )
+        )
+    out["column sum"] = offset_types(
+        ttir(jit.colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64), dict(g_ptr="*bf16", out_ptr="*fp32"))
+    )
     out["int32 indexing"] = offset_types(ttir(_int32_indexing, dict(BLOCK=16), dict(src_ptr="*fp32", dst_ptr="*fp32")))
     return out
 

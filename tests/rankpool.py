@@ -31,8 +31,9 @@ def _worker(rank, world_size, init_method, device, tasks, results):
     torch.set_num_threads(1)  # several ranks share two cores
     if BACKEND == "nccl":
         torch.cuda.set_device(rank)  # "cuda" in the cases is then this rank's own GPU
-    dist.init_process_group(BACKEND, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+    dist.init_process_group(
+        BACKEND, init_method=init_method, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
     while (task := tasks.get()) is not None:
         name, args = task
         try:
@@ -55,10 +56,13 @@ class RankPool:
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [
-            ctx.Process(target=_worker, daemon=True,
-                        args=(rank, self.world_size, init_method, self.device, self._tasks[rank], self._results))
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                args=(rank, self.world_size, init_method, self.device, self._tasks[rank], self._results),
+            )
             for rank in range(self.world_size)
-        ]  # fmt: skip
+        ]
         for p in self._procs:
             p.start()
 
@@ -73,18 +77,22 @@ class RankPool:
         while len(outs) + len(errors) < self.world_size:
             try:
                 rank, ok, value = self._results.get(timeout=1.0)
-            except queue.Empty:
+            except queue.Empty as empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
                 if dead or time.monotonic() > deadline:
                     waiting = sorted(set(range(self.world_size)) - set(outs) - set(errors))
                     self.close(graceful=False)
                     why = f"ranks {dead} died" if dead else f"timed out after {self.timeout:.0f} s"
-                    raise RankError(f"{fn.__qualname__} on {self.world_size} ranks: {why}; waiting for {waiting}")
+                    raise RankError(
+                        f"{fn.__qualname__} on {self.world_size} ranks: {why}; waiting for {waiting}"
+                    ) from empty
                 continue
             (outs if ok else errors)[rank] = value
         if errors:
             self.close(graceful=False)
-            raise RankError("\n".join(f"rank {r} of {self.world_size} raised:\n{tb}" for r, tb in sorted(errors.items())))
+            raise RankError(
+                "\n".join(f"rank {r} of {self.world_size} raised:\n{tb}" for r, tb in sorted(errors.items()))
+            )
         return [outs[r] for r in range(self.world_size)]
 
     def close(self, graceful: bool = True):

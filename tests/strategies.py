@@ -7,8 +7,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Sizes around the interpreter's 64-wide tiles: 0, 1, small primes, primes that straddle tile edges, and multiples
 # of 8 and 16, which make rows 16-byte aligned so that the tensor-descriptor (TMA) path runs too.
-dims = st.one_of(st.sampled_from([0, 1, 2, 3, 5, 7, 13, 31, 61, 67, 127, 131]),
-                 st.sampled_from([8, 16, 24, 64, 72, 128, 136]), st.integers(0, 150))  # fmt: skip
+dims = st.one_of(
+    st.sampled_from([0, 1, 2, 3, 5, 7, 13, 31, 61, 67, 127, 131]),
+    st.sampled_from([8, 16, 24, 64, 72, 128, 136]),
+    st.integers(0, 150),
+)
 dtypes = st.sampled_from(DTYPES)
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
 layouts = st.sampled_from(LAYOUTS)

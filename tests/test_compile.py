@@ -24,9 +24,15 @@ BACKENDS = ["aot_eager", "inductor"] if torch.cuda.is_available() else ["aot_eag
 
 
 @settings(max_examples=8)
-@given(lead=st.sampled_from([(), (3,), (2, 1)]), K=st.sampled_from([1, 7, 16]), N=st.sampled_from([1, 5, 24]),
-       dtype=dtypes, has_bias=st.booleans(), activation=st.sampled_from(["", "gelu", "gelu_tanh", "swiglu"]),
-       save_pre=st.booleans())  # fmt: skip
+@given(
+    lead=st.sampled_from([(), (3,), (2, 1)]),
+    K=st.sampled_from([1, 7, 16]),
+    N=st.sampled_from([1, 5, 24]),
+    dtype=dtypes,
+    has_bias=st.booleans(),
+    activation=st.sampled_from(["", "gelu", "gelu_tanh", "swiglu"]),
+    save_pre=st.booleans(),
+)
 def test_the_operators_pass_opcheck(device, lead, K, N, dtype, has_bias, activation, save_pre):
     """torch.library.opcheck on every operator: schema, fake implementation (shapes, dtypes, strides) against the
     real one, and AOT dispatch with dynamic shapes. A gated activation's forward reads 2N (gate, up) columns."""
@@ -35,8 +41,10 @@ def test_the_operators_pass_opcheck(device, lead, K, N, dtype, has_bias, activat
     unit = 2 if activation and kernels.ACTIVATIONS[activation].gated else 1
     x, w, b, g = t(*lead, 4, K), t(N, K), t(unit * N) if has_bias else None, t(*lead, 4, N)
     cases = [
-        (torch.ops.fused_tp.linear_pre if save_pre and activation else torch.ops.fused_tp.linear,
-         (x, t(unit * N, K), b, activation)),
+        (
+            torch.ops.fused_tp.linear_pre if save_pre and activation else torch.ops.fused_tp.linear,
+            (x, t(unit * N, K), b, activation),
+        ),
         (torch.ops.fused_tp.grad_weight, (g, x)),
         (torch.ops.fused_tp.bias_grad, (g,)),
         (torch.ops.fused_tp.grad_input, (g, w, "", None)),
@@ -47,8 +55,16 @@ def test_the_operators_pass_opcheck(device, lead, K, N, dtype, has_bias, activat
         torch.library.opcheck(op, args)
 
 
-STACKS = ("column", "column, gather_output", "row", "row, input_is_parallel=False", "Column -> GELU -> Row",
-          "ParallelMLP", "ParallelMLP, gelu_tanh", "ParallelMLP, swiglu")
+STACKS = (
+    "column",
+    "column, gather_output",
+    "row",
+    "row, input_is_parallel=False",
+    "Column -> GELU -> Row",
+    "ParallelMLP",
+    "ParallelMLP, gelu_tanh",
+    "ParallelMLP, swiglu",
+)
 
 
 def _stacks(device, dtype):
@@ -65,8 +81,10 @@ def _stacks(device, dtype):
         "Column -> GELU -> Row": (nn.Sequential(col(fc1), nn.GELU(), row(fc2)), 16),
         "ParallelMLP": (fused_tp.ParallelMLP.from_linears(fc1, fc2), 16),
         "ParallelMLP, gelu_tanh": (fused_tp.ParallelMLP.from_linears(fc1, fc2, activation="gelu_tanh"), 16),
-        "ParallelMLP, swiglu": (fused_tp.ParallelMLP.from_gated(fc1, nn.Linear(16, 40, device=device, dtype=dtype),
-                                                                fc2), 16),
+        "ParallelMLP, swiglu": (
+            fused_tp.ParallelMLP.from_gated(fc1, nn.Linear(16, 40, device=device, dtype=dtype), fc2),
+            16,
+        ),
     }
     assert tuple(stacks) == STACKS
     return stacks, (fc1, fc2)
@@ -141,8 +159,10 @@ def test_compiled_layers_match_eager_on_gloo_ranks(rank_pools, device, world, ki
     else:
         dense, width, out = [(t(16, 41), t(16))], 41, 16
     if device == "cuda" and kind in ("column_gather", "row_scatter"):
-        pytest.skip("the functional all_gather of CUDA tensors over gloo (ranks sharing the GPU) ends the rank with "
-                    "SIGSEGV on the H200 (torch 2.11; bench/NOTES.md session 10); over NCCL it needs a GPU per rank")
+        pytest.skip(
+            "the functional all_gather of CUDA tensors over gloo (ranks sharing the GPU) ends the rank with "
+            "SIGSEGV on the H200 (torch 2.11; bench/NOTES.md session 10); over NCCL it needs a GPU per rank"
+        )
     inputs = [(t(tokens, width), t(tokens, out)) for tokens in (5, 9)]
     outs = rank_pools(world).run(dist_cases.compiled_against_eager, kind, device, dense, inputs)
     for rank, result in enumerate(outs):

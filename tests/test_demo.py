@@ -15,16 +15,34 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_demo_runs_and_reports(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "fused_tp", "demo", "--world-size", "2", "--tokens", "8", "--hidden", "32",
-         "--dtype", "float32", "--steps", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fused_tp",
+            "demo",
+            "--world-size",
+            "2",
+            "--tokens",
+            "8",
+            "--hidden",
+            "32",
+            "--dtype",
+            "float32",
+            "--steps",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     expected_path = "triton" if "cuda" in out.stdout else "triton-interpreter"
     assert f"kernel path: {expected_path} (" in out.stdout
     row = r"^(\S+(?: \(\w+\))?)\s+([\d.e+\- ]+)\s+(PASS|FAIL)$"
-    rows = {m.group(1): ([float(v) for v in m.group(2).split()], m.group(3))
-            for m in re.finditer(row, out.stdout, re.M)}  # fmt: skip
+    rows = {
+        m.group(1): ([float(v) for v in m.group(2).split()], m.group(3)) for m in re.finditer(row, out.stdout, re.M)
+    }
     assert set(rows) == {"y", "grad_x", "grad_w1 (column)", "grad_b1 (column)", "grad_w2 (row)", "grad_b2 (row)"}
     for name, ((tp_vs_dense, tp_vs_f64, dense_vs_f64, worst), verdict) in rows.items():
         assert tp_vs_f64 < 1e-5 and dense_vs_f64 < 1e-5 and tp_vs_dense < 1e-5, (name, out.stdout)
@@ -50,8 +68,9 @@ def test_readme_commands_are_what_ci_runs():
 
 def test_commands_show_their_defaults_and_what_tune_needs():
     for command, wanted in (("demo", "(default: bfloat16)"), ("tune", "(default: all)")):
-        out = subprocess.run([sys.executable, "-m", "fused_tp", command, "--help"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "fused_tp", command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and wanted in out.stdout, out.stdout
     assert "TRITON_INTERPRET=1" in out.stdout  # tune --help says it needs a GPU or the interpreter
 
@@ -59,20 +78,41 @@ def test_commands_show_their_defaults_and_what_tune_needs():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tune runs")
 def test_tune_without_a_gpu_or_the_interpreter_says_what_it_needs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "fused_tp", "tune", "--shapes", "tiny", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "fused_tp", "tune", "--shapes", "tiny", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode != 0 and "needs a GPU, or TRITON_INTERPRET=1" in out.stderr, out.stderr
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="with one GPU the 2 ranks are CPU ranks through the "
-                    "interpreter, whose triton 3.6 (the GPU image's) cannot run the kernels' persistent loop")
+@pytest.mark.skipif(
+    torch.cuda.device_count() == 1,
+    reason="with one GPU the 2 ranks are CPU ranks through the "
+    "interpreter, whose triton 3.6 (the GPU image's) cannot run the kernels' persistent loop",
+)
 def test_the_example_trains_under_torchrun_on_2_ranks():
     """examples/train_tp_mlp.py, as README shows it: gloo ranks on the CPU (NCCL where there is a GPU per rank)."""
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/train_tp_mlp.py",
-         "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "examples/train_tp_mlp.py",
+            "--steps",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(v) for v in re.findall(r"^step \d+: loss ([\d.]+)$", out.stdout, re.M)]
     assert len(losses) == 2 and losses[1] < losses[0], out.stdout
@@ -80,8 +120,11 @@ def test_the_example_trains_under_torchrun_on_2_ranks():
     assert error and float(error.group(1)) < 1e-2, out.stdout
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="--tiny runs the kernels through Triton's interpreter, whose "
-                    "triton 3.6 (the GPU image's) cannot run their persistent loop; on GPUs the bench runs for real")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="--tiny runs the kernels through Triton's interpreter, whose "
+    "triton 3.6 (the GPU image's) cannot run their persistent loop; on GPUs the bench runs for real",
+)
 def test_tp_mlp_bench_agrees_with_megatron_and_dtensor_on_gloo_ranks():
     """bench/bench_tp_mlp.py --tiny under torchrun on 2 gloo ranks, with and without --sequence-parallel: fused_tp's
     output and input gradient match the Megatron-style reference and DTensor's parallelize_module before anything
@@ -92,9 +135,23 @@ def test_tp_mlp_bench_agrees_with_megatron_and_dtensor_on_gloo_ranks():
         env["TRITON_INTERPRET"] = "1"
     for mode in ([], ["--sequence-parallel"]):
         out = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "bench/bench_tp_mlp.py", "--tiny",
-             "--steps", "1", *mode],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "bench/bench_tp_mlp.py",
+                "--tiny",
+                "--steps",
+                "1",
+                *mode,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         assert re.search(r"^\| 8 \| 16 \| 24 \| 2 \|", out.stdout, re.M), out.stdout

@@ -30,8 +30,10 @@ def _dense_linear(in_features, out_features, has_bias, dtype, seed):
 
 def _inputs(lead, in_features, out_features, dtype, seed):
     gen = torch.Generator().manual_seed(seed + 1)
-    return (make_tensor(lead + (in_features,), "contiguous", dtype, "cpu", gen),
-            make_tensor(lead + (out_features,), "contiguous", dtype, "cpu", gen))  # fmt: skip
+    return (
+        make_tensor(lead + (in_features,), "contiguous", dtype, "cpu", gen),
+        make_tensor(lead + (out_features,), "contiguous", dtype, "cpu", gen),
+    )
 
 
 def _assert_replicated(name, outs):
@@ -41,15 +43,25 @@ def _assert_replicated(name, outs):
 
 @pytest.mark.parametrize("world", WORLDS)
 @dist_settings
-@given(tokens=tokens, hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds,
-       kind=st.sampled_from(["mlp", "parallel_mlp"]),
-       activation=st.sampled_from(["gelu", "gelu_tanh", "swiglu"]))  # fmt: skip
-@example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="mlp",
-         activation="gelu")  # ffn < world: an empty shard
-@example(tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="parallel_mlp",
-         activation="gelu")  # the same through ParallelMLP
-@example(tokens=5, hidden=7, ffn=5, dtype=torch.float32, has_bias=True, seed=0, kind="parallel_mlp",
-         activation="swiglu")  # (gate, up) pairs split unevenly
+@given(
+    tokens=tokens,
+    hidden=sizes,
+    ffn=sizes,
+    dtype=dtypes,
+    has_bias=st.booleans(),
+    seed=seeds,
+    kind=st.sampled_from(["mlp", "parallel_mlp"]),
+    activation=st.sampled_from(["gelu", "gelu_tanh", "swiglu"]),
+)
+@example(
+    tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="mlp", activation="gelu"
+)  # ffn < world: an empty shard
+@example(
+    tokens=5, hidden=7, ffn=3, dtype=torch.bfloat16, has_bias=True, seed=0, kind="parallel_mlp", activation="gelu"
+)  # the same through ParallelMLP
+@example(
+    tokens=5, hidden=7, ffn=5, dtype=torch.float32, has_bias=True, seed=0, kind="parallel_mlp", activation="swiglu"
+)  # (gate, up) pairs split unevenly
 def test_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed, kind, activation):
     """Column -> GELU -> Row built with from_linear, as three modules or as one ParallelMLP (the activation in the
     kernels; SwiGLU's fc1 interleaves 2 * ffn gate and up rows, and only ParallelMLP keeps the pairs together):
@@ -126,8 +138,9 @@ def test_row_full_input_and_bias_once(rank_pools, device, world, tokens, in_feat
 @pytest.mark.parametrize("world", WORLDS)
 @dist_settings
 @given(in_features=sizes, out_features=sizes, has_bias=st.booleans(), dtype=dtypes, seed=seeds)
-def test_constructor_shards_are_slices_of_nn_linear(rank_pools, world, in_features, out_features, has_bias,
-                                                    dtype, seed):  # fmt: skip
+def test_constructor_shards_are_slices_of_nn_linear(
+    rank_pools, world, in_features, out_features, has_bias, dtype, seed
+):
     """Under the same seed, each rank's constructor makes exactly its slice of nn.Linear's parameters."""
     outs = rank_pools(world).run(dist_cases.init_shards, seed, in_features, out_features, has_bias, dtype)
     torch.manual_seed(seed)
@@ -248,13 +261,31 @@ def test_layers_take_a_device_mesh(rank_pools, device, world):
 
 @pytest.mark.parametrize("world", WORLDS)
 @dist_settings
-@given(tokens=st.integers(1, 11), hidden=sizes, ffn=sizes, dtype=dtypes, has_bias=st.booleans(), seed=seeds,
-       kind=st.sampled_from(["mlp", "parallel_mlp"]), activation=st.sampled_from(["gelu", "swiglu"]),
-       seq_dim=st.sampled_from([0, 1]))  # fmt: skip
-@example(tokens=5, hidden=7, ffn=3, dtype=torch.float32, has_bias=True, seed=0, kind="parallel_mlp",
-         activation="swiglu", seq_dim=1)  # uneven sequence shards, an empty one at world 4 ... and uneven pairs
-def test_sequence_parallel_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed,
-                                             kind, activation, seq_dim):  # fmt: skip
+@given(
+    tokens=st.integers(1, 11),
+    hidden=sizes,
+    ffn=sizes,
+    dtype=dtypes,
+    has_bias=st.booleans(),
+    seed=seeds,
+    kind=st.sampled_from(["mlp", "parallel_mlp"]),
+    activation=st.sampled_from(["gelu", "swiglu"]),
+    seq_dim=st.sampled_from([0, 1]),
+)
+@example(
+    tokens=5,
+    hidden=7,
+    ffn=3,
+    dtype=torch.float32,
+    has_bias=True,
+    seed=0,
+    kind="parallel_mlp",
+    activation="swiglu",
+    seq_dim=1,
+)  # uneven sequence shards, an empty one at world 4 ... and uneven pairs
+def test_sequence_parallel_mlp_matches_dense(
+    rank_pools, device, world, tokens, hidden, ffn, dtype, has_bias, seed, kind, activation, seq_dim
+):
     """Sequence parallelism: each rank feeds its share of the sequence (torch.tensor_split, uneven lengths too) and
     gets its share of the output; concatenated along the sequence, outputs and input gradients equal the dense MLP
     on the whole sequence, and the shards' weight gradients (the row bias's, the same on every rank) too."""
@@ -265,8 +296,9 @@ def test_sequence_parallel_mlp_matches_dense(rank_pools, device, world, tokens, 
     if seq_dim == 1:
         x, grad_y = x.transpose(0, 1).contiguous(), grad_y.transpose(0, 1).contiguous()  # [B, S, K]
 
-    outs = rank_pools(world).run(dist_cases.sequence_parallel_step, kind, device, [(w1, b1), (w2, b2)], x, grad_y,
-                                 activation, seq_dim)  # fmt: skip
+    outs = rank_pools(world).run(
+        dist_cases.sequence_parallel_step, kind, device, [(w1, b1), (w2, b2)], x, grad_y, activation, seq_dim
+    )
 
     ref, mag = mlp_reference(x.reshape(-1, hidden), w1, b1, w2, b2, grad_y.reshape(-1, hidden), activation)
     t = tol(dtype, max(hidden, ffn, 2 * tokens), rounds=world, stages=MLP_STAGES)
@@ -286,11 +318,14 @@ def test_sequence_parallel_mlp_matches_dense(rank_pools, device, world, tokens, 
 @pytest.mark.parametrize("world", WORLDS)
 def test_sequence_parallel_bad_input_raises_the_same_error_on_every_rank(rank_pools, device, world):
     outs = rank_pools(world).run(dist_cases.sequence_parallel_bad_calls, device)
-    for rank, (errors, group_ok) in enumerate(outs):
-        assert errors[0] == outs[0][0][0] and errors[0].startswith("input: expected the sequence (dim 0) split as "
-                                                                   "torch.tensor_split splits"), errors  # fmt: skip
-        assert errors[1] == "sequence_dim: expected a dim of the input other than its last (the features), got 0 " \
-                            "for an input of 1 dims", errors
+    for errors, group_ok in outs:
+        assert errors[0] == outs[0][0][0] and errors[0].startswith(
+            "input: expected the sequence (dim 0) split as torch.tensor_split splits"
+        ), errors
+        assert (
+            errors[1] == "sequence_dim: expected a dim of the input other than its last (the features), got 0 "
+            "for an input of 1 dims"
+        ), errors
         assert group_ok
 
 

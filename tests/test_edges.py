@@ -37,15 +37,40 @@ def _op(op, tensors):
     return (lambda: kernels.grad_params(g, x)), lambda: (g.double().T @ x.double(), g.double().sum(0)), g.shape[0]
 
 
-@given(M=small, K=small, N=small, dtype=dtypes, op=st.sampled_from(["forward", "grad_input", "grad_params"]),
-       split_k=st.sampled_from([None, 2]),
-       specials=st.lists(st.tuples(st.sampled_from(["x", "w", "b", "g"]), st.floats(0, 1, exclude_max=True),
-                                   st.sampled_from(SPECIALS)), min_size=1, max_size=3),
-       seed=seeds)  # fmt: skip
-@example(M=3, K=4, N=5, dtype=torch.bfloat16, op="forward", split_k=None, seed=0,
-         specials=[("x", 0.0, float("inf")), ("w", 0.0, float("-inf"))])  # inf * -inf = -inf, summed with others
-@example(M=3, K=4, N=5, dtype=torch.float16, op="grad_params", split_k=2, seed=0,
-         specials=[("g", 0.5, float("inf")), ("g", 0.9, float("-inf"))])  # inf - inf = NaN in a column sum
+@given(
+    M=small,
+    K=small,
+    N=small,
+    dtype=dtypes,
+    op=st.sampled_from(["forward", "grad_input", "grad_params"]),
+    split_k=st.sampled_from([None, 2]),
+    specials=st.lists(
+        st.tuples(st.sampled_from(["x", "w", "b", "g"]), st.floats(0, 1, exclude_max=True), st.sampled_from(SPECIALS)),
+        min_size=1,
+        max_size=3,
+    ),
+    seed=seeds,
+)
+@example(
+    M=3,
+    K=4,
+    N=5,
+    dtype=torch.bfloat16,
+    op="forward",
+    split_k=None,
+    seed=0,
+    specials=[("x", 0.0, float("inf")), ("w", 0.0, float("-inf"))],
+)  # inf * -inf = -inf, summed with others
+@example(
+    M=3,
+    K=4,
+    N=5,
+    dtype=torch.float16,
+    op="grad_params",
+    split_k=2,
+    seed=0,
+    specials=[("g", 0.5, float("inf")), ("g", 0.9, float("-inf"))],
+)  # inf - inf = NaN in a column sum
 def test_nan_and_inf_propagate_as_in_f_linear(device, M, K, N, dtype, op, split_k, specials, seed):
     """NaN and +-Inf in any operand give NaN and +-Inf exactly where F.linear and the float64 result have them (no
     masking, no zeroing, including the split-K path); every other element is within the usual tolerance."""
@@ -139,8 +164,9 @@ def test_parallel_mlp_saves_no_more_than_the_dense_mlp(device, monkeypatch, x_gr
     assert nbytes(saved) <= nbytes(theirs)
     save_pre = []
     real = fused_tp.kernels.ops.linear
-    monkeypatch.setattr(fused_tp.kernels.ops, "linear",
-                        lambda *a, **k: save_pre.append(k.get("save_pre", False)) or real(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        fused_tp.kernels.ops, "linear", lambda *a, **k: save_pre.append(k.get("save_pre", False)) or real(*a, **k)
+    )
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
             saved, y = _saved(lambda: mlp(x))
@@ -148,8 +174,9 @@ def test_parallel_mlp_saves_no_more_than_the_dense_mlp(device, monkeypatch, x_gr
     assert save_pre and not any(save_pre)
 
 
-@pytest.mark.parametrize("kind", ["column", "column, gather_output", "row", "row, input_is_parallel=False",
-                                  "parallel_mlp"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind", ["column", "column, gather_output", "row", "row, input_is_parallel=False", "parallel_mlp"]
+)
 def test_where_autograd_records_nothing_the_layers_skip_their_function(device, monkeypatch, kind):
     """Under no_grad (or with nothing requiring grad) a layer call runs its kernels without its autograd Function,
     whose bookkeeping would cost host time for nothing, and gives the Function's output bitwise."""
@@ -158,14 +185,23 @@ def test_where_autograd_records_nothing_the_layers_skip_their_function(device, m
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(16, 40, device=device), nn.Linear(40, 16, device=device)
     col, row = fused_tp.ColumnParallelLinear.from_linear, fused_tp.RowParallelLinear.from_linear
-    layer, width = {"column": (col(fc1), 16), "column, gather_output": (col(fc1, gather_output=True), 16),
-                    "row": (row(fc2), 40), "row, input_is_parallel=False": (row(fc2, input_is_parallel=False), 40),
-                    "parallel_mlp": (fused_tp.ParallelMLP.from_linears(fc1, fc2), 16)}[kind]  # fmt: skip
+    layer, width = {
+        "column": (col(fc1), 16),
+        "column, gather_output": (col(fc1, gather_output=True), 16),
+        "row": (row(fc2), 40),
+        "row, input_is_parallel=False": (row(fc2, input_is_parallel=False), 40),
+        "parallel_mlp": (fused_tp.ParallelMLP.from_linears(fc1, fc2), 16),
+    }[kind]
     x = torch.randn(5, width, device=device)
     with_function = layer(x)
     assert with_function.grad_fn is not None
-    functions = (autograd._ColumnParallelLinear, autograd._RowParallelLinear, autograd._ParallelMLP,
-                 autograd._GatherLastDim, autograd._ScatterLastDim)  # fmt: skip
+    functions = (
+        autograd._ColumnParallelLinear,
+        autograd._RowParallelLinear,
+        autograd._ParallelMLP,
+        autograd._GatherLastDim,
+        autograd._ScatterLastDim,
+    )
     for fn in functions:
         monkeypatch.setattr(fn, "apply", lambda *args: pytest.fail("an autograd Function ran"))
     with torch.no_grad():
@@ -211,15 +247,36 @@ def _view(kind, shape, dtype, device, gen, grad):
 VIEWS = ("contiguous", "overlapping", "step-2 slice", "permuted", "transposed matmul output", "expanded")
 
 
-@given(M=dims, K=dims, N=dims, dtype=dtypes, view=st.sampled_from(VIEWS),
-       layer=st.sampled_from(["column", "row", "row full input", "column gather"]),
-       x_grad=st.booleans(), w_grad=st.booleans(), bias=st.sampled_from([None, True, False]), seed=seeds)  # fmt: skip
-@example(M=3, K=4099, N=2, dtype=torch.bfloat16, view="overlapping", layer="row", x_grad=True, w_grad=False,
-         bias=False, seed=0)  # a large prime K over overlapping rows; weight and bias frozen
-@example(M=0, K=1, N=1, dtype=torch.float16, view="expanded", layer="column", x_grad=True, w_grad=True, bias=True,
-         seed=0)
-def test_layers_take_any_input_view_and_frozen_parameters(device, M, K, N, dtype, view, layer, x_grad, w_grad, bias,
-                                                          seed):  # fmt: skip
+@given(
+    M=dims,
+    K=dims,
+    N=dims,
+    dtype=dtypes,
+    view=st.sampled_from(VIEWS),
+    layer=st.sampled_from(["column", "row", "row full input", "column gather"]),
+    x_grad=st.booleans(),
+    w_grad=st.booleans(),
+    bias=st.sampled_from([None, True, False]),
+    seed=seeds,
+)
+@example(
+    M=3,
+    K=4099,
+    N=2,
+    dtype=torch.bfloat16,
+    view="overlapping",
+    layer="row",
+    x_grad=True,
+    w_grad=False,
+    bias=False,
+    seed=0,
+)  # a large prime K over overlapping rows; weight and bias frozen
+@example(
+    M=0, K=1, N=1, dtype=torch.float16, view="expanded", layer="column", x_grad=True, w_grad=True, bias=True, seed=0
+)
+def test_layers_take_any_input_view_and_frozen_parameters(
+    device, M, K, N, dtype, view, layer, x_grad, w_grad, bias, seed
+):
     """Column and Row (world size 1) on inputs that are odd views or outputs of earlier ops, with weight and bias
     frozen or not, a bias without grad, or none: output and each gradient that should exist match float64, the
     others stay None, the input is unmodified."""
@@ -267,14 +324,17 @@ def test_a_training_step_replays_in_a_cuda_graph(device, tokens, mlp):
     if device != "cuda":
         pytest.skip("CUDA graphs need a GPU")
     torch.manual_seed(0)
-    up, down = nn.Linear(64, 256, device="cuda", dtype=torch.bfloat16), nn.Linear(256, 72, device="cuda",
-                                                                                  dtype=torch.bfloat16)  # fmt: skip
+    up, down = (
+        nn.Linear(64, 256, device="cuda", dtype=torch.bfloat16),
+        nn.Linear(256, 72, device="cuda", dtype=torch.bfloat16),
+    )
 
     def build():
         if mlp == "ParallelMLP":
             return fused_tp.ParallelMLP.from_linears(up, down)
-        return nn.Sequential(fused_tp.ColumnParallelLinear.from_linear(up), nn.GELU(),
-                             fused_tp.RowParallelLinear.from_linear(down))  # fmt: skip
+        return nn.Sequential(
+            fused_tp.ColumnParallelLinear.from_linear(up), nn.GELU(), fused_tp.RowParallelLinear.from_linear(down)
+        )
 
     def step(module, x, grad_y):
         for t in (x, *module.parameters()):

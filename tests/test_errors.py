@@ -18,50 +18,85 @@ def _other_device(device):
 # name -> (call(column, row, row_full_input, device), error type, what the message must say)
 BAD_CALLS = {
     "column: input of the wrong width": (
-        lambda c, r, rf, d: c(torch.randn(2, c.in_features + 1, device=d)), ValueError, "input: expected last dim"),
+        lambda c, r, rf, d: c(torch.randn(2, c.in_features + 1, device=d)),
+        ValueError,
+        "input: expected last dim",
+    ),
     "column: input dtype differs from the weight's": (
-        lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=d, dtype=torch.float16)), TypeError,
-        "input: expected dtype torch.float32"),
+        lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=d, dtype=torch.float16)),
+        TypeError,
+        "input: expected dtype torch.float32",
+    ),
     "column: input that needs grad, in another dtype than the weight's": (
         lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=d, dtype=torch.bfloat16, requires_grad=True)),
-        TypeError, "input: expected dtype torch.float32"),
+        TypeError,
+        "input: expected dtype torch.float32",
+    ),
     "column: integer input": (
-        lambda c, r, rf, d: c(torch.ones(2, c.in_features, device=d, dtype=torch.int64)), TypeError,
-        "input: expected dtype float32, float16 or bfloat16"),
+        lambda c, r, rf, d: c(torch.ones(2, c.in_features, device=d, dtype=torch.int64)),
+        TypeError,
+        "input: expected dtype float32, float16 or bfloat16",
+    ),
     "column: input on another device": (
-        lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=_other_device(d))), ValueError,
-        "input: expected device"),
+        lambda c, r, rf, d: c(torch.randn(2, c.in_features, device=_other_device(d))),
+        ValueError,
+        "input: expected device",
+    ),
     "column: a list as input": (lambda c, r, rf, d: c([1.0, 2.0]), TypeError, "input: expected a torch.Tensor"),
     "row: input of the full width where the shard is expected": (
-        lambda c, r, rf, d: r(torch.randn(2, r.in_features + 1, device=d)), ValueError, "input: expected last dim"),
+        lambda c, r, rf, d: r(torch.randn(2, r.in_features + 1, device=d)),
+        ValueError,
+        "input: expected last dim",
+    ),
     "row (input_is_parallel=False): input of the wrong width": (
-        lambda c, r, rf, d: rf(torch.randn(2, rf.in_features - 1, device=d)), ValueError,
-        "input: expected last dim"),
+        lambda c, r, rf, d: rf(torch.randn(2, rf.in_features - 1, device=d)),
+        ValueError,
+        "input: expected last dim",
+    ),
     "row (input_is_parallel=False): a scalar input": (
-        lambda c, r, rf, d: rf(torch.tensor(1.0, device=d)), ValueError, "input: expected last dim"),
+        lambda c, r, rf, d: rf(torch.tensor(1.0, device=d)),
+        ValueError,
+        "input: expected last dim",
+    ),
     "column_parallel_linear: bias of the wrong shape": (
         lambda c, r, rf, d: fused_tp.column_parallel_linear(
-            torch.randn(2, c.in_features, device=d), c.weight, torch.zeros(c.weight.shape[0] + 1, device=d)),
-        ValueError, "bias: expected shape"),
+            torch.randn(2, c.in_features, device=d), c.weight, torch.zeros(c.weight.shape[0] + 1, device=d)
+        ),
+        ValueError,
+        "bias: expected shape",
+    ),
     "ParallelMLP: input of the wrong width": (
-        lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d)(torch.randn(2, 3, device=d)), ValueError,
-        "input: expected last dim"),
+        lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d)(torch.randn(2, 3, device=d)),
+        ValueError,
+        "input: expected last dim",
+    ),
     "ParallelMLP: input dtype differs from the weights'": (
         lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d)(
-            torch.randn(2, c.in_features, device=d, dtype=torch.float16)), TypeError,
-        "input: expected dtype torch.float32"),
+            torch.randn(2, c.in_features, device=d, dtype=torch.float16)
+        ),
+        TypeError,
+        "input: expected dtype torch.float32",
+    ),
     "column: a layer made float64 after construction (model.double())": (
         lambda c, r, rf, d: copy.deepcopy(c).double()(torch.randn(2, c.in_features, device=d, dtype=torch.float64)),
-        TypeError, "weight: expected dtype float32, float16 or bfloat16, got torch.float64"),
+        TypeError,
+        "weight: expected dtype float32, float16 or bfloat16, got torch.float64",
+    ),
     "ParallelMLP: made float64 after construction, given a float32 input": (
         lambda c, r, rf, d: fused_tp.ParallelMLP(c.in_features, 6, device=d).double()(
-            torch.randn(2, c.in_features, device=d)), TypeError,
-        "fc1.weight: expected dtype float32, float16 or bfloat16, got torch.float64"),
+            torch.randn(2, c.in_features, device=d)
+        ),
+        TypeError,
+        "fc1.weight: expected dtype float32, float16 or bfloat16, got torch.float64",
+    ),
     "row_parallel_linear: bias in another dtype": (
         lambda c, r, rf, d: fused_tp.row_parallel_linear(
-            torch.randn(2, r.weight.shape[1], device=d), r.weight, r.bias.detach().half()),
-        TypeError, "bias: expected dtype torch.float32"),
-}  # fmt: skip
+            torch.randn(2, r.weight.shape[1], device=d), r.weight, r.bias.detach().half()
+        ),
+        TypeError,
+        "bias: expected dtype torch.float32",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(BAD_CALLS))
@@ -121,12 +156,16 @@ def test_gated_options_are_checked(device):
     """SwiGLU reads (gate, up) pairs: an odd width, a pre-activation of the wrong width and mismatched layers raise,
     naming the argument."""
     x, w = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
-    with pytest.raises(ValueError, match=r"weight: expected an even number of rows for 'swiglu' \(interleaved gate "
-                                         r"and up pairs\), got 5"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"weight: expected an even number of rows for 'swiglu' \(interleaved gate "
+        r"and up pairs\), got 5",
+    ):
         kernels.linear(x, w, activation="swiglu")
     with pytest.raises(ValueError, match=r"pre: expected shape \(3, 8\) and dtype torch.float32, got \(3, 4\)"):
-        kernels.grad_input(torch.randn(3, 5, device=device), w, activation="swiglu",
-                           pre=torch.randn(3, 4, device=device))  # fmt: skip
+        kernels.grad_input(
+            torch.randn(3, 5, device=device), w, activation="swiglu", pre=torch.randn(3, 4, device=device)
+        )
     fc1, fc2 = torch.nn.Linear(4, 8, device=device), torch.nn.Linear(8, 4, device=device)
     with pytest.raises(ValueError, match=r"fc2: expected in_features 4 \(half fc1.out_features\), got 8"):
         fused_tp.ParallelMLP.from_linears(fc1, fc2, activation="swiglu")
@@ -148,15 +187,25 @@ def test_gated_options_are_checked(device):
         mlp(x)
 
 
-@pytest.mark.parametrize("build, name", [
-    (lambda d: fused_tp.ColumnParallelLinear(4, 6, device=d, dtype=torch.float64), "dtype"),
-    (lambda d: fused_tp.RowParallelLinear(4, 6, device=d, dtype=torch.int32), "dtype"),
-    (lambda d: fused_tp.ParallelMLP(4, 8, device=d, dtype=torch.float64), "dtype"),
-    (lambda d: fused_tp.ColumnParallelLinear.from_linear(torch.nn.Linear(4, 6, device=d).double()), "linear.weight"),
-    (lambda d: fused_tp.RowParallelLinear.from_linear(torch.nn.Linear(4, 6, device=d).double()), "linear.weight"),
-    (lambda d: fused_tp.ParallelMLP.from_linears(torch.nn.Linear(4, 8, device=d).double(),
-                                                 torch.nn.Linear(8, 4, device=d)), "fc1.weight"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda d: fused_tp.ColumnParallelLinear(4, 6, device=d, dtype=torch.float64), "dtype"),
+        (lambda d: fused_tp.RowParallelLinear(4, 6, device=d, dtype=torch.int32), "dtype"),
+        (lambda d: fused_tp.ParallelMLP(4, 8, device=d, dtype=torch.float64), "dtype"),
+        (
+            lambda d: fused_tp.ColumnParallelLinear.from_linear(torch.nn.Linear(4, 6, device=d).double()),
+            "linear.weight",
+        ),
+        (lambda d: fused_tp.RowParallelLinear.from_linear(torch.nn.Linear(4, 6, device=d).double()), "linear.weight"),
+        (
+            lambda d: fused_tp.ParallelMLP.from_linears(
+                torch.nn.Linear(4, 8, device=d).double(), torch.nn.Linear(8, 4, device=d)
+            ),
+            "fc1.weight",
+        ),
+    ],
+)
 def test_an_unsupported_parameter_dtype_is_refused_at_construction(device, build, name):
     """A float64 (or integer) layer raises when it is built, naming the argument, not at its first call."""
     with pytest.raises(TypeError, match=rf"^{name}: expected dtype float32, float16 or bfloat16, got torch\."):
@@ -176,8 +225,9 @@ def test_a_float64_default_dtype_is_refused_at_construction(device):
 def test_from_linears_refuses_layers_of_two_dtypes(device):
     message = r"^fc2.weight: expected dtype torch.float32 \(fc1.weight's\), got torch.float16"
     with pytest.raises(TypeError, match=message):
-        fused_tp.ParallelMLP.from_linears(torch.nn.Linear(4, 8, device=device),
-                                          torch.nn.Linear(8, 4, device=device, dtype=torch.float16))
+        fused_tp.ParallelMLP.from_linears(
+            torch.nn.Linear(4, 8, device=device), torch.nn.Linear(8, 4, device=device, dtype=torch.float16)
+        )
 
 
 def test_from_linear_rejects_other_modules():

@@ -11,10 +11,9 @@ import queue
 import tempfile
 import time
 
+import dist_cases
 import pytest
 import torch
-
-import dist_cases
 from rankpool import BACKEND
 
 TIMEOUT_S = 5  # the process group's timeout in these cases (the demo uses 120 s, the test pools 30 s)
@@ -34,9 +33,14 @@ def test_a_failed_rank_ends_the_others_step_without_a_hang(device, world, fault)
     entered, ends, bad = {}, {}, None
     with tempfile.TemporaryDirectory() as tmp:
         init_method = "file://" + os.path.join(tmp, "store")
-        procs = [ctx.Process(target=dist_cases.faulty_step, daemon=True,
-                             args=(rank, world, init_method, device, TIMEOUT_S, fault, BACKEND, results))
-                 for rank in range(world)]  # fmt: skip
+        procs = [
+            ctx.Process(
+                target=dist_cases.faulty_step,
+                daemon=True,
+                args=(rank, world, init_method, device, TIMEOUT_S, fault, BACKEND, results),
+            )
+            for rank in range(world)
+        ]
         for p in procs:
             p.start()
         # Start-up (spawn, import, the first forward) takes a few seconds; then every survivor must end its step

@@ -17,9 +17,16 @@ BACKENDS = ["aot_eager", "inductor"] if torch.cuda.is_available() else ["aot_eag
 def _models(device):
     """(dense model, the same with fused_tp MLP projections), equal weights, fp32."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         use_cache=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
     dense = LlamaForCausalLM(config).to(device)
     model = LlamaForCausalLM(config).to(device)
     model.load_state_dict(dense.state_dict())
@@ -35,7 +42,9 @@ def _assert_near(name: str, out: torch.Tensor, ref: torch.Tensor, rel: float) ->
     """||out - ref|| <= rel * ||ref||: a whole transformer has no elementwise magnitude to scale with (the tolerance
     table's |x| @ |w|.T), so the bound is on the norm."""
     err = (out.double() - ref.double()).norm().item()
-    assert err <= rel * ref.double().norm().item(), f"{name}: relative error {err / ref.double().norm():.3g} > {rel:.3g}"
+    assert err <= rel * ref.double().norm().item(), (
+        f"{name}: relative error {err / ref.double().norm():.3g} > {rel:.3g}"
+    )
 
 
 def _step(fn, model, ids):
@@ -69,8 +78,10 @@ def test_llama_with_fused_tp_mlps_matches_dense_and_compiles_whole(device, backe
         assert set(eager_grads) == set(ref_grads) == set(traced_grads)
         for name, (a, b) in {"logits": (eager, ref), **{n: (eager_grads[n], ref_grads[n]) for n in ref_grads}}.items():
             _assert_near(f"seq {seq}: {name}", a, b, bound.rel)
-        for name, (a, b) in {"logits": (traced, eager), **{n: (traced_grads[n], eager_grads[n])
-                                                          for n in eager_grads}}.items():  # fmt: skip
+        for name, (a, b) in {
+            "logits": (traced, eager),
+            **{n: (traced_grads[n], eager_grads[n]) for n in eager_grads},
+        }.items():
             _assert_near(f"seq {seq}: {name}", a, b, bound.rel)
         frames = counter.frame_count if frames is None else frames
     assert counter.frame_count == frames, "a new sequence length recompiled"

@@ -3,11 +3,11 @@ logits, every gradient and greedy generate() as the dense model's."""
 
 import os
 
+import dist_cases
 import pytest
 import torch
 from torch import nn
 
-import dist_cases
 import fused_tp
 from fused_tp.parallelize import head_spans
 from fused_tp.tolerance import tol
@@ -37,9 +37,12 @@ def test_head_spans_and_refusals():
     assert head_spans(4, 2, 3) == [(0, 2, 0, 1), (2, 3, 1, 2), (3, 4, 1, 2)]
     assert head_spans(8, 2, 4) == [(0, 2, 0, 1), (2, 4, 0, 1), (4, 6, 1, 2), (6, 8, 1, 2)]
     assert head_spans(32, 8, 8) == [(4 * r, 4 * r + 4, r, r + 1) for r in range(8)]
-    with pytest.raises(ValueError, match=r"num_key_value_heads: 8 query heads in 2 groups over 3 ranks give rank 1 "
-                                         r"query heads \[3, 6\), which do not read key/value heads \[0, 2\) in "
-                                         r"equal groups"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"num_key_value_heads: 8 query heads in 2 groups over 3 ranks give rank 1 "
+        r"query heads \[3, 6\), which do not read key/value heads \[0, 2\) in "
+        r"equal groups",
+    ):
         head_spans(8, 2, 3)
     with pytest.raises(ValueError, match="num_attention_heads: expected at least one head per rank, got 2 heads for 4"):
         head_spans(2, 2, 4)
@@ -48,13 +51,17 @@ def test_head_spans_and_refusals():
 def test_parallelize_refuses_what_it_cannot_shard():
     with pytest.raises(ValueError, match=r"plan: expected a plan for a Sequential \(without one: LlamaForCausalLM"):
         fused_tp.parallelize(nn.Sequential(nn.Linear(4, 4)))
-    with pytest.raises(ValueError, match=r"plan\['0'\]: expected one of 'colwise', 'rowwise', 'swiglu', 'attention', "
-                                         r"got 'diagonal'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"plan\['0'\]: expected one of 'colwise', 'rowwise', 'swiglu', 'attention', "
+        r"got 'diagonal'",
+    ):
         fused_tp.parallelize(nn.Sequential(nn.Linear(4, 4)), {"0": "diagonal"})
     with pytest.raises(ValueError, match=r"plan\['fc\*'\]: no module of the model has a matching name"):
         fused_tp.parallelize(nn.Sequential(nn.Linear(4, 4)), {"fc*": "colwise"})
-    model = fused_tp.parallelize(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)),
-                                 {"0": "colwise", "2": "rowwise"})  # fmt: skip
+    model = fused_tp.parallelize(
+        nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)), {"0": "colwise", "2": "rowwise"}
+    )
     assert isinstance(model[0], fused_tp.ColumnParallelLinear) and isinstance(model[2], fused_tp.RowParallelLinear)
 
 

@@ -83,8 +83,9 @@ def test_offsets_past_2_31_on_views(device, aligned, monkeypatch, fresh_plans):
     assert_close("grad_b", grad_b, g64.sum(0), g64.abs().sum(0), tol(torch.bfloat16, ROWS))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.mem_get_info()[0] < 40 * 2**30,
-                    reason="needs a GPU with 40 GiB free")  # fmt: skip
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.mem_get_info()[0] < 40 * 2**30, reason="needs a GPU with 40 GiB free"
+)
 @pytest.mark.parametrize("aligned", [True, False], ids=["descriptors", "pointers"])
 def test_tensors_of_more_than_2_31_elements(aligned, monkeypatch, fresh_plans):
     """x [2^20 + 64, 2048] and grad_x of the same shape hold 2^31 + 2^17 elements each: forward, grad_input and

@@ -4,10 +4,10 @@ bias once, equal the dense layer; gradients likewise. tests/test_dist.py runs th
 
 import pytest
 import torch
-from torch import nn
 from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import DTYPES, dims, dtypes, make_tensor, seeds
+from torch import nn
 
 import fused_tp
 from fused_tp import kernels
@@ -98,8 +98,16 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
         assert_close("grad_b", gbs[0], *ref["grad_b"], tol(dtype, M))
 
 
-@given(world=worlds, M=dims, K=dims, F=dims, dtype=dtypes, has_bias=st.booleans(),
-       activation=st.sampled_from(list(kernels.ACTIVATIONS)), seed=seeds)  # fmt: skip
+@given(
+    world=worlds,
+    M=dims,
+    K=dims,
+    F=dims,
+    dtype=dtypes,
+    has_bias=st.booleans(),
+    activation=st.sampled_from(list(kernels.ACTIVATIONS)),
+    seed=seeds,
+)
 @example(world=4, M=5, K=7, F=3, dtype=torch.bfloat16, has_bias=True, activation="gelu", seed=0)  # an empty shard
 @example(world=3, M=4, K=9, F=7, dtype=torch.float32, has_bias=True, activation="swiglu", seed=0)  # uneven pairs
 def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, activation, seed):
@@ -159,14 +167,20 @@ def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind
     wants = {name: bool(mask >> i & 1) for i, name in enumerate(LEAVES)}
     y, grads = None, {name: [] for name in LEAVES}
     for rank in range(world):
-        shards = {"x": x, "w1": torch.tensor_split(w1, world, 0)[rank], "b1": torch.tensor_split(b1, world, 0)[rank],
-                  "w2": torch.tensor_split(w2, world, 1)[rank], "b2": b2}  # fmt: skip
+        shards = {
+            "x": x,
+            "w1": torch.tensor_split(w1, world, 0)[rank],
+            "b1": torch.tensor_split(b1, world, 0)[rank],
+            "w2": torch.tensor_split(w2, world, 1)[rank],
+            "b2": b2,
+        }
         leaves = {name: t.detach().clone().requires_grad_(wants[name]) for name, t in shards.items()}
         if kind == "parallel_mlp":
             p_r = _ParallelMLP.apply(*leaves.values(), None, 1, rank, "gelu", None)
         else:
-            h = torch.nn.functional.gelu(_ColumnParallelLinear.apply(leaves["x"], leaves["w1"], leaves["b1"], None, 1,
-                                                                        None))
+            h = torch.nn.functional.gelu(
+                _ColumnParallelLinear.apply(leaves["x"], leaves["w1"], leaves["b1"], None, 1, None)
+            )
             p_r = _RowParallelLinear.apply(h, leaves["w2"], leaves["b2"], None, 1, rank)
         assert p_r.requires_grad == any(wants.values())
         if p_r.requires_grad:
@@ -179,8 +193,13 @@ def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind
     ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y)
     t = tol(dtype, max(K, F, M), rounds=world, stages=MLP_STAGES)
     assert_close("y", y, ref["y"], mag["y"], t)
-    joined = {"x": lambda g: sum(g[1:], g[0]), "w1": lambda g: torch.cat(g, 0), "b1": lambda g: torch.cat(g, 0),
-              "w2": lambda g: torch.cat(g, 1), "b2": lambda g: g[0]}  # fmt: skip
+    joined = {
+        "x": lambda g: sum(g[1:], g[0]),
+        "w1": lambda g: torch.cat(g, 0),
+        "b1": lambda g: torch.cat(g, 0),
+        "w2": lambda g: torch.cat(g, 1),
+        "b2": lambda g: g[0],
+    }
     for name in LEAVES:
         if wants[name]:
             assert_close(f"grad_{name}", joined[name](grads[name]), ref[f"grad_{name}"], mag[f"grad_{name}"], t)

@@ -62,7 +62,8 @@ def test_buckets_and_the_nearest_entry(table_dir):
     assert [configs.bucket(n) for n in (0, 1, 2, 3, 16, 17, 1000, 4096, 4097)] == [0, 1, 2, 4, 16, 32, 1024, 4096, 8192]
     _write(table_dir, {"gpu x": {"fwd": {"bf16": {"tma": {"16x8192x16384": _entry(A), "8192x8192x8192": _entry(B)}}}}})
     pick = lambda *mnk, product="fwd", dtype=torch.bfloat16, tma=True, gpu="gpu x": tables.table_config(  # noqa: E731
-        gpu, product, *mnk, dtype, tma)
+        gpu, product, *mnk, dtype, tma
+    )
     assert pick(16, 8192, 14336) == A  # its own bucket
     assert pick(7000, 8000, 9000) == B  # 8192 x 8192 x 16384: one log2 step from B's bucket, more from A's
     assert pick(100, 8192, 16384) == A  # nearer A (16 rows) than B (8192)
@@ -74,8 +75,9 @@ def test_buckets_and_the_nearest_entry(table_dir):
 
 def test_fp32_operands_take_the_table_of_their_precision(table_dir):
     """fp32 with TF32 on and off run at speeds 4-8x apart: each has its own entries, and neither takes the other's."""
-    _write(table_dir, {"g": {"fwd": {"tf32": {"tma": {"16x16x16": _entry(A)}},
-                                      "fp32": {"tma": {"16x16x16": _entry(B)}}}}})  # fmt: skip
+    _write(
+        table_dir, {"g": {"fwd": {"tf32": {"tma": {"16x16x16": _entry(A)}}, "fp32": {"tma": {"16x16x16": _entry(B)}}}}}
+    )
     assert tables.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=True) == A
     assert tables.table_config("g", "fwd", 16, 16, 16, torch.float32, True, tf32=False) == B
     _write(table_dir, {"g": {"fwd": {"tf32": {"tma": {"16x16x16": _entry(A)}}}}})
@@ -84,21 +86,33 @@ def test_fp32_operands_take_the_table_of_their_precision(table_dir):
     assert tables.table_config("g", "fwd", 16, 16, 16, torch.bfloat16, True, tf32=True) is None  # 16-bit: "bf16"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{", "not readable JSON"),
-    ('{"format": 2, "gpus": {}}', 'expected {"format": 1'),
-    ('{"format": 1, "gpus": {"g": {"fwdd": {}}}}', "unknown product 'fwdd'"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"int8": {}}}}}', "unknown dtype 'int8'"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tmaa": {}}}}}}', "unknown path 'tmaa'"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8": {"config": {}}}}}}}}',
-     "bucket '16x8' is not MxNxK"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"ms": 1}}}}}}}',
-     "expected an object with a 'config'"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_Q": 64}}}}}}}}',
-     "g/fwd/bf16/tma/16x8x8: unknown config field 'BLOCK_Q'"),
-    ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_M": 48, "BLOCK_N": 64, '
-     '"BLOCK_K": 64}}}}}}}}', "BLOCK_M: expected a power of two of at least 16 (tl.dot's smallest tile), got 48"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{", "not readable JSON"),
+        ('{"format": 2, "gpus": {}}', 'expected {"format": 1'),
+        ('{"format": 1, "gpus": {"g": {"fwdd": {}}}}', "unknown product 'fwdd'"),
+        ('{"format": 1, "gpus": {"g": {"fwd": {"int8": {}}}}}', "unknown dtype 'int8'"),
+        ('{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tmaa": {}}}}}}', "unknown path 'tmaa'"),
+        (
+            '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8": {"config": {}}}}}}}}',
+            "bucket '16x8' is not MxNxK",
+        ),
+        (
+            '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"ms": 1}}}}}}}',
+            "expected an object with a 'config'",
+        ),
+        (
+            '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_Q": 64}}}}}}}}',
+            "g/fwd/bf16/tma/16x8x8: unknown config field 'BLOCK_Q'",
+        ),
+        (
+            '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_M": 48, "BLOCK_N": 64, '
+            '"BLOCK_K": 64}}}}}}}}',
+            "BLOCK_M: expected a power of two of at least 16 (tl.dot's smallest tile), got 48",
+        ),
+    ],
+)
 def test_a_malformed_table_raises_naming_the_file_and_entry(table_dir, content, message):
     (table_dir / "bad.json").write_text(content)
     with pytest.raises(ValueError, match="tuned table .*bad.json") as e:
@@ -114,8 +128,9 @@ def test_a_table_entry_configures_the_launch(table_dir, device):
     before = kernels.path_counts.copy()
     y = kernels.linear(x, w, b)
     assert kernels.path_counts["config_table"] == before["config_table"] + 1
-    cfg, source = plan.pick_config(16, 32, 64, torch.float32, interpreted=matmul.INTERPRETED, tma=route == "tma",
-                                      slots=3, product="fwd", gpu=gpu)  # fmt: skip
+    cfg, source = plan.pick_config(
+        16, 32, 64, torch.float32, interpreted=matmul.INTERPRETED, tma=route == "tma", slots=3, product="fwd", gpu=gpu
+    )
     assert source == "table" and dataclasses_equal(cfg, A)
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.float32, 64, tf32=device == "cuda"))
 
@@ -163,13 +178,26 @@ def test_a_pre_activation_tile_takes_a_config_with_room_for_it(monkeypatch):
     monkeypatch.setattr(tables, "table_config", lambda *args, **kwargs: roomless)
     rule = configs.CONFIGS[("16bit", "pointers", "large")]
     for aux_tile, want in ((False, (roomless, "table")), (True, (rule, "rule"))):
-        cfg, source = plan.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
-                                          product="dgrad", aux_tile=aux_tile)  # fmt: skip
+        cfg, source = plan.pick_config(
+            8192,
+            8192,
+            8192,
+            torch.bfloat16,
+            interpreted=False,
+            tma=False,
+            slots=132,
+            product="dgrad",
+            aux_tile=aux_tile,
+        )
         assert (dataclasses.replace(cfg, split_k=None), source) == want
-    with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory for bf16 operands and 1 "
-                                         r"pre-activation tile"):  # fmt: skip
-        plan.pick_config(8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132,
-                            pinned=roomless, aux_tile=True)  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"needs \d+ bytes of shared memory for bf16 operands and 1 "
+        r"pre-activation tile",
+    ):
+        plan.pick_config(
+            8192, 8192, 8192, torch.bfloat16, interpreted=False, tma=False, slots=132, pinned=roomless, aux_tile=True
+        )
 
 
 def test_a_gated_derivative_gets_room_for_both_pre_activation_tiles():
@@ -180,8 +208,9 @@ def test_a_gated_derivative_gets_room_for_both_pre_activation_tiles():
     assert configs.fits(big, 2, True, aux_tile=1) and not configs.fits(big, 2, True, aux_tile=2)
     assert plan.aux_tiles("swiglu", "load") == 2 and plan.aux_tiles("gelu", "load") == 1
     assert plan.aux_tiles("swiglu", "store") == 0
-    cfg, source = plan.pick_config(8192, 14336, 4096, torch.bfloat16, interpreted=False, tma=True, slots=132,
-                                   product="dgrad", aux_tile=2)  # fmt: skip
+    cfg, source = plan.pick_config(
+        8192, 14336, 4096, torch.bfloat16, interpreted=False, tma=True, slots=132, product="dgrad", aux_tile=2
+    )
     assert source == "rule" and configs.fits(cfg, 2, True, aux_tile=2)
     assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_stages) == (128, 128, 64, 3)
     for (width, route, _), rule in configs.CONFIGS.items():
@@ -209,8 +238,13 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
 
     def score(cfg):  # fewest K-steps first, then the smallest tile; no two configs of SPACE tie
-        return (1.0 / cfg.BLOCK_K + cfg.BLOCK_M * 1e-6 + cfg.BLOCK_N * 1e-8 + cfg.num_stages * 1e-10
-                + cfg.persistent * 1e-11)
+        return (
+            1.0 / cfg.BLOCK_K
+            + cfg.BLOCK_M * 1e-6
+            + cfg.BLOCK_N * 1e-8
+            + cfg.num_stages * 1e-10
+            + cfg.persistent * 1e-11
+        )
 
     def fake_timer(fn):
         cfg = configs.pinned_config()
@@ -244,8 +278,17 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
     before = kernels.path_counts.copy()
     y = kernels.linear(x, w, b)
     assert kernels.path_counts["config_table"] == before["config_table"] + 1
-    cfg, source = plan.pick_config(20, 100, 48, torch.bfloat16, interpreted=True, tma=fwd["path"] == "tma", slots=3,
-                                      product="fwd", gpu="triton-interpreter")  # fmt: skip
+    cfg, source = plan.pick_config(
+        20,
+        100,
+        48,
+        torch.bfloat16,
+        interpreted=True,
+        tma=fwd["path"] == "tma",
+        slots=3,
+        product="fwd",
+        gpu="triton-interpreter",
+    )
     assert source == "table" and dataclasses_equal(cfg, fastest)
     assert_close("y", y, *linear_reference(x, w, b), tol(torch.bfloat16, 48))
 
@@ -284,8 +327,9 @@ def test_tune_merges_into_the_table_it_finds_bucket_by_bucket(tmp_path, device):
     def run(shape):
         shapes = tmp_path / "shapes.txt"
         shapes.write_text(",".join(map(str, shape)) + "\n")
-        written = tune.run(argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path)),
-                           timer=fake_timer)  # fmt: skip
+        written = tune.run(
+            argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path)), timer=fake_timer
+        )
         routes = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]
         return {key: entry for entries in routes.values() for key, entry in entries.items()}
 
@@ -304,6 +348,7 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
     CONFIRM_ROUNDS more times, interleaved with torch, and every timing keeps its minimum."""
     if device == "cuda":
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+
     # The interpreter's rule config is not among the candidates; on a GPU it is. Stand in the last candidate.
     def rule_config(M, dtype, interpreted, tma):
         return configs.candidates(20, 100, 48, dtype, tma)[-1]
@@ -326,8 +371,9 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
 
     shapes = tmp_path / "shapes.txt"
     shapes.write_text("20,48,100\n")
-    written = tune.run(argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path)),
-                       timer=fake_timer)  # fmt: skip
+    written = tune.run(
+        argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path)), timer=fake_timer
+    )
     rows = json.loads(written["timings"].read_text())["rows"]
     rule = rule_config(20, torch.bfloat16, True, rows[0]["path"] == "tma")
     others = sorted((c for c in map(lambda r: configs.KernelConfig(**r["config"]), rows) if c != rule), key=true_ms)
@@ -344,8 +390,11 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
 def _takes_descriptors(x, w) -> bool:
     """Whether kernels.linear(x, w) moves its operands through tensor descriptors (aligned, contiguous operands)."""
     size = x.element_size()
-    return plan.device(x.get_device()).has_tma and layout.tma_route(x.shape[0], w.shape[0], x.shape[1], x.stride(),
-                                                                    w.t().stride(), size, size, True, True) is not None
+    return (
+        plan.device(x.get_device()).has_tma
+        and layout.tma_route(x.shape[0], w.shape[0], x.shape[1], x.stride(), w.t().stride(), size, size, True, True)
+        is not None
+    )
 
 
 def dataclasses_equal(cfg, other):
@@ -366,10 +415,14 @@ def test_a_bad_shapes_file_is_refused(tmp_path, text, message):
 @pytest.mark.parametrize("rule_slower_by, chosen", [(0.02, "rule"), (0.05, "fastest")])
 def test_a_tuned_config_must_beat_the_rule_by_the_margin(rule_slower_by, chosen):
     rule = configs.rule_config(100, torch.bfloat16, matmul.INTERPRETED, tma=True)
-    row = dict(product="fwd", M=100, K=64, N=64, launch_mnk=[100, 64, 64], path="tma", torch_ms=1.0, ratio=1.0,
-               tflops=1.0)  # fmt: skip
-    rows = [dict(row, config=A.to_dict(), ms=1.0), dict(row, config=rule.to_dict(), ms=1.0 + rule_slower_by),
-            dict(row, config=B.to_dict(), ms=None)]  # B failed its check: never chosen  # fmt: skip
+    row = dict(
+        product="fwd", M=100, K=64, N=64, launch_mnk=[100, 64, 64], path="tma", torch_ms=1.0, ratio=1.0, tflops=1.0
+    )
+    rows = [
+        dict(row, config=A.to_dict(), ms=1.0),
+        dict(row, config=rule.to_dict(), ms=1.0 + rule_slower_by),
+        dict(row, config=B.to_dict(), ms=None),
+    ]  # B failed its check: never chosen
     (pick,), table = tune.choose(rows, "bf16")
     want = rule if chosen == "rule" else A
     assert pick["config"] == want.to_dict() and pick["rule_ms"] == 1.0 + rule_slower_by
@@ -424,7 +477,7 @@ def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env)
     assert configs.rule_config(6, torch.float32, matmul.INTERPRETED, True) not in cands  # the interpreter's
     fastest = sorted(cands, key=score)[: autotune.CONFIRM_TOP]
     assert calls[: len(cands)] == cands  # every candidate once, then the fastest again, then nothing
-    assert calls[len(cands):] == fastest * autotune.CONFIRM_ROUNDS
+    assert calls[len(cands) :] == fastest * autotune.CONFIRM_ROUNDS
     (chosen,) = autotune.autotuned.values()
     assert chosen == fastest[0]
     for meta in launched[-2:]:  # the two calls' own launches ran the chosen config

@@ -11,8 +11,8 @@ experiment, and a plain global costs a launch nothing when it is off.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import triton.testing
 
@@ -76,8 +76,13 @@ def timer(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
-def autotuned_config(key, candidates: list[KernelConfig], rule: KernelConfig, run: Callable[[], object],
-                     usable: Callable[[KernelConfig], bool]) -> KernelConfig | None:  # fmt: skip
+def autotuned_config(
+    key,
+    candidates: list[KernelConfig],
+    rule: KernelConfig,
+    run: Callable[[], object],
+    usable: Callable[[KernelConfig], bool],
+) -> KernelConfig | None:
     """The config this process chose for `key`, timing `run()` under each candidate pinned the first time (those
     launches are not counted in path_counts: they are not the caller's). Inside
     a tuning scope with a consensus, every rank takes part in it for every launch, cached or not and empty or not,
@@ -85,6 +90,7 @@ def autotuned_config(key, candidates: list[KernelConfig], rule: KernelConfig, ru
     operands may take the other path, where its tiles do not fit)."""
     cfg, scope = autotuned.get(key), _scope
     if cfg is None and candidates:
+
         def timed(cand):
             with configs.pin_config(cand):
                 return timer(run)

@@ -59,7 +59,7 @@ class KernelConfig:
             raise ValueError(f"split_k: expected None or a positive integer, got {self.split_k!r}")
 
     @classmethod
-    def from_dict(cls, fields: dict, where: str) -> "KernelConfig":
+    def from_dict(cls, fields: dict, where: str) -> KernelConfig:
         """A config from its fields (a tuned table's entry, FUSED_TP_CONFIG); ValueError naming `where` if bad."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
@@ -85,8 +85,14 @@ class KernelConfig:
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
-        return dict(BLOCK_M=self.BLOCK_M, BLOCK_N=self.BLOCK_N, BLOCK_K=self.BLOCK_K, GROUP_M=self.GROUP_M,
-                    num_warps=self.num_warps, num_stages=self.num_stages)  # fmt: skip
+        return dict(
+            BLOCK_M=self.BLOCK_M,
+            BLOCK_N=self.BLOCK_N,
+            BLOCK_K=self.BLOCK_K,
+            GROUP_M=self.GROUP_M,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
 
 
 # The interpreter costs a few ms per program and K-step whatever the tile size, so large tiles keep the CPU test
@@ -188,6 +194,7 @@ COLSUM_CONFIG = ColsumConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 def colsum_chunks(M: int, col_blocks: int, slots: int, cfg: ColsumConfig) -> int:
     """Row chunks of a column sum: enough programs for two per SM, no chunk under two row blocks."""
     return max(1, min(math.ceil(2 * slots / col_blocks), M // (2 * cfg.BLOCK_M)))
+
 
 # Split-K cost model (see `choose_split_k`), in H100 units: an SM's share of the bf16 tensor-core rate and of the
 # memory bandwidth (their ratio is the card's flops-per-byte balance), the whole card's bandwidth for the partial

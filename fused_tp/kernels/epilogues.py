@@ -15,8 +15,8 @@ weight does not depend on a launch config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import triton
@@ -91,9 +91,11 @@ class Activation:
 
 
 def _gelu(approximate: str) -> dict:
-    return dict(torch_fn=lambda x: torch.nn.functional.gelu(x, approximate=approximate),
-                torch_grad=lambda g, pre: torch.ops.aten.gelu_backward(g, pre, approximate=approximate),
-                module=lambda: nn.GELU(approximate))  # fmt: skip
+    return dict(
+        torch_fn=lambda x: torch.nn.functional.gelu(x, approximate=approximate),
+        torch_grad=lambda g, pre: torch.ops.aten.gelu_backward(g, pre, approximate=approximate),
+        module=lambda: nn.GELU(approximate),
+    )
 
 
 def _swiglu_torch(pre: torch.Tensor) -> torch.Tensor:

@@ -140,10 +140,12 @@ def matmul_kernel(
                     b = b_desc.load([k0, pid_n * BLOCK_N])
             else:
                 ks = k0 + offs_k
-                a = tl.load(a_rows + ks[None, :].to(tl.int64) * stride_ak, mask=mask_m[:, None] & (ks[None, :] < K),
-                            other=0.0)  # fmt: skip
-                b = tl.load(b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :],
-                            other=0.0)  # fmt: skip
+                a = tl.load(
+                    a_rows + ks[None, :].to(tl.int64) * stride_ak, mask=mask_m[:, None] & (ks[None, :] < K), other=0.0
+                )
+                b = tl.load(
+                    b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :], other=0.0
+                )
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -169,23 +171,92 @@ def matmul_kernel(
                 mask_c = mask_m[:, None] & mask_n[None, :]
                 acc = tl.load(tile_ptrs, mask=mask_c, other=0.0, cache_modifier=".cg")
                 for s in range(1, splits):
-                    acc += tl.load(tile_ptrs + tl.cast(s, tl.int64) * stride_ws, mask=mask_c, other=0.0,
-                                   cache_modifier=".cg")  # fmt: skip
+                    acc += tl.load(
+                        tile_ptrs + tl.cast(s, tl.int64) * stride_ws, mask=mask_c, other=0.0, cache_modifier=".cg"
+                    )
                 tl.store(counter, 0)
-                _epilogue(acc, bias_ptr, c_ptr, aux_ptr, c_desc, aux_desc, pid_m, pid_n, offs_m, offs_n, mask_m,
-                          mask_n, N, stride_cm, stride_cn, stride_xm, stride_bias, BLOCK_M, BLOCK_N, HAS_BIAS, TMA_C,
-                          ACT, AUX, GATED)  # fmt: skip
+                _epilogue(
+                    acc,
+                    bias_ptr,
+                    c_ptr,
+                    aux_ptr,
+                    c_desc,
+                    aux_desc,
+                    pid_m,
+                    pid_n,
+                    offs_m,
+                    offs_n,
+                    mask_m,
+                    mask_n,
+                    N,
+                    stride_cm,
+                    stride_cn,
+                    stride_xm,
+                    stride_bias,
+                    BLOCK_M,
+                    BLOCK_N,
+                    HAS_BIAS,
+                    TMA_C,
+                    ACT,
+                    AUX,
+                    GATED,
+                )
         else:
-            _epilogue(acc, bias_ptr, c_ptr, aux_ptr, c_desc, aux_desc, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n,
-                      N, stride_cm, stride_cn, stride_xm, stride_bias, BLOCK_M, BLOCK_N, HAS_BIAS, TMA_C, ACT, AUX,
-                      GATED)  # fmt: skip
+            _epilogue(
+                acc,
+                bias_ptr,
+                c_ptr,
+                aux_ptr,
+                c_desc,
+                aux_desc,
+                pid_m,
+                pid_n,
+                offs_m,
+                offs_n,
+                mask_m,
+                mask_n,
+                N,
+                stride_cm,
+                stride_cn,
+                stride_xm,
+                stride_bias,
+                BLOCK_M,
+                BLOCK_N,
+                HAS_BIAS,
+                TMA_C,
+                ACT,
+                AUX,
+                GATED,
+            )
 
 
 @triton.jit
-def _epilogue(acc, bias_ptr, c_ptr, aux_ptr, c_desc, aux_desc, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, N,
-              stride_cm, stride_cn, stride_xm, stride_bias, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_BIAS: tl.constexpr, TMA_C: tl.constexpr, ACT: tl.constexpr, AUX: tl.constexpr,
-              GATED: tl.constexpr):  # fmt: skip
+def _epilogue(
+    acc,
+    bias_ptr,
+    c_ptr,
+    aux_ptr,
+    c_desc,
+    aux_desc,
+    pid_m,
+    pid_n,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    N,
+    stride_cm,
+    stride_cn,
+    stride_xm,
+    stride_bias,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    TMA_C: tl.constexpr,
+    ACT: tl.constexpr,
+    AUX: tl.constexpr,
+    GATED: tl.constexpr,
+):
     """A C tile's epilogue on its whole fp32 sum `acc`: the bias, the activation (or its derivative at the stored
     pre-activation), and the one rounding as C is stored."""
     if HAS_BIAS:
@@ -203,40 +274,43 @@ def _epilogue(acc, bias_ptr, c_ptr, aux_ptr, c_desc, aux_desc, pid_m, pid_n, off
             gate, up = tl.split(tl.reshape(pairs.to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
             d_gate, d_up = ACT(gate, up)
             grads = tl.reshape(tl.join(acc * d_gate, acc * d_up), (BLOCK_M, 2 * BLOCK_N))
-            tl.store(_tile(c_ptr, offs_m, offs_p, stride_cm, stride_cn), grads.to(c_ptr.dtype.element_ty),
-                     mask=mask_p)  # fmt: skip
+            tl.store(_tile(c_ptr, offs_m, offs_p, stride_cm, stride_cn), grads.to(c_ptr.dtype.element_ty), mask=mask_p)
         else:
             if AUX == "store":
-                tl.store(_tile(aux_ptr, offs_m, offs_n, stride_xm, 1), acc.to(aux_ptr.dtype.element_ty),
-                         mask=mask_c)  # fmt: skip
+                tl.store(_tile(aux_ptr, offs_m, offs_n, stride_xm, 1), acc.to(aux_ptr.dtype.element_ty), mask=mask_c)
             gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
             offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-            tl.store(_tile(c_ptr, offs_m, offs_h, stride_cm, stride_cn), ACT(gate, up).to(c_ptr.dtype.element_ty),
-                     mask=mask_m[:, None] & (offs_h[None, :] < N // 2))  # fmt: skip
+            tl.store(
+                _tile(c_ptr, offs_m, offs_h, stride_cm, stride_cn),
+                ACT(gate, up).to(c_ptr.dtype.element_ty),
+                mask=mask_m[:, None] & (offs_h[None, :] < N // 2),
+            )
     elif TMA_C and AUX != "":
         # Through descriptors the activation epilogue works on two column halves, each staged in shared memory
         # on its own: whole tiles of C and the pre-activation needed two output tiles beside the operand stages
         # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
         acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
         m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-        _activation_epilogue(acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty,
-                             aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
-        _activation_epilogue(acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, c_ptr.dtype.element_ty,
-                             aux_ptr.dtype.element_ty, ACT, AUX)  # fmt: skip
+        _activation_epilogue(
+            acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty, aux_ptr.dtype.element_ty, ACT, AUX
+        )
+        _activation_epilogue(
+            acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, c_ptr.dtype.element_ty, aux_ptr.dtype.element_ty, ACT, AUX
+        )
     else:
         if AUX == "load":
             pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
             acc *= ACT(pre.to(tl.float32))
         elif ACT is not None:
             if AUX == "store":
-                tl.store(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty),
-                         mask=mask_c)  # fmt: skip
+                tl.store(
+                    _tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(aux_ptr.dtype.element_ty), mask=mask_c
+                )
             acc = ACT(acc)
         if TMA_C:
             c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
         else:
-            tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty),
-                     mask=mask_c)  # fmt: skip
+            tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -246,8 +320,9 @@ def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _activation_epilogue(acc, c_desc, aux_desc, m0, n0, C_TYPE: tl.constexpr, AUX_TYPE: tl.constexpr,
-                         ACT: tl.constexpr, AUX: tl.constexpr):  # fmt: skip
+def _activation_epilogue(
+    acc, c_desc, aux_desc, m0, n0, C_TYPE: tl.constexpr, AUX_TYPE: tl.constexpr, ACT: tl.constexpr, AUX: tl.constexpr
+):
     """The activation epilogue of a C block at (m0, n0) through tensor descriptors: C *= activation'(pre), or the
     pre-activation stored and C = activation(C); ACT is the activation's grad or fn accordingly."""
     if AUX == "load":
@@ -286,10 +361,12 @@ def colsum_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(first, last, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        g = tl.load(cols + rows[:, None].to(tl.int64) * stride_gm, mask=(rows[:, None] < last) & mask_n[None, :],
-                    other=0.0)  # fmt: skip
+        g = tl.load(
+            cols + rows[:, None].to(tl.int64) * stride_gm, mask=(rows[:, None] < last) & mask_n[None, :], other=0.0
+        )
         acc += g.to(tl.float32)
     out = out_ptr + tl.program_id(1).to(tl.int64) * N + offs_n.to(tl.int64)
     tl.store(out, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+
 
 INTERPRETED = isinstance(matmul_kernel, InterpretedFunction)

@@ -77,9 +77,12 @@ def _warn_untested_once() -> None:
     global _warned_untested
     if not _warned_untested and TRITON_VERSION not in TESTED_TRITON:
         _warned_untested = True
-        warnings.warn(f"fused_tp: Triton {triton.__version__} is not among the versions whose compiled kernels it "
-                      f"launches directly ({', '.join(TESTED_TRITON)}): every launch goes through Triton's launcher, "
-                      "about 20-30 us more host time each (fused_tp.kernels.launch.DIRECT)", stacklevel=4)  # fmt: skip
+        warnings.warn(
+            f"fused_tp: Triton {triton.__version__} is not among the versions whose compiled kernels it "
+            f"launches directly ({', '.join(TESTED_TRITON)}): every launch goes through Triton's launcher, "
+            "about 20-30 us more host time each (fused_tp.kernels.launch.DIRECT)",
+            stacklevel=4,
+        )
 
 
 _kept: dict = {}  # (what, device index, stream) -> a buffer the launches on that stream reuse

@@ -36,8 +36,9 @@ def descriptor_dim(strides: tuple[int, int], itemsize: int) -> int | None:
     return None
 
 
-def tma_route(M: int, N: int, K: int, a_strides, b_strides, itemsize: int, c_itemsize: int, ab_aligned: bool,
-              c_aligned: bool) -> tuple[bool, bool, bool] | None:  # fmt: skip
+def tma_route(
+    M: int, N: int, K: int, a_strides, b_strides, itemsize: int, c_itemsize: int, ab_aligned: bool, c_aligned: bool
+) -> tuple[bool, bool, bool] | None:
     """(A_T, B_T, TMA_C) where descriptors can address A [M, K] and B [K, N], else None (pointers); A_T / B_T: the
     operand is stored M- / K-contiguous; TMA_C: C [M, N] (contiguous) and the pre-activation beside it can be
     stored through descriptors too. `ab_aligned`, `c_aligned`: the 16-byte alignment of A and B, of C and aux."""
@@ -49,8 +50,9 @@ def tma_route(M: int, N: int, K: int, a_strides, b_strides, itemsize: int, c_ite
     return a_dim == 0, b_dim == 0, c_aligned and descriptor_dim((N, 1), c_itemsize) == 1
 
 
-def align_copies(M: int, N: int, K: int, a_strides, b_strides, itemsize: int, fp32: bool, tf32: bool,
-                 aligned: tuple[bool, bool]) -> tuple[int | None, int | None]:  # fmt: skip
+def align_copies(
+    M: int, N: int, K: int, a_strides, b_strides, itemsize: int, fp32: bool, tf32: bool, aligned: tuple[bool, bool]
+) -> tuple[int | None, int | None]:
     """(A's copy, B's copy) for a product no descriptor can address as it is (tma_route gave None), on a GPU with
     descriptors: each None or the dim the copy keeps contiguous (aligned_copy). The operands descriptors cannot
     address are copied where the reduction is at least ALIGN_COPY_MIN_K long: a 16-bit one keeping its major

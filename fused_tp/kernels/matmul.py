@@ -38,8 +38,12 @@ def check_dtype(name: str, dtype: torch.dtype) -> None:
         raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {dtype}")
 
 
-def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      names: tuple[str, str, str] = ("input", "weight", "bias")) -> None:  # fmt: skip
+def check_linear_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    names: tuple[str, str, str] = ("input", "weight", "bias"),
+) -> None:
     """Raise TypeError / ValueError naming the argument (by `names`) if (x, weight, bias) is not a valid F.linear
     call."""
     in_name, w_name, b_name = names
@@ -68,8 +72,9 @@ def check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"{b_name}: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           activation: str | None = None) -> torch.Tensor:  # fmt: skip
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, activation: str | None = None
+) -> torch.Tensor:
     """y = x @ weight.T + bias, the contract of F.linear; with activation="gelu" (or "gelu_tanh"),
     F.gelu(x @ weight.T + bias) (approximate="tanh"), computed on the fp32 accumulator before rounding; with
     activation="swiglu", silu(gate) * up of the product's interleaved (gate, up) column pairs (epilogues.py).
@@ -85,12 +90,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def check_gated_width(activation: str, width: int, name: str, what: str) -> None:
     """ValueError naming `name` where a gated activation gets an odd pre-activation width (its gate/up pairs)."""
     if activation and ACTIVATIONS[activation].gated and width % 2:
-        raise ValueError(f"{name}: expected an even number of {what} for {activation!r} (interleaved gate and up "
-                         f"pairs), got {width}")  # fmt: skip
+        raise ValueError(
+            f"{name}: expected an even number of {what} for {activation!r} (interleaved gate and up pairs), got {width}"
+        )
 
 
-def linear_prechecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "",
-                      save_pre: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def linear_prechecked(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "", save_pre: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, pre) of linear() for arguments that check_linear_args has passed (the layers check theirs before any
     collective); `activation` as check_activation returns it. With save_pre, pre [..., N] is the pre-activation
     x @ weight.T + bias (rounded), else None; y is [..., N / 2] for a gated activation."""
@@ -100,12 +107,26 @@ def linear_prechecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     N, K = weight.shape
     out = (*x.shape[:-1], ACTIVATIONS[activation].width(N) if activation else N)
     w_strides = weight.stride()
-    return _matmul("fwd", M, N, K, x, (rows, x.stride(-1)), weight, (w_strides[1], w_strides[0]), bias, out,
-                   activation, "store" if save_pre else "", pre_shape=(*x.shape[:-1], N))  # fmt: skip
+    return _matmul(
+        "fwd",
+        M,
+        N,
+        K,
+        x,
+        (rows, x.stride(-1)),
+        weight,
+        (w_strides[1], w_strides[0]),
+        bias,
+        out,
+        activation,
+        "store" if save_pre else "",
+        pre_shape=(*x.shape[:-1], N),
+    )
 
 
-def grad_input(grad_y: torch.Tensor, weight: torch.Tensor, *, activation: str | None = None,
-               pre: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def grad_input(
+    grad_y: torch.Tensor, weight: torch.Tensor, *, activation: str | None = None, pre: torch.Tensor | None = None
+) -> torch.Tensor:
     """grad_x = grad_y @ weight.   grad_y [..., N], weight [N, K]  ->  grad_x [..., K].
 
     With `activation` and `pre` [..., K], the pre-activation of the layer whose activation made this one's input
@@ -118,20 +139,36 @@ def grad_input(grad_y: torch.Tensor, weight: torch.Tensor, *, activation: str | 
         raise ValueError("pre: expected a tensor exactly when activation is given")
     pre_width = 2 * K if act and ACTIVATIONS[act].gated else K
     if pre is not None and (pre.shape != (*grad_y.shape[:-1], pre_width) or pre.dtype != grad_y.dtype):
-        raise ValueError(f"pre: expected shape {(*grad_y.shape[:-1], pre_width)} and dtype {grad_y.dtype}, got "
-                         f"{tuple(pre.shape)} {pre.dtype}")  # fmt: skip
+        raise ValueError(
+            f"pre: expected shape {(*grad_y.shape[:-1], pre_width)} and dtype {grad_y.dtype}, got "
+            f"{tuple(pre.shape)} {pre.dtype}"
+        )
     return grad_input_prechecked(grad_y, weight, act, pre)
 
 
-def grad_input_prechecked(grad_y: torch.Tensor, weight: torch.Tensor, activation: str = "",
-                          pre: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def grad_input_prechecked(
+    grad_y: torch.Tensor, weight: torch.Tensor, activation: str = "", pre: torch.Tensor | None = None
+) -> torch.Tensor:
     """grad_input for arguments grad_input has checked (the layers' own)."""
     grad_y, M, rows = _matrix(grad_y)
     N, K = weight.shape
     pre = None if pre is None else pre.contiguous()  # read with the output's (contiguous) strides
     width = 2 * K if activation and ACTIVATIONS[activation].gated else K
-    return _matmul("dgrad", M, K, N, grad_y, (rows, grad_y.stride(-1)), weight, weight.stride(), None,
-                   (*grad_y.shape[:-1], width), activation, "load" if activation else "", pre)[0]  # fmt: skip
+    return _matmul(
+        "dgrad",
+        M,
+        K,
+        N,
+        grad_y,
+        (rows, grad_y.stride(-1)),
+        weight,
+        weight.stride(),
+        None,
+        (*grad_y.shape[:-1], width),
+        activation,
+        "load" if activation else "",
+        pre,
+    )[0]
 
 
 def grad_params(
@@ -148,8 +185,9 @@ def grad_params(
     if weight:
         x, _, x_rows = _matrix(x)
         K = x.shape[-1]
-        grad_w = _matmul("wgrad", N, K, M, grad_y, (grad_y.stride(-1), g_rows), x, (x_rows, x.stride(-1)), None,
-                         (N, K))[0]  # fmt: skip
+        grad_w = _matmul(
+            "wgrad", N, K, M, grad_y, (grad_y.stride(-1), g_rows), x, (x_rows, x.stride(-1)), None, (N, K)
+        )[0]
     if bias:
         grad_b = colsum(grad_y, M, (g_rows, grad_y.stride(-1)))
     return grad_w, grad_b
@@ -190,24 +228,59 @@ def _matrix(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return t, math.prod(shape[:-1]), rows
 
 
-def _matmul(product: str, M: int, N: int, K: int, a: torch.Tensor, a_strides: tuple[int, int], b: torch.Tensor,
-            b_strides: tuple[int, int], bias: torch.Tensor | None, out_shape: tuple, activation: str = "",
-            aux: str = "", pre: torch.Tensor | None = None, pre_shape: tuple | None = None) -> tuple:  # fmt: skip
+def _matmul(
+    product: str,
+    M: int,
+    N: int,
+    K: int,
+    a: torch.Tensor,
+    a_strides: tuple[int, int],
+    b: torch.Tensor,
+    b_strides: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_shape: tuple,
+    activation: str = "",
+    aux: str = "",
+    pre: torch.Tensor | None = None,
+    pre_shape: tuple | None = None,
+) -> tuple:
     """(C, the stored pre-activation or None) of C[M, N] = A[M, K] @ B[K, N] (+ bias), A and B read from `a` and `b`
     through the given strides; C new and contiguous, of `out_shape` (M * N elements, or a gated activation's
     width); the pre-activation stored (aux == "store") of `pre_shape`."""
     dtype, index = a.dtype, a.get_device()
     tf32 = dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
-    aligned = (not a.data_ptr() % 16, not b.data_ptr() % 16, bias is None or not bias.data_ptr() % 16,
-               pre is None or not pre.data_ptr() % 16)  # fmt: skip
+    aligned = (
+        not a.data_ptr() % 16,
+        not b.data_ptr() % 16,
+        bias is None or not bias.data_ptr() % 16,
+        pre is None or not pre.data_ptr() % 16,
+    )
     pinned = configs.pinned_config()
     pinned = None if pinned is None else (pinned, "pinned")
     bias_stride = None if bias is None else bias.stride(0)
-    p = plan.matmul_plan(product, M, N, K, a_strides, b_strides, dtype, aligned, bias_stride, activation, aux,
-                         index, tf32, pinned)  # fmt: skip
+    p = plan.matmul_plan(
+        product, M, N, K, a_strides, b_strides, dtype, aligned, bias_stride, activation, aux, index, tf32, pinned
+    )
     if pinned is None and configs.autotune_enabled() and p.path != "torch":
-        p = _autotuned(p, product, M, N, K, a, a_strides, b, b_strides, bias, aux, dtype, aligned, bias_stride,
-                       activation, index, tf32)  # fmt: skip
+        p = _autotuned(
+            p,
+            product,
+            M,
+            N,
+            K,
+            a,
+            a_strides,
+            b,
+            b_strides,
+            bias,
+            aux,
+            dtype,
+            aligned,
+            bias_stride,
+            activation,
+            index,
+            tf32,
+        )
     for key in p.counts:
         path_counts[key] += 1
     if p.path == "torch":
@@ -230,8 +303,9 @@ def _matmul(product: str, M: int, N: int, K: int, a: torch.Tensor, a_strides: tu
     return _rounded(c, dtype), None if saved is None else _rounded(saved, dtype)
 
 
-def _autotuned(p, product, M, N, K, a, a_strides, b, b_strides, bias, aux, dtype, aligned, bias_stride, activation,
-               index, tf32):  # fmt: skip
+def _autotuned(
+    p, product, M, N, K, a, a_strides, b, b_strides, bias, aux, dtype, aligned, bias_stride, activation, index, tf32
+):
     """FUSED_TP_AUTOTUNE=1: the plan with the config autotune chose for this launch's key (timed epilogue-free:
     the same tiles). An empty launch times nothing but still takes part in a consensus, so that every rank makes
     the same collectives."""
@@ -242,13 +316,30 @@ def _autotuned(p, product, M, N, K, a, a_strides, b, b_strides, bias, aux, dtype
     rule = configs.rule_config(M, dtype, jit.INTERPRETED, tma)
     out = (M, N)
     cfg = autotune.autotuned_config(
-        key, cands if M and N else [], rule,
+        key,
+        cands if M and N else [],
+        rule,
         lambda: _matmul(product, M, N, K, a, a_strides, b, b_strides, bias, out),
-        lambda c: configs.fits(c, dtype.itemsize, tma, aux_tile))  # fmt: skip
+        lambda c: configs.fits(c, dtype.itemsize, tma, aux_tile),
+    )
     if cfg is None or p.launch is None:
         return p
-    return plan.matmul_plan(product, M, N, K, a_strides, b_strides, dtype, aligned, bias_stride, activation, aux,
-                            index, tf32, (cfg, "autotuned"))  # fmt: skip
+    return plan.matmul_plan(
+        product,
+        M,
+        N,
+        K,
+        a_strides,
+        b_strides,
+        dtype,
+        aligned,
+        bias_stride,
+        activation,
+        aux,
+        index,
+        tf32,
+        (cfg, "autotuned"),
+    )
 
 
 def _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape):

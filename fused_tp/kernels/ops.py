@@ -64,8 +64,13 @@ def _bias_grad_impl(grad_y):
     return matmul.grad_params(grad_y, grad_y, weight=False)[1]  # no descriptors: no scratch
 
 
-for _name, _impl in (("linear", _linear_impl), ("linear_pre", _linear_pre_impl), ("grad_input", _grad_input_impl),
-                     ("grad_weight", _grad_weight_impl), ("bias_grad", _bias_grad_impl)):  # fmt: skip
+for _name, _impl in (
+    ("linear", _linear_impl),
+    ("linear_pre", _linear_pre_impl),
+    ("grad_input", _grad_input_impl),
+    ("grad_weight", _grad_weight_impl),
+    ("bias_grad", _bias_grad_impl),
+):
     for _key in ("CPU", "CUDA"):
         _lib.impl(_name, _impl, _key)
 
@@ -119,6 +124,8 @@ def grad_input(grad_y, weight, activation: str = "", pre=None):
 def grad_params(grad_y, x, *, weight: bool = True, bias: bool = True):
     """matmul.grad_params, through the operators while torch.compile traces."""
     if torch.compiler.is_compiling():
-        return ((torch.ops.fused_tp.grad_weight(grad_y, x) if weight else None),
-                (torch.ops.fused_tp.bias_grad(grad_y) if bias else None))  # fmt: skip
+        return (
+            (torch.ops.fused_tp.grad_weight(grad_y, x) if weight else None),
+            (torch.ops.fused_tp.bias_grad(grad_y) if bias else None),
+        )
     return matmul.grad_params(grad_y, x, weight=weight, bias=bias)

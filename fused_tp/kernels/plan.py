@@ -39,7 +39,7 @@ class Device(NamedTuple):
     has_tma: bool
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device(index: int) -> Device:
     """The facts of the device of a tensor whose get_device() is `index` (-1: the CPU)."""
     if jit.INTERPRETED:
@@ -88,16 +88,27 @@ class ColsumPlan(NamedTuple):
     then: ColsumPlan | None
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, tma: bool, slots: int,
-                product: str = "fwd", gpu: str = "", pinned: KernelConfig | None = None,
-                tf32: bool = False, aux_tile: int = 0) -> tuple[KernelConfig, str]:  # fmt: skip
+def pick_config(
+    M: int,
+    N: int,
+    K: int,
+    dtype: torch.dtype,
+    interpreted: bool,
+    tma: bool,
+    slots: int,
+    product: str = "fwd",
+    gpu: str = "",
+    pinned: KernelConfig | None = None,
+    tf32: bool = False,
+    aux_tile: int = 0,
+) -> tuple[KernelConfig, str]:
     """(config, source) for a C[M, N] = A[M, K] @ B[K, N] launch of `product` with operands of `dtype` on a
     persistent grid of up to `slots` programs of `gpu`; `tma` when the operands move through tensor descriptors,
     `tf32` when fp32 dot products may use TF32, `aux_tile`: the pre-activation tiles the epilogue reads (aux_tiles).
     `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
     set. source: "pinned", "table" or "rule". A table's config without room for the pre-activation tiles gives way
-    to the rule's, narrowed where it has no room either (configs.with_room; tests/test_tune.py). A pinned config whose tiles do not fit in shared memory
-    raises ValueError before the launch."""
+    to the rule's, narrowed where it has no room either (configs.with_room; tests/test_tune.py). A pinned config
+    whose tiles do not fit in shared memory raises ValueError before the launch."""
     cfg, source = pinned, "pinned"
     if cfg is not None and not fits(cfg, dtype.itemsize, tma, aux_tile):
         raise ValueError(
@@ -109,16 +120,30 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, interpreted: bool, t
     if cfg is None:
         cfg, source = tables.table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
     if cfg is None or not fits(cfg, dtype.itemsize, tma, aux_tile):
-        cfg, source = configs.with_room(configs.rule_config(M, dtype, interpreted, tma), dtype.itemsize, tma,
-                                        aux_tile), "rule"  # fmt: skip
+        cfg, source = (
+            configs.with_room(configs.rule_config(M, dtype, interpreted, tma), dtype.itemsize, tma, aux_tile),
+            "rule",
+        )
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int], b_strides: tuple[int, int],
-                dtype: torch.dtype, aligned: tuple[bool, bool, bool, bool], bias_stride: int | None,
-                activation: str, aux: str, device_index: int, tf32: bool,
-                pinned: tuple[KernelConfig, str] | None) -> MatmulPlan:  # fmt: skip
+def matmul_plan(
+    product: str,
+    M: int,
+    N: int,
+    K: int,
+    a_strides: tuple[int, int],
+    b_strides: tuple[int, int],
+    dtype: torch.dtype,
+    aligned: tuple[bool, bool, bool, bool],
+    bias_stride: int | None,
+    activation: str,
+    aux: str,
+    device_index: int,
+    tf32: bool,
+    pinned: tuple[KernelConfig, str] | None,
+) -> MatmulPlan:
     """The plan of C[M, N] = A[M, K] @ B[K, N] (+ bias) with the activation epilogue, for `product` (configs.PRODUCTS).
 
     aligned: the 16-byte alignment of A, B, the bias and a given pre-activation (aux == "load"); bias_stride: None
@@ -134,8 +159,11 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
     counts = [dev.path]
     # C and a stored pre-activation are fresh allocations (aligned); a given pre-activation may not be.
     c_aligned = aligned[3] or aux != "load"
-    route = layout.tma_route(M, N, K, a_strides, b_strides, itemsize, c_itemsize, aligned[0] and aligned[1],
-                             c_aligned) if dev.has_tma else None  # fmt: skip
+    route = (
+        layout.tma_route(M, N, K, a_strides, b_strides, itemsize, c_itemsize, aligned[0] and aligned[1], c_aligned)
+        if dev.has_tma
+        else None
+    )
     copy_a = copy_b = None
     for why in ("align_copy", "fp32_copy") if dev.has_tma and M and N else ():
         if why == "align_copy" and route is None:
@@ -155,8 +183,20 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
             route = layout.tma_route(M, N, K, a_strides, b_strides, itemsize, c_itemsize, ab_aligned, c_aligned)
     if M == 0 or N == 0:  # nothing to compute: an empty C (and pre-activation)
         return MatmulPlan(dev.path, None, None, wide, 1, 0, tuple(counts), None)
-    cfg, source = pick_config(M, N, K, dtype, jit.INTERPRETED, route is not None, dev.slots, product, dev.gpu,
-                              pinned[0] if pinned else None, tf32, aux_tile=aux_tiles(activation, aux))  # fmt: skip
+    cfg, source = pick_config(
+        M,
+        N,
+        K,
+        dtype,
+        jit.INTERPRETED,
+        route is not None,
+        dev.slots,
+        product,
+        dev.gpu,
+        pinned[0] if pinned else None,
+        tf32,
+        aux_tile=aux_tiles(activation, aux),
+    )
     counts.append("config_" + (pinned[1] if pinned else source))
     k_tiles = _cdiv(K, cfg.BLOCK_K)
     k_tiles_per_split = _cdiv(k_tiles, cfg.split_k)
@@ -168,25 +208,56 @@ def matmul_plan(product: str, M: int, N: int, K: int, a_strides: tuple[int, int]
     act, gated = None, bool(activation) and ACTIVATIONS[activation].gated
     if activation:
         act = ACTIVATIONS[activation].grad if aux == "load" else ACTIVATIONS[activation].fn
-    kwargs = dict(HAS_BIAS=bias_stride is not None, UPCAST=wide, INPUT_PRECISION="tf32" if tf32 else "ieee",
-                  TMA=route is not None, A_T=route is not None and route[0], B_T=route is not None and route[1],
-                  TMA_C=route is not None and route[2] and not gated, SPLIT=splits > 1, ACT=act, AUX=aux,
-                  GATED=gated, **cfg.meta())  # fmt: skip
+    kwargs = dict(
+        HAS_BIAS=bias_stride is not None,
+        UPCAST=wide,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        TMA=route is not None,
+        A_T=route is not None and route[0],
+        B_T=route is not None and route[1],
+        TMA_C=route is not None and route[2] and not gated,
+        SPLIT=splits > 1,
+        ACT=act,
+        AUX=aux,
+        GATED=gated,
+        **cfg.meta(),
+    )
     # C, the pre-activation and the split partials are contiguous; a gated C is half the product's width (the
     # forward, its pre-activation the product's) or twice it (grad_input, its pre-activation C's). The partials'
     # slab stride is 0 without splits (no specialisation on M * N).
     c_width = (N // 2 if aux != "load" else 2 * N) if gated else N
     pre_width = N if gated and aux != "load" else c_width
-    ints = (M, N, K, *a_strides, *b_strides, c_width, 1, pre_width, bias_stride or 0, M * N if splits > 1 else 0,
-            splits, k_tiles_per_split, programs)  # fmt: skip
-    return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts),
-                      Launch((programs, 1, 1), ints, kwargs))  # fmt: skip
+    ints = (
+        M,
+        N,
+        K,
+        *a_strides,
+        *b_strides,
+        c_width,
+        1,
+        pre_width,
+        bias_stride or 0,
+        M * N if splits > 1 else 0,
+        splits,
+        k_tiles_per_split,
+        programs,
+    )
+    return MatmulPlan(
+        dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts), Launch((programs, 1, 1), ints, kwargs)
+    )
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
-def colsum_plan(M: int, N: int, device_index: int, cfg: configs.ColsumConfig, g_dtype: torch.dtype,
-                out_dtype: torch.dtype, g_strides: tuple[int, int] | None = None,
-                g_aligned: bool = True) -> ColsumPlan:  # fmt: skip
+def colsum_plan(
+    M: int,
+    N: int,
+    device_index: int,
+    cfg: configs.ColsumConfig,
+    g_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    g_strides: tuple[int, int] | None = None,
+    g_aligned: bool = True,
+) -> ColsumPlan:
     """The plan of out[N] = g[M, N].sum(0) (g's strides: row-major contiguous unless given; N > 0). The dtypes and
     g's 16-byte alignment are part of the key because the compiled kernel kept on the plan is specialised on them.
 

@@ -23,7 +23,7 @@ def table_key(M: int, N: int, K: int) -> str:
     return f"{bucket(M)}x{bucket(N)}x{bucket(K)}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tuned_table(gpu: str) -> dict:
     """{(product, dtype name, path): {bucket (M, N, K): config}} for `gpu` from the tables in TABLE_DIR; empty if
     none names it. A malformed table raises ValueError naming its file and entry."""
@@ -48,8 +48,9 @@ def load_table(path: pathlib.Path) -> dict:
                 raise ValueError(f"tuned table {path}: {gpu}: unknown product {product!r} (known: {PRODUCTS})")
             for dtype, routes in _items(dtypes, f"{path}: {gpu}/{product}"):
                 if dtype not in TABLE_DTYPES:
-                    raise ValueError(f"tuned table {path}: {gpu}/{product}: unknown dtype {dtype!r} (known: "
-                                     f"{TABLE_DTYPES})")  # fmt: skip
+                    raise ValueError(
+                        f"tuned table {path}: {gpu}/{product}: unknown dtype {dtype!r} (known: {TABLE_DTYPES})"
+                    )
                 for route, entries in _items(routes, f"{path}: {gpu}/{product}/{dtype}"):
                     if route not in ("tma", "pointers"):
                         raise ValueError(f"tuned table {path}: {gpu}/{product}/{dtype}: unknown path {route!r}")
@@ -82,8 +83,9 @@ def table_dtype(dtype: torch.dtype, tf32: bool) -> str:
     return "tf32" if tf32 and dtype == torch.float32 else DTYPE_NAMES[dtype]
 
 
-def table_config(gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool,
-                 tf32: bool = False) -> KernelConfig | None:  # fmt: skip
+def table_config(
+    gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool, tf32: bool = False
+) -> KernelConfig | None:
     """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
     (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path."""
     entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
