@@ -90,12 +90,26 @@ def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch
     return torch.cat([p[..., :n] for p, n in zip(pieces, sizes)], dim=-1)
 
 
-def sequence_sizes(length: int, dim: int, group, world: int, rank: int) -> list[int]:
+def sequence_sizes(length: int, dim: int, group, world: int, rank: int, device=None) -> list[int]:
     """Every rank's sequence length, from this rank's `length` (one all-gather of an integer): ValueError, the same
     on every rank, unless they are torch.tensor_split's shares of their sum, rank r the r-th. It doubles as the
-    check that the ranks' sequence shards fit together, before any collective of the data."""
+    check that the ranks' sequence shards fit together, before any collective of the data.
+
+    Under torch.compile the shards must be even: a list of lengths read back to the host would make the graph's
+    shapes depend on data, so every rank's length is taken as this rank's, and the ranks' lengths, gathered inside
+    the graph, are checked against it there (_assert_async: a RuntimeError on the CPU, a device-side assert on a
+    GPU) before any collective of the data."""
     if world == 1:
         return [length]
+    if torch.compiler.is_compiling():
+        mine = torch.full((1,), length, dtype=torch.int64, device=device)
+        got = funcol.all_gather_tensor(mine, 0, _traced_group(group))
+        torch._assert_async(
+            torch.all(got == mine),
+            "input: compiled, sequence parallelism needs every rank's sequence shard of one length (even shards); "
+            "the ranks' lengths differ: run uneven shards eagerly",
+        )
+        return [length] * world
     mine = torch.tensor([length], dtype=torch.int64, device=guard.collective_device(group))
     got = mine.new_empty(world)
     dist.all_gather_into_tensor(got, mine, group=group)
@@ -119,8 +133,11 @@ def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group, async_op: bo
     else:  # all_gather_into_tensor wants equal pieces: a short shard is padded, and trimmed after
         piece = first.new_zeros((longest, *first.shape[1:]))
         piece[: first.shape[0]] = first
-    out = piece.new_empty((len(sizes) * longest, *first.shape[1:]))
-    work = dist.all_gather_into_tensor(out, piece, group=group, async_op=async_op)
+    if torch.compiler.is_compiling():  # a new tensor; the graph places its wait
+        out, work = funcol.all_gather_tensor(piece, 0, _traced_group(group)), None
+    else:
+        out = piece.new_empty((len(sizes) * longest, *first.shape[1:]))
+        work = dist.all_gather_into_tensor(out, piece, group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
         if work is not None:
@@ -145,8 +162,11 @@ def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, 
         for r, n in enumerate(sizes):
             padded[r * longest : r * longest + n] = full[start : start + n]
             start += n
-    out = padded.new_empty((longest, *full.shape[1:]))
-    work = dist.reduce_scatter_tensor(out, padded, group=group, async_op=async_op)
+    if torch.compiler.is_compiling():
+        out, work = funcol.reduce_scatter_tensor(padded, "sum", 0, _traced_group(group)), None
+    else:
+        out = padded.new_empty((longest, *full.shape[1:]))
+        work = dist.reduce_scatter_tensor(out, padded, group=group, async_op=async_op)
 
     def finish() -> torch.Tensor:
         if work is not None:
@@ -601,16 +621,12 @@ def _sequence(x, seq_dim: int | None, group, world: int, rank: int):
     world size 1, where it changes nothing)."""
     if seq_dim is None or world == 1:
         return None
-    if torch.compiler.is_compiling():
-        raise RuntimeError("sequence_parallel: runs eagerly only, for now; compile the layers without it")
     seq_dim %= x.dim()
-    return seq_dim, sequence_sizes(x.shape[seq_dim], seq_dim, group, world, rank), rank
+    return seq_dim, sequence_sizes(x.shape[seq_dim], seq_dim, group, world, rank, x.device), rank
 
 
 def _leave_sequence(y, seq_dim: int, group, world: int, rank: int, graph: bool):
     """This rank's share of the sequence of y's sum over the ranks (torch.tensor_split's, along seq_dim)."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError("sequence_parallel: runs eagerly only, for now; compile the layers without it")
     seq_dim %= y.dim()
     size = y.shape[seq_dim]
     sizes = [stop - start for start, stop in (shard_range(size, world, r) for r in range(world))]

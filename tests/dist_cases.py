@@ -52,15 +52,17 @@ def layers_step(kind, device, dense, x, grad_y, activation="gelu"):
 
 
 def _stack(kind, linears, activation):
-    """(forward, its fused_tp layers) for a kind of layers_step, from dense nn.Linear layers."""
-    if kind == "mlp":
+    """(forward, its fused_tp layers) for a kind of layers_step, from dense nn.Linear layers; the "sp_" kinds with
+    sequence_parallel=True (input and output: this rank's share of the sequence, dim 0)."""
+    seq = dict(sequence_parallel=True) if kind.startswith("sp_") else {}
+    if kind in ("mlp", "sp_mlp"):
         layers = [
-            fused_tp.ColumnParallelLinear.from_linear(linears[0]),
-            fused_tp.RowParallelLinear.from_linear(linears[1]),
+            fused_tp.ColumnParallelLinear.from_linear(linears[0], **seq),
+            fused_tp.RowParallelLinear.from_linear(linears[1], **seq),
         ]
         return nn.Sequential(layers[0], fused_tp.kernels.ACTIVATIONS[activation].module(), layers[1]), layers
-    if kind == "parallel_mlp":
-        mlp = fused_tp.ParallelMLP.from_linears(*linears, activation=activation)
+    if kind in ("parallel_mlp", "sp_parallel_mlp"):
+        mlp = fused_tp.ParallelMLP.from_linears(*linears, activation=activation, **seq)
         return mlp, [mlp.fc1, mlp.fc2]
     if kind == "column_gather":
         layer = fused_tp.ColumnParallelLinear.from_linear(linears[0], gather_output=True)
@@ -92,6 +94,18 @@ def compiled_against_eager(kind, device, dense, inputs, activation="gelu"):
             results.append([("y", y), ("grad_x", leaf.grad)] + [(n, p.grad) for n, p in params])
         differ.append([n for (n, a), (_, b) in zip(*results) if not torch.equal(a, b)])
     return {"differ": differ, "frames": counter.frame_count}
+
+
+def compiled_uneven_sequence(kind, device, dense, width):
+    """The sequence-parallel stack compiled (fullgraph, aot_eager) and called with shards of uneven lengths (rank 0
+    one token longer): what it raised."""
+    forward, _ = _stack(kind, [_dense_linear(w, b, device) for w, b in dense], "gelu")
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=True)
+    try:
+        compiled(torch.randn(5 + (dist.get_rank() == 0), width, device=device))
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def compile_with_guard_or_autotuning(device):
