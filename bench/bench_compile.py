@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_layers import models, steps  # noqa: E402
-from bench_linear import CHECK  # noqa: E402
 from common import (
     DTYPES,
     env,
@@ -33,6 +32,8 @@ from common import (
     time_interleaved,
     write,
 )
+
+from fused_tp.tolerance import norm_check  # noqa: E402
 
 # (hidden, ffn): the Llama-3-8B MLP whole, and a Llama-3-70B MLP's shard at TP 4 (28672 / 4).
 SHAPES = [(4096, 14336), (8192, 7168)]
@@ -80,7 +81,7 @@ def main():
                         *(rel_err(a, b) for a, b in zip([t.clone() for t in fused_fb()], base_fb())),
                     )
                     first_s = time.perf_counter() - start  # both compiles (the first token count) and first runs
-                    if not err <= CHECK[dtype]:
+                    if not err <= norm_check(dtype):
                         raise SystemExit(
                             f"{layer} {mode} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}"
                         )

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from bench_linear import CHECK  # noqa: E402
 from common import (
     DTYPES,
     env,
@@ -40,6 +39,7 @@ from common import (
 )
 
 import fused_tp  # noqa: E402
+from fused_tp.tolerance import norm_check  # noqa: E402
 
 # (tokens, hidden, ffn): a Llama-3-8B MLP whole and a Llama-3-70B MLP's shard at TP 4 (ffn 28672 / 4), a TP 2
 # shard of the 8B one, and decode token counts.
@@ -174,7 +174,7 @@ def main():
                 rel_err(fused_f(), base_f()),
                 *(rel_err(a, b) for a, b in zip(dense_grads(layer, fused_fb()), base_fb(), strict=True)),
             )
-            if not err <= CHECK[dtype]:
+            if not err <= norm_check(dtype):
                 raise SystemExit(f"{layer} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}")
             for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
                 if args.graphs:
@@ -185,7 +185,7 @@ def main():
                         strict=True,
                     )
                     err = max(err, *(rel_err(a, b) for a, b in pairs))
-                    if not err <= CHECK[dtype]:
+                    if not err <= norm_check(dtype):
                         raise SystemExit(
                             f"{layer} {step} {tokens}x{hidden}x{ffn}: replayed from a CUDA graph, "
                             f"fused_tp differs from nn.Linear by {err:.2e}"

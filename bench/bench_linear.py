@@ -42,14 +42,10 @@ import fused_tp  # noqa: E402
 from fused_tp import kernels  # noqa: E402
 from fused_tp.kernels import configs, plan  # noqa: E402
 from fused_tp.shapes import DECODE_SHARDS, PRESETS  # noqa: E402
+from fused_tp.tolerance import norm_check  # noqa: E402
 
 DECODE_BIG_BYTES = 32e6  # issue 18: shards this large should stream at DECODE_COPY_SHARE of the copy rate
 DECODE_COPY_SHARE = 0.75
-
-# Norm-wise relative error allowed against the baseline and float64: a few roundings of the output dtype, or
-# for float32 with TF32 on, of TF32's 10-bit mantissa (2^-11).
-CHECK = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
-CHECK_TF32 = 2e-3
 
 
 def ops(M, K, N, dtype):
@@ -197,7 +193,7 @@ def main():
             if op not in args.ops:
                 continue
             err_base, err_f64 = errors(fused(), base(), check)
-            limit = CHECK_TF32 if args.tf32 and dtype == torch.float32 else CHECK[dtype]
+            limit = norm_check(dtype, args.tf32)
             if not (err_base <= limit and err_f64 <= limit):
                 raise SystemExit(f"{op} {M}x{K}x{N}: wrong result (vs baseline {err_base:.2e}, vs fp64 {err_f64:.2e})")
             providers = {"baseline": base, "fused_tp": fused}

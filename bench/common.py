@@ -11,8 +11,10 @@ import torch
 import triton
 import triton.testing
 
+from fused_tp.kernels import tables
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = tables.DTYPES  # the --dtype names
 
 
 def env() -> dict:

@@ -18,11 +18,12 @@ import sys
 import triton.testing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from bench_linear import CHECK, errors, ops  # noqa: E402
+from bench_linear import errors, ops  # noqa: E402
 from common import DTYPES, env, markdown_table, results_dir, write  # noqa: E402
 
 from fused_tp.kernels.configs import SPACE, KernelConfig, pin_config  # noqa: E402
 from fused_tp.shapes import PRESETS  # noqa: E402
+from fused_tp.tolerance import norm_check  # noqa: E402
 
 CANDIDATES = SPACE  # the tune command's space (fused_tp/kernels/configs.py)
 
@@ -60,7 +61,7 @@ def main():
                     continue
                 with pin_config(cfg):
                     try:
-                        ok = max(errors(fused(), base(), check)) <= CHECK[dtype]
+                        ok = max(errors(fused(), base(), check)) <= norm_check(dtype)
                         ms = triton.testing.do_bench(fused, warmup=25, rep=100, return_mode="median") if ok else None
                     except Exception as e:  # a config that does not compile (shared memory) is a result too
                         ok, ms = False, None

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from .kernels.tables import DTYPE_NAMES
+
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff of the result
 TINY = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}  # half the subnormal spacing
 ACC = 2.0**-24  # fp32 accumulation
@@ -34,6 +36,19 @@ TF32_INPUT = 2.0**-10
 
 GELU_SLOPE = 1.13  # max |gelu'(x)| (and of the tanh form): how much an error in the pre-activation can grow
 ACT_EVAL = 2.0**-20  # GELU or its derivative evaluated in fp32 (erf or exp and a few operations: a few ulp each)
+
+
+# Norm-wise relative error, ||out - ref|| / ||ref||, allowed where fused_tp's output is checked against a baseline
+# computed another way (cuBLAS, the nn.Linear stack, torch) before it is timed: by `tune` for every config and by
+# the bench scripts. A check that the result is right, not a bound on its accuracy (the elementwise bounds above
+# are that): a few roundings of the output dtype (fp32: summation orders; tf32: its 10-bit operands), where a wrong
+# config or a wrong sum is off by orders of magnitude. Keyed by the tuned tables' dtype names.
+NORM_CHECK = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 1e-4, "tf32": 4e-3}
+
+
+def norm_check(dtype: torch.dtype, tf32: bool = False) -> float:
+    """NORM_CHECK's bound for operands of `dtype` (fp32 with `tf32`: products through TF32)."""
+    return NORM_CHECK["tf32" if tf32 and dtype == torch.float32 else DTYPE_NAMES[dtype]]
 
 
 class Tol(NamedTuple):

@@ -32,13 +32,11 @@ from . import kernels, path_counts
 from .kernels import autotune, configs, plan, tables
 from .kernels.matmul import INTERPRETED
 from .shapes import PRESETS
+from .tolerance import NORM_CHECK
 
 # --dtype: the operand dtype; fp32 twice, as tf32 (torch.backends.cuda.matmul.allow_tf32 on, for cuBLAS and for
 # fused_tp) and fp32 (off): tables.TABLE_DTYPES.
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-# Relative Frobenius error against torch that a config's output must stay within (one rounding of the output,
-# different fp32 summation orders): a wrong config fails by orders of magnitude more.
-CHECK = {"bf16": 2e-2, "fp16": 4e-3, "fp32": 1e-4, "tf32": 4e-3}
+DTYPES = {**tables.DTYPES, "tf32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +154,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
         with configs.pin_config(cfg):
             err = _rel_err(ours(), ref)
             # A config whose output is wrong is kept in the timings, marked, and never chosen.
-            ms = timer(ours) if err <= CHECK[args.dtype] else None
+            ms = timer(ours) if err <= NORM_CHECK[args.dtype] else None
         rows.append(
             dict(
                 product=product,

@@ -73,6 +73,7 @@ def _items(d, where: str):
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}  # the names --dtype options take (tune, the benches)
 # A table's dtype names: fp32 operands have two, as their dot products cut operands to TF32 or not (cuBLAS and
 # fused_tp follow torch.backends.cuda.matmul.allow_tf32), and the two run at speeds 4-8x apart.
 TABLE_DTYPES = ("bf16", "fp16", "fp32", "tf32")
