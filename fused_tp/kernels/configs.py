@@ -214,10 +214,10 @@ def choose_split_k(M: int, N: int, K: int, cfg: KernelConfig, slots: int, itemsi
 
     Memory-bound products (fewer flops per byte of operands and result than the card's rate over its bandwidth:
     decode rows, which stream the weight) split so that about MEMORY_BOUND_ITEMS of the SMs each read one K-range
-    of one tile: on the H200, 1 token x 8192 -> 1280 ran in 17.4 us split 4 ways over 20 tiles (80 items) against
-    30.6 unsplit and 20.5-21.4 split 8 ways (160 items, more than one wave), and 8192 -> 7168 (112 tiles) ran
-    fastest unsplit (bench/NOTES.md, attempt 34). The split is added up inside the launch (jit.py), so it costs
-    no second launch; under MIN_SPLIT_STEPS K-steps a split is not worth its partials.
+    of one tile: on the H200 a narrow shard's 20 tiles ran fastest in 4 splits (80 items), ahead of unsplit and of
+    8 splits (more than one wave), and a shard of 112 tiles fastest unsplit (bench/NOTES.md, attempt 34). The
+    split is added up inside the launch (jit.py), so it costs no second launch; under MIN_SPLIT_STEPS K-steps a
+    split is not worth its partials.
 
     Compute-bound products split by a cost model: a persistent grid of `slots` programs runs the (split, tile)
     items in waves; the time for s splits is waves(s) * (K-steps per split + TILE_OVERHEAD_STEPS) * step, plus

@@ -1,8 +1,8 @@
 """Launching a planned kernel (plan.Launch), and the global memory device-side tensor descriptors need.
 
-Triton's JITFunction.run binds and specialises every argument of a launch: 32-41 us of host time for the matmul
-kernel on the H100 host, against 11-13 us for calling the compiled kernel with the same arguments, and 16-31 us for
-all of F.linear (bench/NOTES.md, attempt 18). So the first launch of a plan goes through kernel[grid](...), which
+Triton's JITFunction.run binds and specialises every argument of a launch, which cost about three times the host
+time of calling the compiled kernel with the same arguments, and more than all of F.linear (bench/NOTES.md,
+attempt 18). So the first launch of a plan goes through kernel[grid](...), which
 compiles and returns the compiled kernel, and later launches of the same plan call that kernel directly. A plan
 fixes everything Triton specialises on (the meta-parameters, each integer argument's value, each tensor's dtype
 and 16-byte alignment, the device: plan.matmul_plan's key), so the kernel run would choose is the one kept; it is
@@ -11,7 +11,7 @@ kept on the plan, whose cache is bounded.
 The direct call uses Triton's compiled-kernel internals (CompiledKernel.run and its arguments), which are not a
 public API: it is on only for the Triton versions it was run with on a GPU (TESTED_TRITON), and
 FUSED_TP_DIRECT_LAUNCH=0 (read at import) turns it off. Off, every launch goes through kernel[grid] (the same
-kernel, about 20-30 us more host time per launch); on an untested Triton a warning says so once.
+kernel, with Triton's binding's host time per launch); on an untested Triton a warning says so once.
 path_counts["direct_launch"] counts the direct launches.
 """
 
@@ -80,7 +80,7 @@ def _warn_untested_once() -> None:
         warnings.warn(
             f"fused_tp: Triton {triton.__version__} is not among the versions whose compiled kernels it "
             f"launches directly ({', '.join(TESTED_TRITON)}): every launch goes through Triton's launcher, "
-            "about 20-30 us more host time each (fused_tp.kernels.launch.DIRECT)",
+            "which costs more host time per launch (fused_tp.kernels.launch.DIRECT; bench/NOTES.md, attempt 18)",
             stacklevel=4,
         )
 

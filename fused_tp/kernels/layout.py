@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 # An operand no descriptor can address sends a product down the pointer path, whose loads of such rows cannot be
-# vectorised: 0.27-1.04x of cuBLAS from 512 tokens up on the H100, and grad_input at 16-128 tokens 0.11-0.47x
-# (bench/NOTES.md, attempt 23). Copying the operand into rows padded to 16 bytes reads and writes it once and puts
-# the product on descriptors: 1.07-4.9x faster from 512 tokens up. Where the product's reduction is short (the
+# vectorised (slow against cuBLAS from 512 tokens up on the H100, and grad_input at any token count). Copying the
+# operand into rows padded to 16 bytes reads and writes it once and puts the product on descriptors, faster from
+# 512 tokens up (bench/NOTES.md, attempt 23). Where the product's reduction is short (the
 # weight gradient over a few tokens), the pointer path reads each element a few times only, and two more launches
 # cost more than they save.
 ALIGN_COPY_MIN_K = 256
