@@ -137,9 +137,11 @@ SPACE = (
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
     KernelConfig(64, 64, 64, num_warps=4, num_stages=3),  # the smallest: fits every width and path, any shape
-    # Decode (a few rows): 16-row tiles (mma.sync rather than wgmma) leave room for more weight in flight
+    # Decode (a few rows): 16-row tiles (mma.sync rather than wgmma) leave room for more weight in flight; the
+    # 32-wide one spreads a narrow shard over more programs (the best of 5 in 16 probe cases: NOTES, attempt 36)
     KernelConfig(16, 64, 256, num_warps=4, num_stages=4),
     KernelConfig(16, 64, 128, num_warps=4, num_stages=6),
+    KernelConfig(16, 32, 256, num_warps=4, num_stages=4),
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
 )
