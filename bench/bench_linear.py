@@ -22,7 +22,6 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 import triton.testing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
@@ -39,44 +38,26 @@ from common import (
 )
 
 import fused_tp  # noqa: E402
-from fused_tp import kernels  # noqa: E402
 from fused_tp.kernels import configs, plan  # noqa: E402
 from fused_tp.shapes import DECODE_SHARDS, PRESETS  # noqa: E402
 from fused_tp.tolerance import norm_check  # noqa: E402
+from fused_tp.tune import problem  # noqa: E402
 
 DECODE_BIG_BYTES = 32e6  # issue 18: shards this large should stream at DECODE_COPY_SHARE of the copy rate
 DECODE_COPY_SHARE = 0.75
 
 
-def ops(M, K, N, dtype):
-    """{op: (baseline fn, fused fn, float64 check on a slice, flops, weight bytes)} for one shape."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    randn = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=gen)  # noqa: E731
-    x, w, b, gy = randn(M, K), randn(N, K) / K**0.5, randn(N), randn(M, N)
-    s = slice(0, 64)  # rows checked in float64
-    return {
-        "forward": (
-            lambda: F.linear(x, w, b),
-            lambda: kernels.linear(x, w, b),
-            lambda y: (y[s], x[s].double() @ w.double().T + b.double()),
-            2 * M * N * K,
-        ),
-        "grad_input": (
-            lambda: gy @ w,
-            lambda: kernels.grad_input(gy, w),
-            lambda g: (g[s], gy[s].double() @ w.double()),
-            2 * M * N * K,
-        ),
-        "grad_weight+bias": (
-            lambda: (gy.t() @ x, gy.sum(0)),
-            lambda: kernels.grad_params(gy, x),
-            lambda g: (g[0][s], gy[:, s].double().T @ x.double()),
-            2 * M * N * K,
-        ),
-    }
+OPS = {"forward": "fwd", "grad_input": "dgrad", "grad_weight+bias": "wgrad"}  # bench names -> configs.PRODUCTS
 
 
-OPS = ("forward", "grad_input", "grad_weight+bias")
+def ops(M, K, N, dtype, which=tuple(OPS)):
+    """{op: (baseline fn, fused fn, float64 check on a slice, flops)} for one shape and the ops in `which`, on
+    tune's operands (tune.problem)."""
+    out = {}
+    for op in which:
+        p = problem(OPS[op], M, K, N, dtype, "cuda")
+        out[op] = (p.theirs, p.ours, p.check, 2 * M * N * K)
+    return out
 
 
 def launch_config(op: str, M: int, K: int, N: int, dtype) -> str:
@@ -84,7 +65,7 @@ def launch_config(op: str, M: int, K: int, N: int, dtype) -> str:
     as plan.pick_config gives them for contiguous operands on this GPU, for the record."""
     m, n, k = {"forward": (M, N, K), "grad_input": (M, K, N), "grad_weight+bias": (N, K, M)}[op]
     dev = plan.device(torch.cuda.current_device())
-    product = {"forward": "fwd", "grad_input": "dgrad", "grad_weight+bias": "wgrad"}[op]
+    product = OPS[op]
     cfg, source = plan.pick_config(
         m,
         n,
@@ -189,9 +170,7 @@ def main():
     tag = args.dtype + ("-tf32" if args.tf32 and dtype == torch.float32 else "")
     rows = []
     for M, K, N in PRESETS[preset]:
-        for op, (base, fused, check, flops) in ops(M, K, N, dtype).items():
-            if op not in args.ops:
-                continue
+        for op, (base, fused, check, flops) in ops(M, K, N, dtype, args.ops).items():
             err_base, err_f64 = errors(fused(), base(), check)
             limit = norm_check(dtype, args.tf32)
             if not (err_base <= limit and err_f64 <= limit):

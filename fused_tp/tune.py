@@ -24,6 +24,8 @@ import functools
 import json
 import pathlib
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,18 +90,49 @@ def gpu_timer(fn, rep_ms: float = 100) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
-def problem(product: str, M: int, K: int, N: int, dtype, device):
-    """(fused_tp call, torch call, the launcher's (M, N, K)) of one product on fresh operands."""
+class Problem(NamedTuple):
+    """One product on fresh operands: fused_tp's call, torch's (cuBLAS on a GPU), the launch's (M, N, K), and
+    check(ours' output) -> (its first CHECK_ROWS rows, their float64 value): the builder tune and the bench scripts
+    share."""
+
+    ours: Callable
+    theirs: Callable
+    launch_mnk: tuple[int, int, int]
+    check: Callable
+
+
+CHECK_ROWS = 64  # rows (output features for the weight gradient) a check computes in float64
+
+
+def problem(product: str, M: int, K: int, N: int, dtype, device) -> Problem:
+    """`product` (configs.PRODUCTS) of y[M, N] = x[M, K] @ w[N, K].T + b on N(0, 1) operands of `dtype` (the weight
+    scaled by K^-1/2, so that outputs stay near 1 at any K), from a fixed seed."""
     gen = torch.Generator(device=device).manual_seed(0)
     rand = lambda *s: torch.randn(s, generator=gen, device=device).to(dtype)  # noqa: E731
+    s = slice(0, CHECK_ROWS)
     if product == "fwd":
-        x, w, b = rand(M, K), rand(N, K), rand(N)
-        return (lambda: kernels.linear(x, w, b)), (lambda: F.linear(x, w, b)), (M, N, K)
+        x, w, b = rand(M, K), (rand(N, K) / K**0.5).to(dtype), rand(N)
+        return Problem(
+            lambda: kernels.linear(x, w, b),
+            lambda: F.linear(x, w, b),
+            (M, N, K),
+            lambda y: (y[s], x[s].double() @ w.double().T + b.double()),
+        )
     if product == "dgrad":
-        g, w = rand(M, N), rand(N, K)
-        return (lambda: kernels.grad_input(g, w)), (lambda: g @ w), (M, K, N)
+        g, w = rand(M, N), (rand(N, K) / K**0.5).to(dtype)
+        return Problem(
+            lambda: kernels.grad_input(g, w),
+            lambda: g @ w,
+            (M, K, N),
+            lambda gx: (gx[s], g[s].double() @ w.double()),
+        )
     g, x = rand(M, N), rand(M, K)
-    return (lambda: kernels.grad_params(g, x)), (lambda: (g.t() @ x, g.sum(0))), (N, K, M)
+    return Problem(
+        lambda: kernels.grad_params(g, x),
+        lambda: (g.t() @ x, g.sum(0)),
+        (N, K, M),
+        lambda gw: (gw[0][s], g[:, s].double().T @ x.double()),
+    )
 
 
 def _rel_err(out, ref) -> float:
@@ -139,7 +172,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     work = []
     for product in products:
         for M, K, N in shapes:
-            ours, theirs, (m, n, k) = problem(product, M, K, N, dtype, device)
+            ours, theirs, (m, n, k), _ = problem(product, M, K, N, dtype, device)
             before = path_counts["tma"]
             ref = theirs()
             ours()  # which operand path this product takes (the tuned table is keyed by it)
