@@ -138,7 +138,7 @@ SPACE = (
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
     KernelConfig(64, 64, 64, num_warps=4, num_stages=3),  # the smallest: fits every width and path, any shape
     # Decode (a few rows): 16-row tiles (mma.sync rather than wgmma) leave room for more weight in flight; the
-    # 32-wide one spreads a narrow shard over more programs (the best of 5 in 16 probe cases: NOTES, attempt 36)
+    # 32-wide one spreads a narrow shard over more programs (the best config in 5 of 16 probe cases: NOTES, attempt 36)
     KernelConfig(16, 64, 256, num_warps=4, num_stages=4),
     KernelConfig(16, 64, 128, num_warps=4, num_stages=6),
     KernelConfig(16, 32, 256, num_warps=4, num_stages=4),
