@@ -557,7 +557,8 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
     """Column -> activation -> Row with sequence parallelism ("mlp": three modules; "parallel_mlp": ParallelMLP),
     on this rank's share of the sequence of x and grad_y (torch.tensor_split along seq_dim). Returns this rank's
     output and input gradient, and each layer's shards and their gradients, as layers_step does, and whether
-    forward saved the gathered input (it should save this rank's share and gather again in backward)."""
+    forward saved the gathered input (it should save this rank's share and gather again in backward), and how many
+    elements of activations (saved tensors other than the layers' parameters, each storage once) it saved."""
     world, rank = dist.get_world_size(), dist.get_rank()
     linears = [_dense_linear(w, b, device) for w, b in dense]
     options = dict(sequence_parallel=True, sequence_dim=seq_dim)
@@ -571,6 +572,7 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
         forward = fused_tp.ParallelMLP.from_linears(*linears, activation=activation, **options)
         layers = [forward.fc1, forward.fc2]
     x_r = torch.tensor_split(x, world, seq_dim)[rank].to(device).requires_grad_()
+    params = {p.data_ptr() for p in forward.parameters()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = forward(x_r)
@@ -582,6 +584,7 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
         # (where this rank's share is the whole sequence, saving it is saving the share)
         "saved_the_sequence": x_r.shape != full.shape
         and any(t.shape == full.shape and torch.equal(t, full) for t in saved),
+        "saved_activations": sum({t.data_ptr(): t.numel() for t in saved if t.data_ptr() not in params}.values()),
     }
     for i, layer in enumerate(layers):
         out[f"w{i}"], out[f"grad_w{i}"] = _cpu(layer.weight), _cpu(layer.weight.grad)

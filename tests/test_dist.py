@@ -313,6 +313,13 @@ def test_sequence_parallel_mlp_matches_dense(
         _assert_replicated("grad_b1", outs)
         assert_close("grad_b2", outs[0]["grad_b1"], ref["grad_b2"], mag["grad_b2"], t)
     assert not any(o["saved_the_sequence"] for o in outs), "forward saved the gathered input, not this rank's share"
+    # README's formula at TP = N: per rank the layer input's share, S/N x B x H, and the hidden activations,
+    # S x B x F/N, twice (the activation's input and output; a gated pre-activation is twice as wide)
+    for rank, o in enumerate(outs):
+        share = torch.tensor_split(torch.empty(tokens), world)[rank].numel()
+        f_r = torch.tensor_split(torch.empty(ffn), world)[rank].numel()
+        want = share * 2 * hidden + tokens * 2 * f_r * (3 if activation == "swiglu" else 2)
+        assert o["saved_activations"] == want, f"rank {rank}: saved {o['saved_activations']} elements, want {want}"
 
 
 @pytest.mark.parametrize("world", WORLDS)
