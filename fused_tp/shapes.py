@@ -5,9 +5,10 @@ w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on 
     quick    four of them, for a look in a minute
     decode   issue 18's decode set: every projection of the DECODE_MODELS as a TP 1, 2, 4 and 8 shard (DECODE_SHARDS),
              at DECODE_TOKENS tokens
-    decode-buckets  what `tune` needs to fill the table for the whole decode set in a fifth of the time: one shape
-             per tuned-table bucket (the most flops) at 1, 8, 32 and 128 tokens; the table's nearest-bucket lookup
-             serves 4, 16 and 64 tokens from their neighbours
+    decode-buckets  what `tune` needs to fill the table for the whole decode set in half the time: one shape per
+             tuned-table bucket (the most flops). Session 13 tuned the H200 at 1, 8, 32 and 128 tokens only (80
+             shapes), and the nearest-bucket lookup served 64 tokens the 32-token tiles: every token count has
+             its own buckets now
     mid      mid-size products (512-2048 tokens), which no speed-set bucket is near
     layers   bench_layers.py's 16- and 128-token layers, whose output widths no decode bucket of `speed` is near
     tiny     for the interpreter
@@ -80,7 +81,7 @@ PRESETS = {
     + _SPEED_DECODE,
     "quick": [(8192, 8192, 14336), (4096, 4096, 7168), (1000, 4000, 3000), (4097, 4095, 1023), (16, 8192, 14336)],
     "decode": DECODE,
-    "decode-buckets": _one_per_bucket([(m, k, n) for m in (1, 8, 32, 128) for k, n in DECODE_SHARDS]),
+    "decode-buckets": _one_per_bucket(DECODE),
     "mid": [
         (512, 4096, 1024),
         (1024, 4096, 1024),
