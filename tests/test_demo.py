@@ -155,3 +155,25 @@ def test_tp_mlp_bench_agrees_with_megatron_and_dtensor_on_gloo_ranks():
         )
         assert out.returncode == 0, out.stderr[-3000:]
         assert re.search(r"^\| 8 \| 16 \| 24 \| 2 \|", out.stdout, re.M), out.stdout
+
+
+def test_memory_bench_measures_what_sequence_parallelism_saves():
+    """bench/bench_memory.py --tiny: rank 0 of TP 1-8 on a fake process group, the block's saved activations with
+    and without sequence parallelism. The script exits non-zero where a rank saves less than README's formula; here
+    the sequence-parallel rank saves less than the all-reduce one from TP 2 on, and the same at TP 1."""
+    out = subprocess.run(
+        [sys.executable, "bench/bench_memory.py", "--tiny", "--dtype", "fp32"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = {
+        int(m.group(1)): float(m.group(2))
+        for m in re.finditer(
+            r"^\| 64 \| 32 \| 96 \| (\d) \| sequence-parallel \| \d+ \| \d+ \| ([\d.]+) \|", out.stdout, re.M
+        )
+    }
+    assert ratios.keys() == {1, 2, 4, 8} and ratios[1] == 1.0, out.stdout
+    assert ratios[8] < ratios[4] < ratios[2] < 1.0, ratios
