@@ -98,7 +98,8 @@ def sequence_sizes(length: int, dim: int, group, world: int, rank: int, device=N
     Under torch.compile the shards must be even: a list of lengths read back to the host would make the graph's
     shapes depend on data, so every rank's length is taken as this rank's, and the ranks' lengths, gathered inside
     the graph, are checked against it there (_assert_async: a RuntimeError on the CPU, a device-side assert on a
-    GPU) before any collective of the data."""
+    GPU) before any collective of the data; `device` is where those lengths live (the data's: where the group's
+    collectives of the data run, they run too)."""
     if world == 1:
         return [length]
     if torch.compiler.is_compiling():
