@@ -46,25 +46,6 @@ def check_linear_args(
 ) -> None:
     """Raise TypeError / ValueError naming the argument (by `names`) if (x, weight, bias) is not a valid F.linear
     call."""
-    w_dtype, w_device = weight.dtype if isinstance(weight, torch.Tensor) else None, None
-    if (  # a valid call in one pass (host time: every layer call checks); the checks below name what is wrong
-        w_dtype in SUPPORTED_DTYPES
-        and isinstance(x, torch.Tensor)
-        and x.dtype is w_dtype
-        and weight.dim() == 2
-        and x.dim() >= 1
-        and x.shape[-1] == weight.shape[1]
-        and x.device == (w_device := weight.device)
-        and (
-            bias is None
-            or isinstance(bias, torch.Tensor)
-            and bias.dtype is w_dtype
-            and bias.dim() == 1
-            and bias.shape[0] == weight.shape[0]
-            and bias.device == w_device
-        )
-    ):
-        return
     in_name, w_name, b_name = names
     args = ((w_name, weight), (in_name, x), (b_name, bias))
     for name, t in args:
