@@ -1,11 +1,17 @@
 """fused_tp's kernels against cuBLAS, side by side: forward, grad_input, grad_weight + grad_bias.
 
     python bench/bench_linear.py [--dtype bf16|fp16|fp32] [--tf32] [--shapes speed|quick|decode|...] [--quick]
-                                 [--ops forward grad_input grad_weight+bias] [--compare-rule]
+                                 [--ops forward grad_input grad_weight+bias] [--compare-rule] [--timer auto|flush|graph]
 
 Shapes: a preset of fused_tp/shapes.py (--quick is --shapes quick). `--shapes decode --ops forward` is issue 18's
 decode set: its summary adds the goals (geometric mean and lowest ratio, and which shards of 32 MB or more read
 the weight at 75% of the card's copy rate).
+
+Timing (--timer): the decode presets are timed from CUDA graphs of back-to-back calls cycling through copies of the
+operands that cover three L2s (tune.graph_timer), as decode runs under CUDA graphs; the rest by do_bench, which
+clears the L2 before every call by writing 256 MB, so that the timed call also writes back the dirty lines (about
+10 us on the H200, as much as a decode product: bench/NOTES.md, attempt 38b). A timer other than the preset's own
+writes its own file (..._flush.json).
 
 Baselines: F.linear(x, w, b) (one cuBLASLt kernel with the bias in its epilogue), grad_y @ w, and grad_y.T @ x plus
 grad_y.sum(0). Every output is checked against the baseline, and a slice against float64,
@@ -18,6 +24,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -41,7 +48,7 @@ import fused_tp  # noqa: E402
 from fused_tp.kernels import configs, plan  # noqa: E402
 from fused_tp.shapes import DECODE_SHARDS, PRESETS  # noqa: E402
 from fused_tp.tolerance import norm_check  # noqa: E402
-from fused_tp.tune import problem  # noqa: E402
+from fused_tp.tune import add_timer_argument, graph_timer, problem, timer_name  # noqa: E402
 
 DECODE_BIG_BYTES = 32e6  # issue 18: shards this large should stream at DECODE_COPY_SHARE of the copy rate
 DECODE_COPY_SHARE = 0.75
@@ -50,12 +57,12 @@ DECODE_COPY_SHARE = 0.75
 OPS = {"forward": "fwd", "grad_input": "dgrad", "grad_weight+bias": "wgrad"}  # bench names -> configs.PRODUCTS
 
 
-def ops(M, K, N, dtype, which=tuple(OPS)):
+def ops(M, K, N, dtype, which=tuple(OPS), timer="flush"):
     """{op: (baseline fn, fused fn, float64 check on a slice, flops)} for one shape and the ops in `which`, on
-    tune's operands (tune.problem)."""
+    tune's operands (tune.problem, cycling through copies where `timer` needs them)."""
     out = {}
     for op in which:
-        p = problem(OPS[op], M, K, N, dtype, "cuda")
+        p = problem(OPS[op], M, K, N, dtype, "cuda", timer)
         out[op] = (p.theirs, p.ours, p.check, 2 * M * N * K)
     return out
 
@@ -152,25 +159,28 @@ def main():
         "--rep-ms",
         type=float,
         default=100,
-        help="do_bench's timing budget per call in ms (warm-up: a quarter of it, at most 25)",
+        help="each timing's budget in ms (flush: do_bench's rep, a quarter of it warm-up, at most 25)",
     )
+    add_timer_argument(p)
     p.add_argument("--compare-rule", action="store_true", help="also time the rule's config, without the table")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     preset = "quick" if args.quick else args.shapes
-    timer = lambda fn: triton.testing.do_bench(
-        fn,
-        warmup=min(25, args.rep_ms / 4),
-        rep=args.rep_ms,  # noqa: E731
-        return_mode="median",
-    )
+    how = timer_name(args.timer, preset)
+    if how == "graph":
+        timer = functools.partial(graph_timer, rep_ms=args.rep_ms)
+    else:
+        timer = functools.partial(
+            triton.testing.do_bench, warmup=min(25, args.rep_ms / 4), rep=args.rep_ms, return_mode="median"
+        )
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     info = env()
     info["copy_gbps"] = copy_rate()
+    info["timer"] = how
     tag = args.dtype + ("-tf32" if args.tf32 and dtype == torch.float32 else "")
     rows = []
     for M, K, N in PRESETS[preset]:
-        for op, (base, fused, check, flops) in ops(M, K, N, dtype, args.ops).items():
+        for op, (base, fused, check, flops) in ops(M, K, N, dtype, args.ops, how).items():
             err_base, err_f64 = errors(fused(), base(), check)
             limit = norm_check(dtype, args.tf32)
             if not (err_base <= limit and err_f64 <= limit):
@@ -223,7 +233,9 @@ def main():
             }
         )
     goals = decode_goals(rows) if preset == "decode" else None
-    out = results_dir(info["gpu"]) / f"bench_linear_{tag}{'' if preset == 'speed' else '_' + preset}"
+    # A timer other than the preset's own (timer_name's "auto") gets its own file, beside the one docs cite.
+    other_timer = "" if how == timer_name("auto", preset) else "_" + how
+    out = results_dir(info["gpu"]) / f"bench_linear_{tag}{'' if preset == 'speed' else '_' + preset}{other_timer}"
     write(
         out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "decode_goals": goals, "rows": rows}
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import pathlib
 import re
@@ -62,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=100,
         help="GPU: each timing's budget in ms (do_bench's rep; 25 ms of warm-up before it)",
     )
+    add_timer_argument(parser)
+
+
+def add_timer_argument(parser: argparse.ArgumentParser) -> None:
+    """--timer, for tune and the benches that time its problems."""
+    parser.add_argument(
+        "--timer",
+        choices=["auto", *TIMERS],
+        default="auto",
+        help="GPU: flush (do_bench, the L2 cleared before every call) or graph (calls on rotated operand copies "
+        "replayed from a CUDA graph); auto: graph for the decode presets, flush for the rest",
+    )
 
 
 def load_shapes(spec: str) -> list[tuple[int, int, int]]:
@@ -84,10 +97,74 @@ def load_shapes(spec: str) -> list[tuple[int, int, int]]:
 
 
 def gpu_timer(fn, rep_ms: float = 100) -> float:
-    """do_bench's median, by default with 4x the timing budget of run-time autotuning: a shipped table is worth it."""
+    """do_bench's median, by default with 4x the timing budget of run-time autotuning: a shipped table is worth it.
+    do_bench clears the L2 before every call by writing zeros over 256 MB: the timed call then starts on an L2 full
+    of dirty lines, which it writes back as it reads (about 10 us on the H200: bench/NOTES.md, attempt 38b)."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+GRAPH_CALLS = 64  # the fewest calls a timed graph holds: as many as a problem has operand copies at most (COPIES_MAX)
+GRAPH_REPLAYS = 8
+
+
+def graph_timer(fn, rep_ms: float = 100) -> float:
+    """ms per call of `fn` replayed from a CUDA graph of back-to-back calls, as a decode step runs under CUDA graphs
+    (vLLM, torch.compile's reduce-overhead): no host time between launches, and no L2 state but what the calls
+    themselves leave. `fn` cycles through operand copies (problem's `copies`), so that no call finds its weight in
+    the L2 left by the one before. The median of GRAPH_REPLAYS replays; the graph holds enough calls for about
+    rep_ms / GRAPH_REPLAYS ms."""
+    import statistics
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile, plan and allocate before the capture, on a side stream as it asks
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(GRAPH_CALLS):
+        fn()
+    end.record()
+    end.synchronize()
+    each = start.elapsed_time(end) / GRAPH_CALLS  # with host time between launches: an upper bound
+    calls = max(GRAPH_CALLS, min(100 * GRAPH_CALLS, round(rep_ms / GRAPH_REPLAYS / each)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(GRAPH_REPLAYS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
+
+
+TIMERS = {"flush": gpu_timer, "graph": graph_timer}
+COPIES_L2 = 3  # operand copies a graph timing cycles through cover this many L2s
+COPIES_MAX = GRAPH_CALLS
+
+
+def copies_for(nbytes: int, timer: str, device) -> int:
+    """How many operand copies of `nbytes` a timing by `timer` cycles through: for "graph", enough to cover COPIES_L2
+    times the GPU's L2 (at most COPIES_MAX), so that every call reads its operands from memory; else one."""
+    if timer != "graph":
+        return 1
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, min(COPIES_MAX, -(-COPIES_L2 * l2 // nbytes)))
+
+
+def timer_name(choice: str, preset: str) -> str:
+    """--timer's value: "auto" is "graph" for the decode presets (decode runs under CUDA graphs, and do_bench's L2
+    clearing costs such a product as much as its own time), "flush" for the rest."""
+    return ("graph" if preset.startswith("decode") else "flush") if choice == "auto" else choice
 
 
 class Problem(NamedTuple):
@@ -104,35 +181,37 @@ class Problem(NamedTuple):
 CHECK_ROWS = 64  # rows (output features for the weight gradient) a check computes in float64
 
 
-def problem(product: str, M: int, K: int, N: int, dtype, device) -> Problem:
+def problem(product: str, M: int, K: int, N: int, dtype, device, timer: str = "flush") -> Problem:
     """`product` (configs.PRODUCTS) of y[M, N] = x[M, K] @ w[N, K].T + b on N(0, 1) operands of `dtype` (the weight
-    scaled by K^-1/2, so that outputs stay near 1 at any K), from a fixed seed."""
+    scaled by K^-1/2, so that outputs stay near 1 at any K), from a fixed seed. For a `timer` that needs them
+    (copies_for), ours and theirs cycle through copies of the operands, call after call: the same values (check
+    holds for every call), different memory."""
     gen = torch.Generator(device=device).manual_seed(0)
     rand = lambda *s: torch.randn(s, generator=gen, device=device).to(dtype)  # noqa: E731
     s = slice(0, CHECK_ROWS)
     if product == "fwd":
-        x, w, b = rand(M, K), (rand(N, K) / K**0.5).to(dtype), rand(N)
-        return Problem(
-            lambda: kernels.linear(x, w, b),
-            lambda: F.linear(x, w, b),
-            (M, N, K),
-            lambda y: (y[s], x[s].double() @ w.double().T + b.double()),
-        )
-    if product == "dgrad":
-        g, w = rand(M, N), (rand(N, K) / K**0.5).to(dtype)
-        return Problem(
-            lambda: kernels.grad_input(g, w),
-            lambda: g @ w,
-            (M, K, N),
-            lambda gx: (gx[s], g[s].double() @ w.double()),
-        )
-    g, x = rand(M, N), rand(M, K)
-    return Problem(
-        lambda: kernels.grad_params(g, x),
-        lambda: (g.t() @ x, g.sum(0)),
-        (N, K, M),
-        lambda gw: (gw[0][s], g[:, s].double().T @ x.double()),
-    )
+        x, w, b = ops = rand(M, K), (rand(N, K) / K**0.5).to(dtype), rand(N)
+        ours, theirs, dims = kernels.linear, F.linear, (M, N, K)
+        check = lambda y: (y[s], x[s].double() @ w.double().T + b.double())  # noqa: E731
+    elif product == "dgrad":
+        g, w = ops = rand(M, N), (rand(N, K) / K**0.5).to(dtype)
+        ours, theirs, dims = kernels.grad_input, torch.matmul, (M, K, N)
+        check = lambda gx: (gx[s], g[s].double() @ w.double())  # noqa: E731
+    else:
+        g, x = ops = rand(M, N), rand(M, K)
+        ours, theirs, dims = kernels.grad_params, lambda g, x: (g.t() @ x, g.sum(0)), (N, K, M)
+        check = lambda gw: (gw[0][s], g[:, s].double().T @ x.double())  # noqa: E731
+    nbytes = sum(t.numel() for t in ops) * dtype.itemsize
+    copies = [ops] + [tuple(t.clone() for t in ops) for _ in range(copies_for(nbytes, timer, device) - 1)]
+    return Problem(_cycling(ours, copies), _cycling(theirs, copies), dims, check)
+
+
+def _cycling(fn, copies: list[tuple]) -> Callable:
+    """fn on each operand copy in turn, one call after another (fn on the one copy where there is one)."""
+    if len(copies) == 1:
+        return functools.partial(fn, *copies[0])
+    turn = itertools.cycle(copies)
+    return lambda: fn(*next(turn))
 
 
 def _rel_err(out, ref) -> float:
@@ -160,22 +239,32 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not INTERPRETED:
         raise SystemExit("tune: needs a GPU, or TRITON_INTERPRET=1 set before fused_tp is imported (interpreter)")
+    how = timer_name(getattr(args, "timer", "auto"), args.shapes) if device == "cuda" else "flush"
     if timer is None:  # on the CPU, the interpreter's wall clock
-        timer = functools.partial(gpu_timer, rep_ms=args.rep_ms) if device == "cuda" else autotune.timer
+        timer = functools.partial(TIMERS[how], rep_ms=args.rep_ms) if device == "cuda" else autotune.timer
     dtype, shapes = DTYPES[args.dtype], load_shapes(args.shapes)
     products = configs.PRODUCTS if args.kernel == "all" else (args.kernel,)
     gpu = plan.device(torch.cuda.current_device() if device == "cuda" else -1).gpu
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__, "dtype": args.dtype}
+    env = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "dtype": args.dtype,
+        "timer": how,
+    }
 
     work = []
     for product in products:
         for M, K, N in shapes:
-            ours, theirs, (m, n, k), _ = problem(product, M, K, N, dtype, device)
+            ours, theirs, (m, n, k), _ = problem(product, M, K, N, dtype, device, how)
             before = path_counts["tma"]
             ref = theirs()
-            ours()  # which operand path this product takes (the tuned table is keyed by it)
+            # Which operand path this product takes (the tuned table is keyed by it): what descriptors can address,
+            # found with a tile config, since a GEMV config reads through pointers whatever the operands.
+            with configs.pin_config(configs.ROUTE_PROBE):
+                ours()
             route = "tma" if path_counts["tma"] > before else "pointers"
             for cfg in configs.candidates(m, n, k, dtype, route == "tma"):
                 work.append((product, (M, K, N), (m, n, k), route, ours, theirs, ref, cfg))
@@ -200,6 +289,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
                 ms_rounds=[] if ms is None else [ms],
                 rel_err=err,
                 passed_check=ms is not None,
+                timer=how,
             )
         )
     _confirm(rows, calls, baselines, timer, args.dtype)
@@ -219,7 +309,11 @@ def _tune(args: argparse.Namespace, timer) -> dict:
                 for route, entries in routes.items():
                     merged.setdefault(product, {}).setdefault(name, {}).setdefault(route, {}).update(entries)
         table = merged
-    tuned = {"format": 1, "env": {k: v for k, v in env.items() if k != "dtype"}, "gpus": {gpu: table}}  # all dtypes
+    tuned = {
+        "format": 1,
+        "env": {k: v for k, v in env.items() if k not in ("dtype", "timer")},
+        "gpus": {gpu: table},
+    }  # all dtypes
     written["table"].write_text(json.dumps(tuned, indent=1) + "\n")
     tables.load_table(written["table"])  # what was written must load
     plot = _plot(rows, out_dir / f"tune_{args.kernel}_{args.dtype}.png", f"fused_tp tune, {args.dtype}, {gpu}")
@@ -298,6 +392,7 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
                 torch_ms=r["torch_ms"],
                 ratio=r["ratio"],
                 flops=flops,
+                timer=r.get("timer", "flush"),
             )
     return chosen, table
 

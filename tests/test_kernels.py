@@ -244,6 +244,30 @@ def test_activation_epilogue(device, M, K, N, dtype, activation, has_bias, x_lay
     _assert_unmodified(before, x, w, b, w_next, grad_next)
 
 
+def _product(op, M, K, N, dtype, a_layout, b_layout, device, seed):
+    """(run, its float64 reference and magnitude, the product's output width) for one product on fresh operands:
+    "forward" (x [M, K] @ w.T + b), "forward_<activation>" (then the activation), "grad_input" (grad_y [M, K] @
+    w [K, N]) or "grad_weight" (grad_y [K, M] and x [K, N]: grad_w = grad_y.T @ x sums over the K rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    if op.startswith("forward"):
+        act = op[len("forward_") :] or None
+        width = 2 * N if act and ACTIVATIONS[act].gated else N
+        a = make_tensor((M, K), a_layout, dtype, device, gen)
+        w = make_tensor((width, K), b_layout, dtype, device, gen)
+        b = make_tensor((width,), "contiguous", dtype, device, gen)
+        ref = linear_reference(a, w, b)
+        return (
+            (lambda: kernels.linear(a, w, b, activation=act)),
+            (ref if act is None else activation_reference(act, *ref)),
+            width,
+        )
+    if op == "grad_input":
+        a, w = make_tensor((M, K), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
+        return (lambda: kernels.grad_input(a, w)), linear_reference(a, w.t()), N
+    a, x = make_tensor((K, M), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
+    return (lambda: kernels.grad_params(a, x, bias=False)[0]), linear_reference(a.t(), x.t()), N
+
+
 @given(
     M=dims,
     K=st.integers(0, 600),
@@ -287,23 +311,7 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     """Splitting the K loop over programs (fp32 partials; the last program at a tile adds them in split order, then
     the bias and the activation) gives the float64 result within the same tolerance, bitwise the same on a second
     run; path_counts says it split."""
-    gen = torch.Generator().manual_seed(seed)
-    width = N  # the product's output width
-    if op.startswith("forward"):  # x [M, K] @ w.T + b, then the activation named after "forward_"
-        act = op[len("forward_") :] or None
-        width = 2 * N if act and ACTIVATIONS[act].gated else N
-        a = make_tensor((M, K), a_layout, dtype, device, gen)
-        w = make_tensor((width, K), b_layout, dtype, device, gen)
-        b = make_tensor((width,), "contiguous", dtype, device, gen)
-        ref = linear_reference(a, w, b)
-        run = lambda: kernels.linear(a, w, b, activation=act)  # noqa: E731
-        ref = ref if act is None else activation_reference(act, *ref)
-    elif op == "grad_input":  # grad_y [M, K] @ w [K, N]
-        a, w = make_tensor((M, K), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
-        run, ref = (lambda: kernels.grad_input(a, w)), linear_reference(a, w.t())
-    else:  # grad_y [K, M] and x [K, N]: grad_w = grad_y.T @ x sums over the K rows
-        a, x = make_tensor((K, M), a_layout, dtype, device, gen), make_tensor((K, N), b_layout, dtype, device, gen)
-        run, ref = (lambda: kernels.grad_params(a, x, bias=False)[0]), linear_reference(a.t(), x.t())
+    run, ref, width = _product(op, M, K, N, dtype, a_layout, b_layout, device, seed)
     base, _ = plan.pick_config(M, width, K, dtype, interpreted=matmul.INTERPRETED, tma=False, slots=1)
     cfg = dataclasses.replace(base, split_k=split_k)
     slots = plan.device(torch.empty(0, device=device).get_device()).slots
@@ -317,6 +325,54 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     assert torch.equal(out, again), "split-K must be deterministic"
     kept = [buf for key, buf in launch._kept.items() if key[0] == "counters"]
     assert not any(buf.any() for buf in kept), "a split launch leaves its tiles' arrival counters at zero"
+
+
+@given(
+    M=st.integers(0, 3),
+    K=st.integers(0, 300),
+    N=st.integers(0, 40),
+    dtype=dtypes,
+    op=st.sampled_from(["forward", "forward_gelu", "forward_swiglu", "grad_input"]),
+    split_k=st.sampled_from([None, 2, 3]),
+    a_layout=layouts,
+    b_layout=layouts,
+    seed=seeds,
+)
+@example(
+    M=1,
+    K=300,
+    N=9,
+    dtype=torch.bfloat16,
+    op="forward",
+    split_k=None,
+    a_layout="contiguous",
+    b_layout="contiguous",
+    seed=0,
+)  # the decode case: a row against a row-major weight, a partial last tile of 4 columns and of K
+@example(
+    M=1,
+    K=200,
+    N=6,
+    dtype=torch.float16,
+    op="forward_swiglu",
+    split_k=2,
+    a_layout="sliced",
+    b_layout="transposed",
+    seed=0,
+)  # SwiGLU's pairs from added partials, through odd strides
+def test_gemv_form_computes_the_same_function(device, M, K, N, dtype, op, split_k, a_layout, b_layout, seed):
+    """The GEMV form (BLOCK_M 1: one row a program, products on the CUDA cores) gives the float64 result within the
+    tolerance, bitwise the same on a second run, for every epilogue and with split K; it reads the operands
+    through pointers as they lie: no descriptors and no copies, whatever their layout."""
+    run, ref, _ = _product(op, M, K, N, dtype, a_layout, b_layout, device, seed)
+    cfg = configs.KernelConfig(1, 4, 64, num_warps=4, num_stages=1, persistent=False, split_k=split_k)
+    before = kernels.path_counts.copy()
+    with configs.pin_config(cfg):
+        out, again = run(), run()
+    assert_close(op, out, *ref, (act_tol if op.startswith("forward_") else tol)(dtype, K, tf32=_tf32(device)))
+    assert torch.equal(out, again), "the GEMV form must be deterministic"
+    for key in ("tma", "align_copy", "fp32_copy"):
+        assert kernels.path_counts[key] == before[key], f"a GEMV launch counted {key}"
 
 
 def test_split_k_rule():

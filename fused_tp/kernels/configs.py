@@ -46,10 +46,20 @@ class KernelConfig:
     split_k: int | None = None  # programs sharing one output tile's K loop; None: `choose_split_k` decides
 
     def __post_init__(self):
-        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        # tl.dot's smallest tile is 16 a side; BLOCK_M 1 is the GEMV form (no tl.dot: jit.py), whose weight tile may
+        # be as narrow as 4 columns (what matters there is a 16-byte load along K per thread).
+        gemv = self.BLOCK_M == 1
+        rules = {
+            "BLOCK_M": (1 if gemv else 16, "1 (the GEMV form) or a power of two of at least 16"),
+            "BLOCK_N": (4, "a power of two of at least 4 with BLOCK_M 1")
+            if gemv
+            else (16, "a power of two of at least 16"),
+            "BLOCK_K": (16, "a power of two of at least 16"),
+        }
+        for name, (least, what) in rules.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"{name}: expected a power of two of at least 16 (tl.dot's smallest tile), got {v!r}")
+            if not isinstance(v, int) or v < least or v & (v - 1):
+                raise ValueError(f"{name}: expected {what} (tl.dot's smallest tile is 16), got {v!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps!r}")
         for name in ("GROUP_M", "num_stages"):
@@ -118,6 +128,10 @@ CONFIGS = {
 }
 
 
+# The smallest tile config: it fits every operand width and path, for any shape (tune launches it to find which path
+# a product's operands take).
+ROUTE_PROBE = KernelConfig(64, 64, 64, num_warps=4, num_stages=3)
+
 # The space `python -m fused_tp tune` searches for each product (the same for all three: the products differ in
 # layout, which the tuning measures, not in what tiles are possible). 16-bit and 32-bit operands share it;
 # `candidates` drops what does not fit in shared memory for the operand width. Every config of CONFIGS is in it,
@@ -136,7 +150,7 @@ SPACE = (
     KernelConfig(64, 128, 64, num_warps=4, num_stages=5, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
-    KernelConfig(64, 64, 64, num_warps=4, num_stages=3),  # the smallest: fits every width and path, any shape
+    ROUTE_PROBE,
     # Decode (a few rows): 16-row tiles (mma.sync rather than wgmma) leave room for more weight in flight; the
     # 32-wide one spreads a narrow shard over more programs (the best config in 5 of 16 probe cases: NOTES, attempt 36)
     KernelConfig(16, 64, 256, num_warps=4, num_stages=4),
@@ -144,7 +158,20 @@ SPACE = (
     KernelConfig(16, 32, 256, num_warps=4, num_stages=4),
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
+    # The GEMV form (BLOCK_M 1, for GEMV_MAX_ROWS rows): 4-16 weight rows (output columns) a program, one program
+    # per tile, so that every SM streams the weight; the loads alone keep it in flight (one stage beat three). The
+    # fastest of a probe at 1 token over 13 shards (bench/NOTES.md, attempt 38b), and a split one for narrow shards
+    # of long rows, which the probe did not try.
+    KernelConfig(1, 4, 512, num_warps=4, num_stages=1, persistent=False),
+    KernelConfig(1, 8, 512, num_warps=4, num_stages=1, persistent=False),
+    KernelConfig(1, 16, 256, num_warps=4, num_stages=1, persistent=False),
+    KernelConfig(1, 4, 1024, num_warps=4, num_stages=1, persistent=False),
+    KernelConfig(1, 4, 512, num_warps=2, num_stages=1, persistent=False),
+    KernelConfig(1, 4, 512, num_warps=4, num_stages=1, persistent=False, split_k=2),
 )
+# The GEMV form reads the weight once per row: at 4 and 8 rows it ran at 0.1-0.7x of cuBLAS where the 16-row
+# tensor-core tiles ran at 0.65-1.0x (bench/NOTES.md, attempt 38c), so it is timed for one row only.
+GEMV_MAX_ROWS = 1
 
 
 def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int = 0) -> bool:
@@ -171,7 +198,13 @@ def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:
 
 def candidates(M: int, N: int, K: int, dtype: torch.dtype, tma: bool) -> list[KernelConfig]:
     """The configs of SPACE worth timing for C[M, N] = A[M, K] @ B[K, N] with operands of `dtype`."""
-    return [c for c in SPACE if fits(c, dtype.itemsize, tma) and not_oversized(c, M, N)]
+    return [
+        c
+        for c in SPACE
+        if fits(c, dtype.itemsize, tma and c.BLOCK_M > 1)
+        and not_oversized(c, M, N)
+        and (c.BLOCK_M > 1 or M <= GEMV_MAX_ROWS)
+    ]
 
 
 def bucket(n: int) -> int:

@@ -14,6 +14,10 @@ A and B are read through their strides, so the three products of y = x @ w.T + b
 The bias gradient, the column sums of grad_y, is the second kernel: a reduction over rows. (Summing A's rows inside
 the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
 
+A config with BLOCK_M == 1 is the GEMV form, for one token: one row of A a program against a [BLOCK_K, BLOCK_N]
+tile of B, the products on the CUDA cores in fp32 in B's tile layout, summed over K once after the loop; the
+epilogue and split K as below.
+
 The activation epilogue (epilogues.py) runs on the fp32 accumulator, before C is rounded: the forward applies it and
 stores the pre-activation beside C; grad_input multiplies by its derivative at a stored pre-activation.
 
@@ -35,9 +39,12 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 
-# Sizes are not specialised on their value (divisible by 16, equal to 1): masks and descriptors cover any size,
-# and a new shape must not mean a new compile. Strides stay specialised: a unit stride makes loads coalesced.
-@triton.jit(do_not_specialize=["M", "N", "K", "num_programs", "splits", "k_tiles_per_split"])
+# Triton specialises an integer argument on being divisible by 16 (or equal to 1). M and the work counts are not
+# specialised: masks and descriptors cover any size, and a new token count must not mean a new compile. Strides
+# are: a unit stride makes loads coalesced. So are K and N, the dims an operand may be contiguous along: a mask
+# against a size not known to be a multiple of 8 may split the pointer path's 16-byte vector loads, the way the
+# GEMV form reads its weight (bench/NOTES.md, attempt 39); it costs a second compile for other sizes.
+@triton.jit(do_not_specialize=["M", "num_programs", "splits", "k_tiles_per_split"])
 def matmul_kernel(
     # pointers
     a_ptr,  # [M, K] A operand
@@ -82,6 +89,9 @@ def matmul_kernel(
     AUX: tl.constexpr,  # "", "store" (also write the pre-activation) or "load" (C *= ACT(aux))
     GATED: tl.constexpr,  # ACT is gated (epilogues.py): C is half the product's width (fwd) or twice it (grad)
 ):
+    # BLOCK_M == 1 is the GEMV form (decode): one row of A a program, its products on the CUDA cores, operands
+    # through pointers (the plan never routes it through descriptors), A's row loaded as a vector.
+    GEMV: tl.constexpr = BLOCK_M == 1
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -107,7 +117,7 @@ def matmul_kernel(
     # flatten=True lets the compiler pipeline the next tile's first loads under this tile's epilogue. Not with
     # SPLIT: Triton 3.6 cannot flatten a loop whose body holds the partials' loop under a runtime branch
     # (TritonGPUFuseNestedLoops fails; bench/NOTES.md, attempt 34).
-    for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=not SPLIT):
+    for item in tl.range(tl.program_id(0), num_tiles * splits, num_programs, flatten=not (SPLIT or GEMV)):
         # Split-major: the programs running at one time share one K-range of A and B in L2.
         split = item // num_tiles
         tile = item % num_tiles
@@ -127,6 +137,8 @@ def matmul_kernel(
         b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GEMV:
+            acc_kn = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for kt in range(k_tiles_per_split):
             k0 = (split * k_tiles_per_split + kt) * BLOCK_K
             if TMA:
@@ -140,16 +152,29 @@ def matmul_kernel(
                     b = b_desc.load([k0, pid_n * BLOCK_N])
             else:
                 ks = k0 + offs_k
-                a = tl.load(
-                    a_rows + ks[None, :].to(tl.int64) * stride_ak, mask=mask_m[:, None] & (ks[None, :] < K), other=0.0
-                )
+                if GEMV:  # A's row as a column [BLOCK_K, 1]: a vector load, broadcast along B's tile as it lies
+                    a_row = a_ptr + pid_m.to(tl.int64) * stride_am
+                    a = tl.load(a_row + ks.to(tl.int64) * stride_ak, mask=ks < K, other=0.0)[:, None]
+                else:
+                    a = tl.load(
+                        a_rows + ks[None, :].to(tl.int64) * stride_ak,
+                        mask=mask_m[:, None] & (ks[None, :] < K),
+                        other=0.0,
+                    )
                 b = tl.load(
                     b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :], other=0.0
                 )
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if GEMV:
+                # One row: every product of the tile on the CUDA cores, in fp32 and in the weight tile's own
+                # layout (no conversion, no reduction in the loop); the K sum runs once, after the loop.
+                acc_kn += b.to(tl.float32) * a.to(tl.float32)
+            else:
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if GEMV:
+            acc = tl.sum(acc_kn, axis=0)[None, :]
 
         if SPLIT:
             # fp32 partials, stored in two column halves: the layout change before a store then needs half the

@@ -165,6 +165,7 @@ def matmul_plan(
         else None
     )
     copy_a = copy_b = None
+    given = a_strides, b_strides
     for why in ("align_copy", "fp32_copy") if dev.has_tma and M and N else ():
         if why == "align_copy" and route is None:
             copies = layout.align_copies(M, N, K, a_strides, b_strides, itemsize, fp32, tf32, aligned[:2])
@@ -198,6 +199,11 @@ def matmul_plan(
         aux_tile=aux_tiles(activation, aux),
     )
     counts.append("config_" + (pinned[1] if pinned else source))
+    if cfg.BLOCK_M == 1:
+        # The GEMV form reads its operands through pointers as they are (jit.py): no descriptors, so no copies for
+        # them (a copy of the weight would cost a decode product twice its time).
+        (a_strides, b_strides), route, copy_a, copy_b = given, None, None, None
+        counts = [dev.path, counts[-1]]
     k_tiles = _cdiv(K, cfg.BLOCK_K)
     k_tiles_per_split = _cdiv(k_tiles, cfg.split_k)
     splits = _cdiv(k_tiles, k_tiles_per_split) if k_tiles else 1  # no split without K-steps of its own

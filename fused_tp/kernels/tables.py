@@ -14,7 +14,7 @@ import pathlib
 
 import torch
 
-from .configs import PRODUCTS, KernelConfig, bucket
+from .configs import GEMV_MAX_ROWS, PRODUCTS, KernelConfig, bucket
 
 TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
 
@@ -90,6 +90,8 @@ def table_config(
     """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
     (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path."""
     entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
+    if entries and M > GEMV_MAX_ROWS:  # a GEMV entry's config serves its own token counts only
+        entries = {b: cfg for b, cfg in entries.items() if cfg.BLOCK_M > 1}
     if not entries:
         return None
     want = [math.log2(max(bucket(n), 1)) for n in (M, N, K)]
