@@ -22,6 +22,22 @@ _MATMUL_META = dict(
 VARIANTS = {
     "matmul, pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False),
     "matmul, pointers, split-K": dict(HAS_BIAS=True, UPCAST=True, TMA=False, A_T=False, B_T=False, SPLIT=True),
+    "matmul, GEMV form, split-K": dict(
+        BLOCK_M=1, BLOCK_N=4, HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=True
+    ),
+    "matmul, GEMV form, SwiGLU": dict(
+        BLOCK_M=1,
+        BLOCK_N=4,
+        HAS_BIAS=True,
+        UPCAST=False,
+        TMA=False,
+        A_T=False,
+        B_T=False,
+        SPLIT=False,
+        ACT=epilogues.swiglu,
+        AUX="store",
+        GATED=True,
+    ),
     "matmul, descriptors": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False),
     "matmul, descriptors, C through pointers": dict(
         HAS_BIAS=True, UPCAST=False, TMA=True, TMA_C=False, A_T=False, B_T=True, SPLIT=False

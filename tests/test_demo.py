@@ -172,7 +172,7 @@ def test_memory_bench_measures_what_sequence_parallelism_saves():
     ratios = {
         int(m.group(1)): float(m.group(2))
         for m in re.finditer(
-            r"^\| 64 \| 32 \| 96 \| (\d) \| sequence-parallel \| \d+ \| \d+ \| ([\d.]+) \|", out.stdout, re.M
+            r"^\| 64 \| 32 \| 96 \| (\d) \| 1 \| sequence-parallel \| \d+ \| \d+ \| ([\d.]+) \|", out.stdout, re.M
         )
     }
     assert ratios.keys() == {1, 2, 4, 8} and ratios[1] == 1.0, out.stdout
