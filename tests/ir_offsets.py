@@ -16,89 +16,48 @@ from triton.compiler import ASTSource, compile
 
 from fused_tp.kernels import epilogues, jit
 
+# Every variant is this with its own switches over it; C moves as A and B do (TMA_C follows TMA) unless it says.
 _MATMUL_META = dict(
-    BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, INPUT_PRECISION="ieee", ACT=None, AUX="", GATED=False
+    BLOCK_M=64,
+    BLOCK_N=64,
+    BLOCK_K=32,
+    GROUP_M=8,
+    INPUT_PRECISION="ieee",
+    HAS_BIAS=True,
+    UPCAST=False,
+    TMA=False,
+    A_T=False,
+    B_T=False,
+    SPLIT=False,
+    ACT=None,
+    AUX="",
+    GATED=False,
 )
+_GELU_STORE = dict(ACT=epilogues.gelu, AUX="store")
 VARIANTS = {
-    "matmul, pointers": dict(HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False),
-    "matmul, pointers, split-K": dict(HAS_BIAS=True, UPCAST=True, TMA=False, A_T=False, B_T=False, SPLIT=True),
-    "matmul, GEMV form, split-K": dict(
-        BLOCK_M=1, BLOCK_N=4, HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=True
-    ),
-    "matmul, GEMV form, SwiGLU": dict(
-        BLOCK_M=1,
-        BLOCK_N=4,
-        HAS_BIAS=True,
-        UPCAST=False,
-        TMA=False,
-        A_T=False,
-        B_T=False,
-        SPLIT=False,
-        ACT=epilogues.swiglu,
-        AUX="store",
-        GATED=True,
-    ),
-    "matmul, descriptors": dict(HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False),
-    "matmul, descriptors, C through pointers": dict(
-        HAS_BIAS=True, UPCAST=False, TMA=True, TMA_C=False, A_T=False, B_T=True, SPLIT=False
-    ),
-    "matmul, descriptors, split-K": dict(HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=True),
+    "matmul, pointers": dict(),
+    "matmul, pointers, split-K": dict(UPCAST=True, SPLIT=True),
+    "matmul, GEMV form, split-K": dict(BLOCK_M=1, BLOCK_N=4, SPLIT=True),
+    "matmul, GEMV form, SwiGLU": dict(BLOCK_M=1, BLOCK_N=4, ACT=epilogues.swiglu, AUX="store", GATED=True),
+    "matmul, descriptors": dict(TMA=True, B_T=True),
+    "matmul, descriptors, C through pointers": dict(TMA=True, TMA_C=False, B_T=True),
+    "matmul, descriptors, split-K": dict(HAS_BIAS=False, TMA=True, A_T=True, SPLIT=True),
     "matmul, descriptors, split-K, GELU storing the pre-activation": dict(
-        HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=True, ACT=epilogues.gelu, AUX="store"
+        TMA=True, B_T=True, SPLIT=True, **_GELU_STORE
     ),
-    "matmul, pointers, GELU storing the pre-activation": dict(
-        HAS_BIAS=True, UPCAST=False, TMA=False, A_T=False, B_T=False, SPLIT=False, ACT=epilogues.gelu, AUX="store"
-    ),
-    "matmul, pointers, GELU's derivative": dict(
-        HAS_BIAS=False,
-        UPCAST=False,
-        TMA=False,
-        A_T=False,
-        B_T=False,
-        SPLIT=False,
-        ACT=epilogues.gelu_tanh_grad,
-        AUX="load",
-    ),
-    "matmul, descriptors, GELU storing the pre-activation": dict(
-        HAS_BIAS=True, UPCAST=False, TMA=True, A_T=False, B_T=True, SPLIT=False, ACT=epilogues.gelu, AUX="store"
-    ),
+    "matmul, pointers, GELU storing the pre-activation": dict(**_GELU_STORE),
+    "matmul, pointers, GELU's derivative": dict(HAS_BIAS=False, ACT=epilogues.gelu_tanh_grad, AUX="load"),
+    "matmul, descriptors, GELU storing the pre-activation": dict(TMA=True, B_T=True, **_GELU_STORE),
     "matmul, descriptors, GELU's derivative": dict(
-        HAS_BIAS=False, UPCAST=False, TMA=True, A_T=True, B_T=False, SPLIT=False, ACT=epilogues.gelu_grad, AUX="load"
+        HAS_BIAS=False, TMA=True, A_T=True, ACT=epilogues.gelu_grad, AUX="load"
     ),
     "matmul, descriptors, C through pointers, GELU's derivative": dict(
-        HAS_BIAS=False,
-        UPCAST=False,
-        TMA=True,
-        TMA_C=False,
-        A_T=True,
-        B_T=False,
-        SPLIT=False,
-        ACT=epilogues.gelu_grad,
-        AUX="load",
+        HAS_BIAS=False, TMA=True, TMA_C=False, A_T=True, ACT=epilogues.gelu_grad, AUX="load"
     ),
     "matmul, descriptors, SwiGLU storing the pre-activation, split-K": dict(
-        HAS_BIAS=True,
-        UPCAST=False,
-        TMA=True,
-        TMA_C=False,
-        A_T=False,
-        B_T=True,
-        SPLIT=True,
-        ACT=epilogues.swiglu,
-        AUX="store",
-        GATED=True,
+        TMA=True, TMA_C=False, B_T=True, SPLIT=True, ACT=epilogues.swiglu, AUX="store", GATED=True
     ),
-    "matmul, pointers, SwiGLU's derivative": dict(
-        HAS_BIAS=False,
-        UPCAST=False,
-        TMA=False,
-        A_T=False,
-        B_T=False,
-        SPLIT=False,
-        ACT=epilogues.swiglu_grad,
-        AUX="load",
-        GATED=True,
-    ),
+    "matmul, pointers, SwiGLU's derivative": dict(HAS_BIAS=False, ACT=epilogues.swiglu_grad, AUX="load", GATED=True),
 }
 
 
@@ -123,7 +82,7 @@ def offset_types(ir: str) -> list[str]:
 def main() -> dict:
     out = {}
     for name, switches in VARIANTS.items():
-        meta = {**_MATMUL_META, "TMA_C": switches["TMA"], **switches}  # C as A and B unless a variant says
+        meta = {**_MATMUL_META, "TMA_C": switches.get("TMA", False), **switches}
         out[name] = offset_types(
             ttir(
                 jit.matmul_kernel,

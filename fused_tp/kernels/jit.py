@@ -176,6 +176,7 @@ def matmul_kernel(
         if GEMV:
             acc = tl.sum(acc_kn, axis=0)[None, :]
 
+        last = True  # this program runs the tile's epilogue: every program without a split, else the last to arrive
         if SPLIT:
             # fp32 partials, stored in two column halves: the layout change before a store then needs half the
             # shared memory (a whole 128x256 fp32 tile beside 3 operand stages does not fit in 227 KiB).
@@ -191,7 +192,8 @@ def matmul_kernel(
             # from L2 (.cg: another SM wrote them).
             tl.debug_barrier()
             counter = count_ptr + tile.to(tl.int64)
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == splits - 1
+            if last:
                 tile_ptrs = ws_rows + offs_n[None, :].to(tl.int64)
                 mask_c = mask_m[:, None] & mask_n[None, :]
                 acc = tl.load(tile_ptrs, mask=mask_c, other=0.0, cache_modifier=".cg")
@@ -200,33 +202,7 @@ def matmul_kernel(
                         tile_ptrs + tl.cast(s, tl.int64) * stride_ws, mask=mask_c, other=0.0, cache_modifier=".cg"
                     )
                 tl.store(counter, 0)
-                _epilogue(
-                    acc,
-                    bias_ptr,
-                    c_ptr,
-                    aux_ptr,
-                    c_desc,
-                    aux_desc,
-                    pid_m,
-                    pid_n,
-                    offs_m,
-                    offs_n,
-                    mask_m,
-                    mask_n,
-                    N,
-                    stride_cm,
-                    stride_cn,
-                    stride_xm,
-                    stride_bias,
-                    BLOCK_M,
-                    BLOCK_N,
-                    HAS_BIAS,
-                    TMA_C,
-                    ACT,
-                    AUX,
-                    GATED,
-                )
-        else:
+        if last:
             _epilogue(
                 acc,
                 bias_ptr,
