@@ -1,6 +1,6 @@
 """fused_tp's layers against the same built from nn.Linear, side by side, at world size 1.
 
-    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick] [--graphs] [--layers column row ...]
+    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick | --mid] [--graphs] [--layers column row ...]
 
 Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden), the Column -> GELU -> Row MLP as
 three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), and Llama's gated
@@ -45,6 +45,8 @@ from fused_tp.tolerance import norm_check  # noqa: E402
 # shard of the 8B one, and decode token counts.
 CASES = [(8192, 4096, 14336), (8192, 8192, 7168), (4096, 4096, 7168), (128, 8192, 7168), (16, 4096, 14336)]
 QUICK = [(8192, 4096, 14336), (16, 4096, 14336)]
+# Issue 18's mid-size training steps: Llama-3-8B's MLP at 512-2048 tokens.
+MID = [(512, 4096, 14336), (1024, 4096, 14336), (2048, 4096, 14336)]
 LAYERS = ("column", "row", "mlp", "parallel_mlp", "swiglu_modules", "parallel_swiglu")  # models()'s keys
 
 
@@ -156,13 +158,15 @@ def _tensors(out):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
+    cases = p.add_mutually_exclusive_group()
+    cases.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
+    cases.add_argument("--mid", action="store_true", help=f"the {len(MID)} mid-size cases (512-2048 tokens) instead")
     p.add_argument("--graphs", action="store_true", help="time steps replayed from CUDA graphs, both providers")
     p.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS), help="which layers (default: all)")
     args = p.parse_args()
     dtype, info = DTYPES[args.dtype], env()
     rows = []
-    for tokens, hidden, ffn in QUICK if args.quick else CASES:
+    for tokens, hidden, ffn in QUICK if args.quick else MID if args.mid else CASES:
         for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
             if layer not in args.layers:
                 continue
@@ -220,7 +224,8 @@ def main():
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
     some = "" if set(args.layers) == set(LAYERS) else "_" + "-".join(args.layers)
-    name = f"bench_layers_{args.dtype}{'_quick' if args.quick else ''}{some}{'_graphs' if args.graphs else ''}"
+    which = "_quick" if args.quick else "_mid" if args.mid else ""
+    name = f"bench_layers_{args.dtype}{which}{some}{'_graphs' if args.graphs else ''}"
     out = results_dir(info["gpu"]) / name
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
     for r in rows:

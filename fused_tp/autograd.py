@@ -284,49 +284,82 @@ class _RowParallelLinear(Function):
         return grad_x_shard, grad_w, grad_b, None, None, None
 
 
-class _ParallelMLP(Function):
-    """Column -> activation -> Row in one Function, so that the activation runs in the kernels' epilogues:
+class _MlpColumn(Function):
+    """ParallelMLP's first half, Column -> activation, as one node of a two-node graph (_MlpRow is the other):
 
-    x        [..., K]      replicated input
-    w1, b1   [F_r, K], [F_r]   this rank's Column shard;   w2 [N, F_r], b2 [N]   its Row shard, b2 replicated
+    x        [..., K]      replicated input (with `seq`: this rank's share of the sequence, gathered first)
+    w1, b1   [F_r, K], [F_r]   this rank's Column shard
              (a gated activation: w1 [2 F_r, K] and b1 [2 F_r] hold (gate, up) row pairs, pre is [..., 2 F_r])
-    forward:   pre = x @ w1.T + b1 ;  a = act(pre)                     (one launch, both stored)
-               y = all_reduce(a @ w2.T + (b2 if r == 0 else 0))        [..., N]
-    backward:  grad_pre = (grad_y @ w2) * act'(pre)                    (one launch)
-               grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)
-               grad_x = all_reduce(grad_pre @ w1), running while grad_w1 = grad_pre.T @ x and grad_b1 compute
-    Against Column, F.gelu and Row as three modules: two elementwise launches fewer a step, and no pass of its own
-    over pre and a in either direction. With `seq`, sequence parallelism as for _ColumnParallelLinear: x is this
-    rank's share of the sequence, gathered first; y is then the ranks' partial sums, which the caller
-    reduce-scatters (world 1 here: no all-reduce).
+    forward:   pre = x @ w1.T + b1 ;  a = act(pre)                     (one launch, both stored; a is
+               non-differentiable: the gradient reaches fc1 through pre, by act'(pre) in _MlpRow's launch)
+    backward:  grad_x = all_reduce(grad_pre @ w1), running while grad_w1 = grad_pre.T @ x and grad_b1 compute
+               (with `seq`: x gathered again, grad_x reduce-scattered, as _ColumnParallelLinear does)
+
+    Two nodes rather than one Function, so that autograd frees pre and a (3 T x F_r of a gated activation) when
+    _MlpRow's backward returns, before the column gradients run: in one Function they were held to its end, and a
+    SwiGLU step's peak was 1.1-1.3x LlamaMLP's (bench/NOTES.md, session 15).
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation, seq):
+    def forward(ctx, x, w1, b1, group, world, activation, seq):
         need = ctx.needs_input_grad
-        # The gradient reaches fc1 only through act'(pre): pre is written only for that (memory, and a store).
-        pre_needed = any(need[:3])
-        x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
-        y, a, pre = _mlp_forward(x_full, w1, b1, w2, b2, group, world, rank, activation, pre_needed)
-        ctx.save_for_backward(
-            x if need[1] else None, w1 if need[0] else None, pre, a if need[3] else None, w2 if pre_needed else None
-        )
-        ctx.group, ctx.world, ctx.seq, ctx.activation = group, world, seq, activation
+        ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None)
+        ctx.group, ctx.world, ctx.seq = group, world, seq
         ctx.tuning = _current_tuning()
-        return y
+        if not torch.compiler.is_compiling():  # (a trace has no such setting, and gives a no gradient at all)
+            ctx.set_materialize_grads(False)  # a's gradient stays None: no zero tensor of its size each step
+        x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
+        a, pre = ops.linear(x_full, w1, b1, activation, save_pre=True)
+        ctx.mark_non_differentiable(a)
+        return a, pre
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_a, grad_pre):
+        x, w1 = ctx.saved_tensors
+        with _tuning(ctx.tuning):
+            grads = _column_grads(grad_pre, x, w1, ctx.needs_input_grad[:3], ctx.group, ctx.world, ctx.seq)
+        return *grads, None, None, None, None
+
+
+class _MlpRow(Function):
+    """ParallelMLP's second half, the Row product, fed by _MlpColumn:
+
+    a, pre   [..., F_r], [..., F_r or 2 F_r]   _MlpColumn's outputs;   w2 [N, F_r], b2 [N]   its Row shard
+    forward:   y = all_reduce(a @ w2.T + (b2 if r == 0 else 0))        [..., N]   (with `seq`: world 1 here, the
+               caller reduce-scatters the ranks' partial sums)
+    backward:  grad_pre = (grad_y @ w2) * act'(pre)                    (one launch)
+               grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)
+    Against Column, F.gelu and Row as three modules: two elementwise launches fewer a step, and no pass of its own
+    over pre and a in either direction.
+    """
+
+    @staticmethod
+    def forward(ctx, a, pre, w2, b2, group, world, rank, activation):
+        ctx.save_for_backward(a if ctx.needs_input_grad[2] else None, pre, w2)
+        ctx.activation, ctx.tuning = activation, _current_tuning()
+        return _row_forward(a, w2, b2, group, world, rank)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, w1, pre, a, w2 = ctx.saved_tensors
+        a, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads1 = (None, None, None)
         with _tuning(ctx.tuning):
-            grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4])
-            if pre is not None:
-                grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre)
-                grads1 = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world, ctx.seq)
-        return *grads1, grad_w2, grad_b2, None, None, None, None, None
+            grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[2], bias=need[3])
+            grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre) if need[1] else None
+        return None, grad_pre, grad_w2, grad_b2, None, None, None, None
+
+
+def _mlp_graph(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str, seq):
+    """ParallelMLP's output where autograd records it: _MlpColumn -> _MlpRow where fc1 takes a gradient (x, w1 or
+    b1 requires one), else fc1's output computed unrecorded and the Row layer's Function on it (no pre-activation
+    written: it serves only fc1's gradients)."""
+    if _records_grad(x, w1, b1):
+        a, pre = _MlpColumn.apply(x, w1, b1, group, world, activation, seq)
+        return _MlpRow.apply(a, pre, w2, b2, group, world, rank, activation)
+    x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
+    return _RowParallelLinear.apply(ops.linear(x_full, w1, b1, activation)[0], w2, b2, group, world, rank)
 
 
 def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):
@@ -334,11 +367,9 @@ def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):
     return _all_reduce(ops.linear(x_shard, w_shard, b if rank == 0 else None)[0], group, world)[0]
 
 
-def _mlp_forward(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str, save_pre: bool):
-    """(y, a, pre or None) of the MLP: a = act(pre), pre = x @ w1.T + b1 (one launch); y = all_reduce(a @ w2.T +
-    (b2 on rank 0 only))."""
-    a, pre = ops.linear(x, w1, b1, activation, save_pre=save_pre)
-    return _row_forward(a, w2, b2, group, world, rank), a, pre
+def _mlp_forward(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str):
+    """The MLP's output, unrecorded: all_reduce(act(x @ w1.T + b1) @ w2.T + (b2 on rank 0 only))."""
+    return _row_forward(ops.linear(x, w1, b1, activation)[0], w2, b2, group, world, rank)
 
 
 class _GatherLastDim(Function):
@@ -591,14 +622,14 @@ def mlp_call(
     if seq is not None:
         graph = _records_grad(x, w1, b1, w2, b2)
         if graph:  # world 1 to the Function: the gather and the reduce-scatter replace its all-reduces
-            y = _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, 1, rank, activation, seq)
+            y = _in_scope(scope, _mlp_graph, x, w1, b1, w2, b2, group, 1, rank, activation, seq)
         else:
             x = _seq_gather(x, seq[0], seq[1], group)
-            y = _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, 1, rank, activation, False)[0]
+            y = _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, 1, rank, activation)
         return _leave_sequence(y, seq_dim, group, world, rank, graph)
     if _records_grad(x, w1, b1, w2, b2):
-        return _in_scope(scope, _ParallelMLP.apply, x, w1, b1, w2, b2, group, world, rank, activation, None)
-    return _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, world, rank, activation, False)[0]
+        return _in_scope(scope, _mlp_graph, x, w1, b1, w2, b2, group, world, rank, activation, None)
+    return _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, world, rank, activation)
 
 
 def _check_seq_dim(x, seq_dim: int | None) -> None:

@@ -9,7 +9,7 @@ w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on 
              tuned-table bucket (the most flops). Session 13 tuned the H200 at 1, 8, 32 and 128 tokens only (80
              shapes), and the nearest-bucket lookup served 64 tokens the 32-token tiles: every token count has
              its own buckets now
-    mid      mid-size products (512-2048 tokens), which no speed-set bucket is near
+    mid      mid-size products (512-2048 tokens), which no speed-set bucket is near, and bench_layers --mid's
     layers   bench_layers.py's 16- and 128-token layers, whose output widths no decode bucket of `speed` is near
     tiny     for the interpreter
 """
@@ -90,6 +90,15 @@ PRESETS = {
         (512, 4096, 4096),
         (2048, 4096, 4096),
         (2048, 4096, 14336),
+        # the products of bench_layers --mid's steps (Llama-3-8B's MLP; fc1 of SwiGLU is 2 x 14336 wide)
+        (512, 4096, 14336),
+        (1024, 4096, 14336),
+        (512, 14336, 4096),
+        (1024, 14336, 4096),
+        (2048, 14336, 4096),
+        (512, 4096, 28672),
+        (1024, 4096, 28672),
+        (2048, 4096, 28672),
     ],
     "layers": [(16, 4096, 14336), (16, 14336, 4096), (128, 8192, 7168), (128, 7168, 8192)],
     "tiny": [(8, 16, 24), (33, 40, 17)],

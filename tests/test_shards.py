@@ -11,7 +11,7 @@ from torch import nn
 
 import fused_tp
 from fused_tp import kernels
-from fused_tp.autograd import _ColumnParallelLinear, _ParallelMLP, _RowParallelLinear, shard_range
+from fused_tp.autograd import _ColumnParallelLinear, _mlp_graph, _RowParallelLinear, shard_range
 from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 
 worlds = st.integers(1, 4)
@@ -111,7 +111,7 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
 @example(world=4, M=5, K=7, F=3, dtype=torch.bfloat16, has_bias=True, activation="gelu", seed=0)  # an empty shard
 @example(world=3, M=4, K=9, F=7, dtype=torch.float32, has_bias=True, activation="swiglu", seed=0)  # uneven pairs
 def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, activation, seed):
-    """ParallelMLP's Function (activation and its derivative in the kernels' epilogues): the ranks' output partial
+    """ParallelMLP's autograd graph (activation and its derivative in the kernels' epilogues): the ranks' output partial
     sums, with fc2's bias once, and their gradients equal the dense Linear -> activation -> Linear. SwiGLU's fc1 has
     2F interleaved (gate, up) rows, split by pairs."""
     unit = 2 if kernels.ACTIVATIONS[activation].gated else 1
@@ -127,7 +127,7 @@ def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, a
         x_r, b2_r = _leaf(x), _leaf(b2)
         w1_r, w2_r = _leaf(rows(w1, rank)), _leaf(torch.tensor_split(w2, world, 1)[rank])
         b1_r = _leaf(rows(b1, rank))
-        p_r = _ParallelMLP.apply(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation, None)
+        p_r = _mlp_graph(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation, None)
         p_r.backward(grad_y)
         y = p_r.detach() if y is None else y + p_r.detach()  # what the forward's all-reduce does
         grad_x = x_r.grad if grad_x is None else grad_x + x_r.grad  # and the backward's
@@ -156,7 +156,7 @@ LEAVES = ("x", "w1", "b1", "w2", "b2")
 @pytest.mark.parametrize("mask", range(2 ** len(LEAVES)))
 def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind, mask):
     """Each of the 32 combinations of requires_grad over (input, fc1.weight, fc1.bias, fc2.weight, fc2.bias), for
-    ParallelMLP's Function and for Column -> GELU -> Row: a tensor that takes a gradient gets the dense MLP's, one
+    ParallelMLP's autograd graph and for Column -> GELU -> Row: a tensor that takes a gradient gets the dense MLP's, one
     that does not gets None (fc1.bias alone trains only through the saved pre-activation). The world size, sizes
     and dtype turn with the mask, so that every world size 1-4 and dtype meets many masks, uneven splits and an
     empty shard (F < world) among them."""
@@ -176,7 +176,7 @@ def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind
         }
         leaves = {name: t.detach().clone().requires_grad_(wants[name]) for name, t in shards.items()}
         if kind == "parallel_mlp":
-            p_r = _ParallelMLP.apply(*leaves.values(), None, 1, rank, "gelu", None)
+            p_r = _mlp_graph(*leaves.values(), None, 1, rank, "gelu", None)
         else:
             h = torch.nn.functional.gelu(
                 _ColumnParallelLinear.apply(leaves["x"], leaves["w1"], leaves["b1"], None, 1, None)

@@ -229,7 +229,8 @@ def test_pruning_rules():
         for tma in (True, False):
             assert configs.candidates(1, 1, 1, dtype, tma), "every launch needs a candidate"
     gemv = lambda M: [c for c in configs.candidates(M, 4096, 4096, torch.bfloat16, True) if c.BLOCK_M == 1]  # noqa: E731
-    assert gemv(1) and not gemv(2), "the GEMV form is timed for GEMV_MAX_ROWS rows only"
+    rows = configs.GEMV_MAX_ROWS
+    assert gemv(1) and gemv(rows) and not gemv(rows + 1), "the GEMV form is timed for GEMV_MAX_ROWS rows only"
 
 
 def test_the_gemv_form_is_a_config_with_a_row_tile():
@@ -245,14 +246,15 @@ def test_the_gemv_form_is_a_config_with_a_row_tile():
 
 
 def test_a_gemv_entry_serves_its_own_token_counts_only(table_dir):
-    """A table's GEMV entry (one row) is nearest for one token; two or more tokens take the nearest tile entry, even
-    where the GEMV bucket is nearer (the GEMV form reads the weight once per row)."""
+    """A table's GEMV entry serves up to GEMV_MAX_ROWS tokens; more tokens take the nearest tile entry, even where
+    the GEMV bucket is nearer (the GEMV form reads the weight tile once per row)."""
+    rows = configs.GEMV_MAX_ROWS
     gemv = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 512, "num_stages": 1, "persistent": False}
     tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
-    entries = {"1x4096x4096": {"config": gemv}, "16x4096x4096": {"config": tile}}
+    entries = {f"{rows}x4096x4096": {"config": gemv}, f"{8 * rows}x4096x4096": {"config": tile}}
     (table_dir / "g.json").write_text(json.dumps({"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": entries}}}}}))
-    assert tables.table_config("g", "fwd", 1, 4096, 4096, torch.bfloat16, True).BLOCK_M == 1
-    assert tables.table_config("g", "fwd", 2, 4096, 4096, torch.bfloat16, True).BLOCK_M == 16
+    assert tables.table_config("g", "fwd", rows, 4096, 4096, torch.bfloat16, True).BLOCK_M == 1
+    assert tables.table_config("g", "fwd", rows + 1, 4096, 4096, torch.bfloat16, True).BLOCK_M == 16
 
 
 def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_path, device, capsys):

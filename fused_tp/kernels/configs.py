@@ -169,9 +169,9 @@ SPACE = (
     KernelConfig(1, 4, 512, num_warps=2, num_stages=1, persistent=False),
     KernelConfig(1, 4, 512, num_warps=4, num_stages=1, persistent=False, split_k=2),
 )
-# The GEMV form reads the weight once per row: at 4 and 8 rows it ran at 0.1-0.7x of cuBLAS where the 16-row
-# tensor-core tiles ran at 0.65-1.0x (bench/NOTES.md, attempt 38c), so it is timed for one row only.
-GEMV_MAX_ROWS = 1
+# The GEMV form reads the weight tile once per row, the rows of one tile's programs back to back (GROUP_M), so that
+# all but the first read it from L2; up to this many rows it is timed beside the tiles (bench/NOTES.md, attempt 42).
+GEMV_MAX_ROWS = 8
 
 
 def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int = 0) -> bool:

@@ -152,6 +152,12 @@ def matmul_kernel(
                     b = b_desc.load([k0, pid_n * BLOCK_N])
             else:
                 ks = k0 + offs_k
+                # B (the weight, in the forward) first: the GEMV form's A row goes through a layout conversion,
+                # a barrier, that would otherwise hold back the weight's load; issued first, the weight streams
+                # while A's row converts (1.2-1.9x the time the other way round: bench/NOTES.md, attempt 41).
+                b = tl.load(
+                    b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :], other=0.0
+                )
                 if GEMV:  # A's row as a column [BLOCK_K, 1]: a vector load, broadcast along B's tile as it lies
                     a_row = a_ptr + pid_m.to(tl.int64) * stride_am
                     a = tl.load(a_row + ks.to(tl.int64) * stride_ak, mask=ks < K, other=0.0)[:, None]
@@ -161,9 +167,6 @@ def matmul_kernel(
                         mask=mask_m[:, None] & (ks[None, :] < K),
                         other=0.0,
                     )
-                b = tl.load(
-                    b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :], other=0.0
-                )
             if GEMV:
                 # One row: every product of the tile on the CUDA cores, in fp32 and in the weight tile's own
                 # layout (no conversion, no reduction in the loop); the K sum runs once, after the loop.
