@@ -27,6 +27,7 @@ from .matmul import (
     grad_params,
     kernel_path,
     linear,
+    linear_args_ok,
     linear_prechecked,
 )
 from .plan import pick_config
@@ -44,6 +45,7 @@ __all__ = [
     "grad_params",
     "kernel_path",
     "linear",
+    "linear_args_ok",
     "linear_prechecked",
     "ops",
     "path_counts",
