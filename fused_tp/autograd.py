@@ -306,7 +306,7 @@ class _MlpColumn(Function):
         ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None)
         ctx.group, ctx.world, ctx.seq = group, world, seq
         ctx.tuning = _current_tuning()
-        if not torch.compiler.is_compiling():  # (a trace has no such setting, and gives a no gradient at all)
+        if not torch.compiler.is_compiling():  # (a trace has no such setting, and gives `a` no gradient at all)
             ctx.set_materialize_grads(False)  # a's gradient stays None: no zero tensor of its size each step
         x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
         a, pre = ops.linear(x_full, w1, b1, activation, save_pre=True)
