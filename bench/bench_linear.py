@@ -2,10 +2,12 @@
 
     python bench/bench_linear.py [--dtype bf16|fp16|fp32] [--tf32] [--shapes speed|quick|decode|...] [--quick]
                                  [--ops forward grad_input grad_weight+bias] [--compare-rule] [--timer auto|flush|graph]
+    python bench/bench_linear.py --summarize bench/results/<gpu>/bench_linear_bf16_decode.json   # no GPU needed
 
 Shapes: a preset of fused_tp/shapes.py (--quick is --shapes quick). `--shapes decode --ops forward` is issue 18's
 decode set: its summary adds the goals (geometric mean and lowest ratio, and which shards of 32 MB or more read
-the weight at 75% of the card's copy rate).
+the weight at 75% of the card's copy rate) and, per token count, the line fused_tp's times make against cuBLAS's
+(a fixed cost per launch, and a slope: launch_cost_fit); --summarize prints them from a run's JSON.
 
 Timing (--timer): the decode presets are timed from CUDA graphs of back-to-back calls cycling through copies of the
 operands that cover three L2s (tune.graph_timer), as decode runs under CUDA graphs; the rest by do_bench, which
@@ -117,7 +119,24 @@ def decode_goals(rows: list[dict]) -> dict:
         ]
         if big
         else None,
+        launch_cost_fit=launch_cost_fit(fwd),
     )
+
+
+def launch_cost_fit(rows: list[dict]) -> dict:
+    """{token count: the least-squares line fused_tp_us = fixed_us + slope * baseline_us over its rows}: a slope near
+    1 with fixed_us > 0 is a cost each launch pays on top of streaming as fast as cuBLAS, a slope above 1 a slower
+    stream (bench/NOTES.md, session 15). Token counts with fewer than two shard sizes are left out."""
+    import numpy as np
+
+    fits = {}
+    for m in sorted({r["M"] for r in rows}):
+        theirs = np.array([r["baseline_ms"] * 1e3 for r in rows if r["M"] == m])
+        ours = np.array([r["fused_tp_ms"] * 1e3 for r in rows if r["M"] == m])
+        if len(set(theirs.tolist())) > 1:
+            slope, fixed = np.polyfit(theirs, ours, 1)
+            fits[str(m)] = dict(fixed_us=float(fixed), slope=float(slope), rows=len(ours))
+    return fits
 
 
 def copy_rate() -> float:
@@ -163,7 +182,15 @@ def main():
     )
     add_timer_argument(p)
     p.add_argument("--compare-rule", action="store_true", help="also time the rule's config, without the table")
+    p.add_argument(
+        "--summarize",
+        metavar="JSON",
+        help="print the decode goals (and the launch-cost fit) of a decode run's JSON, then exit: no GPU needed",
+    )
     args = p.parse_args()
+    if args.summarize:
+        print(json.dumps(decode_goals(json.loads(open(args.summarize).read())["rows"]), indent=1))
+        return
     dtype = DTYPES[args.dtype]
     preset = "quick" if args.quick else args.shapes
     how = timer_name(args.timer, preset)

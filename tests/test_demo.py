@@ -1,6 +1,7 @@
 """What a new user runs first: the demo on 2 ranks (through the interpreter on CPU), the example script under
 torchrun, the commands' help, and README's two commands, which are what CI runs."""
 
+import json
 import os
 import pathlib
 import re
@@ -177,3 +178,32 @@ def test_memory_bench_measures_what_sequence_parallelism_saves():
     }
     assert ratios.keys() == {1, 2, 4, 8} and ratios[1] == 1.0, out.stdout
     assert ratios[8] < ratios[4] < ratios[2] < 1.0, ratios
+
+
+def test_decode_summary_finds_a_known_launch_cost(tmp_path):
+    """bench/bench_linear.py --summarize on rows whose fused_tp times are 3 us + 1.0 x cuBLAS's at one token count
+    and 1.2 x cuBLAS's at another: the launch-cost fit gives back those lines, and the goals the lowest ratio."""
+    rows = []
+    for m, fixed, slope in ((4, 3.0, 1.0), (16, 0.0, 1.2)):
+        for k, n, cublas_us in ((4096, 4096, 12.0), (8192, 1280, 11.0), (4096, 14336, 31.0), (14336, 4096, 33.0)):
+            ours_us = fixed + slope * cublas_us
+            rows.append(
+                dict(op="forward", M=m, K=k, N=n, dtype_bytes=2, baseline_ms=cublas_us / 1e3, fused_tp_ms=ours_us / 1e3,
+                     ratio=cublas_us / ours_us, copy_gbps=4000.0, baseline_weight_gbps=k * n * 2 / cublas_us / 1e3,
+                     fused_tp_of_copy_rate=k * n * 2 / ours_us / 1e3 / 4000.0)
+            )  # fmt: skip
+    path = tmp_path / "decode.json"
+    path.write_text(json.dumps({"rows": rows}))
+    out = subprocess.run(
+        [sys.executable, "bench/bench_linear.py", "--summarize", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    goals = json.loads(out.stdout)
+    fit = goals["launch_cost_fit"]
+    assert fit["4"]["fixed_us"] == pytest.approx(3.0, abs=1e-6) and fit["4"]["slope"] == pytest.approx(1.0)
+    assert fit["16"]["fixed_us"] == pytest.approx(0.0, abs=1e-6) and fit["16"]["slope"] == pytest.approx(1.2)
+    assert goals["rows"] == 8 and goals["lowest"] == pytest.approx(11 / 14)  # 8192 x 1280 at 4 tokens
