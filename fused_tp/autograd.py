@@ -297,7 +297,7 @@ class _MlpColumn(Function):
 
     Two nodes rather than one Function, so that autograd frees pre and a (3 T x F_r of a gated activation) when
     _MlpRow's backward returns, before the column gradients run: in one Function they were held to its end, and a
-    SwiGLU step's peak was 1.1-1.3x LlamaMLP's (bench/NOTES.md, session 15).
+    SwiGLU step's peak was above LlamaMLP's (bench/NOTES.md, attempt 44).
     """
 
     @staticmethod

@@ -154,7 +154,7 @@ def matmul_kernel(
                 ks = k0 + offs_k
                 # B (the weight, in the forward) first: the GEMV form's A row goes through a layout conversion,
                 # a barrier, that would otherwise hold back the weight's load; issued first, the weight streams
-                # while A's row converts (1.15-1.9x the time the other way round: bench/NOTES.md, attempt 41).
+                # while A's row converts (bench/NOTES.md, attempt 41).
                 b = tl.load(
                     b_cols + ks[:, None].to(tl.int64) * stride_bk, mask=(ks[:, None] < K) & mask_n[None, :], other=0.0
                 )

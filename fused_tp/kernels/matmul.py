@@ -76,8 +76,8 @@ def check_linear_args(
 
 def linear_args_ok(in_dtype: torch.dtype, in_device: torch.device, in_features: int, weight, bias) -> bool:
     """Whether check_linear_args passes an input of that dtype, device and last dim with this weight and bias: the
-    common case in one expression, ahead of the checks that name what is wrong (a layer call's host time: they
-    cost it about 2 us a call on the CI CPU; bench/NOTES.md, session 15)."""
+    common case in one expression, ahead of the checks that name what is wrong (a layer call's host time:
+    bench/NOTES.md, attempt 46)."""
     return (
         isinstance(weight, torch.Tensor)
         and weight.dtype in SUPPORTED_DTYPES
