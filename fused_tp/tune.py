@@ -99,7 +99,7 @@ def load_shapes(spec: str) -> list[tuple[int, int, int]]:
 def gpu_timer(fn, rep_ms: float = 100) -> float:
     """do_bench's median, by default with 4x the timing budget of run-time autotuning: a shipped table is worth it.
     do_bench clears the L2 before every call by writing zeros over 256 MB: the timed call then starts on an L2 full
-    of dirty lines, which it writes back as it reads (about 10 us on the H200: bench/NOTES.md, attempt 38b)."""
+    of dirty lines, which it writes back as it reads (bench/NOTES.md, attempt 38b)."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
