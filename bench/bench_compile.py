@@ -27,13 +27,12 @@ from common import (
     geomean,
     markdown_table,
     plot_ratios,
-    rel_err,
     results_dir,  # noqa: E402
     time_interleaved,
     write,
 )
 
-from fused_tp.tolerance import norm_check  # noqa: E402
+from fused_tp.tolerance import norm_check, rel_err  # noqa: E402
 
 # (hidden, ffn): the Llama-3-8B MLP whole, and a Llama-3-70B MLP's shard at TP 4 (28672 / 4).
 SHAPES = [(4096, 14336), (8192, 7168)]

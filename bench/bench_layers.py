@@ -32,14 +32,13 @@ from common import (
     geomean,
     markdown_table,
     plot_ratios,
-    rel_err,
     results_dir,  # noqa: E402
     time_interleaved,
     write,
 )
 
 import fused_tp  # noqa: E402
-from fused_tp.tolerance import norm_check  # noqa: E402
+from fused_tp.tolerance import norm_check, rel_err  # noqa: E402
 
 # (tokens, hidden, ffn): a Llama-3-8B MLP whole and a Llama-3-70B MLP's shard at TP 4 (ffn 28672 / 4), a TP 2
 # shard of the 8B one, and decode token counts.

@@ -40,7 +40,6 @@ from common import (
     geomean,
     markdown_table,
     plot_ratios,
-    rel_err,
     results_dir,  # noqa: E402
     time_interleaved,
     write,
@@ -49,7 +48,7 @@ from common import (
 import fused_tp  # noqa: E402
 from fused_tp.kernels import configs, plan  # noqa: E402
 from fused_tp.shapes import DECODE_SHARDS, PRESETS  # noqa: E402
-from fused_tp.tolerance import norm_check  # noqa: E402
+from fused_tp.tolerance import norm_check, rel_err  # noqa: E402
 from fused_tp.tune import add_timer_argument, graph_timer, problem, timer_name  # noqa: E402
 
 DECODE_BIG_BYTES = 32e6  # issue 18: shards this large should stream at DECODE_COPY_SHARE of the copy rate

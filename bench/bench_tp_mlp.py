@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import DTYPES, env, markdown_table, plot_ratios, rel_err, results_dir, write  # noqa: E402
+from common import DTYPES, env, markdown_table, plot_ratios, results_dir, write  # noqa: E402
 
-from fused_tp.tolerance import norm_check  # noqa: E402
+from fused_tp.tolerance import norm_check, rel_err  # noqa: E402
 
 # (tokens, hidden, ffn): Llama-3-70B's, 8B's and Llama-2-7B's MLPs, and decode token counts on the 70B one.
 CASES = [(8192, 8192, 28672), (4096, 4096, 14336), (2048, 4096, 11008), (128, 8192, 28672), (16, 8192, 28672)]

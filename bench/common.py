@@ -45,12 +45,6 @@ def time_interleaved(providers: dict, rounds: int = 3, timer=None) -> dict:
     return out
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
-
-
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)

@@ -51,6 +51,17 @@ def norm_check(dtype: torch.dtype, tf32: bool = False) -> float:
     return NORM_CHECK["tf32" if tf32 and dtype == torch.float32 else DTYPE_NAMES[dtype]]
 
 
+def rel_err(out, ref) -> float:
+    """The error norm_check bounds: ||out - ref|| / ||ref|| in float64 (||out - ref|| where ref is zero); of tuples,
+    the largest over their pairs."""
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    errs = []
+    for o, r in zip(outs, refs):
+        den = r.double().norm().item()
+        errs.append((o.double() - r.double()).norm().item() / (den or 1.0))
+    return max(errs)
+
+
 class Tol(NamedTuple):
     rel: float
     abs: float

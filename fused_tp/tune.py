@@ -35,7 +35,7 @@ from . import kernels, path_counts
 from .kernels import autotune, configs, plan, tables
 from .kernels.matmul import INTERPRETED
 from .shapes import PRESETS
-from .tolerance import NORM_CHECK
+from .tolerance import NORM_CHECK, rel_err
 
 # --dtype: the operand dtype; fp32 twice, as tf32 (torch.backends.cuda.matmul.allow_tf32 on, for cuBLAS and for
 # fused_tp) and fp32 (off): tables.TABLE_DTYPES.
@@ -214,15 +214,6 @@ def _cycling(fn, copies: list[tuple]) -> Callable:
     return lambda: fn(*next(turn))
 
 
-def _rel_err(out, ref) -> float:
-    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
-    errs = []
-    for o, r in zip(outs, refs):
-        den = r.double().norm().item()
-        errs.append((o.double() - r.double()).norm().item() / (den or 1.0))
-    return max(errs)
-
-
 def run(args: argparse.Namespace, timer=None) -> dict:
     """The tune command; `timer(fn) -> ms` is injectable (the tests pass a fake one). Returns what it wrote."""
     before = torch.backends.cuda.matmul.allow_tf32
@@ -274,7 +265,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
             baselines[(product, shape)] = [timer(theirs)]
             calls[(product, shape)] = ours, theirs
         with configs.pin_config(cfg):
-            err = _rel_err(ours(), ref)
+            err = rel_err(ours(), ref)
             # A config whose output is wrong is kept in the timings, marked, and never chosen.
             ms = timer(ours) if err <= NORM_CHECK[args.dtype] else None
         rows.append(
