@@ -607,10 +607,10 @@ def mlp_call(
         _check_seq_dim(x, seq_dim)
         kernels.check_gated_width(activation, w1.shape[0], "fc1.weight", "rows")
         # fc2 reads what fc1 writes: [..., F_r] (a gated activation's: half fc1's rows) in fc1.weight's dtype, on
-        # its device; where that fails the check, an empty view stands for it in the named error.
+        # its device; an empty view of fc1's weight stands for it, made in one op (host time: two cost 2.5 us).
         width = kernels.ACTIVATIONS[activation].width(w1.shape[0])
-        if not kernels.linear_args_ok(w1.dtype, w1.device, width, w2, b2):
-            kernels.check_linear_args(w1.t()[:0, :width], w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
+        fc1_out = w1.as_strided((0, width), (width, 1))
+        kernels.check_linear_args(fc1_out, w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
 
     def facts():
         return (

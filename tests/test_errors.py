@@ -3,12 +3,9 @@
 BAD_CALLS is also run on every rank of a gloo group (tests/test_dist.py), which must stay usable afterwards."""
 
 import copy
-from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fused_tp
 from fused_tp import kernels
@@ -123,55 +120,6 @@ def test_kernel_launcher_checks(device):
         kernels.linear(x, w[0])
     with pytest.raises(TypeError, match=r"weight: expected dtype float32, float16 or bfloat16, got torch.float64"):
         kernels.linear(x, w.double())
-
-
-FAULTS = {  # what a call can get wrong, each applied to a valid (input, weight, bias)
-    "input dtype": lambda a, other: a.update(input=a["input"].half()),
-    "input integer": lambda a, other: a.update(input=a["input"].int()),
-    "weight float64": lambda a, other: a.update(weight=a["weight"].double()),
-    "bias dtype": lambda a, other: a.update(bias=a["bias"].half()) if a["bias"] is not None else None,
-    "input device": lambda a, other: a.update(input=a["input"].to(other)),
-    "weight device": lambda a, other: a.update(weight=a["weight"].to(other)),
-    "bias device": lambda a, other: a.update(bias=a["bias"].to(other)) if a["bias"] is not None else None,
-    "input width": lambda a, other: a.update(input=a["input"][..., :-1]),
-    "input 0-d": lambda a, other: a.update(input=a["input"].flatten()[0]),
-    "weight 1-d": lambda a, other: a.update(weight=a["weight"][0]),
-    "weight 3-d": lambda a, other: a.update(weight=a["weight"][None]),
-    "bias shape": lambda a, other: a.update(bias=a["bias"][:-1]) if a["bias"] is not None else None,
-    "bias 2-d": lambda a, other: a.update(bias=a["bias"][None]) if a["bias"] is not None else None,
-    "input not a tensor": lambda a, other: a.update(input=[[1.0] * 4]),
-    "weight not a tensor": lambda a, other: a.update(weight=[[1.0] * 4] * 6),
-    "bias not a tensor": lambda a, other: a.update(bias=[1.0] * 6),
-}
-
-
-@given(
-    faults=st.lists(st.sampled_from(list(FAULTS)), max_size=2, unique=True),
-    lead=st.lists(st.integers(1, 3), max_size=2),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    has_bias=st.booleans(),
-)
-@settings(max_examples=200, deadline=None)
-def test_the_fast_check_accepts_exactly_what_the_named_checks_accept(device, faults, lead, dtype, has_bias):
-    """check_linear_args's one-expression fast path (linear_args_ok, there for host time) passes a call exactly
-    when the checks that name the argument pass it: valid calls with up to two faults of dtype, device, shape or
-    type applied."""
-    args = {
-        "input": torch.zeros(*lead, 4, dtype=dtype, device=device),
-        "weight": torch.zeros(6, 4, dtype=dtype, device=device),
-        "bias": torch.zeros(6, dtype=dtype, device=device) if has_bias else None,
-    }
-    for fault in sorted(faults, key=lambda f: "not a tensor" in f):  # a tensor's faults first
-        FAULTS[fault](args, _other_device(device))
-    x, w, b = args.values()
-    fast = isinstance(x, torch.Tensor) and x.dim() > 0 and kernels.linear_args_ok(x.dtype, x.device, x.shape[-1], w, b)
-    with mock.patch.object(kernels.matmul, "linear_args_ok", lambda *a: False):  # the named checks alone
-        try:
-            kernels.check_linear_args(x, w, b)
-            named = True
-        except (TypeError, ValueError):
-            named = False
-    assert fast == named
 
 
 def test_activation_options_are_checked(device):

@@ -27,7 +27,6 @@ from .matmul import (
     grad_params,
     kernel_path,
     linear,
-    linear_args_ok,
     linear_prechecked,
 )
 from .plan import pick_config
@@ -45,7 +44,6 @@ __all__ = [
     "grad_params",
     "kernel_path",
     "linear",
-    "linear_args_ok",
     "linear_prechecked",
     "ops",
     "path_counts",

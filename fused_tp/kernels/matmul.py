@@ -46,8 +46,6 @@ def check_linear_args(
 ) -> None:
     """Raise TypeError / ValueError naming the argument (by `names`) if (x, weight, bias) is not a valid F.linear
     call."""
-    if isinstance(x, torch.Tensor) and x.dim() and linear_args_ok(x.dtype, x.device, x.shape[-1], weight, bias):
-        return
     in_name, w_name, b_name = names
     args = ((w_name, weight), (in_name, x), (b_name, bias))
     for name, t in args:
@@ -72,27 +70,6 @@ def check_linear_args(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{b_name}: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-def linear_args_ok(in_dtype: torch.dtype, in_device: torch.device, in_features: int, weight, bias) -> bool:
-    """Whether check_linear_args passes an input of that dtype, device and last dim with this weight and bias: the
-    common case in one expression, ahead of the checks that name what is wrong (a layer call's host time:
-    bench/NOTES.md, attempt 46)."""
-    return (
-        isinstance(weight, torch.Tensor)
-        and weight.dtype in SUPPORTED_DTYPES
-        and in_dtype == weight.dtype
-        and in_device == weight.device
-        and weight.dim() == 2
-        and in_features == weight.shape[1]
-        and (
-            bias is None
-            or isinstance(bias, torch.Tensor)
-            and bias.dtype == weight.dtype
-            and bias.device == weight.device
-            and bias.shape == (weight.shape[0],)
-        )
-    )
 
 
 def linear(
