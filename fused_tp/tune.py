@@ -398,7 +398,7 @@ def _markdown(rows) -> str:
         if c == "config":
             return ",".join(
                 f"{k}={v[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent")
-            )
+            ) + ("" if v.get("tma", True) else ",tma=False")
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -336,6 +336,7 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     split_k=st.sampled_from([None, 2, 3]),
     a_layout=layouts,
     b_layout=layouts,
+    form=st.sampled_from(["gemv", "tile"]),
     seed=seeds,
 )
 @example(
@@ -347,6 +348,7 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     split_k=None,
     a_layout="contiguous",
     b_layout="contiguous",
+    form="gemv",
     seed=0,
 )  # the decode case: a row against a row-major weight, a partial last tile of 4 columns and of K
 @example(
@@ -358,21 +360,38 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     split_k=2,
     a_layout="sliced",
     b_layout="transposed",
+    form="gemv",
     seed=0,
 )  # SwiGLU's pairs from added partials, through odd strides
-def test_gemv_form_computes_the_same_function(device, M, K, N, dtype, op, split_k, a_layout, b_layout, seed):
-    """The GEMV form (BLOCK_M 1: one row a program, products on the CUDA cores) gives the float64 result within the
-    tolerance, bitwise the same on a second run, for every epilogue and with split K; it reads the operands
-    through pointers as they lie: no descriptors and no copies, whatever their layout."""
+@example(
+    M=5,
+    K=300,
+    N=40,
+    dtype=torch.bfloat16,
+    op="forward",
+    split_k=None,
+    a_layout="contiguous",
+    b_layout="contiguous",
+    form="tile",
+    seed=0,
+)  # a decode tile on operands descriptors could address
+def test_pointer_forms_compute_the_same_function(device, M, K, N, dtype, op, split_k, a_layout, b_layout, form, seed):
+    """The configs that read the operands through pointers as they lie, even where descriptors could address them
+    (no descriptors and no copies, whatever their layout): the GEMV form (BLOCK_M 1: one row a program, products
+    on the CUDA cores) and a tile with tma=False (a decode tile spared the descriptors' prologue). Each gives the
+    float64 result within the tolerance, bitwise the same on a second run, for every epilogue and with split K."""
     run, ref, _ = _product(op, M, K, N, dtype, a_layout, b_layout, device, seed)
-    cfg = configs.KernelConfig(1, 4, 64, num_warps=4, num_stages=1, persistent=False, split_k=split_k)
+    if form == "gemv":
+        cfg = configs.KernelConfig(1, 4, 64, num_warps=4, num_stages=1, persistent=False, split_k=split_k)
+    else:
+        cfg = configs.KernelConfig(16, 16, 64, num_warps=4, num_stages=2, split_k=split_k, tma=False)
     before = kernels.path_counts.copy()
     with configs.pin_config(cfg):
         out, again = run(), run()
     assert_close(op, out, *ref, (act_tol if op.startswith("forward_") else tol)(dtype, K, tf32=_tf32(device)))
-    assert torch.equal(out, again), "the GEMV form must be deterministic"
+    assert torch.equal(out, again), f"the {form} form must be deterministic"
     for key in ("tma", "align_copy", "fp32_copy"):
-        assert kernels.path_counts[key] == before[key], f"a GEMV launch counted {key}"
+        assert kernels.path_counts[key] == before[key], f"a {form} launch counted {key}"
 
 
 def test_split_k_rule():
@@ -441,7 +460,8 @@ def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, 
     """Aligned operands (either major order) move through tensor descriptors; others fall back to pointers (a
     reduction under ALIGN_COPY_MIN_K copies none), and path_counts says which happened. An output whose rows no
     descriptor can address (37 columns of bf16) is stored through pointers beside operands that move through
-    descriptors. All give the right result."""
+    descriptors. All give the right result. The config is one that reads through descriptors (a table's decode
+    tile may not: configs.KernelConfig.tma)."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     M, K, N = shape
@@ -449,7 +469,8 @@ def test_tensor_descriptor_path_is_taken_where_it_can_be(device, shape, layout, 
     x = make_tensor((M, K), layout, torch.bfloat16, device, gen)
     w = make_tensor((N, K), layout, torch.bfloat16, device, gen)
     before = kernels.path_counts.copy()
-    y = kernels.linear(x, w)
+    with configs.pin_config(configs.ROUTE_PROBE):
+        y = kernels.linear(x, w)
     assert kernels.path_counts["tma"] - before["tma"] == int(tma)
     assert kernels.path_counts["align_copy"] == before["align_copy"]
     ref, mag = linear_reference(x, w)
@@ -466,7 +487,8 @@ def test_operands_no_descriptor_can_address_are_copied_where_it_pays(
     output through pointers. The forward reduces over the in-features, grad_input over the out-features, the
     weight gradient over the tokens: at 8 tokens (under the threshold) it stays on the pointer path.
     path_counts["align_copy"] counts the copies; an fp32 operand is copied once, straight into the layout its
-    product reads (no fp32 layout copy after it). Same results, inputs untouched."""
+    product reads (no fp32 layout copy after it). Same results, inputs untouched. The config reads through
+    descriptors (a table's decode tile may not, and then copies nothing: configs.KernelConfig.tma)."""
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     assert layout.ALIGN_COPY_MIN_K == 256
@@ -485,7 +507,8 @@ def test_operands_no_descriptor_can_address_are_copied_where_it_pays(
         ("grad_w", lambda: kernels.grad_params(g, x, bias=False)[0]),
     ):
         before = kernels.path_counts.copy()
-        outs.append((op, call()))
+        with configs.pin_config(configs.ROUTE_PROBE):
+            outs.append((op, call()))
         copied = kernels.path_counts["align_copy"] - before["align_copy"]
         assert copied == copies[len(outs) - 1], op
         assert kernels.path_counts["tma"] - before["tma"] == int(copied > 0), op
@@ -505,7 +528,7 @@ def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, set_
     over at least FP32_COPY_MIN_REUSE rows or columns of the other: with TF32, both operands K-major (the weight
     in grad_input only from 256 tokens; both operands of a 256-wide weight gradient); in IEEE, A K-major and B
     N-major, always (the weight in the forward, grad_y in the weight gradient). path_counts["fp32_copy"] counts
-    the copies. Same results, inputs untouched."""
+    the copies. Same results, inputs untouched. The config reads through descriptors, as above."""
     set_tf32(tf32)
     assert layout.FP32_COPY_MIN_REUSE == {"tf32": 256, "ieee": 1}
     gen = torch.Generator().manual_seed(0)
@@ -518,7 +541,8 @@ def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, set_
         ("grad_x", lambda: kernels.grad_input(g, w)),
         ("grad_w", lambda: kernels.grad_params(g, x, bias=False)[0]),
     ):
-        outs.append((op, call()))
+        with configs.pin_config(configs.ROUTE_PROBE):
+            outs.append((op, call()))
         assert kernels.path_counts["fp32_copy"] - before == copies[len(outs) - 1], op
         before = kernels.path_counts["fp32_copy"]
     refs = (linear_reference(x, w), linear_reference(g, w.t()), linear_reference(g.t(), x.t()))
@@ -550,15 +574,17 @@ def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, fresh
     reason="tensor descriptors on a GPU (sm_90 or newer)",
 )
 def test_descriptor_scratch_is_reused_per_stream():
-    """Launches on one stream share one scratch buffer for their descriptors; another stream gets its own."""
+    """Launches on one stream share one scratch buffer for their descriptors; another stream gets its own (with a
+    config that makes descriptors)."""
     x, w = (torch.randn(64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     launch._kept.clear()
-    y, again = kernels.linear(x, w), kernels.linear(x, w)
-    assert len(launch._kept) == 1
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        other = kernels.linear(x, w)
+    with configs.pin_config(configs.ROUTE_PROBE):
+        y, again = kernels.linear(x, w), kernels.linear(x, w)
+        assert len(launch._kept) == 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            other = kernels.linear(x, w)
     torch.cuda.synchronize()
     assert len(launch._kept) == 2
     assert torch.equal(y, again) and torch.equal(y, other)

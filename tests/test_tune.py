@@ -145,6 +145,8 @@ def test_pin_by_environment_variable_and_context_manager(device, set_env):
     assert_close("y", y, *linear_reference(x, w), tol(torch.float32, 40, tf32=device == "cuda"))
     with configs.pin_config(A):  # the context manager wins over the environment
         assert configs.pinned_config() == A
+    set_env("FUSED_TP_CONFIG", "BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, tma=0")
+    assert not configs.pinned_config().tma
     set_env("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N")
     with pytest.raises(ValueError, match="FUSED_TP_CONFIG: expected NAME=INTEGER items"):
         kernels.linear(x, w)
@@ -225,6 +227,10 @@ def test_pruning_rules():
             assert kept and all(c.shared_memory(dtype.itemsize, tma) <= configs.SHARED_MEMORY_BYTES for c in kept)
     assert len(configs.candidates(8192, 8192, 8192, torch.float32, True)) < len(configs.SPACE)  # fp32 drops some
     assert all(c.BLOCK_M <= 64 for c in configs.candidates(16, 8192, 8192, torch.bfloat16, True))  # decode rows
+    assert all(c.BLOCK_M >= 64 for c in configs.candidates(256, 8192, 8192, torch.bfloat16, True))  # decode tiles
+    decode = lambda tma: configs.candidates(16, 4096, 4096, torch.bfloat16, tma)  # noqa: E731
+    assert any(not c.tma for c in decode(True)), "decode tiles are timed through pointers too"
+    assert all(c.tma for c in decode(False)), "where no descriptor can address the operands, tma=False is a copy"
     for dtype in (torch.float32, torch.float16):
         for tma in (True, False):
             assert configs.candidates(1, 1, 1, dtype, tma), "every launch needs a candidate"
@@ -243,18 +249,21 @@ def test_the_gemv_form_is_a_config_with_a_row_tile():
         configs.KernelConfig(16, 4, 64)
     with pytest.raises(ValueError, match="BLOCK_N: expected a power of two of at least 4 with BLOCK_M 1"):
         configs.KernelConfig(1, 2, 64)
+    with pytest.raises(ValueError, match="tma: expected True or False, got 0"):
+        configs.KernelConfig(16, 64, 64, tma=0)
 
 
 def test_a_gemv_entry_serves_its_own_token_counts_only(table_dir):
-    """A table's GEMV entry serves up to GEMV_MAX_ROWS tokens; more tokens take the nearest tile entry, even where
-    the GEMV bucket is nearer (the GEMV form reads the weight tile once per row)."""
+    """A table's GEMV entry serves no more tokens than its bucket's; more tokens take the nearest tile entry, even
+    where the GEMV bucket is nearer or as near (the GEMV form reads the weight tile once per row)."""
     rows = configs.GEMV_MAX_ROWS
     gemv = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 512, "num_stages": 1, "persistent": False}
     tile = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
     entries = {f"{rows}x4096x4096": {"config": gemv}, f"{8 * rows}x4096x4096": {"config": tile}}
+    entries |= {"1x8192x4096": {"config": gemv}, "4x8192x4096": {"config": tile}}
     (table_dir / "g.json").write_text(json.dumps({"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": entries}}}}}))
-    assert tables.table_config("g", "fwd", rows, 4096, 4096, torch.bfloat16, True).BLOCK_M == 1
-    assert tables.table_config("g", "fwd", rows + 1, 4096, 4096, torch.bfloat16, True).BLOCK_M == 16
+    for M, N, form in ((rows, 4096, 1), (rows - 1, 4096, 1), (rows + 1, 4096, 16), (1, 8192, 1), (2, 8192, 16)):
+        assert tables.table_config("g", "fwd", M, N, 4096, torch.bfloat16, True).BLOCK_M == form, (M, N)
 
 
 def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_path, device, capsys):

@@ -44,6 +44,10 @@ class KernelConfig:
     num_stages: int = 3
     persistent: bool = True  # one program per SM walking the tiles, rather than one program per tile
     split_k: int | None = None  # programs sharing one output tile's K loop; None: `choose_split_k` decides
+    # False: operands that tensor descriptors could address are read through pointers. Every program of a
+    # descriptor launch builds its descriptors in its prologue and fences them at GPU scope before its first load,
+    # about 3 us of a 12 us decode product (bench/NOTES.md, attempt 47); pointers spare that where the tile is small.
+    tma: bool = True
 
     def __post_init__(self):
         # tl.dot's smallest tile is 16 a side; BLOCK_M 1 is the GEMV form (no tl.dot: jit.py), whose weight tile may
@@ -67,6 +71,9 @@ class KernelConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if self.split_k is not None and (not isinstance(self.split_k, int) or self.split_k < 1):
             raise ValueError(f"split_k: expected None or a positive integer, got {self.split_k!r}")
+        for name in ("persistent", "tma"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, fields: dict, where: str) -> KernelConfig:
@@ -83,6 +90,12 @@ class KernelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def descriptors(self) -> bool:
+        """Whether the config reads operands through tensor descriptors where they allow it (the GEMV form never
+        does: jit.py)."""
+        return self.tma and self.BLOCK_M > 1
+
     def shared_memory(self, itemsize: int, tma: bool, aux_tile: int = 0) -> int:
         """Bytes of shared memory a program needs: num_stages A and B tiles, and room for what the epilogue stages:
         one output-sized tile for a descriptor store, or `aux_tile` of them for the pre-activation an epilogue
@@ -91,7 +104,7 @@ class KernelConfig:
         room (whole tiles of both needed 278568 bytes for 128x256x64 in 3 stages on the H100). A lower bound: the
         compiler may add layout-conversion scratch."""
         stages = self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K * itemsize
-        return stages + max(int(tma), int(aux_tile)) * self.BLOCK_M * self.BLOCK_N * itemsize
+        return stages + max(int(tma and self.descriptors), int(aux_tile)) * self.BLOCK_M * self.BLOCK_N * itemsize
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
@@ -152,10 +165,16 @@ SPACE = (
     KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False),
     ROUTE_PROBE,
     # Decode (a few rows): 16-row tiles (mma.sync rather than wgmma) leave room for more weight in flight; the
-    # 32-wide one spreads a narrow shard over more programs (the best config in 5 of 16 probe cases: NOTES, attempt 36)
+    # 32-wide one spreads a narrow shard over more programs (the best config in 5 of 16 probe cases: NOTES, attempt
+    # 36). Each also through pointers, which spare a small tile the descriptors' prologue (attempt 47), and a
+    # 32-row one for 32 tokens, which 16-row tiles read the weight twice for.
     KernelConfig(16, 64, 256, num_warps=4, num_stages=4),
     KernelConfig(16, 64, 128, num_warps=4, num_stages=6),
     KernelConfig(16, 32, 256, num_warps=4, num_stages=4),
+    KernelConfig(16, 64, 256, num_warps=4, num_stages=4, tma=False),
+    KernelConfig(16, 64, 128, num_warps=4, num_stages=6, tma=False),
+    KernelConfig(16, 32, 256, num_warps=4, num_stages=4, tma=False),
+    KernelConfig(32, 64, 256, num_warps=4, num_stages=4, tma=False),
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
     # The GEMV form (BLOCK_M 1, for GEMV_MAX_ROWS rows): 4-16 weight rows (output columns) a program, one program
@@ -172,6 +191,7 @@ SPACE = (
 # The GEMV form reads the weight tile once per row, the rows of one tile's programs back to back (GROUP_M), so that
 # all but the first read it from L2; up to this many rows it is timed beside the tiles (bench/NOTES.md, attempt 42).
 GEMV_MAX_ROWS = 8
+DECODE_MAX_ROWS = 128
 
 
 def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int = 0) -> bool:
@@ -196,14 +216,20 @@ def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:
     return cfg.BLOCK_M <= max(64, 2 * bucket(M)) and cfg.BLOCK_N <= max(64, 2 * bucket(N))
 
 
+def decode_only(cfg: KernelConfig, M: int) -> bool:
+    """Pruning rule 3: the decode tiles, under wgmma's 64 rows, for up to DECODE_MAX_ROWS rows only (none has won
+    past 128 rows in any table, and at thousands of rows each costs a tune seconds); the GEMV form for up to
+    GEMV_MAX_ROWS."""
+    return cfg.BLOCK_M >= 64 or M <= (GEMV_MAX_ROWS if cfg.BLOCK_M == 1 else DECODE_MAX_ROWS)
+
+
 def candidates(M: int, N: int, K: int, dtype: torch.dtype, tma: bool) -> list[KernelConfig]:
-    """The configs of SPACE worth timing for C[M, N] = A[M, K] @ B[K, N] with operands of `dtype`."""
+    """The configs of SPACE worth timing for C[M, N] = A[M, K] @ B[K, N] with operands of `dtype`; `tma`: the
+    operands allow descriptors (else a config's `tma` changes nothing, and only its True form is kept)."""
     return [
         c
         for c in SPACE
-        if fits(c, dtype.itemsize, tma and c.BLOCK_M > 1)
-        and not_oversized(c, M, N)
-        and (c.BLOCK_M > 1 or M <= GEMV_MAX_ROWS)
+        if fits(c, dtype.itemsize, tma) and not_oversized(c, M, N) and decode_only(c, M) and (tma or c.tma)
     ]
 
 
@@ -302,15 +328,16 @@ def pin_config(config: KernelConfig):
 
 @functools.lru_cache(maxsize=16)
 def parse_config(text: str) -> KernelConfig:
-    """FUSED_TP_CONFIG's value, "BLOCK_M=128,BLOCK_N=256,BLOCK_K=64,num_warps=8,num_stages=3[,persistent=0]"."""
+    """FUSED_TP_CONFIG's value, "BLOCK_M=128,BLOCK_N=256,BLOCK_K=64,num_warps=8,num_stages=3[,persistent=0][,tma=0]"."""
     fields = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = part.partition("=")
         if not eq or not value.strip().lstrip("-").isdigit():
             raise ValueError(f"{PIN_ENV}: expected NAME=INTEGER items separated by commas, got {part!r}")
         fields[name.strip()] = int(value)
-    if "persistent" in fields:
-        fields["persistent"] = bool(fields["persistent"])
+    for flag in ("persistent", "tma"):
+        if flag in fields:
+            fields[flag] = bool(fields[flag])
     return KernelConfig.from_dict(fields, PIN_ENV)
 
 

@@ -199,9 +199,9 @@ def matmul_plan(
         aux_tile=aux_tiles(activation, aux),
     )
     counts.append("config_" + (pinned[1] if pinned else source))
-    if cfg.BLOCK_M == 1:
-        # The GEMV form reads its operands through pointers as they are (jit.py): no descriptors, so no copies for
-        # them (a copy of the weight would cost a decode product twice its time).
+    if not cfg.descriptors:
+        # The GEMV form and a config with tma=False read the operands through pointers as they are: no
+        # descriptors, so no copies for them (a copy of the weight would cost a decode product twice its time).
         (a_strides, b_strides), route, copy_a, copy_b = given, None, None, None
         counts = [dev.path, counts[-1]]
     k_tiles = _cdiv(K, cfg.BLOCK_K)

@@ -14,7 +14,7 @@ import pathlib
 
 import torch
 
-from .configs import GEMV_MAX_ROWS, PRODUCTS, KernelConfig, bucket
+from .configs import PRODUCTS, KernelConfig, bucket
 
 TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
 
@@ -88,10 +88,13 @@ def table_config(
     gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool, tf32: bool = False
 ) -> KernelConfig | None:
     """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
-    (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path."""
+    (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path.
+    A GEMV entry serves no more tokens than its bucket's: the form reads the weight tile once per row, so a config
+    timed at one row loses at two to the tiles (bench/NOTES.md, attempt 48)."""
     entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
-    if entries and M > GEMV_MAX_ROWS:  # a GEMV entry's config serves its own token counts only
-        entries = {b: cfg for b, cfg in entries.items() if cfg.BLOCK_M > 1}
+    if entries:
+        rows = bucket(M)
+        entries = {b: cfg for b, cfg in entries.items() if cfg.BLOCK_M > 1 or b[0] >= rows}
     if not entries:
         return None
     want = [math.log2(max(bucket(n), 1)) for n in (M, N, K)]
