@@ -9,6 +9,8 @@
 # LIMIT_S (default 450) bounds the parallel part of the suite in seconds.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# the hypothesis profile with a quarter of CI's examples (tests/conftest.py): each compiles on a GPU
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"

@@ -494,12 +494,27 @@ def test_contenders_are_the_fastest_few_and_the_rule():
     assert autotune.contenders(cands[:2], [None, 4.0], rule=A) == [1]
 
 
-def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env):
+def test_a_config_crosses_the_autotuning_broadcast_whole():
+    """Rank 0's choice travels as integers (autotune.to_ints): every field of every config of the space comes back,
+    split_k and the flags (persistent, tma) included, and no config reads as None."""
+    pinned = dataclasses.replace(configs.SPACE[0], split_k=3, persistent=False, tma=False)
+    for cfg in (*configs.SPACE, pinned):
+        assert autotune.from_ints(autotune.to_ints(cfg)) == cfg
+    assert autotune.from_ints(autotune.to_ints(None)) is None
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["no table", "a pointer tile's table"])
+def test_run_time_autotuning_times_each_shape_once(device, monkeypatch, set_env, table_dir, table):
     """FUSED_TP_AUTOTUNE=1: the first launch of a shape times every candidate, then the three fastest twice more
     (autotune.contenders; the timing launches not counted), runs the fastest, and later launches of that shape time
-    nothing; a pinned config still wins."""
+    nothing; a pinned config still wins. The candidates are those of the operands' path, also where the table's
+    config reads them through pointers (tma=False)."""
     if device == "cuda":
         pytest.skip("a fake timer stands in for the interpreter's wall clock")
+    if table:
+        tile = _entry(configs.KernelConfig(16, 64, 64, num_warps=4, num_stages=2, tma=False))
+        gpus = {"triton-interpreter": {"fwd": {"fp32": {"tma": {"8x128x64": tile}}}}}
+        (table_dir / "t.json").write_text(json.dumps({"format": 1, "gpus": gpus}))
     calls = []
 
     def timer(fn):

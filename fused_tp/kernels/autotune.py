@@ -10,6 +10,7 @@ experiment, and a plain global costs a launch nothing when it is off.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,17 +130,21 @@ def choose(candidates: list[KernelConfig], times_ms: list, rule: KernelConfig) -
     return rule if rule_ms is not None and fastest_ms >= (1 - MARGIN) * rule_ms else fastest
 
 
-_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "persistent", "split_k")
+# Every field of a config, so that one added later travels in the broadcast too (tma did not, for a while).
+_FIELDS = dataclasses.fields(KernelConfig)
 
 
 def to_ints(cfg: KernelConfig | None) -> list[int]:
-    """A config as 8 integers (all 0 for None), for a collective."""
-    return [0] * len(_FIELDS) if cfg is None else [int(getattr(cfg, f) or 0) for f in _FIELDS]
+    """A config as one integer per field (all 0 for None), for a collective."""
+    return [0] * len(_FIELDS) if cfg is None else [int(getattr(cfg, f.name) or 0) for f in _FIELDS]
 
 
 def from_ints(values: list[int]) -> KernelConfig | None:
+    """to_ints's config back: flags (boolean fields) from 0/1, None for an optional field's 0."""
     if not any(values):
         return None
-    fields = dict(zip(_FIELDS, values))
-    fields["persistent"], fields["split_k"] = bool(fields["persistent"]), fields["split_k"] or None
+    fields = {
+        f.name: bool(v) if isinstance(f.default, bool) else v or None if f.default is None else v
+        for f, v in zip(_FIELDS, values)
+    }
     return KernelConfig(**fields)

@@ -309,7 +309,25 @@ def _autotuned(
     """FUSED_TP_AUTOTUNE=1: the plan with the config autotune chose for this launch's key (timed epilogue-free:
     the same tiles). An empty launch times nothing but still takes part in a consensus, so that every rank makes
     the same collectives."""
-    tma = p.launch is not None and p.launch.kwargs["TMA"]
+    # The operands' path, found with a descriptor config as tune finds it: the planned config may read through
+    # pointers operands that descriptors could address (tma=False), and their candidates are the descriptor ones.
+    probe = plan.matmul_plan(
+        product,
+        M,
+        N,
+        K,
+        a_strides,
+        b_strides,
+        dtype,
+        aligned,
+        bias_stride,
+        activation,
+        aux,
+        index,
+        tf32,
+        (configs.ROUTE_PROBE, "pinned"),
+    )
+    tma = probe.launch is not None and probe.launch.kwargs["TMA"]
     aux_tile = plan.aux_tiles(activation, aux)
     key = (p.path, index, product, dtype, tf32, tma, aux_tile, M, N, K)
     cands = [c for c in configs.candidates(M, N, K, dtype, tma) if configs.fits(c, dtype.itemsize, tma, aux_tile)]
