@@ -101,6 +101,9 @@ def decode_goals(rows: list[dict]) -> dict:
     slow = [r for r in big if r["fused_tp_of_copy_rate"] < DECODE_COPY_SHARE]
     return dict(
         geomean=geomean(r["ratio"] for r in fwd),
+        geomean_by_tokens={
+            str(m): geomean(r["ratio"] for r in fwd if r["M"] == m) for m in sorted({r["M"] for r in fwd})
+        },
         lowest=min(r["ratio"] for r in fwd),
         below_0_95=sum(r["ratio"] < 0.95 for r in fwd),
         rows=len(fwd),

@@ -207,3 +207,4 @@ def test_decode_summary_finds_a_known_launch_cost(tmp_path):
     assert fit["4"]["fixed_us"] == pytest.approx(3.0, abs=1e-6) and fit["4"]["slope"] == pytest.approx(1.0)
     assert fit["16"]["fixed_us"] == pytest.approx(0.0, abs=1e-6) and fit["16"]["slope"] == pytest.approx(1.2)
     assert goals["rows"] == 8 and goals["lowest"] == pytest.approx(11 / 14)  # 8192 x 1280 at 4 tokens
+    assert goals["geomean_by_tokens"]["16"] == pytest.approx(1 / 1.2)
