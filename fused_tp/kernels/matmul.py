@@ -11,6 +11,7 @@ the same function (fp32 accumulation, bias on the accumulator, one rounding), wi
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -309,9 +310,8 @@ def _autotuned(
     """FUSED_TP_AUTOTUNE=1: the plan with the config autotune chose for this launch's key (timed epilogue-free:
     the same tiles). An empty launch times nothing but still takes part in a consensus, so that every rank makes
     the same collectives."""
-    # The operands' path, found with a descriptor config as tune finds it: the planned config may read through
-    # pointers operands that descriptors could address (tma=False), and their candidates are the descriptor ones.
-    probe = plan.matmul_plan(
+    replan = functools.partial(
+        plan.matmul_plan,
         product,
         M,
         N,
@@ -325,8 +325,10 @@ def _autotuned(
         aux,
         index,
         tf32,
-        (configs.ROUTE_PROBE, "pinned"),
     )
+    # The operands' path, found with a descriptor config as tune finds it: the planned config may read through
+    # pointers operands that descriptors could address (tma=False), and their candidates are the descriptor ones.
+    probe = replan((configs.ROUTE_PROBE, "pinned"))
     tma = probe.launch is not None and probe.launch.kwargs["TMA"]
     aux_tile = plan.aux_tiles(activation, aux)
     key = (p.path, index, product, dtype, tf32, tma, aux_tile, M, N, K)
@@ -342,22 +344,7 @@ def _autotuned(
     )
     if cfg is None or p.launch is None:
         return p
-    return plan.matmul_plan(
-        product,
-        M,
-        N,
-        K,
-        a_strides,
-        b_strides,
-        dtype,
-        aligned,
-        bias_stride,
-        activation,
-        aux,
-        index,
-        tf32,
-        (cfg, "autotuned"),
-    )
+    return replan((cfg, "autotuned"))
 
 
 def _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape):
