@@ -89,7 +89,8 @@ def launch_config(op: str, M: int, K: int, N: int, dtype) -> str:
     )
     return (
         f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
-        f"{'' if cfg.persistent else ' np'}{'' if cfg.tma else ' ptr'} split{cfg.split_k} ({source})"
+        f"{'' if cfg.persistent else ' np'}{'' if cfg.tma else ' ptr'}{'' if cfg.tma_c else ' ptrC'}"
+        f" split{cfg.split_k} ({source})"
     )
 
 

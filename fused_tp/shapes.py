@@ -11,6 +11,8 @@ w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on 
              its own buckets now
     mid      mid-size products (512-2048 tokens), which no speed-set bucket is near, and bench_layers --mid's
     layers   bench_layers.py's 16- and 128-token layers, whose output widths no decode bucket of `speed` is near
+    swiglu   the down projections (M, intermediate, hidden) of bench_layers.py's SwiGLU MLPs and of Llama-3-8B's at
+             TP 4 and 8, for `tune --kernel dgrad_gated` (their grad_input runs SwiGLU's derivative)
     tiny     for the interpreter
 """
 
@@ -101,5 +103,17 @@ PRESETS = {
         (2048, 4096, 28672),
     ],
     "layers": [(16, 4096, 14336), (16, 14336, 4096), (128, 8192, 7168), (128, 7168, 8192)],
+    "swiglu": [
+        (16, 14336, 4096),
+        (128, 7168, 8192),
+        (512, 14336, 4096),
+        (1024, 14336, 4096),
+        (2048, 14336, 4096),
+        (4096, 7168, 4096),
+        (8192, 14336, 4096),
+        (8192, 7168, 8192),
+        (4096, 3584, 4096),
+        (1024, 1792, 4096),
+    ],
     "tiny": [(8, 16, 24), (33, 40, 17)],
 }

@@ -1,6 +1,7 @@
 """`python -m fused_tp tune`: time every config of the space on each shape, keep every timing, write a tuned table.
 
-For each product (fwd: y = x @ w.T + b, dgrad: grad_x = grad_y @ w, wgrad: grad_w = grad_y.T @ x with grad_b) and
+For each product (fwd: y = x @ w.T + b, dgrad: grad_x = grad_y @ w, wgrad: grad_w = grad_y.T @ x with grad_b,
+dgrad_gated: grad_pre = (grad_y @ w) * swiglu'(pre), SwiGLU's grad_input, against autograd's LlamaMLP backward) and
 shape (tokens M, in-features K, out-features N), every config of `configs.candidates` runs pinned, its output is
 checked against torch, then it is timed beside torch (cuBLAS on a GPU) in the same process. Written to --out:
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from . import kernels, path_counts
 from .kernels import autotune, configs, plan, tables
+from .kernels.epilogues import ACTIVATIONS
 from .kernels.matmul import INTERPRETED
 from .shapes import PRESETS
 from .tolerance import NORM_CHECK, rel_err
@@ -47,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernel",
         choices=[*configs.PRODUCTS, "all"],
         default="all",
-        help="which product: fwd (x @ w.T + b), dgrad (grad_y @ w), wgrad (grad_y.T @ x, grad_b)",
+        help="which product: fwd (x @ w.T + b), dgrad (grad_y @ w), wgrad (grad_y.T @ x, grad_b), dgrad_gated "
+        "((grad_y @ w) * swiglu'(pre)); all: the four",
     )
     parser.add_argument(
         "--dtype",
@@ -167,15 +170,20 @@ def timer_name(choice: str, preset: str) -> str:
     return ("graph" if preset.startswith("decode") else "flush") if choice == "auto" else choice
 
 
+def _same(out):
+    return out
+
+
 class Problem(NamedTuple):
-    """One product on fresh operands: fused_tp's call, torch's (cuBLAS on a GPU), the launch's (M, N, K), and
-    check(ours' output) -> (its first CHECK_ROWS rows, their float64 value): the builder tune and the bench scripts
-    share."""
+    """One product on fresh operands: fused_tp's call, torch's (cuBLAS on a GPU), the launch's (M, N, K),
+    check(ours' output) -> (its first CHECK_ROWS rows, their float64 value), and as_theirs(ours' output) -> it in
+    the form theirs returns (for the error between the two): the builder tune and the bench scripts share."""
 
     ours: Callable
     theirs: Callable
     launch_mnk: tuple[int, int, int]
     check: Callable
+    as_theirs: Callable = _same
 
 
 CHECK_ROWS = 64  # rows (output features for the weight gradient) a check computes in float64
@@ -189,6 +197,7 @@ def problem(product: str, M: int, K: int, N: int, dtype, device, timer: str = "f
     gen = torch.Generator(device=device).manual_seed(0)
     rand = lambda *s: torch.randn(s, generator=gen, device=device).to(dtype)  # noqa: E731
     s = slice(0, CHECK_ROWS)
+    as_theirs = _same
     if product == "fwd":
         x, w, b = ops = rand(M, K), (rand(N, K) / K**0.5).to(dtype), rand(N)
         ours, theirs, dims = kernels.linear, F.linear, (M, N, K)
@@ -197,13 +206,31 @@ def problem(product: str, M: int, K: int, N: int, dtype, device, timer: str = "f
         g, w = ops = rand(M, N), (rand(N, K) / K**0.5).to(dtype)
         ours, theirs, dims = kernels.grad_input, torch.matmul, (M, K, N)
         check = lambda gx: (gx[s], g[s].double() @ w.double())  # noqa: E731
+    elif product == "dgrad_gated":
+        # SwiGLU's grad_pre [M, 2K] (interleaved (gate, up) pairs, as ParallelMLP holds them) from the down
+        # projection's grad_y and the pre-activation; torch's is what autograd runs for LlamaMLP: cuBLAS's grad
+        # through down_proj, then the mul's and silu's backward on separate gate, up and saved silu(gate) tensors.
+        g, w, pre = rand(M, N), (rand(N, K) / K**0.5).to(dtype), rand(M, 2 * K)
+        gate, up = pre[:, 0::2].contiguous(), pre[:, 1::2].contiguous()
+        ops = g, w, pre, gate, up, F.silu(gate)
+        dims = (M, K, N)
+
+        def ours(g, w, pre, *_):
+            return kernels.grad_input(g, w, activation="swiglu", pre=pre)
+
+        def theirs(g, w, _, gate, up, act):
+            grad_act = g @ w
+            return torch.ops.aten.silu_backward(grad_act * up, gate), grad_act * act
+
+        check = lambda gp: (gp[s], ACTIVATIONS["swiglu"].torch_grad(g[s].double() @ w.double(), pre[s].double()))  # noqa: E731
+        as_theirs = lambda gp: (gp[:, 0::2], gp[:, 1::2])  # noqa: E731
     else:
         g, x = ops = rand(M, N), rand(M, K)
         ours, theirs, dims = kernels.grad_params, lambda g, x: (g.t() @ x, g.sum(0)), (N, K, M)
         check = lambda gw: (gw[0][s], g[:, s].double().T @ x.double())  # noqa: E731
     nbytes = sum(t.numel() for t in ops) * dtype.itemsize
     copies = [ops] + [tuple(t.clone() for t in ops) for _ in range(copies_for(nbytes, timer, device) - 1)]
-    return Problem(_cycling(ours, copies), _cycling(theirs, copies), dims, check)
+    return Problem(_cycling(ours, copies), _cycling(theirs, copies), dims, check, as_theirs)
 
 
 def _cycling(fn, copies: list[tuple]) -> Callable:
@@ -249,7 +276,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     work = []
     for product in products:
         for M, K, N in shapes:
-            ours, theirs, (m, n, k), _ = problem(product, M, K, N, dtype, device, how)
+            ours, theirs, (m, n, k), _, as_theirs = problem(product, M, K, N, dtype, device, how)
             before = path_counts["tma"]
             ref = theirs()
             # Which operand path this product takes (the tuned table is keyed by it): what descriptors can address,
@@ -258,14 +285,15 @@ def _tune(args: argparse.Namespace, timer) -> dict:
                 ours()
             route = "tma" if path_counts["tma"] > before else "pointers"
             for cfg in configs.candidates(m, n, k, dtype, route == "tma"):
-                work.append((product, (M, K, N), (m, n, k), route, ours, theirs, ref, cfg))
+                if configs.fits(cfg, dtype.itemsize, route == "tma", AUX_TILES.get(product, 0)):
+                    work.append((product, (M, K, N), (m, n, k), route, ours, theirs, as_theirs, ref, cfg))
     rows, baselines, calls = [], {}, {}
-    for product, shape, dims, route, ours, theirs, ref, cfg in tqdm(work, desc="tune", unit="config"):
+    for product, shape, dims, route, ours, theirs, as_theirs, ref, cfg in tqdm(work, desc="tune", unit="config"):
         if (product, shape) not in baselines:
             baselines[(product, shape)] = [timer(theirs)]
             calls[(product, shape)] = ours, theirs
         with configs.pin_config(cfg):
-            err = rel_err(ours(), ref)
+            err = rel_err(as_theirs(ours()), ref)
             # A config whose output is wrong is kept in the timings, marked, and never chosen.
             ms = timer(ours) if err <= NORM_CHECK[args.dtype] else None
         rows.append(
@@ -324,7 +352,7 @@ def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -
         by_shape.setdefault((r["product"], (r["M"], r["K"], r["N"])), []).append(r)
     for key, mine in by_shape.items():
         cands = [configs.KernelConfig(**r["config"]) for r in mine]
-        rule = configs.rule_config(mine[0]["launch_mnk"][0], DTYPES[name], INTERPRETED, mine[0]["path"] == "tma")
+        rule = _rule(mine[0], name)
         again = autotune.contenders(cands, [r["ms_rounds"][0] if r["ms_rounds"] else None for r in mine], rule)
         ours, theirs = calls[key]
         for _ in range(autotune.CONFIRM_ROUNDS if again else 0):
@@ -346,6 +374,16 @@ def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -
             )
 
 
+# The pre-activation tiles a product's epilogue reads, which its configs need room for.
+AUX_TILES = {"dgrad_gated": plan.aux_tiles("swiglu", "load")}
+
+
+def _rule(row: dict, name: str) -> configs.KernelConfig:
+    """The rule's config for a timing row's launch (configs.rule_config, with room for the product's tiles)."""
+    m = row["launch_mnk"][0]
+    return configs.rule_config(m, DTYPES[name], INTERPRETED, row["path"] == "tma", AUX_TILES.get(row["product"], 0))
+
+
 def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
     """(the chosen row per product and shape, the tuned table {product: {name: {path: {bucket: entry}}}}), for
     operands of the table dtype `name`.
@@ -360,8 +398,7 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
         timed = [r for r in mine if r["ms"] is not None]
         if not timed:
             continue
-        m, n, k = mine[0]["launch_mnk"]
-        rule = configs.rule_config(m, DTYPES[name], INTERPRETED, mine[0]["path"] == "tma")
+        rule = _rule(mine[0], name)
         cands = [configs.KernelConfig(**r["config"]) for r in timed]
         pick = autotune.choose(cands, [r["ms"] for r in timed], rule)
         by_rule = next((r for r in timed if r["config"] == rule.to_dict()), None)
@@ -396,9 +433,13 @@ def _markdown(rows) -> str:
         if v is None:
             return "-"
         if c == "config":
-            return ",".join(
-                f"{k}={v[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent")
-            ) + ("" if v.get("tma", True) else ",tma=False")
+            return (
+                ",".join(
+                    f"{k}={v[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent")
+                )
+                + ("" if v.get("tma", True) else ",tma=False")
+                + ("" if v.get("tma_c", True) else ",tma_c=False")
+            )
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -336,7 +336,7 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     split_k=st.sampled_from([None, 2, 3]),
     a_layout=layouts,
     b_layout=layouts,
-    form=st.sampled_from(["gemv", "tile"]),
+    form=st.sampled_from(["gemv", "tile", "c_pointers"]),
     seed=seeds,
 )
 @example(
@@ -375,22 +375,37 @@ def test_split_k_computes_the_same_function(device, M, K, N, dtype, op, split_k,
     form="tile",
     seed=0,
 )  # a decode tile on operands descriptors could address
+@example(
+    M=7,
+    K=300,
+    N=40,
+    dtype=torch.float16,
+    op="forward_gelu",
+    split_k=2,
+    a_layout="contiguous",
+    b_layout="contiguous",
+    form="c_pointers",
+    seed=0,
+)  # A and B through descriptors (on a GPU), C and the stored pre-activation through pointers
 def test_pointer_forms_compute_the_same_function(device, M, K, N, dtype, op, split_k, a_layout, b_layout, form, seed):
     """The configs that read the operands through pointers as they lie, even where descriptors could address them
     (no descriptors and no copies, whatever their layout): the GEMV form (BLOCK_M 1: one row a program, products
-    on the CUDA cores) and a tile with tma=False (a decode tile spared the descriptors' prologue). Each gives the
-    float64 result within the tolerance, bitwise the same on a second run, for every epilogue and with split K."""
+    on the CUDA cores) and a tile with tma=False (a decode tile spared the descriptors' prologue); and a tile with
+    tma_c=False, which moves A and B as the layout allows but C through pointers. Each gives the float64 result
+    within the tolerance, bitwise the same on a second run, for every epilogue and with split K."""
     run, ref, _ = _product(op, M, K, N, dtype, a_layout, b_layout, device, seed)
     if form == "gemv":
         cfg = configs.KernelConfig(1, 4, 64, num_warps=4, num_stages=1, persistent=False, split_k=split_k)
     else:
-        cfg = configs.KernelConfig(16, 16, 64, num_warps=4, num_stages=2, split_k=split_k, tma=False)
+        cfg = configs.KernelConfig(
+            16, 16, 64, num_warps=4, num_stages=2, split_k=split_k, tma=form != "tile", tma_c=form != "c_pointers"
+        )
     before = kernels.path_counts.copy()
     with configs.pin_config(cfg):
         out, again = run(), run()
     assert_close(op, out, *ref, (act_tol if op.startswith("forward_") else tol)(dtype, K, tf32=_tf32(device)))
     assert torch.equal(out, again), f"the {form} form must be deterministic"
-    for key in ("tma", "align_copy", "fp32_copy"):
+    for key in ("tma", "align_copy", "fp32_copy") if form != "c_pointers" else ():
         assert kernels.path_counts[key] == before[key], f"a {form} launch counted {key}"
 
 

@@ -12,7 +12,7 @@ import torch
 
 from fused_tp import kernels, shapes, tune
 from fused_tp.kernels import autotune, configs, jit, layout, matmul, plan, tables
-from fused_tp.tolerance import assert_close, linear_reference, tol
+from fused_tp.tolerance import act_tol, activation_grad_reference, assert_close, linear_reference, tol
 
 
 @pytest.fixture
@@ -147,6 +147,8 @@ def test_pin_by_environment_variable_and_context_manager(device, set_env):
         assert configs.pinned_config() == A
     set_env("FUSED_TP_CONFIG", "BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, tma=0")
     assert not configs.pinned_config().tma
+    set_env("FUSED_TP_CONFIG", "BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, tma_c=0")
+    assert configs.pinned_config().tma and not configs.pinned_config().tma_c
     set_env("FUSED_TP_CONFIG", "BLOCK_M=32,BLOCK_N")
     with pytest.raises(ValueError, match="FUSED_TP_CONFIG: expected NAME=INTEGER items"):
         kernels.linear(x, w)
@@ -205,7 +207,9 @@ def test_a_pre_activation_tile_takes_a_config_with_room_for_it(monkeypatch):
 def test_a_gated_derivative_gets_room_for_both_pre_activation_tiles():
     """SwiGLU's grad_input epilogue reads the (gate, up) pairs: two output-sized tiles. The rule's config for many
     rows has room for one (the H200 ran out of shared memory: 278552 bytes asked, 232448 there), so the rule's tile
-    narrows until both fit; the table's does the same through the rule."""
+    narrows until both fit, and takes the stages back that keep its bytes in flight (4 of 128x128x64 for 3 of
+    128x256x64: 7-18% faster than 3 on the H200, bench/NOTES.md attempt 51); a table's without room does the same
+    through the rule."""
     big = configs.CONFIGS[("16bit", "tma", "large")]
     assert configs.fits(big, 2, True, aux_tile=1) and not configs.fits(big, 2, True, aux_tile=2)
     assert plan.aux_tiles("swiglu", "load") == 2 and plan.aux_tiles("gelu", "load") == 1
@@ -214,10 +218,53 @@ def test_a_gated_derivative_gets_room_for_both_pre_activation_tiles():
         8192, 14336, 4096, torch.bfloat16, interpreted=False, tma=True, slots=132, product="dgrad", aux_tile=2
     )
     assert source == "rule" and configs.fits(cfg, 2, True, aux_tile=2)
-    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_stages) == (128, 128, 64, 3)
+    assert (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_stages) == (128, 128, 64, 4)
+    assert cfg.shared_memory(2, True, 2) == 4 * 256 * 64 * 2 + 2 * 128 * 128 * 2  # no more in flight than 3 x 384
     for (width, route, _), rule in configs.CONFIGS.items():
         itemsize = 4 if width == "32bit" else 2
-        assert configs.fits(configs.with_room(rule, itemsize, route == "tma", 2), itemsize, route == "tma", 2)
+        roomy = configs.with_room(rule, itemsize, route == "tma", 2)
+        assert configs.fits(roomy, itemsize, route == "tma", 2)
+        assert roomy == rule or roomy.BLOCK_N < rule.BLOCK_N or roomy.num_stages < rule.num_stages
+        assert roomy in configs.SPACE  # tune times the rule's config beside the rest (tune.choose's margin)
+    # A tile that has room keeps its stages; one whose narrowest tile has none gives stages up.
+    assert configs.with_room(configs.ROUTE_PROBE, 2, True, 2) == configs.ROUTE_PROBE
+    deep = configs.KernelConfig(128, 64, 128, num_warps=8, num_stages=6)
+    assert configs.with_room(deep, 2, True, 2).num_stages == 4
+
+
+def test_a_gated_grad_input_takes_its_own_table_entries(table_dir, device, monkeypatch):
+    """SwiGLU's grad_input (two pre-activation tiles read, both halves' gradients written) looks its config up under
+    "dgrad_gated", the plain and the GELU grad_input under "dgrad": plain dgrad's tiles ran the gated epilogue up to
+    1.6x slower than the rule's on the H200 (bench/NOTES.md, attempt 51)."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(s, generator=gen).to(device=device, dtype=torch.bfloat16)  # noqa: E731
+    g, w, pre1, pre2 = rand(16, 32), rand(32, 64), rand(16, 64), rand(16, 128)
+    gpu = plan.device(g.get_device()).gpu
+    routes = lambda cfg: {route: {"16x64x32": _entry(cfg)} for route in ("tma", "pointers")}  # noqa: E731
+    _write(table_dir, {gpu: {"dgrad": {"bf16": routes(A)}, "dgrad_gated": {"bf16": routes(B)}}})
+    planned, real = [], plan.matmul_plan
+
+    def spy(*args):
+        planned.append((args[0], real(*args)))
+        return planned[-1][1]
+
+    spy.cache_clear = real.cache_clear  # for table_dir's teardown, which runs before monkeypatch's
+    monkeypatch.setattr(plan, "matmul_plan", spy)
+    d, d_mag = linear_reference(g, w.t())
+    cases = (("swiglu", pre2, "dgrad_gated", B), ("gelu", pre1, "dgrad", A), (None, None, "dgrad", A))
+    for act, pre, product, cfg in cases:
+        before = kernels.path_counts["config_table"]
+        out = kernels.grad_input(g, w, activation=act, pre=pre)
+        assert kernels.path_counts["config_table"] == before + 1
+        name, p = planned[-1]
+        assert name == product and (p.launch.kwargs["BLOCK_M"], p.launch.kwargs["BLOCK_N"]) == (
+            cfg.BLOCK_M,
+            cfg.BLOCK_N,
+        )
+        if act:
+            assert_close("grad_pre", out, *activation_grad_reference(act, d, d_mag, pre), act_tol(torch.bfloat16, 32))
+        else:
+            assert_close("grad_x", out, d, d_mag, tol(torch.bfloat16, 32))
 
 
 def test_pruning_rules():
@@ -231,6 +278,9 @@ def test_pruning_rules():
     decode = lambda tma: configs.candidates(16, 4096, 4096, torch.bfloat16, tma)  # noqa: E731
     assert any(not c.tma for c in decode(True)), "decode tiles are timed through pointers too"
     assert all(c.tma for c in decode(False)), "where no descriptor can address the operands, tma=False is a copy"
+    assert any(not c.tma_c for c in decode(True)) and all(c.tma_c for c in decode(False))
+    c_pointers = lambda M: [c for c in configs.candidates(M, 4096, 4096, torch.bfloat16, True) if not c.tma_c]  # noqa: E731
+    assert c_pointers(128) and not c_pointers(129), "C through pointers is timed for decode rows only"
     for dtype in (torch.float32, torch.float16):
         for tma in (True, False):
             assert configs.candidates(1, 1, 1, dtype, tma), "every launch needs a candidate"
@@ -251,6 +301,8 @@ def test_the_gemv_form_is_a_config_with_a_row_tile():
         configs.KernelConfig(1, 2, 64)
     with pytest.raises(ValueError, match="tma: expected True or False, got 0"):
         configs.KernelConfig(16, 64, 64, tma=0)
+    with pytest.raises(ValueError, match="tma_c: expected True or False, got 1"):
+        configs.KernelConfig(16, 64, 64, tma_c=1)
 
 
 def test_a_gemv_entry_serves_its_own_token_counts_only(table_dir):
@@ -297,7 +349,12 @@ def test_tune_end_to_end_then_its_table_drives_the_first_call(table_dir, tmp_pat
         mine = [r for r in rows if r["product"] == product]
         m, n, k = mine[0]["launch_mnk"]
         route = mine[0]["path"]
-        assert len(mine) == len(configs.candidates(m, n, k, torch.bfloat16, route == "tma")) > 1
+        fit = [
+            c
+            for c in configs.candidates(m, n, k, torch.bfloat16, route == "tma")
+            if configs.fits(c, 2, route == "tma", tune.AUX_TILES.get(product, 0))
+        ]
+        assert len(mine) == len(fit) > 1
         assert all(r["passed_check"] for r in mine)
     assert "| fwd | 20 | 48 | 100 |" in capsys.readouterr().out
     table = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]
@@ -403,7 +460,7 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
 
     # The interpreter's rule config is not among the candidates; on a GPU it is. Stand in the last candidate.
-    def rule_config(M, dtype, interpreted, tma):
+    def rule_config(M, dtype, interpreted, tma, aux_tile=0):
         return configs.candidates(20, 100, 48, dtype, tma)[-1]
 
     monkeypatch.setattr(configs, "rule_config", rule_config)

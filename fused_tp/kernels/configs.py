@@ -28,7 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-PRODUCTS = ("fwd", "dgrad", "wgrad")  # y = x @ w.T + b;  grad_x = grad_y @ w;  grad_w = grad_y.T @ x
+# y = x @ w.T + b;  grad_x = grad_y @ w;  grad_w = grad_y.T @ x;  and grad_input through a gated activation's
+# derivative (SwiGLU), whose epilogue reads two pre-activation tiles and writes both halves' gradients: the best
+# tiles for it are not plain dgrad's (bench/NOTES.md, attempt 51), so its table entries are its own.
+PRODUCTS = ("fwd", "dgrad", "wgrad", "dgrad_gated")
 PIN_ENV = "FUSED_TP_CONFIG"
 AUTOTUNE_ENV = "FUSED_TP_AUTOTUNE"
 SHARED_MEMORY_BYTES = 232448  # what one program may use on sm_90 (227 KiB)
@@ -48,6 +51,10 @@ class KernelConfig:
     # descriptor launch builds its descriptors in its prologue and fences them at GPU scope before its first load,
     # about 3 us of a 12 us decode product (bench/NOTES.md, attempt 47); pointers spare that where the tile is small.
     tma: bool = True
+    # False: C (and a pre-activation) moves through pointers although descriptors could address it, so that a
+    # program builds and fences one descriptor fewer: 0.5-1.6 us of a 64- or 128-token product on the H200
+    # (bench/NOTES.md, attempt 50).
+    tma_c: bool = True
 
     def __post_init__(self):
         # tl.dot's smallest tile is 16 a side; BLOCK_M 1 is the GEMV form (no tl.dot: jit.py), whose weight tile may
@@ -71,7 +78,7 @@ class KernelConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if self.split_k is not None and (not isinstance(self.split_k, int) or self.split_k < 1):
             raise ValueError(f"split_k: expected None or a positive integer, got {self.split_k!r}")
-        for name in ("persistent", "tma"):
+        for name in ("persistent", "tma", "tma_c"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
 
@@ -104,7 +111,8 @@ class KernelConfig:
         room (whole tiles of both needed 278568 bytes for 128x256x64 in 3 stages on the H100). A lower bound: the
         compiler may add layout-conversion scratch."""
         stages = self.num_stages * (self.BLOCK_M + self.BLOCK_N) * self.BLOCK_K * itemsize
-        return stages + max(int(tma and self.descriptors), int(aux_tile)) * self.BLOCK_M * self.BLOCK_N * itemsize
+        c_tile = tma and self.descriptors and self.tma_c
+        return stages + max(int(c_tile), int(aux_tile)) * self.BLOCK_M * self.BLOCK_N * itemsize
 
     def meta(self) -> dict:
         """The keyword arguments a kernel launch takes for this config."""
@@ -175,6 +183,11 @@ SPACE = (
     KernelConfig(16, 64, 128, num_warps=4, num_stages=6, tma=False),
     KernelConfig(16, 32, 256, num_warps=4, num_stages=4, tma=False),
     KernelConfig(32, 64, 256, num_warps=4, num_stages=4, tma=False),
+    # The 64-row tiles of the H200's 64- and 128-token entries with C through pointers (attempt 50: the operands
+    # through pointers lose there, wgmma wants them in shared memory; C's descriptor only costs its prologue).
+    KernelConfig(64, 128, 128, num_warps=4, num_stages=4, tma_c=False),
+    KernelConfig(64, 64, 128, num_warps=4, num_stages=4, persistent=False, tma_c=False),
+    KernelConfig(64, 64, 64, num_warps=4, num_stages=3, tma_c=False),
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
     # The GEMV form (BLOCK_M 1, for GEMV_MAX_ROWS rows): 4-16 weight rows (output columns) a program, one program
@@ -201,10 +214,18 @@ def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int = 0) -> bool
 
 def with_room(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int) -> KernelConfig:
     """`cfg`, or where its tiles leave no room for the epilogue's (a gated derivative loads two pre-activation
-    tiles: 278528 bytes for the rule's 128x256x64 in 3 stages), its tile narrowed, then its stages cut: the
-    narrower tile keeps the K pipeline that a large product needs."""
+    tiles: 278528 bytes for the rule's 128x256x64 in 3 stages), its tile narrowed, then given back the stages that
+    keep as many bytes in flight as it had (each stage of the narrower tile is smaller: the rule's 128x128x64 ran
+    SwiGLU's grad_input 7-18% faster in 4 stages than in 3 on the H200, bench/NOTES.md attempt 51); stages are
+    cut only where the narrowest tile still has no room."""
+    in_flight = cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K
     while not fits(cfg, itemsize, tma, aux_tile) and cfg.BLOCK_N > 64:
         cfg = dataclasses.replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
+    deeper = dataclasses.replace(cfg, num_stages=cfg.num_stages + 1)
+    while deeper.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K <= in_flight and fits(
+        deeper, itemsize, tma, aux_tile
+    ):
+        cfg, deeper = deeper, dataclasses.replace(deeper, num_stages=deeper.num_stages + 1)
     while not fits(cfg, itemsize, tma, aux_tile) and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
     return cfg
@@ -217,19 +238,24 @@ def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:
 
 
 def decode_only(cfg: KernelConfig, M: int) -> bool:
-    """Pruning rule 3: the decode tiles, under wgmma's 64 rows, for up to DECODE_MAX_ROWS rows only (none has won
-    past 128 rows in any table, and at thousands of rows each costs a tune seconds); the GEMV form for up to
-    GEMV_MAX_ROWS."""
-    return cfg.BLOCK_M >= 64 or M <= (GEMV_MAX_ROWS if cfg.BLOCK_M == 1 else DECODE_MAX_ROWS)
+    """Pruning rule 3: the decode tiles, under wgmma's 64 rows or storing C through pointers, for up to
+    DECODE_MAX_ROWS rows only (none has won past 128 rows in any table, and at thousands of rows each costs a tune
+    seconds); the GEMV form for up to GEMV_MAX_ROWS."""
+    decode = cfg.BLOCK_M < 64 or not cfg.tma_c
+    return not decode or M <= (GEMV_MAX_ROWS if cfg.BLOCK_M == 1 else DECODE_MAX_ROWS)
 
 
 def candidates(M: int, N: int, K: int, dtype: torch.dtype, tma: bool) -> list[KernelConfig]:
     """The configs of SPACE worth timing for C[M, N] = A[M, K] @ B[K, N] with operands of `dtype`; `tma`: the
-    operands allow descriptors (else a config's `tma` changes nothing, and only its True form is kept)."""
+    operands allow descriptors (else a config's `tma` and `tma_c` change nothing, and only their True form is
+    kept)."""
     return [
         c
         for c in SPACE
-        if fits(c, dtype.itemsize, tma) and not_oversized(c, M, N) and decode_only(c, M) and (tma or c.tma)
+        if fits(c, dtype.itemsize, tma)
+        and not_oversized(c, M, N)
+        and decode_only(c, M)
+        and (tma or (c.tma and c.tma_c))
     ]
 
 
@@ -328,14 +354,15 @@ def pin_config(config: KernelConfig):
 
 @functools.lru_cache(maxsize=16)
 def parse_config(text: str) -> KernelConfig:
-    """FUSED_TP_CONFIG's value, "BLOCK_M=128,BLOCK_N=256,BLOCK_K=64,num_warps=8,num_stages=3[,persistent=0][,tma=0]"."""
+    """FUSED_TP_CONFIG's value: "BLOCK_M=128,BLOCK_N=256,BLOCK_K=64,num_warps=8,num_stages=3", then optionally
+    persistent, tma, tma_c as 0 or 1."""
     fields = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = part.partition("=")
         if not eq or not value.strip().lstrip("-").isdigit():
             raise ValueError(f"{PIN_ENV}: expected NAME=INTEGER items separated by commas, got {part!r}")
         fields[name.strip()] = int(value)
-    for flag in ("persistent", "tma"):
+    for flag in ("persistent", "tma", "tma_c"):
         if flag in fields:
             fields[flag] = bool(fields[flag])
     return KernelConfig.from_dict(fields, PIN_ENV)
@@ -365,13 +392,14 @@ def pinned_config() -> KernelConfig | None:
     return cfg
 
 
-def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool) -> KernelConfig:
-    """The config where no pin and no table decides: INTERPRETER_CONFIG, or CONFIGS by width, path and rows."""
+def rule_config(M: int, dtype: torch.dtype, interpreted: bool, tma: bool, aux_tile: int = 0) -> KernelConfig:
+    """The config where no pin and no table decides: INTERPRETER_CONFIG, or CONFIGS by width, path and rows, with
+    room for the epilogue's `aux_tile` pre-activation tiles (with_room)."""
     if interpreted:
         return INTERPRETER_CONFIG
     width = "32bit" if dtype == torch.float32 else "16bit"
     rows = "small_m" if M <= (128 if tma else 64) else "large"
-    return CONFIGS[(width, "tma" if tma else "pointers", rows)]
+    return with_room(CONFIGS[(width, "tma" if tma else "pointers", rows)], dtype.itemsize, tma, aux_tile)
 
 
 read_environment()

@@ -154,9 +154,9 @@ def grad_input_prechecked(
     grad_y, M, rows = _matrix(grad_y)
     N, K = weight.shape
     pre = None if pre is None else pre.contiguous()  # read with the output's (contiguous) strides
-    width = 2 * K if activation and ACTIVATIONS[activation].gated else K
+    gated = bool(activation) and ACTIVATIONS[activation].gated
     return _matmul(
-        "dgrad",
+        "dgrad_gated" if gated else "dgrad",
         M,
         K,
         N,
@@ -165,7 +165,7 @@ def grad_input_prechecked(
         weight,
         weight.stride(),
         None,
-        (*grad_y.shape[:-1], width),
+        (*grad_y.shape[:-1], 2 * K if gated else K),
         activation,
         "load" if activation else "",
         pre,
@@ -333,7 +333,7 @@ def _autotuned(
     aux_tile = plan.aux_tiles(activation, aux)
     key = (p.path, index, product, dtype, tf32, tma, aux_tile, M, N, K)
     cands = [c for c in configs.candidates(M, N, K, dtype, tma) if configs.fits(c, dtype.itemsize, tma, aux_tile)]
-    rule = configs.rule_config(M, dtype, jit.INTERPRETED, tma)
+    rule = configs.rule_config(M, dtype, jit.INTERPRETED, tma, aux_tile)
     out = (M, N)
     cfg = autotune.autotuned_config(
         key,

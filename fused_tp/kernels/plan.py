@@ -107,7 +107,7 @@ def pick_config(
     `tf32` when fp32 dot products may use TF32, `aux_tile`: the pre-activation tiles the epilogue reads (aux_tiles).
     `pinned` (pinned_config(), or an autotuned config) wins over the table and the rule. Its split_k is always
     set. source: "pinned", "table" or "rule". A table's config without room for the pre-activation tiles gives way
-    to the rule's, narrowed where it has no room either (configs.with_room; tests/test_tune.py). A pinned config
+    to the rule's, narrowed where it has no room either (configs.rule_config; tests/test_tune.py). A pinned config
     whose tiles do not fit in shared memory raises ValueError before the launch."""
     cfg, source = pinned, "pinned"
     if cfg is not None and not fits(cfg, dtype.itemsize, tma, aux_tile):
@@ -121,7 +121,7 @@ def pick_config(
         cfg, source = tables.table_config(gpu, product, M, N, K, dtype, tma, tf32), "table"
     if cfg is None or not fits(cfg, dtype.itemsize, tma, aux_tile):
         cfg, source = (
-            configs.with_room(configs.rule_config(M, dtype, interpreted, tma), dtype.itemsize, tma, aux_tile),
+            configs.rule_config(M, dtype, interpreted, tma, aux_tile),
             "rule",
         )
     return dataclasses.replace(cfg, split_k=choose_split_k(M, N, K, cfg, slots, dtype.itemsize)), source
@@ -221,7 +221,7 @@ def matmul_plan(
         TMA=route is not None,
         A_T=route is not None and route[0],
         B_T=route is not None and route[1],
-        TMA_C=route is not None and route[2] and not gated,
+        TMA_C=route is not None and route[2] and cfg.tma_c and not gated,
         SPLIT=splits > 1,
         ACT=act,
         AUX=aux,
