@@ -208,7 +208,7 @@ def test_a_gated_derivative_gets_room_for_both_pre_activation_tiles():
     """SwiGLU's grad_input epilogue reads the (gate, up) pairs: two output-sized tiles. The rule's config for many
     rows has room for one (the H200 ran out of shared memory: 278552 bytes asked, 232448 there), so the rule's tile
     narrows until both fit, and takes the stages back that keep its bytes in flight (4 of 128x128x64 for 3 of
-    128x256x64: 7-18% faster than 3 on the H200, bench/NOTES.md attempt 51); a table's without room does the same
+    128x256x64: faster than 3 on the H200, bench/NOTES.md attempt 51); a table's without room does the same
     through the rule."""
     big = configs.CONFIGS[("16bit", "tma", "large")]
     assert configs.fits(big, 2, True, aux_tile=1) and not configs.fits(big, 2, True, aux_tile=2)
@@ -234,8 +234,8 @@ def test_a_gated_derivative_gets_room_for_both_pre_activation_tiles():
 
 def test_a_gated_grad_input_takes_its_own_table_entries(table_dir, device, monkeypatch):
     """SwiGLU's grad_input (two pre-activation tiles read, both halves' gradients written) looks its config up under
-    "dgrad_gated", the plain and the GELU grad_input under "dgrad": plain dgrad's tiles ran the gated epilogue up to
-    1.6x slower than the rule's on the H200 (bench/NOTES.md, attempt 51)."""
+    "dgrad_gated", the plain and the GELU grad_input under "dgrad": plain dgrad's tiles ran the gated epilogue slower
+    than the rule's on the H200 (bench/NOTES.md, attempt 51)."""
     gen = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(s, generator=gen).to(device=device, dtype=torch.bfloat16)  # noqa: E731
     g, w, pre1, pre2 = rand(16, 32), rand(32, 64), rand(16, 64), rand(16, 128)

@@ -52,8 +52,8 @@ class KernelConfig:
     # about 3 us of a 12 us decode product (bench/NOTES.md, attempt 47); pointers spare that where the tile is small.
     tma: bool = True
     # False: C (and a pre-activation) moves through pointers although descriptors could address it, so that a
-    # program builds and fences one descriptor fewer: 0.5-1.6 us of a 64- or 128-token product on the H200
-    # (bench/NOTES.md, attempt 50).
+    # program builds and fences one descriptor fewer, which a 64- or 128-token product feels (bench/NOTES.md,
+    # attempt 50).
     tma_c: bool = True
 
     def __post_init__(self):
@@ -215,9 +215,9 @@ def fits(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int = 0) -> bool
 def with_room(cfg: KernelConfig, itemsize: int, tma: bool, aux_tile: int) -> KernelConfig:
     """`cfg`, or where its tiles leave no room for the epilogue's (a gated derivative loads two pre-activation
     tiles: 278528 bytes for the rule's 128x256x64 in 3 stages), its tile narrowed, then given back the stages that
-    keep as many bytes in flight as it had (each stage of the narrower tile is smaller: the rule's 128x128x64 ran
-    SwiGLU's grad_input 7-18% faster in 4 stages than in 3 on the H200, bench/NOTES.md attempt 51); stages are
-    cut only where the narrowest tile still has no room."""
+    keep as many bytes in flight as it had (each stage of the narrower tile is smaller; the rule's 128x128x64 ran
+    SwiGLU's grad_input faster in 4 stages than in 3 at every shape: bench/NOTES.md, attempt 51); stages are cut
+    only where the narrowest tile still has no room."""
     in_flight = cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K
     while not fits(cfg, itemsize, tma, aux_tile) and cfg.BLOCK_N > 64:
         cfg = dataclasses.replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)

@@ -279,7 +279,8 @@ def _epilogue(
             d_gate, d_up = ACT(gate, up)
             # acc joined with itself meets the derivatives' pairs in one layout: as acc * d_gate and acc * d_up the
             # compiler moved four fp32 [BLOCK_M, BLOCK_N] tiles between layouts through shared memory, this way one
-            # [BLOCK_M, 2 * BLOCK_N] (the same bits, 1.06x against 0.94x of autograd's: bench/NOTES.md, attempt 51).
+            # [BLOCK_M, 2 * BLOCK_N] (the same bits, and faster than autograd's unfused backward only this way:
+            # bench/NOTES.md, attempt 51).
             grads = tl.reshape(tl.join(acc, acc), (BLOCK_M, 2 * BLOCK_N)) * tl.reshape(
                 tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_N)
             )
