@@ -289,6 +289,35 @@ def test_pruning_rules():
     assert gemv(1) and gemv(rows) and not gemv(rows + 1), "the GEMV form is timed for GEMV_MAX_ROWS rows only"
 
 
+def test_tma_c_stores_c_through_pointers_beside_descriptor_operands(device):
+    """tma_c=False keeps A and B on descriptors where they allow them and stores C through pointers: one descriptor
+    fewer a program, and no shared-memory tile for a descriptor store."""
+    index = 0 if device == "cuda" else -1
+    if not plan.device(index).has_tma:
+        pytest.skip("tensor descriptors need sm_90")
+    c_pointers = configs.KernelConfig(64, 64, 64, num_warps=4, num_stages=2, tma_c=False)
+    for cfg, tma_c in ((c_pointers, False), (dataclasses.replace(c_pointers, tma_c=True), True)):
+        p = plan.matmul_plan(
+            "fwd",
+            64,
+            128,
+            256,
+            (256, 1),
+            (1, 256),
+            torch.bfloat16,
+            (True,) * 4,
+            1,
+            "",
+            "",
+            index,
+            False,
+            (cfg, "pinned"),
+        )
+        assert "tma" in p.counts and p.launch.kwargs["TMA"] and p.launch.kwargs["TMA_C"] == tma_c
+    assert c_pointers.shared_memory(2, True) == 2 * (64 + 64) * 64 * 2
+    assert dataclasses.replace(c_pointers, tma_c=True).shared_memory(2, True) == 2 * (64 + 64) * 64 * 2 + 64 * 64 * 2
+
+
 def test_the_gemv_form_is_a_config_with_a_row_tile():
     """BLOCK_M 1 is the GEMV form, whose weight tile may be 4 columns wide; other sub-16 tiles are refused, naming
     the field."""
