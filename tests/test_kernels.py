@@ -674,6 +674,28 @@ def test_direct_launch_is_gated_by_version_and_switch():
     assert plan.matmul_plan.cache_info().maxsize == plan.colsum_plan.cache_info().maxsize == plan.PLAN_CACHE_SIZE
 
 
+def test_the_direct_entry_gives_triton_s_launcher_what_its_own_call_would():
+    """What a direct launch passes Triton's C launcher besides the arguments (launch._direct_entry): the launcher's
+    flags, the compiled function and metadata, and the descriptor scratch CudaLauncher.__call__ would allocate
+    (scratch per program x programs x CTAs); none where only Triton's Python launcher can serve the launch (a
+    kernel built with profile scratch, a launch function wrapped for host-made descriptors), so those launches
+    keep going through kernel[grid]. Stand-ins for the compiled kernel: this runs without a GPU."""
+    from types import SimpleNamespace as NS
+
+    spec = plan.Launch((33, 2, 1), (5, 7), {"BLOCK_M": 64, "HAS_BIAS": True})
+    kernel = NS(params=[NS(name="BLOCK_M", is_constexpr=True), NS(name="x", is_constexpr=False)])
+
+    def compiled(profile_scratch=0, launch_fn=len, ctas=2):
+        run = NS(launch=launch_fn, num_ctas=ctas, launch_cooperative_grid=False, launch_pdl=True)
+        meta = NS(global_scratch_size=384, profile_scratch_size=profile_scratch)
+        return NS(run=run, metadata=meta, function=1234, packed_metadata=(4, 1, 0))
+
+    c = compiled()
+    assert launch._direct_entry(kernel, spec, c) == (len, 1234, (4, 1, 0), (False, True), 384 * 66 * 2, (64,), c)
+    assert launch._direct_entry(kernel, spec, compiled(profile_scratch=8)) is None
+    assert launch._direct_entry(kernel, spec, compiled(launch_fn=lambda *a: None)) is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels on a GPU")
 def test_the_plain_launch_gives_the_direct_launches_bits(monkeypatch):
     """With the direct launch switched off (an untested Triton, or FUSED_TP_DIRECT_LAUNCH=0), every launch goes

@@ -8,17 +8,22 @@ fixes everything Triton specialises on (the meta-parameters, each integer argume
 and 16-byte alignment, the device: plan.matmul_plan's key), so the kernel run would choose is the one kept; it is
 kept on the plan, whose cache is bounded.
 
-The direct call uses Triton's compiled-kernel internals (CompiledKernel.run and its arguments), which are not a
-public API: it is on only for the Triton versions it was run with on a GPU (TESTED_TRITON), and
-FUSED_TP_DIRECT_LAUNCH=0 (read at import) turns it off. Off, every launch goes through kernel[grid] (the same
-kernel, with Triton's binding's host time per launch); on an untested Triton a warning says so once.
-path_counts["direct_launch"] counts the direct launches.
+The direct call goes one level further down than CompiledKernel.run: to the C function Triton built for the kernel
+(its launcher's `launch`), with the descriptor scratch taken from this module's buffers instead of through Triton's
+allocator hook (a context variable and a Python callback per launch); that saves a third of the launch's host time
+(bench/NOTES.md, attempt 53). It uses Triton's compiled-kernel internals (the launcher's attributes and the C
+function's arguments), which are not a public API: it is on only for the Triton versions it was run with on a GPU
+(TESTED_TRITON), and FUSED_TP_DIRECT_LAUNCH=0 (read at import) turns it off. Off, every launch goes through
+kernel[grid] (the same kernel, with Triton's binding's host time per launch); on an untested Triton a warning says
+so once. path_counts["direct_launch"] counts the direct launches.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
+import types
 import warnings
 
 import torch
@@ -42,30 +47,51 @@ path_counts: collections.Counter = collections.Counter()
 
 def launch(kernel, spec, args: tuple) -> None:
     """kernel[spec.grid](*args, *spec.ints, **spec.kwargs): `args` are the tensor arguments; directly through the
-    compiled kernel from the second launch of `spec` on (see above)."""
+    compiled kernel's C launcher from the second launch of `spec` on (see above)."""
     args = (*args, *spec.ints)
-    if spec.tma and not INTERPRETED:
-        # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
-        triton.set_allocator(_descriptor_scratch)
-    compiled = spec.compiled
-    if compiled is None or not DIRECT:
-        compiled = kernel[spec.grid](*args, **spec.kwargs)
-        if isinstance(kernel, JITFunction) and DIRECT:  # not a stand-in (tests, bench_host's stubs)
-            spec.compiled = compiled
-            spec.values = tuple(spec.kwargs[p.name] for p in kernel.params if p.is_constexpr)
-        elif not INTERPRETED:
-            _warn_untested_once()
+    direct = spec.direct
+    if direct is None or not DIRECT:
+        _launch_through_triton(kernel, spec, args)
         return
+    c_launch, function, metadata, flags, scratch_bytes, values, compiled = direct
     device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its lazy-init check: CUDA is up here
-    stream = triton.runtime.driver.active.get_current_stream(device)
+    stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver reads for the current stream
+    scratch = _descriptor_scratch(scratch_bytes, 0, stream) if scratch_bytes else None
     # Launch hooks (profilers) are passed on as run passes them, but an empty hook chain (Triton keeps hooks in
     # chains that are never None) is passed as None: the launcher then skips it, and the launch metadata only hooks
     # read is not built (bench/NOTES.md, attempt 24).
     enter, leave = hook(knobs.runtime.launch_enter_hook), hook(knobs.runtime.launch_exit_hook)
-    grid, values = spec.grid, spec.values
-    meta = compiled.launch_metadata(grid, stream, *args, *values) if enter is not None or leave is not None else None
-    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, meta, enter, leave, *args, *values)
+    meta = None
+    if enter is not None or leave is not None:
+        meta = compiled.launch_metadata(spec.grid, stream, *args, *values)
+    c_launch(*spec.grid, stream, function, *flags, scratch, None, metadata, meta, enter, leave, *args, *values)
     path_counts["direct_launch"] += 1
+
+
+def _launch_through_triton(kernel, spec, args: tuple) -> None:
+    """The first launch of `spec` (which compiles), or every launch where the direct one is off."""
+    if spec.tma and not INTERPRETED:
+        # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
+        triton.set_allocator(_descriptor_scratch)
+    compiled = kernel[spec.grid](*args, **spec.kwargs)
+    if isinstance(kernel, JITFunction) and DIRECT:  # not a stand-in (tests, bench_host's stubs)
+        spec.direct = _direct_entry(kernel, spec, compiled)
+    elif not INTERPRETED:
+        _warn_untested_once()
+
+
+def _direct_entry(kernel, spec, compiled) -> tuple | None:
+    """What the direct launches of `spec` pass Triton's C launcher besides the grid, the stream and the arguments
+    (Triton 3.6's CudaLauncher.__call__ builds the same): or None, leaving every launch to kernel[grid], where the
+    launcher wants what only Triton's Python gives it (profile scratch: a kernel built for instrumentation; a
+    launch function wrapped for descriptors made on the host)."""
+    launcher, meta = compiled.run, compiled.metadata
+    if meta.profile_scratch_size or not isinstance(launcher.launch, types.BuiltinFunctionType):
+        return None
+    scratch_bytes = meta.global_scratch_size * math.prod(spec.grid) * launcher.num_ctas
+    values = tuple(spec.kwargs[p.name] for p in kernel.params if p.is_constexpr)
+    flags = (launcher.launch_cooperative_grid, launcher.launch_pdl)
+    return launcher.launch, compiled.function, compiled.packed_metadata, flags, scratch_bytes, values, compiled
 
 
 def hook(chain):

@@ -52,13 +52,13 @@ def device(index: int) -> Device:
 
 class Launch:
     """One kernel launch: its grid, its integer arguments in the kernel's order, its compile-time arguments
-    (`kwargs`), and the compiled kernel and its compile-time values once launch.py has them (kept here: a plan
+    (`kwargs`), and once launch.py has compiled it what its direct launches need (`direct`: kept here, as a plan
     lives in a bounded cache)."""
 
-    __slots__ = ("grid", "ints", "kwargs", "tma", "values", "compiled")
+    __slots__ = ("grid", "ints", "kwargs", "tma", "direct")
 
     def __init__(self, grid: tuple[int, int, int], ints: tuple, kwargs: dict):
-        self.grid, self.ints, self.kwargs, self.values, self.compiled = grid, ints, kwargs, None, None
+        self.grid, self.ints, self.kwargs, self.direct = grid, ints, kwargs, None
         self.tma = bool(kwargs.get("TMA"))  # its kernel makes tensor descriptors, which need global scratch
 
 
