@@ -9,6 +9,7 @@ import torch
 
 import fused_tp
 from fused_tp import kernels
+from fused_tp.tolerance import assert_close, linear_reference, tol
 
 
 def _other_device(device):
@@ -120,6 +121,47 @@ def test_kernel_launcher_checks(device):
         kernels.linear(x, w[0])
     with pytest.raises(TypeError, match=r"weight: expected dtype float32, float16 or bfloat16, got torch.float64"):
         kernels.linear(x, w.double())
+
+
+def test_backward_kernels_check_their_arguments(device):
+    """kernels.grad_input and kernels.grad_params check their operands as kernels.linear does, naming the argument,
+    before anything launches: mismatched widths, rows, dtypes or devices would otherwise be read through the wrong
+    strides and give a wrong result without an error."""
+    w, g = torch.randn(5, 4, device=device), torch.randn(3, 5, device=device)
+    x = torch.randn(3, 4, device=device)
+    bad_grad_input = [
+        (
+            (torch.randn(3, 7, device=device), w),
+            ValueError,
+            r"grad_y: expected last dim 5 \(weight.shape\[0\]\), got shape \(3, 7\)",
+        ),
+        ((g.bfloat16(), w), TypeError, r"grad_y: expected dtype torch.float32 \(the weight's\), got torch.bfloat16"),
+        (
+            (g.double(), w.double()),
+            TypeError,
+            r"weight: expected dtype float32, float16 or bfloat16, got torch.float64",
+        ),
+        ((g, w[0]), ValueError, r"weight: expected 2 dims \[out_features, in_features\], got shape \(4,\)"),
+        (([1.0], w), TypeError, "grad_y: expected a torch.Tensor, got list"),
+        ((g.to("meta"), w), ValueError, rf"grad_y: expected device {w.device} \(the weight's\), got meta"),
+    ]
+    for args, error, message in bad_grad_input:
+        with pytest.raises(error, match=message):
+            kernels.grad_input(*args)
+    bad_grad_params = [
+        ((g, torch.randn(4, 4, device=device)), {}, ValueError, r"x: expected leading dims \(3,\) \(grad_y's\)"),
+        ((g, x.bfloat16()), {}, TypeError, r"x: expected dtype torch.float32 \(the grad_y's\), got torch.bfloat16"),
+        ((g, None), {}, TypeError, "x: expected a torch.Tensor, got NoneType"),
+        ((g[0, 0], x), {}, ValueError, r"grad_y: expected at least 1 dim \[..., N\], got shape \(\)"),
+        ((g, x.to("meta")), {"bias": False}, ValueError, rf"x: expected device {g.device} \(the grad_y's\), got meta"),
+    ]
+    for args, kwargs, error, message in bad_grad_params:
+        with pytest.raises(error, match=message):
+            kernels.grad_params(*args, **kwargs)
+    # x is not read without the weight gradient: None is fine there, and the bias gradient is grad_y's column sums.
+    grad_w, grad_b = kernels.grad_params(g, None, weight=False)
+    assert grad_w is None
+    assert_close("grad_b", grad_b, *linear_reference(torch.ones(3, device=device), g.t()), tol(torch.float32, 3))
 
 
 def test_activation_options_are_checked(device):

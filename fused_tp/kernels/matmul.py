@@ -39,6 +39,26 @@ def check_dtype(name: str, dtype: torch.dtype) -> None:
         raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {dtype}")
 
 
+def check_operands(*args: tuple[str, torch.Tensor | None, bool]) -> None:
+    """TypeError / ValueError naming the argument, for a kernel call's tensors given as (name, tensor, optional) in
+    the order their errors name them: each a torch.Tensor (or None where optional), of a dtype the kernels take, and
+    of the first one's dtype and device. The first is the reference: what a layer owns (its weight), against what
+    the caller passes. All type checks come before the dtype checks: a layer turned float64 after construction
+    (model.double()) is the weight's fault, not the input's."""
+    for name, t, optional in args:
+        if not isinstance(t, torch.Tensor) and not (t is None and optional):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t, _ in args:
+        if t is not None:
+            check_dtype(name, t.dtype)
+    ref_name, ref, _ = args[0]
+    for name, t, _ in args[1:]:
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{name}: expected dtype {ref.dtype} (the {ref_name}'s), got {t.dtype}")
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name}: expected device {ref.device} (the {ref_name}'s), got {t.device}")
+
+
 def check_linear_args(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -48,21 +68,7 @@ def check_linear_args(
     """Raise TypeError / ValueError naming the argument (by `names`) if (x, weight, bias) is not a valid F.linear
     call."""
     in_name, w_name, b_name = names
-    args = ((w_name, weight), (in_name, x), (b_name, bias))
-    for name, t in args:
-        if not isinstance(t, torch.Tensor) and not (t is None and name == b_name):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    # The weight first: a layer turned float64 after construction (model.double()) is the weight's fault, not the
-    # input's.
-    for name, t in args:
-        if t is not None:
-            check_dtype(name, t.dtype)
-    # The weight is the reference: it is what a layer owns, the input and bias are what the caller passes.
-    for name, t in ((in_name, x), (b_name, bias)):
-        if t is not None and t.dtype != weight.dtype:
-            raise TypeError(f"{name}: expected dtype {weight.dtype} (the {w_name}'s), got {t.dtype}")
-        if t is not None and t.device != weight.device:
-            raise ValueError(f"{name}: expected device {weight.device} (the {w_name}'s), got {t.device}")
+    check_operands((w_name, weight, False), (in_name, x, False), (b_name, bias, True))
     if weight.dim() != 2:
         raise ValueError(f"{w_name}: expected 2 dims [out_features, in_features], got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -134,7 +140,12 @@ def grad_input(
     x = activation(pre): grad_pre = (grad_y @ weight) * activation'(pre), in the same launch. A gated activation's
     pre is [..., 2K], its (gate, up) pairs interleaved, and so is grad_pre: both gradients of each pair.
     """
+    check_operands(("weight", weight, False), ("grad_y", grad_y, False), ("pre", pre, True))
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2 dims [out_features, in_features], got shape {tuple(weight.shape)}")
     N, K = weight.shape
+    if grad_y.dim() < 1 or grad_y.shape[-1] != N:
+        raise ValueError(f"grad_y: expected last dim {N} (weight.shape[0]), got shape {tuple(grad_y.shape)}")
     act = check_activation(activation)
     if (pre is None) != (act == ""):
         raise ValueError("pre: expected a tensor exactly when activation is given")
@@ -173,13 +184,27 @@ def grad_input_prechecked(
 
 
 def grad_params(
-    grad_y: torch.Tensor, x: torch.Tensor, *, weight: bool = True, bias: bool = True
+    grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad_w, grad_b) = (grad_y.T @ x, grad_y summed over rows): the matmul kernel and the column-sum kernel;
-    either may be skipped (None).
+    either may be skipped (None; x may be None without the weight gradient).
 
-    grad_y [..., N], x [..., K]  ->  grad_w [N, K], grad_b [N]
+    grad_y [..., N], x [..., K] with grad_y's leading dims  ->  grad_w [N, K], grad_b [N]
     """
+    check_operands(("grad_y", grad_y, False), ("x", x, not weight))
+    if grad_y.dim() < 1:
+        raise ValueError(f"grad_y: expected at least 1 dim [..., N], got shape {tuple(grad_y.shape)}")
+    if weight and (x.dim() < 1 or x.shape[:-1] != grad_y.shape[:-1]):
+        raise ValueError(
+            f"x: expected leading dims {tuple(grad_y.shape[:-1])} (grad_y's) and a last dim, got shape {tuple(x.shape)}"
+        )
+    return grad_params_prechecked(grad_y, x, weight=weight, bias=bias)
+
+
+def grad_params_prechecked(
+    grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """grad_params for arguments grad_params would pass (the layers' own)."""
     grad_y, M, g_rows = _matrix(grad_y)
     N = grad_y.shape[-1]
     grad_w = grad_b = None

@@ -57,11 +57,11 @@ def _grad_input_impl(grad_y, weight, activation, pre):
 
 def _grad_weight_impl(grad_y, x):
     with launch.scratch_per_launch():
-        return matmul.grad_params(grad_y, x, bias=False)[0]
+        return matmul.grad_params_prechecked(grad_y, x, bias=False)[0]
 
 
 def _bias_grad_impl(grad_y):
-    return matmul.grad_params(grad_y, grad_y, weight=False)[1]  # no descriptors: no scratch
+    return matmul.grad_params_prechecked(grad_y, None, weight=False)[1]  # no descriptors: no scratch
 
 
 for _name, _impl in (
@@ -122,10 +122,10 @@ def grad_input(grad_y, weight, activation: str = "", pre=None):
 
 
 def grad_params(grad_y, x, *, weight: bool = True, bias: bool = True):
-    """matmul.grad_params, through the operators while torch.compile traces."""
+    """matmul.grad_params_prechecked, through the operators while torch.compile traces."""
     if torch.compiler.is_compiling():
         return (
             (torch.ops.fused_tp.grad_weight(grad_y, x) if weight else None),
             (torch.ops.fused_tp.bias_grad(grad_y) if bias else None),
         )
-    return matmul.grad_params(grad_y, x, weight=weight, bias=bias)
+    return matmul.grad_params_prechecked(grad_y, x, weight=weight, bias=bias)
