@@ -93,16 +93,18 @@ def load_dense_state_dict(model: nn.Module, source, device=None, strict: bool = 
         used = set()
         for _prefix, layer, names in _pieces(model):
             start, stop = layer.shard_span
+            rows = layer.out_features // len(names)  # a gated fc1's rows interleave gate's and up's
             for leaf in ("weight", "bias"):
                 old = getattr(layer, leaf)
                 if old is None:
                     continue
                 dim = layer._split_dim if leaf == "weight" else (0 if layer._split_dim == 0 else None)
+                shape = (rows, layer.in_features) if leaf == "weight" else (rows,)
                 if len(names) == 2:
-                    parts = [reader.read(f"{n}.{leaf}", dim, start // 2, stop // 2) for n in names]
+                    parts = [reader.read(f"{n}.{leaf}", dim, start // 2, stop // 2, shape) for n in names]
                     value = torch.stack(parts, 1).flatten(0, 1)
                 else:
-                    value = reader.read(f"{names[0]}.{leaf}", dim, start, stop)
+                    value = reader.read(f"{names[0]}.{leaf}", dim, start, stop, shape)
                 used.update(f"{n}.{leaf}" for n in names)
                 target = device if old.is_meta else old.device
                 setattr(
@@ -280,16 +282,20 @@ class _Reader:
     def keys(self):
         return sorted(self.names)
 
-    def read(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, dim: int | None, start: int, stop: int, shape: tuple | None = None) -> torch.Tensor:
+        """The tensor `name`, or its [start, stop) along `dim`; ValueError unless its dense shape is `shape` (where
+        given): a slice of a tensor of another size (a checkpoint of another model) would load without an error."""
         if name not in self.names:
             raise KeyError(f"source: missing {name!r}")
+        whole = self.source[name] if self.file is None else self.file.get_slice(name)
+        found = tuple(whole.shape) if self.file is None else tuple(whole.get_shape())
+        if shape is not None and found != tuple(shape):
+            raise ValueError(f"source: {name!r} has shape {found}, expected {tuple(shape)} (the model's layer)")
         if self.file is None:
-            t = self.source[name]
-            return t if dim is None else t.narrow(dim, start, stop - start)
+            return whole if dim is None else whole.narrow(dim, start, stop - start)
         if dim is None:
             return self.file.get_tensor(name)
-        view = self.file.get_slice(name)
-        return view[start:stop] if dim == 0 else view[:, start:stop]
+        return whole[start:stop] if dim == 0 else whole[:, start:stop]
 
     def close(self):
         self.file = None

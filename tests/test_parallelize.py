@@ -1,6 +1,7 @@
 """fused_tp.parallelize on tiny random-weight Hugging Face models of the Llama family (no downloads), on gloo ranks:
 logits, every gradient and greedy generate() as the dense model's."""
 
+import copy
 import os
 
 import dist_cases
@@ -63,6 +64,26 @@ def test_parallelize_refuses_what_it_cannot_shard():
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)), {"0": "colwise", "2": "rowwise"}
     )
     assert isinstance(model[0], fused_tp.ColumnParallelLinear) and isinstance(model[2], fused_tp.RowParallelLinear)
+
+
+def test_a_dense_checkpoint_of_another_size_is_refused(tmp_path):
+    """load_dense_state_dict checks each dense tensor's shape against the model's layer before it reads the rank's
+    slice (from a state dict or a safetensors file): a checkpoint of a wider model would otherwise load a slice of
+    the wrong tensor without an error. The right checkpoint loads bit for bit."""
+    dense = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
+    model = fused_tp.parallelize(copy.deepcopy(dense), {"0": "colwise", "2": "rowwise"})
+    wider = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 4)).state_dict()
+    message = r"source: '0.weight' has shape \(7, 4\), expected \(6, 4\) \(the model's layer\)"
+    with pytest.raises(ValueError, match=message):
+        fused_tp.checkpoint.load_dense_state_dict(model, wider)
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    save_file(wider, tmp_path / "wider.safetensors")
+    with pytest.raises(ValueError, match=message):
+        fused_tp.checkpoint.load_dense_state_dict(model, str(tmp_path / "wider.safetensors"))
+    fused_tp.checkpoint.load_dense_state_dict(model, dense.state_dict())
+    loaded = fused_tp.checkpoint.dense_state_dict(model)
+    assert loaded.keys() == dense.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in dense.state_dict().items())
 
 
 def test_checkpoints_round_trip_between_any_two_world_sizes(rank_pools, tmp_path):
