@@ -288,9 +288,10 @@ class _Reader:
         if name not in self.names:
             raise KeyError(f"source: missing {name!r}")
         whole = self.source[name] if self.file is None else self.file.get_slice(name)
-        found = tuple(whole.shape) if self.file is None else tuple(whole.get_shape())
-        if shape is not None and found != tuple(shape):
-            raise ValueError(f"source: {name!r} has shape {found}, expected {tuple(shape)} (the model's layer)")
+        if shape is not None:  # (a state dict's other entries need not be tensors: _extra_state)
+            found = tuple(whole.shape) if self.file is None else tuple(whole.get_shape())
+            if found != tuple(shape):
+                raise ValueError(f"source: {name!r} has shape {found}, expected {tuple(shape)} (the model's layer)")
         if self.file is None:
             return whole if dim is None else whole.narrow(dim, start, stop - start)
         if dim is None:

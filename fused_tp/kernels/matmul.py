@@ -42,9 +42,9 @@ def check_dtype(name: str, dtype: torch.dtype) -> None:
 def check_operands(*args: tuple[str, torch.Tensor | None, bool]) -> None:
     """TypeError / ValueError naming the argument, for a kernel call's tensors given as (name, tensor, optional) in
     the order their errors name them: each a torch.Tensor (or None where optional), of a dtype the kernels take, and
-    of the first one's dtype and device. The first is the reference: what a layer owns (its weight), against what
-    the caller passes. All type checks come before the dtype checks: a layer turned float64 after construction
-    (model.double()) is the weight's fault, not the input's."""
+    of the first one's dtype and device. The first is the reference, what a layer owns (its weight), against what
+    the caller passes; it is checked first, so that a layer turned float64 after construction (model.double()) is
+    named rather than its input."""
     for name, t, optional in args:
         if not isinstance(t, torch.Tensor) and not (t is None and optional):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
