@@ -1,7 +1,6 @@
 """fused_tp.parallelize on tiny random-weight Hugging Face models of the Llama family (no downloads), on gloo ranks:
 logits, every gradient and greedy generate() as the dense model's."""
 
-import copy
 import os
 
 import dist_cases
@@ -70,8 +69,9 @@ def test_a_dense_checkpoint_of_another_size_is_refused(tmp_path):
     """load_dense_state_dict checks each dense tensor's shape against the model's layer before it reads the rank's
     slice (from a state dict or a safetensors file): a checkpoint of a wider model would otherwise load a slice of
     the wrong tensor without an error. The right checkpoint loads bit for bit."""
-    dense = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
-    model = fused_tp.parallelize(copy.deepcopy(dense), {"0": "colwise", "2": "rowwise"})
+    dense, other = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)) for _ in range(2))
+    model = fused_tp.parallelize(other, {"0": "colwise", "2": "rowwise"})  # other weights: loading must change them
+    assert not torch.equal(fused_tp.checkpoint.dense_state_dict(model)["0.weight"], dense[0].weight)
     wider = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 4)).state_dict()
     message = r"source: '0.weight' has shape \(7, 4\), expected \(6, 4\) \(the model's layer\)"
     with pytest.raises(ValueError, match=message):
