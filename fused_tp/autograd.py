@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from . import guard, kernels
 from .kernels import autotune, configs, ops
+from .kernels.matmul import linear_args_pass
 
 
 def resolve_group(group):
@@ -407,15 +408,29 @@ def _current_tuning() -> autotune.Tuning | None:
 
 
 def _tuning(scope: autotune.Tuning | None):
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else autotune.tuning(scope)
+    """`with _tuning(scope):` runs the block in `scope` (a backward in its forward's); nothing to set where neither
+    it nor the current scope is one (the common case: no object made) or under torch.compile."""
+    if scope is None and autotune.current_tuning() is None or torch.compiler.is_compiling():
+        return _NO_SCOPE
+    return autotune.tuning(scope)
+
+
+_NO_SCOPE = contextlib.nullcontext()  # stateless: one serves every block
+
+
+def _plain(world: int) -> bool:
+    """Whether a layer call runs its argument checks and nothing else before its work: eager, with neither the rank
+    guard nor run-time autotuning on a group. Callers test this first and call _preflight only where it is not so,
+    so that the common call builds none of _preflight's closures (host time: bench/NOTES.md, attempt 56)."""
+    return (world == 1 or not (guard.enabled() or configs.autotune_enabled())) and not torch.compiler.is_compiling()
 
 
 def _preflight(where: str, group, world: int, check, facts, launch_facts) -> autotune.Tuning | None:
-    """Run a call's argument checks; with the rank guard on, also agree with the other ranks (fused_tp/guard.py).
-    Returns the call's tuning scope (run-time autotuning on a group), else None. `launch_facts() -> str | None`:
-    what, beside `facts`, fixes every rank's launches (input strides, the layer's dense size along its split dim),
-    for autotuning only; None where that cannot be said (the functional forms get shards alone), which makes every
-    call a tuning call.
+    """For a call that is not _plain: run its argument checks; with the rank guard on, also agree with the other
+    ranks (fused_tp/guard.py). Returns the call's tuning scope (run-time autotuning on a group), else None.
+    `launch_facts() -> str | None`: what, beside `facts`, fixes every rank's launches (input strides, the layer's
+    dense size along its split dim), for autotuning only; None where that cannot be said (the functional forms get
+    shards alone), which makes every call a tuning call.
 
     Without the guard a bad argument raises on the rank that has it, before any collective; the other ranks then
     wait in the call's first collective until the group's timeout. With it, every rank raises at once.
@@ -428,9 +443,6 @@ def _preflight(where: str, group, world: int, check, facts, launch_facts) -> aut
                 f"{where}: the rank guard (FUSED_TP_CHECK_RANKS, check_ranks()) and run-time "
                 "autotuning (FUSED_TP_AUTOTUNE) run eagerly only; turn them off to compile"
             )
-        check()
-        return None
-    if world == 1 or not (guard.enabled() or configs.autotune_enabled()):
         check()
         return None
     facts_text = f"{facts()}; grad mode {torch.is_grad_enabled()}; group of {world}"
@@ -507,19 +519,18 @@ def column_call(
     caller has them; `seq_dim`: sequence parallelism, x holds this rank's share of the sequence along that dim,
     gathered first (its gradient reduce-scattered, in place of grad_x's all-reduce)."""
     world, rank = world_rank or group_size_rank(group)
-
-    def check():
-        kernels.check_linear_args(x, weight, bias)
-        _check_seq_dim(x, seq_dim)
-
-    scope = _preflight(
-        "column-parallel linear",
-        group,
-        world,
-        check,
-        lambda: f"{_describe_input(x, seq_dim)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
-        _launch_facts(x, out_features),
-    )
+    scope = None
+    if _plain(world):
+        _check_column(x, weight, bias, seq_dim)
+    else:
+        scope = _preflight(
+            "column-parallel linear",
+            group,
+            world,
+            lambda: _check_column(x, weight, bias, seq_dim),
+            lambda: f"{_describe_input(x, seq_dim)}; {_param_facts(weight, bias, 1)}; gather {gather_size}",
+            _launch_facts(x, out_features),
+        )
     graph = _records_grad(x, weight, bias)
     seq = _sequence(x, seq_dim, group, world, rank)
     if graph:
@@ -532,6 +543,11 @@ def column_call(
     if graph:
         return _GatherLastDim.apply(y, group, world, rank, gather_size)
     return _all_gather_last_dim(y, group, world, gather_size)
+
+
+def _check_column(x, weight, bias, seq_dim: int | None) -> None:
+    kernels.check_linear_args(x, weight, bias)
+    _check_seq_dim(x, seq_dim)
 
 
 def row_call(
@@ -549,26 +565,25 @@ def row_call(
     form); `world_rank` as for column_call; `seq_dim`: sequence parallelism, the output reduce-scattered along that
     dim (this rank's share of the sequence) in place of the all-reduce."""
     world, rank = world_rank or group_size_rank(group)
+    scope = None
+    if _plain(world):
+        _check_row(x, weight, bias, scatter_size, world, rank, seq_dim)
+    else:
 
-    def check():
-        if scatter_size is not None and (
-            not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != scatter_size
-        ):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input: expected last dim {scatter_size} (in_features), got {got}")
-        start, stop = shard_range(scatter_size, world, rank) if scatter_size is not None else (0, None)
-        kernels.check_linear_args(x if scatter_size is None else x[..., start:stop], weight, bias)
-        _check_seq_dim(x, seq_dim)
+        def facts():
+            # The shard's last dim is this rank's own; the full input and every leading dim are replicated.
+            leading = scatter_size is None and isinstance(x, torch.Tensor) and x.dim() > 0
+            input_facts = guard.describe("input", x, leading_only=leading)
+            return f"{input_facts}; {_param_facts(weight, bias, 0)}; scatter {scatter_size}"
 
-    def facts():
-        # The shard's last dim is this rank's own; the full input and every leading dim are replicated.
-        leading = scatter_size is None and isinstance(x, torch.Tensor) and x.dim() > 0
-        input_facts = guard.describe("input", x, leading_only=leading)
-        return f"{input_facts}; {_param_facts(weight, bias, 0)}; scatter {scatter_size}"
-
-    scope = _preflight(
-        "row-parallel linear", group, world, check, facts, _launch_facts(x, in_features, shard=scatter_size is None)
-    )
+        scope = _preflight(
+            "row-parallel linear",
+            group,
+            world,
+            lambda: _check_row(x, weight, bias, scatter_size, world, rank, seq_dim),
+            facts,
+            _launch_facts(x, in_features, shard=scatter_size is None),
+        )
     if seq_dim is not None and world > 1:
         graph = _records_grad(x, weight, bias)
         # the partial sums, the bias in rank 0's only, then reduce-scattered: world 1 to the Function, no all-reduce
@@ -582,6 +597,15 @@ def row_call(
         start, stop = shard_range(scatter_size, world, rank)
         x = x[..., start:stop]
     return _in_scope(scope, _row_forward, x, weight, bias, group, world, rank)
+
+
+def _check_row(x, weight, bias, scatter_size: int | None, world: int, rank: int, seq_dim: int | None) -> None:
+    if scatter_size is not None and (not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != scatter_size):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"input: expected last dim {scatter_size} (in_features), got {got}")
+    start, stop = shard_range(scatter_size, world, rank) if scatter_size is not None else (0, None)
+    kernels.check_linear_args(x if scatter_size is None else x[..., start:stop], weight, bias)
+    _check_seq_dim(x, seq_dim)
 
 
 def mlp_call(
@@ -600,25 +624,25 @@ def mlp_call(
     `hidden_features`: the dense hidden width; `world_rank` as for column_call; `seq_dim`: sequence parallelism,
     input and output this rank's share of the sequence along that dim (an all-gather in, a reduce-scatter out)."""
     world, rank = world_rank or group_size_rank(group)
+    scope = None
+    if _plain(world):
+        _check_mlp(x, w1, b1, w2, b2, activation, seq_dim)
+    else:
 
-    def check():
-        kernels.check_activation(activation, allow_none=False)
-        kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
-        _check_seq_dim(x, seq_dim)
-        kernels.check_gated_width(activation, w1.shape[0], "fc1.weight", "rows")
-        # fc2 reads what fc1 writes: [..., F_r] (a gated activation's: half fc1's rows) in fc1.weight's dtype, on
-        # its device; an empty view of fc1's weight stands for it, made in one op (host time: two cost 2.5 us).
-        width = kernels.ACTIVATIONS[activation].width(w1.shape[0])
-        fc1_out = w1.as_strided((0, width), (width, 1))
-        kernels.check_linear_args(fc1_out, w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
+        def facts():
+            return (
+                f"{_describe_input(x, seq_dim)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
+                f"activation {activation}"
+            )
 
-    def facts():
-        return (
-            f"{_describe_input(x, seq_dim)}; fc1 {_param_facts(w1, b1, 1)}; fc2 {_param_facts(w2, b2, 0)}; "
-            f"activation {activation}"
+        scope = _preflight(
+            "parallel MLP",
+            group,
+            world,
+            lambda: _check_mlp(x, w1, b1, w2, b2, activation, seq_dim),
+            facts,
+            _launch_facts(x, hidden_features),
         )
-
-    scope = _preflight("parallel MLP", group, world, check, facts, _launch_facts(x, hidden_features))
     seq = _sequence(x, seq_dim, group, world, rank)
     if seq is not None:
         graph = _records_grad(x, w1, b1, w2, b2)
@@ -631,6 +655,19 @@ def mlp_call(
     if _records_grad(x, w1, b1, w2, b2):
         return _in_scope(scope, _mlp_graph, x, w1, b1, w2, b2, group, world, rank, activation, None)
     return _in_scope(scope, _mlp_forward, x, w1, b1, w2, b2, group, world, rank, activation)
+
+
+def _check_mlp(x, w1, b1, w2, b2, activation: str, seq_dim: int | None) -> None:
+    kernels.check_activation(activation, allow_none=False)
+    kernels.check_linear_args(x, w1, b1, ("input", "fc1.weight", "fc1.bias"))
+    _check_seq_dim(x, seq_dim)
+    kernels.check_gated_width(activation, w1.shape[0], "fc1.weight", "rows")
+    # fc2 reads what fc1 writes: [..., F_r] (a gated activation's: half fc1's rows) in fc1.weight's dtype, on its
+    # device; for the error that names the argument, an empty view of fc1's weight stands for it.
+    width = kernels.ACTIVATIONS[activation].width(w1.shape[0])
+    if not linear_args_pass(w1.dtype, w1.device, width, w2, b2):
+        fc1_out = w1.as_strided((0, width), (width, 1))
+        kernels.check_linear_args(fc1_out, w2, b2, ("fc1's output", "fc2.weight", "fc2.bias"))
 
 
 def _check_seq_dim(x, seq_dim: int | None) -> None:
@@ -671,7 +708,11 @@ def _leave_sequence(y, seq_dim: int, group, world: int, rank: int, graph: bool):
 def _records_grad(*tensors) -> bool:
     """Whether autograd records this call (grad mode on and a tensor that requires grad): where it does not, the
     layers skip their autograd Function, whose bookkeeping costs host time per call for nothing."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, not any() over a generator: 0.3 us less a call
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def _in_scope(scope: autotune.Tuning | None, fn, *args):

@@ -15,7 +15,7 @@ from torch import nn
 import fused_tp
 from fused_tp import kernels
 from fused_tp.kernels import configs
-from fused_tp.tolerance import assert_close, linear_reference, tol
+from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, linear_reference, mlp_reference, tol
 
 SPECIALS = (float("nan"), float("inf"), float("-inf"))
 small = st.one_of(st.sampled_from([1, 2, 3, 67]), st.integers(1, 40))
@@ -343,6 +343,50 @@ def test_layers_take_any_input_view_and_frozen_parameters(
         if bias:
             g64 = grad_y.double().cpu()
             assert_close("grad_b", module.bias.grad, g64.sum(0), g64.abs().sum(0), tol(dtype, M))
+
+
+class _Halved(nn.Module):
+    def forward(self, t):
+        return 0.5 * t
+
+
+@pytest.mark.parametrize(
+    "layer, name", [("column", "weight"), ("row", "bias"), ("fc1", "weight"), ("fc2", "bias"), ("fc2", "weight")]
+)
+def test_a_parametrized_parameter_is_the_one_used(device, layer, name):
+    """The layers read weight and bias from the module's parameter dict (host time); a parametrization
+    (torch.nn.utils.parametrize) takes one out of it and computes it from the original behind a property: the
+    layer must use what the property computes (here half the original), forward and backward."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 12, device=device), nn.Linear(12, 8, device=device)
+    if layer.startswith("fc"):
+        module = fused_tp.ParallelMLP.from_linears(fc1, fc2, activation="gelu_tanh")
+        target = getattr(module, layer)
+    else:
+        cls = fused_tp.ColumnParallelLinear if layer == "column" else fused_tp.RowParallelLinear
+        module = target = cls.from_linear(fc1)
+    parametrize.register_parametrization(target, name, _Halved())
+    params = {"w1": fc1.weight, "b1": fc1.bias, "w2": fc2.weight, "b2": fc2.bias}
+    key = ("w" if name == "weight" else "b") + ("2" if layer == "fc2" else "1")
+    params[key] = 0.5 * params[key]  # what the layer must compute with
+    x = torch.randn(5, 8, device=device)
+    y = module(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    original = getattr(target.parametrizations, name).original.grad
+    if layer.startswith("fc"):
+        ref, mag = mlp_reference(x, *params.values(), grad_y, "gelu_tanh")
+        t = tol(x.dtype, 12, stages=MLP_STAGES)
+        ref_y, ref_grad = (ref["y"], mag["y"]), (0.5 * ref["grad_" + key], 0.5 * mag["grad_" + key])
+    else:
+        ref = layer_reference(x, params["w1"], params["b1"], grad_y)
+        t = tol(x.dtype, 12)
+        grad = ref["grad_w" if name == "weight" else "grad_b"]
+        ref_y, ref_grad = ref["y"], (0.5 * grad[0], 0.5 * grad[1])
+    assert_close("y", y, *ref_y, t)
+    assert_close("grad of the original", original, *ref_grad, t)
 
 
 @pytest.mark.parametrize("tokens", [16, 300])

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import fused_tp
 from fused_tp import kernels
@@ -111,6 +113,54 @@ def test_bad_call_raises_naming_the_argument(device, name):
         call(col, row, row_full, device)
     after = [p.detach() for m in (col, row, row_full) for p in m.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+# A change of one fact check_linear_args reads, for x, weight or bias: its new value from its value. A new check
+# in linear_args_pass and check_linear_args_one_by_one reads a fact: its change belongs here.
+_ONE_CHANGE = {
+    "dtype float64": lambda t: t.double(),
+    "dtype int64": lambda t: t.long(),
+    "dtype float16": lambda t: t.half(),
+    "on meta": lambda t: t.to("meta"),
+    "one longer": lambda t: torch.zeros(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device),
+    "one dim less": lambda t: t[0],
+    "one dim more": lambda t: t[None],
+    "no rows": lambda t: t[:0],
+    "a list": lambda t: [1.0],
+}
+
+
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    changes=st.lists(st.tuples(st.sampled_from(["x", "w", "b"]), st.sampled_from(sorted(_ONE_CHANGE))), max_size=3),
+    bias=st.booleans(),
+)
+@example(dtype=torch.float32, changes=[], bias=True)
+@example(dtype=torch.bfloat16, changes=[("x", "one dim more")], bias=False)
+@example(dtype=torch.float16, changes=[("b", "on meta")], bias=True)
+@example(dtype=torch.float32, changes=[("b", "a list")], bias=True)
+def test_the_layers_one_expression_check_accepts_what_the_checks_one_by_one_accept(device, dtype, changes, bias):
+    """check_linear_args decides in one expression (linear_args_pass) for the calls that pass and runs the checks
+    one by one, with their errors, for the others: both must accept the same calls, or a bad call would slip
+    through the quick one, or a good one pay for the slow one. A valid call (x [2, 3], weight [4, 3], bias [4] or
+    None) with up to three of its facts changed (a change that cannot apply to what the others left is skipped)."""
+    x, w = torch.zeros(2, 3, dtype=dtype, device=device), torch.zeros(4, 3, dtype=dtype, device=device)
+    args = {"x": x, "w": w, "b": torch.zeros(4, dtype=dtype, device=device) if bias else None}
+    for name, change in changes:
+        if isinstance(args[name], torch.Tensor) and args[name].dim() > 0:
+            args[name] = _ONE_CHANGE[change](args[name])
+    x, w, b = args.values()
+    quick = (
+        isinstance(x, torch.Tensor)
+        and x.dim() > 0
+        and kernels.matmul.linear_args_pass(x.dtype, x.device, x.shape[-1], w, b)
+    )
+    try:
+        kernels.matmul.check_linear_args_one_by_one(x, w, b, ("input", "weight", "bias"))
+        one_by_one = True
+    except (TypeError, ValueError):
+        one_by_one = False
+    assert quick == one_by_one
 
 
 def test_kernel_launcher_checks(device):

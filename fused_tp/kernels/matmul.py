@@ -59,6 +59,34 @@ def check_operands(*args: tuple[str, torch.Tensor | None, bool]) -> None:
             raise ValueError(f"{name}: expected device {ref.device} (the {ref_name}'s), got {t.device}")
 
 
+def linear_args_pass(
+    dtype: torch.dtype, device: torch.device, last: int, weight: torch.Tensor, bias: torch.Tensor | None
+) -> bool:
+    """Whether an input tensor of `dtype`, on `device`, of at least one dim and last dim `last` passes
+    check_linear_args with `weight` and `bias`: its checks in one expression, for the calls that pass (a layer runs
+    them on each call; this takes a Column call's host time down by a tenth, a ParallelMLP call's by a sixth:
+    bench/NOTES.md, attempt 56). False says only that check_linear_args_one_by_one must run, for the error that
+    names the argument. The two hold the same checks: a check added to one belongs in the other, and
+    tests/test_errors.py compares them over changes of each fact they read (a new fact's change belongs there)."""
+    if not isinstance(weight, torch.Tensor):
+        return False
+    w_dtype, w_device, w_shape = weight.dtype, weight.device, weight.shape
+    return (
+        w_dtype in SUPPORTED_DTYPES
+        and dtype is w_dtype
+        and device == w_device
+        and len(w_shape) == 2
+        and last == w_shape[1]
+        and (
+            bias is None
+            or isinstance(bias, torch.Tensor)
+            and bias.dtype is w_dtype
+            and bias.device == w_device
+            and bias.shape == w_shape[:1]
+        )
+    )
+
+
 def check_linear_args(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -67,6 +95,13 @@ def check_linear_args(
 ) -> None:
     """Raise TypeError / ValueError naming the argument (by `names`) if (x, weight, bias) is not a valid F.linear
     call."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and linear_args_pass(x.dtype, x.device, x.shape[-1], weight, bias):
+        return
+    check_linear_args_one_by_one(x, weight, bias, names)
+
+
+def check_linear_args_one_by_one(x, weight, bias, names: tuple[str, str, str]) -> None:
+    """check_linear_args' checks one at a time, each with its error (what linear_args_pass decides at once)."""
     in_name, w_name, b_name = names
     check_operands((w_name, weight, False), (in_name, x, False), (b_name, bias, True))
     if weight.dim() != 2:
@@ -110,9 +145,10 @@ def linear_prechecked(
     x @ weight.T + bias (rounded), else None; y is [..., N / 2] for a gated activation."""
     if save_pre and not activation:
         raise ValueError("save_pre: the pre-activation is saved for an activation's derivative; no activation given")
-    x, M, rows = _matrix(x)
+    x, M, x_strides = _matrix(x)
     N, K = weight.shape
-    out = (*x.shape[:-1], ACTIVATIONS[activation].width(N) if activation else N)
+    lead = x.shape[:-1]
+    out = (*lead, ACTIVATIONS[activation].width(N) if activation else N)
     w_strides = weight.stride()
     return _matmul(
         "fwd",
@@ -120,14 +156,14 @@ def linear_prechecked(
         N,
         K,
         x,
-        (rows, x.stride(-1)),
+        x_strides,
         weight,
         (w_strides[1], w_strides[0]),
         bias,
         out,
         activation,
         "store" if save_pre else "",
-        pre_shape=(*x.shape[:-1], N),
+        pre_shape=(*lead, N) if save_pre else None,
     )
 
 
@@ -162,7 +198,7 @@ def grad_input_prechecked(
     grad_y: torch.Tensor, weight: torch.Tensor, activation: str = "", pre: torch.Tensor | None = None
 ) -> torch.Tensor:
     """grad_input for arguments grad_input has checked (the layers' own)."""
-    grad_y, M, rows = _matrix(grad_y)
+    grad_y, M, g_strides = _matrix(grad_y)
     N, K = weight.shape
     pre = None if pre is None else pre.contiguous()  # read with the output's (contiguous) strides
     gated = bool(activation) and ACTIVATIONS[activation].gated
@@ -172,7 +208,7 @@ def grad_input_prechecked(
         K,
         N,
         grad_y,
-        (rows, grad_y.stride(-1)),
+        g_strides,
         weight,
         weight.stride(),
         None,
@@ -205,17 +241,15 @@ def grad_params_prechecked(
     grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """grad_params for arguments grad_params would pass (the layers' own)."""
-    grad_y, M, g_rows = _matrix(grad_y)
+    grad_y, M, (g_rows, g_cols) = _matrix(grad_y)
     N = grad_y.shape[-1]
     grad_w = grad_b = None
     if weight:
-        x, _, x_rows = _matrix(x)
+        x, _, x_strides = _matrix(x)
         K = x.shape[-1]
-        grad_w = _matmul(
-            "wgrad", N, K, M, grad_y, (grad_y.stride(-1), g_rows), x, (x_rows, x.stride(-1)), None, (N, K)
-        )[0]
+        grad_w = _matmul("wgrad", N, K, M, grad_y, (g_cols, g_rows), x, x_strides, None, (N, K))[0]
     if bias:
-        grad_b = colsum(grad_y, M, (g_rows, grad_y.stride(-1)))
+        grad_b = colsum(grad_y, M, (g_rows, g_cols))
     return grad_w, grad_b
 
 
@@ -241,17 +275,16 @@ def _colsum(p: plan.ColsumPlan, g: torch.Tensor, out: torch.Tensor) -> None:
         _colsum(p.then, partial, out)
 
 
-def _matrix(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(t, rows, row stride) of t [..., D] read as a matrix [rows, D]: t itself where its strides allow that without
-    a copy (a view would cost a tensor's creation on every launch), else a contiguous copy."""
-    shape = t.shape
+def _matrix(t: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
+    """(t, rows, (row stride, column stride)) of t [..., D] read as a matrix [rows, D]: t itself where its strides
+    allow that without a copy (a view would cost a tensor's creation on every launch), else a contiguous copy."""
+    shape, strides = t.shape, t.stride()
     if len(shape) == 2:
-        return t, shape[0], t.stride(0)
-    rows = layout.rows_stride(shape, t.stride())
+        return t, shape[0], strides
+    rows = layout.rows_stride(shape, strides)
     if rows is None:
-        t = t.contiguous()
-        rows = shape[-1]
-    return t, math.prod(shape[:-1]), rows
+        return t.contiguous(), math.prod(shape[:-1]), (shape[-1], 1)
+    return t, math.prod(shape[:-1]), (rows, strides[-1])
 
 
 def _matmul(
@@ -274,7 +307,8 @@ def _matmul(
     through the given strides; C new and contiguous, of `out_shape` (M * N elements, or a gated activation's
     width); the pre-activation stored (aux == "store") of `pre_shape`."""
     dtype, index = a.dtype, a.get_device()
-    tf32 = dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32  # follow F.linear's setting
+    # F.linear's setting, torch.backends.cuda.matmul.allow_tf32, read past its Python wrapper (0.6 us a launch)
+    tf32 = dtype is torch.float32 and torch._C._get_cublas_allow_tf32()
     aligned = (
         not a.data_ptr() % 16,
         not b.data_ptr() % 16,
@@ -393,7 +427,9 @@ def _out(shape, dtype: torch.dtype, device: torch.device, wide: bool) -> torch.T
     operands are widened before any arithmetic, the kernels write fp32, and `_rounded` rounds once to nearest
     even: the same function the compiled kernels compute, up to the order of fp32 sums.
     """
-    return torch.empty(shape, device=device, dtype=torch.float32 if wide else dtype)
+    # The sizes as separate arguments: torch parses them faster than one tuple (0.5 us a call on the CPU). `shape`
+    # has at least one dim.
+    return torch.empty(*shape, device=device, dtype=torch.float32 if wide else dtype)
 
 
 def _rounded(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
