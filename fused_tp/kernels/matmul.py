@@ -346,16 +346,17 @@ def _matmul(
     if p.path == "torch":
         _warn_torch_path_once()
         return _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape)
-    c = _out(out_shape, dtype, a.device, p.wide)
-    saved = _out(pre_shape, dtype, a.device, p.wide) if aux == "store" else None
+    device = a.device
+    c = _out(out_shape, dtype, device, p.wide)
+    saved = _out(pre_shape, dtype, device, p.wide) if aux == "store" else None
     if p.launch is not None:
         if p.copy_a is not None:
             a = layout.aligned_copy(torch.as_strided(a, (M, K), a_strides), p.copy_a)
         if p.copy_b is not None:
             b = layout.aligned_copy(torch.as_strided(b, (K, N), b_strides), p.copy_b)
         if p.splits > 1:  # the partials need no initialising: every split writes its whole slab
-            partials = torch.empty((p.splits, M, N), device=c.device, dtype=torch.float32)
-            counters = tile_counters(p.tiles, c.device)
+            partials = torch.empty((p.splits, M, N), device=device, dtype=torch.float32)
+            counters = tile_counters(p.tiles, device)
         else:
             partials = counters = c
         aux_t = saved if saved is not None else pre if pre is not None else c
