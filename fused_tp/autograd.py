@@ -1,6 +1,6 @@
 """Autograd Functions of the tensor-parallel layers: with guard.py, the only code in fused_tp that calls
-torch.distributed. Each layer call runs `_preflight` first: the argument checks, the optional rank guard, and the
-tuning scope of run-time autotuning.
+torch.distributed. Each layer call checks its arguments first; with the rank guard or run-time autotuning on a
+group, or under torch.compile, through `_preflight`, which also runs the guard and opens autotuning's scope.
 
 Under torch.compile the same Functions trace whole: the kernels run as registered operators (kernels/ops.py) and
 the collectives as functional collectives (torch.distributed._functional_collectives), which return new tensors
