@@ -566,6 +566,133 @@ def test_fp32_operands_are_copied_into_the_layout_the_product_reads(device, set_
     _assert_unmodified(saved, x, g, w)
 
 
+def _variants(device) -> dict:
+    """name -> call of one product, the calls differing in one fact each that a plan reads: strides, 16-byte
+    alignment (a view one element in), leading dims, dtype, bias, activation, the stored or loaded pre-activation,
+    TF32 (a layout change for fp32 operands)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape, dtype=torch.float32, layout="contiguous"):
+        if layout == "misaligned":  # one element in: not 16-byte aligned
+            flat = make_tensor((1 + torch.Size(shape).numel(),), "contiguous", dtype, device, gen)
+            return flat[1:].view(shape)
+        return make_tensor(shape, layout, dtype, device, gen)
+
+    M, K, N = 24, 40, 32
+    x, w, b, g, pre = t(M, K), t(N, K), t(N), t(M, N), t(M, K)
+    bf = dict(dtype=torch.bfloat16)
+
+    def tf32(call):
+        def run():
+            before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return call()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = before
+
+        return run
+
+    xt, xs, xm = t(M, K, layout="transposed"), t(M, K, layout="sliced"), t(M, K, layout="misaligned")
+    wt, wm, bs, bm = (
+        t(N, K, layout="transposed"),
+        t(N, K, layout="misaligned"),
+        t(2 * N)[::2],
+        t(N, layout="misaligned"),
+    )
+    x16, w16, b16, g16 = t(M, K, **bf), t(N, K, **bf), t(N, **bf), t(M, N, **bf)
+    gt, gm, pm, pairs = (
+        t(M, N, layout="transposed"),
+        t(M, N, layout="misaligned"),
+        t(M, K, layout="misaligned"),
+        t(M, 2 * K),
+    )
+    return {
+        "fwd": lambda: kernels.linear(x, w, b),
+        "fwd, x transposed": lambda: kernels.linear(xt, w, b),
+        "fwd, x sliced": lambda: kernels.linear(xs, w, b),
+        "fwd, x misaligned": lambda: kernels.linear(xm, w, b),
+        "fwd, x 3-D": lambda: kernels.linear(x.view(2, M // 2, K), w, b),
+        "fwd, fewer rows": lambda: kernels.linear(x[:-8], w, b),
+        "fwd, w fewer rows": lambda: kernels.linear(x, w[:-8], b[:-8]),
+        "fwd, w transposed": lambda: kernels.linear(x, wt, b),
+        "fwd, w misaligned": lambda: kernels.linear(x, wm, b),
+        "fwd, no bias": lambda: kernels.linear(x, w),
+        "fwd, bias strided": lambda: kernels.linear(x, w, bs),
+        "fwd, bias misaligned": lambda: kernels.linear(x, w, bm),
+        "fwd, bf16": lambda: kernels.linear(x16, w16, b16),
+        "fwd, gelu": lambda: kernels.linear(x, w, b, activation="gelu"),
+        "fwd, gelu, pre stored": lambda: matmul.linear_prechecked(x, w, b, "gelu", save_pre=True),
+        "fwd, tf32": tf32(lambda: kernels.linear(x, w, b)),
+        "dgrad": lambda: kernels.grad_input(g, w),
+        "dgrad, grad_y transposed": lambda: kernels.grad_input(gt, w),
+        "dgrad, grad_y misaligned": lambda: kernels.grad_input(gm, w),
+        "dgrad, w transposed": lambda: kernels.grad_input(g, wt),
+        "dgrad, fewer rows": lambda: kernels.grad_input(g[:-8], w),
+        "dgrad, w narrower": lambda: kernels.grad_input(g, w[:, :-8]),
+        "dgrad, w misaligned": lambda: kernels.grad_input(g, wm),
+        "dgrad, bf16": lambda: kernels.grad_input(g16, w16),
+        "dgrad, gelu": lambda: kernels.grad_input(g, w, activation="gelu", pre=pre),
+        "dgrad, gelu, pre misaligned": lambda: kernels.grad_input(g, w, activation="gelu", pre=pm),
+        "dgrad, swiglu": lambda: kernels.grad_input(g, w, activation="swiglu", pre=pairs),
+        "dgrad, tf32": tf32(lambda: kernels.grad_input(g, w)),
+        "wgrad": lambda: kernels.grad_params(g, x),
+        "wgrad, grad_y transposed": lambda: kernels.grad_params(gt, x),
+        "wgrad, grad_y misaligned": lambda: kernels.grad_params(gm, x),
+        "wgrad, x transposed": lambda: kernels.grad_params(g, xt),
+        "wgrad, fewer rows": lambda: kernels.grad_params(g[:-8], x[:-8]),
+        "wgrad, x narrower": lambda: kernels.grad_params(g, x[:, :-8]),
+        "wgrad, grad_y narrower": lambda: kernels.grad_params(g[:, :-8], x),
+        "wgrad, x misaligned": lambda: kernels.grad_params(g, xm),
+        "wgrad, no bias": lambda: kernels.grad_params(g, x, bias=False),
+        "wgrad, bf16": lambda: kernels.grad_params(g16, x16),
+        "wgrad, tf32": tf32(lambda: kernels.grad_params(g, x)),
+    }
+
+
+def test_a_launch_found_by_its_tensors_facts_runs_the_plan_derived_for_them(device, fresh_plans, monkeypatch):
+    """Eager launches keep their plans under the raw facts of their tensors (plan.calls), so that a repeat call
+    skips deriving the plan's arguments: every fact a plan reads must be in that key. Calls of one size that
+    differ in one such fact each, run first each with the caches empty (the plan derived), then each again after
+    all of them (found under its key): the same bits and the same path counts (path, copies, descriptors,
+    config source) and the same launches (grid, integer and compile-time arguments), or a key that missed a fact
+    handed one call another's plan."""
+    launched, real_launch = [], matmul.launch
+
+    def spy(kernel, spec, args):
+        launched.append((spec.grid, spec.ints, spec.kwargs))
+        real_launch(kernel, spec, args)
+
+    monkeypatch.setattr(matmul, "launch", spy)
+
+    def run(call):
+        before = kernels.path_counts.copy()
+        launched.clear()
+        out = call()
+        return out, kernels.path_counts - before, list(launched)
+
+    variants = _variants(device)
+    derived = {}
+    for name, call in variants.items():
+        plan.clear_caches()
+        derived[name] = run(call)
+    for call in variants.values():
+        call()
+    for name, call in variants.items():
+        out, counts, launches = run(call)
+        want_out, want_counts, want_launches = derived[name]
+        assert counts == want_counts and launches == want_launches, name
+        for got, want in zip(
+            out if isinstance(out, tuple) else (out,), want_out if isinstance(want_out, tuple) else (want_out,)
+        ):
+            assert (got is None and want is None) or torch.equal(got, want), name
+    # A pinned config is the launch's whatever its tensors' plan was: such launches neither use nor fill the key.
+    before = kernels.path_counts["config_pinned"]
+    with configs.pin_config(configs.ROUTE_PROBE):
+        variants["fwd"]()
+    assert kernels.path_counts["config_pinned"] == before + 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_torch_path_warns_once_and_computes_the_same_function(monkeypatch, fresh_plans, dtype):
     monkeypatch.setattr(jit, "INTERPRETED", False)

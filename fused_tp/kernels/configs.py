@@ -384,6 +384,11 @@ def autotune_enabled() -> bool:
     return _env_autotune
 
 
+def chosen_per_launch() -> bool:
+    """Whether a launch's config may be other than its plan's alone: a pinned config or run-time autotuning."""
+    return _pinned is not None or _env_pin is not None or _env_autotune
+
+
 def pinned_config() -> KernelConfig | None:
     """The config pinned for the current context: pin_config's, else FUSED_TP_CONFIG's, else None."""
     cfg = _pinned

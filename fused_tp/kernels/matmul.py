@@ -145,7 +145,29 @@ def linear_prechecked(
     x @ weight.T + bias (rounded), else None; y is [..., N / 2] for a gated activation."""
     if save_pre and not activation:
         raise ValueError("save_pre: the pre-activation is saved for an activation's derivative; no activation given")
-    x, M, x_strides = _matrix(x)
+    aux = "store" if save_pre else ""
+    key = None
+    if not configs.chosen_per_launch():
+        dtype = x.dtype
+        key = (
+            "fwd",
+            x.shape,
+            x.stride(),
+            weight.shape,
+            weight.stride(),
+            dtype,
+            x.get_device(),
+            x.data_ptr() % 16,
+            weight.data_ptr() % 16,
+            None if bias is None else (bias.stride(), bias.data_ptr() % 16),
+            activation,
+            aux,
+            dtype is torch.float32 and _tf32(),
+        )
+        call = plan.calls.get(key)
+        if call is not None:
+            return _run(call, x, weight, bias, activation, aux, None)
+    matrix, M, x_strides = _matrix(x)
     N, K = weight.shape
     lead = x.shape[:-1]
     out = (*lead, ACTIVATIONS[activation].width(N) if activation else N)
@@ -155,15 +177,16 @@ def linear_prechecked(
         M,
         N,
         K,
-        x,
+        matrix,
         x_strides,
         weight,
         (w_strides[1], w_strides[0]),
         bias,
         out,
         activation,
-        "store" if save_pre else "",
+        aux,
         pre_shape=(*lead, N) if save_pre else None,
+        key=key if matrix is x else None,  # a copy is made on each call: none to skip
     )
 
 
@@ -198,24 +221,46 @@ def grad_input_prechecked(
     grad_y: torch.Tensor, weight: torch.Tensor, activation: str = "", pre: torch.Tensor | None = None
 ) -> torch.Tensor:
     """grad_input for arguments grad_input has checked (the layers' own)."""
-    grad_y, M, g_strides = _matrix(grad_y)
-    N, K = weight.shape
     pre = None if pre is None else pre.contiguous()  # read with the output's (contiguous) strides
+    aux = "load" if activation else ""
+    key = None
+    if not configs.chosen_per_launch():
+        dtype = grad_y.dtype
+        key = (
+            "dgrad",
+            grad_y.shape,
+            grad_y.stride(),
+            weight.shape,
+            weight.stride(),
+            dtype,
+            grad_y.get_device(),
+            grad_y.data_ptr() % 16,
+            weight.data_ptr() % 16,
+            activation,
+            None if pre is None else pre.data_ptr() % 16,
+            dtype is torch.float32 and _tf32(),
+        )
+        call = plan.calls.get(key)
+        if call is not None:
+            return _run(call, grad_y, weight, None, activation, aux, pre)[0]
+    matrix, M, g_strides = _matrix(grad_y)
+    N, K = weight.shape
     gated = bool(activation) and ACTIVATIONS[activation].gated
     return _matmul(
         "dgrad_gated" if gated else "dgrad",
         M,
         K,
         N,
-        grad_y,
+        matrix,
         g_strides,
         weight,
         weight.stride(),
         None,
         (*grad_y.shape[:-1], 2 * K if gated else K),
         activation,
-        "load" if activation else "",
+        aux,
         pre,
+        key=key if matrix is grad_y else None,
     )[0]
 
 
@@ -241,15 +286,37 @@ def grad_params_prechecked(
     grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """grad_params for arguments grad_params would pass (the layers' own)."""
-    grad_y, M, (g_rows, g_cols) = _matrix(grad_y)
+    key = None
+    if weight and not configs.chosen_per_launch():
+        dtype = grad_y.dtype
+        key = (
+            "wgrad",
+            grad_y.shape,
+            grad_y.stride(),
+            x.shape,
+            x.stride(),
+            dtype,
+            grad_y.get_device(),
+            grad_y.data_ptr() % 16,
+            x.data_ptr() % 16,
+            dtype is torch.float32 and _tf32(),
+        )
+        call = plan.calls.get(key)
+        if call is not None:
+            grad_w = _run(call, grad_y, x, None, "", "", None)[0]
+            # the column sum's rows and strides: the weight gradient's K (grad_y's rows) and its A's, swapped
+            rows, (g_cols, g_rows) = call[3], call[4]
+            return grad_w, colsum(grad_y, rows, (g_rows, g_cols)) if bias else None
+    matrix, M, (g_rows, g_cols) = _matrix(grad_y)
     N = grad_y.shape[-1]
     grad_w = grad_b = None
     if weight:
-        x, _, x_strides = _matrix(x)
+        x_matrix, _, x_strides = _matrix(x)
         K = x.shape[-1]
-        grad_w = _matmul("wgrad", N, K, M, grad_y, (g_cols, g_rows), x, x_strides, None, (N, K))[0]
+        stored = key if matrix is grad_y and x_matrix is x else None
+        grad_w = _matmul("wgrad", N, K, M, matrix, (g_cols, g_rows), x_matrix, x_strides, None, (N, K), key=stored)[0]
     if bias:
-        grad_b = colsum(grad_y, M, (g_rows, g_cols))
+        grad_b = colsum(matrix, M, (g_rows, g_cols))
     return grad_w, grad_b
 
 
@@ -302,13 +369,14 @@ def _matmul(
     aux: str = "",
     pre: torch.Tensor | None = None,
     pre_shape: tuple | None = None,
+    key: tuple | None = None,
 ) -> tuple:
     """(C, the stored pre-activation or None) of C[M, N] = A[M, K] @ B[K, N] (+ bias), A and B read from `a` and `b`
     through the given strides; C new and contiguous, of `out_shape` (M * N elements, or a gated activation's
-    width); the pre-activation stored (aux == "store") of `pre_shape`."""
+    width); the pre-activation stored (aux == "store") of `pre_shape`. `key`: the raw facts of the caller's
+    tensors, under which plan.calls keeps what this launch derived (None: nothing kept)."""
     dtype, index = a.dtype, a.get_device()
-    # F.linear's setting, torch.backends.cuda.matmul.allow_tf32, read past its Python wrapper (0.6 us a launch)
-    tf32 = dtype is torch.float32 and torch._C._get_cublas_allow_tf32()
+    tf32 = dtype is torch.float32 and _tf32()
     aligned = (
         not a.data_ptr() % 16,
         not b.data_ptr() % 16,
@@ -341,8 +409,21 @@ def _matmul(
             index,
             tf32,
         )
-    for key in p.counts:
-        path_counts[key] += 1
+    call = (p, M, N, K, a_strides, b_strides, out_shape, pre_shape)
+    if key is not None:
+        if len(plan.calls) >= plan.PLAN_CACHE_SIZE:
+            plan.calls.clear()
+        plan.calls[key] = call
+    return _run(call, a, b, bias, activation, aux, pre)
+
+
+def _run(call: tuple, a: torch.Tensor, b: torch.Tensor, bias, activation: str, aux: str, pre) -> tuple:
+    """_matmul's launch, from its plan and the arguments the plan was derived from (`call`, as plan.calls keeps
+    them): outputs allocated, operands copied where the plan says so, the kernel launched."""
+    p, M, N, K, a_strides, b_strides, out_shape, pre_shape = call
+    dtype = a.dtype
+    for name in p.counts:
+        path_counts[name] += 1
     if p.path == "torch":
         _warn_torch_path_once()
         return _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape)
@@ -362,6 +443,11 @@ def _matmul(
         aux_t = saved if saved is not None else pre if pre is not None else c
         launch(jit.matmul_kernel, p.launch, (a, b, c if bias is None else bias, c, partials, aux_t, counters))
     return _rounded(c, dtype), None if saved is None else _rounded(saved, dtype)
+
+
+def _tf32() -> bool:
+    # F.linear's setting, torch.backends.cuda.matmul.allow_tf32, read past its Python wrapper (0.6 us a launch)
+    return torch._C._get_cublas_allow_tf32()
 
 
 def _autotuned(

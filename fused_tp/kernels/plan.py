@@ -289,7 +289,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Launches' plans by the raw facts of their tensors (matmul.py's *_prechecked: sizes, strides, dtype, device, 16-byte
+# alignment, flags), each with the arguments matmul_plan was derived from: a launch found here skips deriving them,
+# the larger part of its host time before the launch (bench/NOTES.md, attempt 57). A key holds every fact a plan
+# reads (tests/test_kernels.py::test_a_launch_found_by_its_tensors_facts_runs_the_plan_derived_for_them changes
+# each one); pinned and autotuned configs, chosen per launch, are kept out. Emptied when full.
+calls: dict = {}
+
+
 def clear_caches() -> None:
     """Forget every plan and device fact (tests that change a rule or the interpreter switch call it)."""
     for cached in (device, matmul_plan, colsum_plan):
         cached.cache_clear()
+    calls.clear()
