@@ -146,27 +146,10 @@ def linear_prechecked(
     if save_pre and not activation:
         raise ValueError("save_pre: the pre-activation is saved for an activation's derivative; no activation given")
     aux = "store" if save_pre else ""
-    key = None
-    if not configs.chosen_per_launch():
-        dtype = x.dtype
-        key = (
-            "fwd",
-            x.shape,
-            x.stride(),
-            weight.shape,
-            weight.stride(),
-            dtype,
-            x.get_device(),
-            x.data_ptr() % 16,
-            weight.data_ptr() % 16,
-            None if bias is None else (bias.stride(), bias.data_ptr() % 16),
-            activation,
-            aux,
-            dtype is torch.float32 and _tf32(),
-        )
-        call = plan.calls.get(key)
-        if call is not None:
-            return _run(call, x, weight, bias, activation, aux, None)
+    b_facts = None if bias is None else (bias.stride(), bias.data_ptr() % 16)
+    key, call = _found("fwd", x, weight, b_facts, activation, aux)
+    if call is not None:
+        return _run(call, x, weight, bias, activation, aux, None)
     matrix, M, x_strides = _matrix(x)
     N, K = weight.shape
     lead = x.shape[:-1]
@@ -223,26 +206,9 @@ def grad_input_prechecked(
     """grad_input for arguments grad_input has checked (the layers' own)."""
     pre = None if pre is None else pre.contiguous()  # read with the output's (contiguous) strides
     aux = "load" if activation else ""
-    key = None
-    if not configs.chosen_per_launch():
-        dtype = grad_y.dtype
-        key = (
-            "dgrad",
-            grad_y.shape,
-            grad_y.stride(),
-            weight.shape,
-            weight.stride(),
-            dtype,
-            grad_y.get_device(),
-            grad_y.data_ptr() % 16,
-            weight.data_ptr() % 16,
-            activation,
-            None if pre is None else pre.data_ptr() % 16,
-            dtype is torch.float32 and _tf32(),
-        )
-        call = plan.calls.get(key)
-        if call is not None:
-            return _run(call, grad_y, weight, None, activation, aux, pre)[0]
+    key, call = _found("dgrad", grad_y, weight, activation, None if pre is None else pre.data_ptr() % 16)
+    if call is not None:
+        return _run(call, grad_y, weight, None, activation, aux, pre)[0]
     matrix, M, g_strides = _matrix(grad_y)
     N, K = weight.shape
     gated = bool(activation) and ACTIVATIONS[activation].gated
@@ -286,27 +252,12 @@ def grad_params_prechecked(
     grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """grad_params for arguments grad_params would pass (the layers' own)."""
-    key = None
-    if weight and not configs.chosen_per_launch():
-        dtype = grad_y.dtype
-        key = (
-            "wgrad",
-            grad_y.shape,
-            grad_y.stride(),
-            x.shape,
-            x.stride(),
-            dtype,
-            grad_y.get_device(),
-            grad_y.data_ptr() % 16,
-            x.data_ptr() % 16,
-            dtype is torch.float32 and _tf32(),
-        )
-        call = plan.calls.get(key)
-        if call is not None:
-            grad_w = _run(call, grad_y, x, None, "", "", None)[0]
-            # the column sum's rows and strides: the weight gradient's K (grad_y's rows) and its A's, swapped
-            rows, (g_cols, g_rows) = call[3], call[4]
-            return grad_w, colsum(grad_y, rows, (g_rows, g_cols)) if bias else None
+    key, call = _found("wgrad", grad_y, x) if weight else (None, None)
+    if call is not None:
+        grad_w = _run(call, grad_y, x, None, "", "", None)[0]
+        # the column sum's rows and strides: the weight gradient's K (grad_y's rows) and its A's, swapped
+        rows, (g_cols, g_rows) = call[3], call[4]
+        return grad_w, colsum(grad_y, rows, (g_rows, g_cols)) if bias else None
     matrix, M, (g_rows, g_cols) = _matrix(grad_y)
     N = grad_y.shape[-1]
     grad_w = grad_b = None
@@ -340,6 +291,29 @@ def _colsum(p: plan.ColsumPlan, g: torch.Tensor, out: torch.Tensor) -> None:
     launch(jit.colsum_kernel, p.launch, (g, partial))
     if p.then is not None:
         _colsum(p.then, partial, out)
+
+
+def _found(product: str, a: torch.Tensor, b: torch.Tensor, *facts) -> tuple:
+    """(key, call) of a launch whose tensors are a and b: its key in plan.calls (their sizes, strides, dtype,
+    device, 16-byte alignment and TF32, with `facts`, the rest its plan reads) and what is kept there, or None;
+    (None, None) where the config is chosen per launch (pinned, autotuned)."""
+    if configs.chosen_per_launch():
+        return None, None
+    dtype = a.dtype
+    key = (
+        product,
+        a.shape,
+        a.stride(),
+        b.shape,
+        b.stride(),
+        dtype,
+        a.get_device(),
+        a.data_ptr() % 16,
+        b.data_ptr() % 16,
+        dtype is torch.float32 and _tf32(),
+        *facts,
+    )
+    return key, plan.calls.get(key)
 
 
 def _matrix(t: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
