@@ -669,7 +669,9 @@ def test_a_launch_found_by_its_tensors_facts_runs_the_plan_derived_for_them(devi
         before = kernels.path_counts.copy()
         launched.clear()
         out = call()
-        return out, kernels.path_counts - before, list(launched)
+        # (on a GPU a plan's first launch goes through Triton and later ones directly: not a difference of plans)
+        counts = {k: v for k, v in (kernels.path_counts - before).items() if k != "direct_launch"}
+        return out, counts, list(launched)
 
     variants = _variants(device)
     derived = {}
