@@ -14,6 +14,7 @@ collectives are skipped, nothing else. A missing process group with torch.distri
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,22 @@ from torch.autograd.function import once_differentiable
 from . import guard, kernels
 from .kernels import autotune, configs, ops
 from .kernels.matmul import linear_args_pass
+
+
+def _once_differentiable(backward):
+    """once_differentiable(backward), without its no_grad block where grad mode is off already, as it is in every
+    backward without create_graph: that block cost each backward about 3.5 us of host time on the CPU
+    (bench/NOTES.md, attempt 58). With grad mode on (create_graph), once_differentiable itself runs, so that a
+    second derivative raises."""
+    guarded = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            return guarded(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run
 
 
 def resolve_group(group):
@@ -192,7 +209,7 @@ class _ReduceScatterSequence(Function):
         return _seq_reduce_scatter(y, dim, sizes, rank, group)
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad):
         return _seq_gather(grad.contiguous(), ctx.dim, ctx.sizes, ctx.group), None, None, None, None
 
@@ -223,8 +240,8 @@ class _ColumnParallelLinear(Function):
 
     @staticmethod
     # Triton kernels and collectives build no graph: once_differentiable makes a second derivative raise
-    # instead of silently leaving out this layer's terms.
-    @once_differentiable
+    # instead of silently leaving out this layer's terms (_once_differentiable: at less host time).
+    @_once_differentiable
     def backward(ctx, grad_y_shard):
         x, w_shard = ctx.saved_tensors
         with _tuning(ctx.tuning):  # autograd's thread does not inherit the forward's context
@@ -279,7 +296,7 @@ class _RowParallelLinear(Function):
         return _row_forward(x_shard, w_shard, b, group, world, rank)
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_y):
         x_shard, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -319,7 +336,7 @@ class _MlpColumn(Function):
         return a, pre
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_a, grad_pre):
         x, w1 = ctx.saved_tensors
         with _tuning(ctx.tuning):
@@ -346,7 +363,7 @@ class _MlpRow(Function):
         return _row_forward(a, w2, b2, group, world, rank)
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_y):
         a, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -401,7 +418,7 @@ class _ScatterLastDim(Function):
         return x[..., start:stop]
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, grad_x_shard):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
