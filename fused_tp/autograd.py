@@ -30,8 +30,8 @@ from .kernels.matmul import linear_args_pass
 
 def _once_differentiable(backward):
     """once_differentiable(backward), without its no_grad block where grad mode is off already, as it is in every
-    backward without create_graph: that block cost each backward about 3.5 us of host time on the CPU
-    (bench/NOTES.md, attempt 58). With grad mode on (create_graph), once_differentiable itself runs, so that a
+    backward without create_graph: that block costs each backward host time for nothing there (bench/NOTES.md,
+    attempt 58). With grad mode on (create_graph), once_differentiable itself runs, so that a
     second derivative raises."""
     guarded = once_differentiable(backward)
 
@@ -64,7 +64,7 @@ def resolve_group(group):
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """(R, r) of `group` (None: the default group); (1, 0) when no group is given and torch.distributed is not
     initialised. Asked of the group itself, which dist.get_world_size and dist.get_rank end up doing too, after
-    checks that cost a layer call 1 us of host time (every call checks its group: modules._check_group)."""
+    checks that cost host time on every layer call (modules._check_group; bench/NOTES.md, session 19)."""
     if group is None:
         group = dist.group.WORLD
         if group is None:
@@ -730,7 +730,7 @@ def _records_grad(*tensors) -> bool:
     """Whether autograd records this call (grad mode on and a tensor that requires grad): where it does not, the
     layers skip their autograd Function, whose bookkeeping costs host time per call for nothing."""
     if torch.is_grad_enabled():
-        for t in tensors:  # a loop, not any() over a generator: 0.3 us less a call
+        for t in tensors:  # a loop, not any() over a generator: less host time (bench/NOTES.md, attempt 56)
             if t is not None and t.requires_grad:
                 return True
     return False

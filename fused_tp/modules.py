@@ -80,8 +80,8 @@ class _ParallelLinear(nn.Module):
 
     def _weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias), read from the module's parameter dict where they are there: nn.Module's attribute
-        fallback costs about 0.5 us of host time a name, per call. A parametrized one (torch.nn.utils.parametrize)
-        is a property instead, read as such."""
+        fallback costs host time on every call (bench/NOTES.md, attempt 56). A parametrized one
+        (torch.nn.utils.parametrize) is a property instead, read as such."""
         params = self._parameters
         if "weight" in params and "bias" in params:
             return params["weight"], params["bias"]

@@ -64,8 +64,8 @@ def linear_args_pass(
 ) -> bool:
     """Whether an input tensor of `dtype`, on `device`, of at least one dim and last dim `last` passes
     check_linear_args with `weight` and `bias`: its checks in one expression, for the calls that pass (a layer runs
-    them on each call; this takes a Column call's host time down by a tenth, a ParallelMLP call's by a sixth:
-    bench/NOTES.md, attempt 56). False says only that check_linear_args_one_by_one must run, for the error that
+    them on each call, and one expression costs it less host time than the checks one by one: bench/NOTES.md,
+    attempt 56). False says only that check_linear_args_one_by_one must run, for the error that
     names the argument. The two hold the same checks: a check added to one belongs in the other, and
     tests/test_errors.py compares them over changes of each fact they read (a new fact's change belongs there)."""
     if not isinstance(weight, torch.Tensor):
@@ -420,7 +420,7 @@ def _run(call: tuple, a: torch.Tensor, b: torch.Tensor, bias, activation: str, a
 
 
 def _tf32() -> bool:
-    # F.linear's setting, torch.backends.cuda.matmul.allow_tf32, read past its Python wrapper (0.6 us a launch)
+    # F.linear's setting, torch.backends.cuda.matmul.allow_tf32, read past its Python wrapper (attempt 56)
     return torch._C._get_cublas_allow_tf32()
 
 
@@ -488,7 +488,7 @@ def _out(shape, dtype: torch.dtype, device: torch.device, wide: bool) -> torch.T
     operands are widened before any arithmetic, the kernels write fp32, and `_rounded` rounds once to nearest
     even: the same function the compiled kernels compute, up to the order of fp32 sums.
     """
-    # The sizes as separate arguments: torch parses them faster than one tuple (0.5 us a call on the CPU). `shape`
+    # The sizes as separate arguments: torch parses them faster than one tuple (bench/NOTES.md, attempt 56). `shape`
     # has at least one dim.
     return torch.empty(*shape, device=device, dtype=torch.float32 if wide else dtype)
 
