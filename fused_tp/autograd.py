@@ -44,6 +44,33 @@ def _once_differentiable(backward):
     return run
 
 
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+class _LayerFunction(Function):
+    """An autograd Function the layers call through _apply. `tensors`: how many of its leading arguments are
+    tensors (or None), the rest not."""
+
+    tensors = 1
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.c_apply = super(Function, cls).apply  # the C apply that Function.apply ends in, bound to cls
+
+
+def _apply(function: type[_LayerFunction], *args):
+    """function.apply(*args). Eagerly, the C apply that Function.apply's Python ends in, after what that Python does
+    first for a Function without setup_context: functorch's dead wrappers (tensors that outlived the transform that
+    made them) unwrapped. That Python costs each layer call host time for nothing else (bench/NOTES.md, attempt
+    59). While torch.compile traces, and under functorch's transforms, Function.apply itself: dynamo traces that
+    one, and functorch takes its own path there (and refuses a Function without setup_context)."""
+    if torch.compiler.is_compiling() or _functorch_active():
+        return function.apply(*args)
+    n = function.tensors
+    return function.c_apply(*[t if t is None else _unwrap_if_dead(t) for t in args[:n]], *args[n:])
+
+
 def resolve_group(group):
     """The process group a layer runs on, from what it takes: None (the default group), a ProcessGroup, or a 1-D
     DeviceMesh (of a larger mesh, the named dim: mesh["tp"]). TypeError or ValueError naming process_group else."""
@@ -199,7 +226,7 @@ def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, 
     return finish if async_op else finish()
 
 
-class _ReduceScatterSequence(Function):
+class _ReduceScatterSequence(_LayerFunction):
     """Sequence parallelism's exit: partial sums y [S along dim] -> this rank's slice of their sum, [S_r]; backward
     all-gathers the gradient along the sequence."""
 
@@ -214,7 +241,7 @@ class _ReduceScatterSequence(Function):
         return _seq_gather(grad.contiguous(), ctx.dim, ctx.sizes, ctx.group), None, None, None, None
 
 
-class _ColumnParallelLinear(Function):
+class _ColumnParallelLinear(_LayerFunction):
     """Column-parallel linear: W is split by output features.
 
     x        [..., K]      replicated input
@@ -229,6 +256,8 @@ class _ColumnParallelLinear(Function):
     along `dim` before the product; backward gathers it again (what forward saved is the share, not the
     sequence) while dgrad computes, and reduce-scatters grad_x, in place of the all-reduce, while wgrad computes.
     """
+
+    tensors = 3
 
     @staticmethod
     def forward(ctx, x, w_shard, b_shard, group, world, seq):
@@ -275,7 +304,7 @@ def _column_grads(grad_y_shard, x, w_shard, need, group, world, seq=None) -> tup
     return grad_x, grad_w, grad_b
 
 
-class _RowParallelLinear(Function):
+class _RowParallelLinear(_LayerFunction):
     """Row-parallel linear: W is split by input features; the bias is replicated and added once.
 
     x_shard  [..., K_r]    this rank's slice of the input features
@@ -287,6 +316,8 @@ class _RowParallelLinear(Function):
     The bias is added inside the kernel on rank 0 only, so the sum carries it once. Its gradient is computed on
     every rank from the replicated grad_y, so the replicated bias stays identical under any optimizer.
     """
+
+    tensors = 3
 
     @staticmethod
     def forward(ctx, x_shard, w_shard, b, group, world, rank):
@@ -306,7 +337,7 @@ class _RowParallelLinear(Function):
         return grad_x_shard, grad_w, grad_b, None, None, None
 
 
-class _MlpColumn(Function):
+class _MlpColumn(_LayerFunction):
     """ParallelMLP's first half, Column -> activation, as one node of a two-node graph (_MlpRow is the other):
 
     x        [..., K]      replicated input (with `seq`: this rank's share of the sequence, gathered first)
@@ -321,6 +352,8 @@ class _MlpColumn(Function):
     _MlpRow's backward returns, before the column gradients run: in one Function they were held to its end, and a
     SwiGLU step's peak was above LlamaMLP's (bench/NOTES.md, attempt 44).
     """
+
+    tensors = 3
 
     @staticmethod
     def forward(ctx, x, w1, b1, group, world, activation, seq):
@@ -344,7 +377,7 @@ class _MlpColumn(Function):
         return *grads, None, None, None, None
 
 
-class _MlpRow(Function):
+class _MlpRow(_LayerFunction):
     """ParallelMLP's second half, the Row product, fed by _MlpColumn:
 
     a, pre   [..., F_r], [..., F_r or 2 F_r]   _MlpColumn's outputs;   w2 [N, F_r], b2 [N]   its Row shard
@@ -355,6 +388,8 @@ class _MlpRow(Function):
     Against Column, F.gelu and Row as three modules: two elementwise launches fewer a step, and no pass of its own
     over pre and a in either direction.
     """
+
+    tensors = 4
 
     @staticmethod
     def forward(ctx, a, pre, w2, b2, group, world, rank, activation):
@@ -378,10 +413,10 @@ def _mlp_graph(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str,
     b1 requires one), else fc1's output computed unrecorded and the Row layer's Function on it (no pre-activation
     written: it serves only fc1's gradients)."""
     if _records_grad(x, w1, b1):
-        a, pre = _MlpColumn.apply(x, w1, b1, group, world, activation, seq)
-        return _MlpRow.apply(a, pre, w2, b2, group, world, rank, activation)
+        a, pre = _apply(_MlpColumn, x, w1, b1, group, world, activation, seq)
+        return _apply(_MlpRow, a, pre, w2, b2, group, world, rank, activation)
     x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
-    return _RowParallelLinear.apply(ops.linear(x_full, w1, b1, activation)[0], w2, b2, group, world, rank)
+    return _apply(_RowParallelLinear, ops.linear(x_full, w1, b1, activation)[0], w2, b2, group, world, rank)
 
 
 def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):
@@ -394,7 +429,7 @@ def _mlp_forward(x, w1, b1, w2, b2, group, world: int, rank: int, activation: st
     return _row_forward(ops.linear(x, w1, b1, activation)[0], w2, b2, group, world, rank)
 
 
-class _GatherLastDim(Function):
+class _GatherLastDim(_LayerFunction):
     """y_shard [..., N_r] -> y [..., N] on every rank; backward keeps this rank's slice of the gradient."""
 
     @staticmethod
@@ -408,7 +443,7 @@ class _GatherLastDim(Function):
         return grad_y[..., start:stop], None, None, None, None
 
 
-class _ScatterLastDim(Function):
+class _ScatterLastDim(_LayerFunction):
     """x [..., K] -> x[..., K_r] (a view, no copy); backward all-gathers, so every rank gets the full gradient."""
 
     @staticmethod
@@ -555,14 +590,14 @@ def column_call(
     graph = _records_grad(x, weight, bias)
     seq = _sequence(x, seq_dim, group, world, rank)
     if graph:
-        y = _in_scope(scope, _ColumnParallelLinear.apply, x, weight, bias, group, world, seq)
+        y = _in_scope(scope, _apply, _ColumnParallelLinear, x, weight, bias, group, world, seq)
     else:
         x = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
         y = _in_scope(scope, ops.linear, x, weight, bias)[0]
     if gather_size is None:
         return y
     if graph:
-        return _GatherLastDim.apply(y, group, world, rank, gather_size)
+        return _apply(_GatherLastDim, y, group, world, rank, gather_size)
     return _all_gather_last_dim(y, group, world, gather_size)
 
 
@@ -608,12 +643,13 @@ def row_call(
     if seq_dim is not None and world > 1:
         graph = _records_grad(x, weight, bias)
         # the partial sums, the bias in rank 0's only, then reduce-scattered: world 1 to the Function, no all-reduce
-        y = _in_scope(scope, _RowParallelLinear.apply if graph else _row_forward, x, weight, bias, group, 1, rank)
+        args = (x, weight, bias, group, 1, rank)
+        y = _in_scope(scope, _apply, _RowParallelLinear, *args) if graph else _in_scope(scope, _row_forward, *args)
         return _leave_sequence(y, seq_dim, group, world, rank, graph)
     if _records_grad(x, weight, bias):
         if scatter_size is not None:
-            x = _ScatterLastDim.apply(x, group, world, rank)
-        return _in_scope(scope, _RowParallelLinear.apply, x, weight, bias, group, world, rank)
+            x = _apply(_ScatterLastDim, x, group, world, rank)
+        return _in_scope(scope, _apply, _RowParallelLinear, x, weight, bias, group, world, rank)
     if scatter_size is not None:
         start, stop = shard_range(scatter_size, world, rank)
         x = x[..., start:stop]
@@ -722,7 +758,7 @@ def _leave_sequence(y, seq_dim: int, group, world: int, rank: int, graph: bool):
     size = y.shape[seq_dim]
     sizes = [stop - start for start, stop in (shard_range(size, world, r) for r in range(world))]
     if graph:
-        return _ReduceScatterSequence.apply(y, seq_dim, sizes, rank, group)
+        return _apply(_ReduceScatterSequence, y, seq_dim, sizes, rank, group)
     return _seq_reduce_scatter(y, seq_dim, sizes, rank, group)
 
 

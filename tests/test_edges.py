@@ -235,7 +235,8 @@ def test_where_autograd_records_nothing_the_layers_skip_their_function(device, m
         autograd._ScatterLastDim,
     )
     for fn in functions:
-        monkeypatch.setattr(fn, "apply", lambda *args: pytest.fail("an autograd Function ran"))
+        for entry in ("apply", "c_apply"):  # Function.apply, and the C apply the layers call eagerly (autograd._apply)
+            monkeypatch.setattr(fn, entry, lambda *args: pytest.fail("an autograd Function ran"))
     with torch.no_grad():
         y = layer(x)
     for p in layer.parameters():
@@ -251,6 +252,55 @@ def test_a_second_derivative_raises(device):
     (grad_x,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)  # grad_y = 2y depends on x
     with pytest.raises(RuntimeError, match="trying to differentiate twice a function that was marked with"):
         grad_x.pow(2).sum().backward()
+
+
+def _layer(kind: str, device):
+    """(a layer of `kind`, its input width): Column, Row, or a ParallelMLP."""
+    fc1, fc2 = nn.Linear(6, 10, device=device), nn.Linear(10, 6, device=device)
+    if kind == "column":
+        return fused_tp.ColumnParallelLinear.from_linear(fc1), 6
+    if kind == "row":
+        return fused_tp.RowParallelLinear.from_linear(fc2), 10
+    return fused_tp.ParallelMLP.from_linears(fc1, fc2), 6
+
+
+@pytest.mark.parametrize("kind", ["column", "row", "parallel_mlp"])
+def test_a_tensor_left_by_a_functorch_transform_runs_as_its_value(device, kind):
+    """The layers call their Functions past Function.apply's Python (host time: autograd._apply), which first
+    unwraps functorch's dead wrappers (a tensor kept from inside torch.func.grad, whose transform has returned):
+    fed one, a layer gives what it gives for the plain tensor, output and gradients, as Function.apply does."""
+    torch.manual_seed(0)
+    layer, width = _layer(kind, device)
+    x = torch.randn(3, width, device=device)
+    kept = []
+
+    def f(t):
+        kept.append(t * 1)
+        return kept[-1].sum()
+
+    torch.func.grad(f)(x)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])  # a dead wrapper, not yet a tensor
+    grads = []
+    for inp in (x, kept[0]):
+        y = layer(inp)
+        y.backward(torch.ones_like(y))
+        grads.append([p.grad.clone() for p in layer.parameters()])
+        layer.zero_grad(set_to_none=True)
+        assert torch.equal(y, layer(x))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["column", "row", "parallel_mlp"])
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_under_functorch_transforms_the_layers_raise_what_function_apply_raises(device, kind, transform):
+    """functorch's transforms need an autograd Function with setup_context, which the layers' do not define: under
+    one, a layer goes through Function.apply (not the C apply its eager calls take), whose clear error names that,
+    rather than an internal assertion of functorch's."""
+    layer, width = _layer(kind, device)
+    x = torch.randn(3, width, device=device)
+    run = torch.func.vmap(layer) if transform == "vmap" else torch.func.grad(lambda t: layer(t).sum())
+    with pytest.raises(RuntimeError, match="it must override the setup_context staticmethod"):
+        run(x)
 
 
 def _view(kind, shape, dtype, device, gen, grad):
