@@ -127,6 +127,27 @@ def test_every_layer_compiles_whole_and_matches_eager(device, backend, name):
     assert counter.frame_count == 1, f"{name}: compiled {counter.frame_count} times"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["column", "row, input_is_parallel=False", "ParallelMLP", "ParallelMLP, swiglu"])
+def test_layers_compile_whole_under_autocast(device, backend, name):
+    """Inside torch.autocast (bf16, fp32 parameters) the layers' casts trace with them: one graph, no break, and
+    the compiled step gives eager's bits under the same autocast."""
+    stacks, _ = _stacks(device, torch.float32)
+    module, width = stacks[name]
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    compiled = torch.compile(module, backend=counter, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(1)
+    for tokens in (5, 9):
+        x = make_tensor((tokens, width), "contiguous", torch.float32, device, gen)
+        grad_y = make_tensor((tokens, module(x).shape[-1]), "contiguous", torch.bfloat16, device, gen)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            eager, traced = _step(module, module, x, grad_y), _step(compiled, module, x, grad_y)
+        for (what, a), (_, b) in zip(eager, traced):
+            assert a.dtype == (torch.bfloat16 if what == "y" else torch.float32), what
+            assert torch.equal(a, b), f"{name}, {tokens} tokens: {what} differs from eager"
+    assert counter.frame_count == 1, f"{name}: compiled {counter.frame_count} times"
+
+
 def test_an_unaligned_input_takes_the_same_path_compiled(device):
     """The launch path (descriptors, pointers, an aligned copy) is decided inside the operator when it runs, from
     the tensors it is given: an input whose data pointer is off 16 bytes, compiled, takes the path eager code

@@ -303,6 +303,54 @@ def test_under_functorch_transforms_the_layers_raise_what_function_apply_raises(
         run(x)
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("input_dtype", ["float32", "the autocast dtype"])
+@pytest.mark.parametrize(
+    "kind", ["column", "column, gather_output", "row", "row, input_is_parallel=False", "gelu", "swiglu"]
+)
+def test_under_autocast_the_layers_compute_as_nn_linear_does(device, kind, input_dtype, autocast_dtype):
+    """Inside torch.autocast the layers take what nn.Linear takes there, fp32 parameters with an input of fp32 or of
+    the autocast dtype (not a dtype mismatch), compute in the autocast dtype, return it, and give the fp32
+    parameters fp32 gradients: every value against the float64 reference on the operands cast to that dtype, every
+    dtype against the dense modules' under the same autocast."""
+    torch.manual_seed(0)
+    fc1, fc2, up = nn.Linear(8, 12, device=device), nn.Linear(12, 8, device=device), nn.Linear(8, 12, device=device)
+    col, row = fused_tp.ColumnParallelLinear.from_linear, fused_tp.RowParallelLinear.from_linear
+    layer, dense, width = {
+        "column": (col(fc1), fc1, 8),
+        "column, gather_output": (col(fc1, gather_output=True), fc1, 8),
+        "row": (row(fc2), fc2, 12),
+        "row, input_is_parallel=False": (row(fc2, input_is_parallel=False), fc2, 12),
+        "gelu": (fused_tp.ParallelMLP.from_linears(fc1, fc2), nn.Sequential(fc1, nn.GELU(), fc2), 8),
+        "swiglu": (fused_tp.ParallelMLP.from_gated(fc1, up, fc2), None, 8),
+    }[kind]
+    x = torch.randn(5, width, device=device)
+    x = (x if input_dtype == "float32" else x.to(autocast_dtype)).requires_grad_()
+    with torch.autocast(torch.device(device).type, dtype=autocast_dtype):
+        y = layer(x)
+        dense_dtype = (dense or fc1)(x).dtype
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert y.dtype == dense_dtype == autocast_dtype and x.grad.dtype == x.dtype
+    assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
+    low = {n: p.detach().to(autocast_dtype) for n, p in layer.named_parameters()}
+    x_low = x.detach().to(autocast_dtype)
+    if kind in ("gelu", "swiglu"):
+        ref, mag = mlp_reference(x_low, *low.values(), grad_y, "swiglu" if kind == "swiglu" else "gelu")
+        names = dict(zip(("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"), ("w1", "b1", "w2", "b2")))
+        ref_mag = {"y": (ref["y"], mag["y"]), "grad_x": (ref["grad_x"], mag["grad_x"])}
+        ref_mag.update({n: (ref["grad_" + k], mag["grad_" + k]) for n, k in names.items()})
+        t = tol(autocast_dtype, 24, stages=MLP_STAGES)
+    else:
+        ref = layer_reference(x_low, low["weight"], low["bias"], grad_y)
+        ref_mag = {"y": ref["y"], "grad_x": ref["grad_x"], "weight": ref["grad_w"], "bias": ref["grad_b"]}
+        t = tol(autocast_dtype, 12)
+    assert_close("y", y, *ref_mag.pop("y"), t)
+    assert_close("grad_x", x.grad, *ref_mag.pop("grad_x"), t)
+    for name, p in layer.named_parameters():
+        assert_close(f"grad of {name}", p.grad, *ref_mag[name], t)
+
+
 def _view(kind, shape, dtype, device, gen, grad):
     """An input of `shape` [M, K] made the way earlier ops hand it over; returns (leaf, view)."""
     M, K = shape

@@ -93,6 +93,21 @@ BAD_CALLS = {
         TypeError,
         "fc1.weight: expected dtype float32, float16 or bfloat16, got torch.float64",
     ),
+    # autocast casts no float64 tensor (as for F.linear): a float64 layer is refused inside it too, not run in bf16
+    "column under autocast: a layer made float64": (
+        lambda c, r, rf, d: _autocast(d, copy.deepcopy(c).double(), torch.randn(2, c.in_features, device=d)),
+        TypeError,
+        "weight: expected dtype float32, float16 or bfloat16, got torch.float64",
+    ),
+    "ParallelMLP under autocast: made float64, given a float64 input": (
+        lambda c, r, rf, d: _autocast(
+            d,
+            fused_tp.ParallelMLP(c.in_features, 6, device=d).double(),
+            torch.randn(2, c.in_features, device=d, dtype=torch.float64),
+        ),
+        TypeError,
+        "fc1.weight: expected dtype float32, float16 or bfloat16, got torch.float64",
+    ),
     "row_parallel_linear: bias in another dtype": (
         lambda c, r, rf, d: fused_tp.row_parallel_linear(
             torch.randn(2, r.weight.shape[1], device=d), r.weight, r.bias.detach().half()
@@ -101,6 +116,11 @@ BAD_CALLS = {
         "bias: expected dtype torch.float32",
     ),
 }
+
+
+def _autocast(device, layer, x):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        return layer(x)
 
 
 @pytest.mark.parametrize("name", list(BAD_CALLS))
