@@ -26,7 +26,7 @@ def _cpu(t):
     return None if t is None else t.detach().cpu()
 
 
-def layers_step(kind, device, dense, x, grad_y, activation="gelu"):
+def layers_step(kind, device, dense, x, grad_y, activation="gelu", autocast=None):
     """Forward and backward of one stack of layers built with from_linear from the dense (weight, bias) pairs.
 
     kind: "mlp"            Column -> GELU -> Row (Megatron's MLP), three modules
@@ -34,11 +34,13 @@ def layers_step(kind, device, dense, x, grad_y, activation="gelu"):
           "column_gather"  Column with gather_output=True
           "row_scatter"    Row with input_is_parallel=False
     Returns y, grad_x and, per layer, the shard of weight and bias with their gradients; for "row_scatter" also
-    the output for a zero input (the bias alone, if it is added exactly once).
+    the output for a zero input (the bias alone, if it is added exactly once). `autocast`: a dtype, the forward
+    inside torch.autocast to it.
     """
     forward, layers = _stack(kind, [_dense_linear(w, b, device) for w, b in dense], activation)
     x = x.to(device).requires_grad_()
-    y = forward(x)
+    with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+        y = forward(x)
     y.backward(grad_y.to(device))
     out = {"y": _cpu(y), "grad_x": _cpu(x.grad)}
     for i, layer in enumerate(layers):

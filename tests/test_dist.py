@@ -93,6 +93,33 @@ def test_mlp_matches_dense(rank_pools, device, world, tokens, hidden, ffn, dtype
         assert_close("grad_b2", outs[0]["grad_b1"], ref["grad_b2"], mag["grad_b2"], tol_mlp)
 
 
+@pytest.mark.parametrize("world", WORLDS[:2])
+@pytest.mark.parametrize("kind", ["mlp", "parallel_mlp"])
+def test_mlp_under_autocast_matches_the_dense_mlp_on_its_cast_operands(rank_pools, device, world, kind):
+    """Inside torch.autocast (bf16) with fp32 shards and input, on real ranks: the output in bf16, every gradient in
+    fp32 (uneven shards), against the float64 reference on the operands cast to bf16; the row bias once."""
+    hidden, ffn, tokens = 7, 10, 5
+    w1, b1 = _dense_linear(hidden, ffn, True, torch.float32, 0)
+    w2, b2 = _dense_linear(ffn, hidden, True, torch.float32, 1)
+    x, grad_y = _inputs((tokens,), hidden, hidden, torch.float32, 0)
+    grad_y = grad_y.bfloat16()
+
+    run = rank_pools(world).run
+    outs = run(dist_cases.layers_step, kind, device, [(w1, b1), (w2, b2)], x, grad_y, "gelu", torch.bfloat16)
+
+    ref, mag = mlp_reference(*(t.bfloat16() for t in (x, w1, b1, w2, b2)), grad_y)
+    t = tol(torch.bfloat16, max(hidden, ffn, tokens), rounds=world, stages=MLP_STAGES)
+    for rank, out in enumerate(outs):
+        assert out["y"].dtype == torch.bfloat16 and out["grad_x"].dtype == torch.float32
+        assert all(out[f"grad_{p}"].dtype == torch.float32 for p in ("w0", "b0", "w1", "b1"))
+        assert_close(f"y on rank {rank}", out["y"], ref["y"], mag["y"], t)
+        assert_close(f"grad_x on rank {rank}", out["grad_x"], ref["grad_x"], mag["grad_x"], t)
+        assert_close(f"grad_b2 on rank {rank}", out["grad_b1"], ref["grad_b2"], mag["grad_b2"], t)
+    assert_close("grad_w1", torch.cat([o["grad_w0"] for o in outs], 0), ref["grad_w1"], mag["grad_w1"], t)
+    assert_close("grad_b1", torch.cat([o["grad_b0"] for o in outs], 0), ref["grad_b1"], mag["grad_b1"], t)
+    assert_close("grad_w2", torch.cat([o["grad_w1"] for o in outs], 1), ref["grad_w2"], mag["grad_w2"], t)
+
+
 @pytest.mark.parametrize("world", WORLDS)
 @dist_settings
 @given(tokens=tokens, in_features=sizes, out_features=sizes, dtype=dtypes, seed=seeds)
