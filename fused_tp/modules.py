@@ -59,14 +59,36 @@ class _ParallelLinear(nn.Module):
             span = (unit * start, unit * stop)
         self.shard_span = span  # checkpoint.py reads and writes the dense tensors' slices through it
 
-        def param(t: torch.Tensor, dim: int | None) -> nn.Parameter:
-            part = t.detach() if dim is None else t.detach().narrow(dim, span[0], span[1] - span[0])
-            return nn.Parameter(part.clone(memory_format=torch.contiguous_format), requires_grad=t.requires_grad)
+        def param(t: torch.Tensor) -> nn.Parameter:
+            part = t.detach().clone(memory_format=torch.contiguous_format)
+            return nn.Parameter(part, requires_grad=t.requires_grad)
 
-        self.weight = param(weight, self._split_dim)
-        # Column splits the bias with the output features; Row keeps all of it on every rank.
-        bias_dim = 0 if self._split_dim == 0 else None
-        self.register_parameter("bias", None if bias is None else param(bias, bias_dim))
+        w_part, b_part = self._parts(weight, bias)
+        self.weight = param(w_part)
+        self.register_parameter("bias", None if bias is None else param(b_part))
+
+    def _parts(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's views of the dense (weight, bias) by shard_span: Column splits the bias with the output
+        features; Row keeps all of it on every rank."""
+        start, stop = self.shard_span
+        bias_part = bias if bias is None or self._split_dim == 1 else bias.narrow(0, start, stop - start)
+        return weight.narrow(self._split_dim, start, stop - start), bias_part
+
+    def reset_parameters(self) -> None:
+        """Initialise the shards in place as nn.Linear.reset_parameters initialises the dense layer: under the same
+        torch seed on every rank, this rank's slice (shard_span) of what nn.Linear(in_features, out_features) draws,
+        as the constructor does. For initialisation on the meta device: build there, `to_empty(device=...)`, then
+        this (which FSDP's materialisation calls too); the parameters stay the same objects."""
+        w = self.weight
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
+        self._copy_dense(dense.weight, dense.bias)
+
+    def _copy_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """This rank's slices of the dense (weight, bias) into the parameters, in place."""
+        with torch.no_grad():
+            for param, part in zip((self.weight, self.bias), self._parts(weight, bias)):
+                if param is not None:
+                    param.copy_(part)
 
     def _check_group(self) -> tuple[int, int]:
         """(R, r) of the layer's group, as it was when the layer was built; RuntimeError if the group changed."""
@@ -245,6 +267,21 @@ class ParallelMLP(nn.Module):
         self.fc2 = RowParallelLinear(
             hidden_features, out_features, bias, process_group=process_group, device=device, dtype=dtype
         )
+
+    def reset_parameters(self) -> None:
+        """Initialise fc1 and fc2 in place as the constructor does under the same torch seed (a gated fc1 from a
+        dense gate's and up's nn.Linear initialisation, interleaved); see _ParallelLinear.reset_parameters."""
+        fc1, fc2 = self.fc1, self.fc2
+        if kernels.ACTIVATIONS[self.activation].gated:
+            w, hidden = fc1.weight, fc2.in_features
+            gate, up = (
+                nn.Linear(fc1.in_features, hidden, fc1.bias is not None, device=w.device, dtype=w.dtype)
+                for _ in range(2)
+            )
+            fc1._copy_dense(*_interleaved(gate, up))
+        else:
+            fc1.reset_parameters()
+        fc2.reset_parameters()
 
     @classmethod
     def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", process_group=None, **sequence):

@@ -137,12 +137,28 @@ def compile_with_guard_or_autotuning(device):
 
 
 def init_shards(seed, in_features, out_features, bias, dtype):
-    """The parameters each constructor makes on this rank under `seed`."""
+    """The parameters each constructor makes on this rank under `seed`; and under "<name> reset", those that
+    reset_parameters draws under `seed` into the same module built on the meta device and then made empty on the
+    CPU (their values must be the constructor's), for the two layers and both kinds of ParallelMLP."""
+    builds = {
+        "ColumnParallelLinear": lambda **kw: fused_tp.ColumnParallelLinear(in_features, out_features, bias, **kw),
+        "RowParallelLinear": lambda **kw: fused_tp.RowParallelLinear(in_features, out_features, bias, **kw),
+        "ParallelMLP": lambda **kw: fused_tp.ParallelMLP(in_features, out_features, bias=bias, **kw),
+        "ParallelMLP swiglu": lambda **kw: fused_tp.ParallelMLP(
+            in_features, out_features, bias=bias, activation="swiglu", **kw
+        ),
+    }
     out = {}
-    for cls in (fused_tp.ColumnParallelLinear, fused_tp.RowParallelLinear):
+    for name, build in builds.items():
         torch.manual_seed(seed)
-        layer = cls(in_features, out_features, bias, dtype=dtype)
-        out[cls.__name__] = (_cpu(layer.weight), _cpu(layer.bias), repr(layer))
+        layer = build(dtype=dtype)
+        out[name] = ([_cpu(p) for p in layer.parameters()], repr(layer))
+        empty = build(dtype=dtype, device="meta").to_empty(device="cpu")
+        before = [id(p) for p in empty.parameters()]
+        torch.manual_seed(seed)
+        empty.reset_parameters()
+        assert [id(p) for p in empty.parameters()] == before  # in place: an optimizer built before still holds them
+        out[name + " reset"] = [_cpu(p) for p in empty.parameters()]
     return out
 
 
@@ -553,6 +569,40 @@ def mesh_calls(device):
         y = layer(x)
         matches = ((y - dense(x)).norm() / dense(x).norm()).item() < 1e-5
     return equal, refusal, sub, matches
+
+
+def fsdp_tp_step(kind, dense, x, grad_y, activation):
+    """2-D parallelism on the CPU: the layers of layers_step's `kind` tensor-parallel over mesh["tp"] of a
+    (world / 2) x 2 mesh, each sharded again by FSDP2's fully_shard over mesh["dp"], which also splits the batch
+    (dim 0 of x and grad_y). Returns this rank's y rows and, per layer, its tensor-parallel shards' gradients whole
+    over dp (what FSDP's reduce-scatter left, gathered: the dp-mean of the ranks' gradients)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    linears = [_dense_linear(w, b, "cpu") for w, b in dense]
+    tp = mesh["tp"]
+    if kind == "mlp":
+        layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0], process_group=tp)]
+        layers.append(fused_tp.RowParallelLinear.from_linear(linears[1], process_group=tp))
+        model = nn.Sequential(layers[0], fused_tp.kernels.ACTIVATIONS[activation].module(), layers[1])
+        units = layers
+    else:
+        model = nn.Sequential(fused_tp.ParallelMLP.from_linears(*linears, activation=activation, process_group=tp))
+        layers = [model[0].fc1, model[0].fc2]
+        units = [model[0]]  # whole: its forward reads fc1's and fc2's parameters without calling them
+    for unit in (*units, model):
+        fully_shard(unit, mesh=mesh["dp"])
+    rows = torch.tensor_split(torch.arange(x.shape[0]), world // 2)[mesh["dp"].get_local_rank()]
+    y = model(x[rows])
+    y.backward(grad_y[rows])
+    out = {"rows": rows, "y": _cpu(y)}
+    for i, layer in enumerate(layers):
+        out[f"grad_w{i}"] = _cpu(layer.weight.grad.full_tensor())
+        if layer.bias is not None:
+            out[f"grad_b{i}"] = _cpu(layer.bias.grad.full_tensor())
+    return out
 
 
 def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):

@@ -168,18 +168,24 @@ def test_row_full_input_and_bias_once(rank_pools, device, world, tokens, in_feat
 def test_constructor_shards_are_slices_of_nn_linear(
     rank_pools, world, in_features, out_features, has_bias, dtype, seed
 ):
-    """Under the same seed, each rank's constructor makes exactly its slice of nn.Linear's parameters."""
+    """Under the same seed, each rank's constructor makes exactly its slice of nn.Linear's parameters, and
+    reset_parameters draws the same values into a module made on the meta device (ParallelMLP's both kinds too)."""
     outs = rank_pools(world).run(dist_cases.init_shards, seed, in_features, out_features, has_bias, dtype)
     torch.manual_seed(seed)
     dense = nn.Linear(in_features, out_features, has_bias, dtype=dtype)
     for rank, out in enumerate(outs):
-        w, b, text = out["ColumnParallelLinear"]
+        for name in ("ColumnParallelLinear", "RowParallelLinear", "ParallelMLP", "ParallelMLP swiglu"):
+            made, reset = out[name][0], out[name + " reset"]
+            assert all(torch.equal(a, b) for a, b in zip(made, reset, strict=True)), f"{name} on rank {rank}"
+        (w, *b), text = out["ColumnParallelLinear"]
+        b = b[0] if b else None
         assert torch.equal(w, torch.tensor_split(dense.weight.detach(), world, 0)[rank])
         assert (b is None) == (not has_bias)
         if has_bias:
             assert torch.equal(b, torch.tensor_split(dense.bias.detach(), world, 0)[rank])
         assert f"rank={rank}, world_size={world}" in text and f"out_features={out_features}" in text
-        w, b, text = out["RowParallelLinear"]
+        (w, *b), text = out["RowParallelLinear"]
+        b = b[0] if b else None
         assert torch.equal(w, torch.tensor_split(dense.weight.detach(), world, 1)[rank])
         if has_bias:
             assert torch.equal(b, dense.bias.detach())
@@ -273,6 +279,32 @@ def test_guard_and_autotuning_on_a_subgroup(rank_pools, device):
     assert a["tokens differ"] and a["tokens differ"] == b["tokens differ"], (a, b)
     assert a["autotuned"][2] == b["autotuned"][2], "the members run different configs"
     assert torch.equal(a["autotuned"][1], b["autotuned"][1])  # grad_x is all-reduced: replicated
+
+
+@pytest.mark.parametrize("kind, activation", [("mlp", "gelu"), ("parallel_mlp", "gelu"), ("parallel_mlp", "swiglu")])
+def test_fsdp2_over_dp_with_the_layers_over_tp_matches_the_dense_mlp(rank_pools, device, kind, activation):
+    """2-D parallelism on 4 ranks: the MLP tensor-parallel over mesh["tp"] (2 ranks) and FSDP2's fully_shard over
+    mesh["dp"] (2 ranks, each half the batch): every rank's output rows and every gradient (FSDP's dp-mean, its
+    shards gathered) match the dense MLP on the whole batch. CPU only: FSDP2 over gloo."""
+    if device != "cpu" or 4 not in WORLDS:
+        pytest.skip("FSDP2 over gloo ranks: CPU tensors, 4 ranks")
+    hidden, ffn, tokens = 6, 5, 7
+    w1, b1 = _dense_linear(hidden, ffn * (2 if activation == "swiglu" else 1), True, torch.float32, 0)
+    w2, b2 = _dense_linear(ffn, hidden, True, torch.float32, 1)
+    x, grad_y = _inputs((tokens,), hidden, hidden, torch.float32, 0)
+
+    outs = rank_pools(4).run(dist_cases.fsdp_tp_step, kind, [(w1, b1), (w2, b2)], x, grad_y, activation)
+
+    ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y, activation)
+    t = tol(torch.float32, max(hidden, ffn, tokens), rounds=4, stages=MLP_STAGES)
+    for rank, out in enumerate(outs):
+        assert_close(f"y on rank {rank}", out["y"], ref["y"][out["rows"]], mag["y"][out["rows"]], t)
+    # tp rank r (of mesh["tp"]: rank % 2) holds shard r; FSDP averaged the dp ranks' gradients
+    for name, key, dim in (("w1", "w0", 0), ("b1", "b0", 0), ("w2", "w1", 1)):
+        whole = torch.cat([outs[r]["grad_" + key] for r in (0, 1)], dim)
+        assert_close(f"grad_{name}", 2 * whole, ref["grad_" + name], mag["grad_" + name], t)
+    for rank, out in enumerate(outs):
+        assert_close(f"grad_b2 on rank {rank}", 2 * out["grad_b1"], ref["grad_b2"], mag["grad_b2"], t)
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -290,6 +290,26 @@ def test_a_tensor_left_by_a_functorch_transform_runs_as_its_value(device, kind):
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("kind", ["column", "row", "parallel_mlp"])
+def test_activation_checkpointing_gives_the_steps_bits(device, kind, use_reentrant):
+    """torch.utils.checkpoint over a layer (its forward run again in backward, under the state checkpoint restores):
+    the output and every gradient bitwise equal to the step without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer, width = _layer(kind, device)
+    x = torch.randn(3, width, device=device)
+    steps = []
+    for run in (layer, lambda t: checkpoint(layer, t, use_reentrant=use_reentrant)):
+        leaf = x.clone().requires_grad_()
+        y = run(leaf)
+        y.backward(torch.ones_like(y))
+        steps.append([y, leaf.grad] + [p.grad for p in layer.parameters()])
+        layer.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(*steps, strict=True))
+
+
 @pytest.mark.parametrize("kind", ["column", "row", "parallel_mlp"])
 @pytest.mark.parametrize("transform", ["vmap", "grad"])
 def test_under_functorch_transforms_the_layers_raise_what_function_apply_raises(device, kind, transform):
