@@ -589,7 +589,7 @@ def column_call(
     `out_features`: the dense layer's (None from the functional form); `world_rank`: the group's (R, r) where the
     caller has them; `seq_dim`: sequence parallelism, x holds this rank's share of the sequence along that dim,
     gathered first (its gradient reduce-scattered, in place of grad_x's all-reduce)."""
-    if torch._C._is_any_autocast_enabled():  # (one flag for every device type: the call's host time without it)
+    if torch._C._is_any_autocast_enabled():  # one flag for all device types: outside autocast, the only cost
         x, weight, bias = _autocast(x, weight, bias)
     world, rank = world_rank or group_size_rank(group)
     scope = None
