@@ -3,6 +3,8 @@ fused_tp layers (gate and up column-parallel, down row-parallel, world size 1), 
 under torch.compile(fullgraph=True, dynamic=True): aot_eager on the CPU (the interpreter runs the kernels), inductor
 too on a GPU."""
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo.testing
@@ -85,6 +87,28 @@ def test_llama_with_fused_tp_mlps_matches_dense_and_compiles_whole(device, backe
             _assert_near(f"seq {seq}: {name}", a, b, bound.rel)
         frames = counter.frame_count if frames is None else frames
     assert counter.frame_count == frames, "a new sequence length recompiled"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parallelized_llama_compiles_whole(device, backend):
+    """fused_tp.parallelize(model) (q, k, v column-parallel by heads, o_proj row-parallel, each MLP a SwiGLU
+    ParallelMLP) at world size 1, compiled whole: logits and every attention projection's gradients as the dense
+    model's, eagerly and compiled, within test 1's bound (the SwiGLU MLPs' gradients: the next test)."""
+    dense, _ = _models(device)
+    model = copy.deepcopy(dense)
+    fused_tp.parallelize(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, fused_tp.ColumnParallelLinear)
+    bound = tol(torch.float32, 64, stages=8, tf32=device == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1)).to(device)
+    ref, ref_grads = _step(dense, dense, ids)
+    for fn in (model, compiled):
+        logits, grads = _step(fn, model, ids)
+        _assert_near("logits", logits, ref, bound.rel)
+        attention = [n for n in grads if "self_attn" in n]
+        assert len(attention) == 4 * len(model.model.layers)
+        for name in attention:
+            _assert_near(name, grads[name], ref_grads[name], bound.rel)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
