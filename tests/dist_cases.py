@@ -571,13 +571,15 @@ def mesh_calls(device):
     return equal, refusal, sub, matches
 
 
-def fsdp_tp_step(kind, dense, x, grad_y, activation):
+def dp_tp_step(kind, dense, x, grad_y, activation, data_parallel):
     """2-D parallelism on the CPU: the layers of layers_step's `kind` tensor-parallel over mesh["tp"] of a
-    (world / 2) x 2 mesh, each sharded again by FSDP2's fully_shard over mesh["dp"], which also splits the batch
-    (dim 0 of x and grad_y). Returns this rank's y rows and, per layer, its tensor-parallel shards' gradients whole
-    over dp (what FSDP's reduce-scatter left, gathered: the dp-mean of the ranks' gradients)."""
+    (world / 2) x 2 mesh and data-parallel over mesh["dp"], which splits the batch (dim 0 of x and grad_y):
+    data_parallel "fsdp2" shards each layer again with FSDP2's fully_shard, "ddp" wraps the model in
+    DistributedDataParallel. Returns this rank's y rows and, per layer, its tensor-parallel shards' gradients whole
+    over dp (the dp-mean of the ranks' gradients; FSDP's shards of it gathered)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
 
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
@@ -592,16 +594,20 @@ def fsdp_tp_step(kind, dense, x, grad_y, activation):
         model = nn.Sequential(fused_tp.ParallelMLP.from_linears(*linears, activation=activation, process_group=tp))
         layers = [model[0].fc1, model[0].fc2]
         units = [model[0]]  # whole: its forward reads fc1's and fc2's parameters without calling them
-    for unit in (*units, model):
-        fully_shard(unit, mesh=mesh["dp"])
+    if data_parallel == "fsdp2":
+        for unit in (*units, model):
+            fully_shard(unit, mesh=mesh["dp"])
+    else:
+        model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
     rows = torch.tensor_split(torch.arange(x.shape[0]), world // 2)[mesh["dp"].get_local_rank()]
     y = model(x[rows])
     y.backward(grad_y[rows])
     out = {"rows": rows, "y": _cpu(y)}
+    whole = (lambda g: g.full_tensor()) if data_parallel == "fsdp2" else (lambda g: g)  # noqa: E731
     for i, layer in enumerate(layers):
-        out[f"grad_w{i}"] = _cpu(layer.weight.grad.full_tensor())
+        out[f"grad_w{i}"] = _cpu(whole(layer.weight.grad))
         if layer.bias is not None:
-            out[f"grad_b{i}"] = _cpu(layer.bias.grad.full_tensor())
+            out[f"grad_b{i}"] = _cpu(whole(layer.bias.grad))
     return out
 
 

@@ -281,25 +281,29 @@ def test_guard_and_autotuning_on_a_subgroup(rank_pools, device):
     assert torch.equal(a["autotuned"][1], b["autotuned"][1])  # grad_x is all-reduced: replicated
 
 
+@pytest.mark.parametrize("data_parallel", ["fsdp2", "ddp"])
 @pytest.mark.parametrize("kind, activation", [("mlp", "gelu"), ("parallel_mlp", "gelu"), ("parallel_mlp", "swiglu")])
-def test_fsdp2_over_dp_with_the_layers_over_tp_matches_the_dense_mlp(rank_pools, device, kind, activation):
-    """2-D parallelism on 4 ranks: the MLP tensor-parallel over mesh["tp"] (2 ranks) and FSDP2's fully_shard over
-    mesh["dp"] (2 ranks, each half the batch): every rank's output rows and every gradient (FSDP's dp-mean, its
-    shards gathered) match the dense MLP on the whole batch. CPU only: FSDP2 over gloo."""
+def test_data_parallel_over_dp_with_the_layers_over_tp_matches_the_dense_mlp(
+    rank_pools, device, kind, activation, data_parallel
+):
+    """2-D parallelism on 4 ranks: the MLP tensor-parallel over mesh["tp"] (2 ranks) and data-parallel over
+    mesh["dp"] (2 ranks, each half the batch) by FSDP2's fully_shard or by DistributedDataParallel: every rank's
+    output rows and every gradient (the dp-mean; FSDP's shards gathered) match the dense MLP on the whole batch.
+    CPU only (FSDP2 over gloo)."""
     if device != "cpu" or 4 not in WORLDS:
-        pytest.skip("FSDP2 over gloo ranks: CPU tensors, 4 ranks")
+        pytest.skip("data parallelism over gloo ranks: CPU tensors, 4 ranks")
     hidden, ffn, tokens = 6, 5, 7
     w1, b1 = _dense_linear(hidden, ffn * (2 if activation == "swiglu" else 1), True, torch.float32, 0)
     w2, b2 = _dense_linear(ffn, hidden, True, torch.float32, 1)
     x, grad_y = _inputs((tokens,), hidden, hidden, torch.float32, 0)
 
-    outs = rank_pools(4).run(dist_cases.fsdp_tp_step, kind, [(w1, b1), (w2, b2)], x, grad_y, activation)
+    outs = rank_pools(4).run(dist_cases.dp_tp_step, kind, [(w1, b1), (w2, b2)], x, grad_y, activation, data_parallel)
 
     ref, mag = mlp_reference(x, w1, b1, w2, b2, grad_y, activation)
     t = tol(torch.float32, max(hidden, ffn, tokens), rounds=4, stages=MLP_STAGES)
     for rank, out in enumerate(outs):
         assert_close(f"y on rank {rank}", out["y"], ref["y"][out["rows"]], mag["y"][out["rows"]], t)
-    # tp rank r (of mesh["tp"]: rank % 2) holds shard r; FSDP averaged the dp ranks' gradients
+    # tp rank r (of mesh["tp"]: rank % 2) holds shard r; data parallelism averaged the dp ranks' gradients
     for name, key, dim in (("w1", "w0", 0), ("b1", "b0", 0), ("w2", "w1", 1)):
         whole = torch.cat([outs[r]["grad_" + key] for r in (0, 1)], dim)
         assert_close(f"grad_{name}", 2 * whole, ref["grad_" + name], mag["grad_" + name], t)
