@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from . import guard, kernels
 from .kernels import autotune, configs, ops
-from .kernels.matmul import linear_args_pass
+from .kernels.matmul import autocast_args, linear_args_pass
 
 
 def _once_differentiable(backward):
@@ -69,21 +69,6 @@ def _apply(function: type[_LayerFunction], *args):
         return function.apply(*args)
     n = function.tensors
     return function.c_apply(*[t if t is None else _unwrap_if_dead(t) for t in args[:n]], *args[n:])
-
-
-def _autocast(*tensors) -> tuple:
-    """A layer call's tensors (its input first, then its parameters) as F.linear takes them inside a torch.autocast
-    region of the input's device type: every floating tensor other than float64 cast to the region's dtype, by a
-    differentiable cast, so that the gradients reach the parameters in their own dtype; what autocast does for
-    nn.Linear. Unchanged outside such a region, and where the input is not a tensor (the checks then name it)."""
-    x = tensors[0]
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype is not torch.float64 else t
-        for t in tensors
-    )
 
 
 def resolve_group(group):
@@ -590,7 +575,7 @@ def column_call(
     caller has them; `seq_dim`: sequence parallelism, x holds this rank's share of the sequence along that dim,
     gathered first (its gradient reduce-scattered, in place of grad_x's all-reduce)."""
     if torch._C._is_any_autocast_enabled():  # one flag for all device types: outside autocast, the only cost
-        x, weight, bias = _autocast(x, weight, bias)
+        x, weight, bias = autocast_args(x, weight, bias)
     world, rank = world_rank or group_size_rank(group)
     scope = None
     if _plain(world):
@@ -638,7 +623,7 @@ def row_call(
     form); `world_rank` as for column_call; `seq_dim`: sequence parallelism, the output reduce-scattered along that
     dim (this rank's share of the sequence) in place of the all-reduce."""
     if torch._C._is_any_autocast_enabled():
-        x, weight, bias = _autocast(x, weight, bias)
+        x, weight, bias = autocast_args(x, weight, bias)
     world, rank = world_rank or group_size_rank(group)
     scope = None
     if _plain(world):
@@ -700,7 +685,7 @@ def mlp_call(
     `hidden_features`: the dense hidden width; `world_rank` as for column_call; `seq_dim`: sequence parallelism,
     input and output this rank's share of the sequence along that dim (an all-gather in, a reduce-scatter out)."""
     if torch._C._is_any_autocast_enabled():
-        x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)
+        x, w1, b1, w2, b2 = autocast_args(x, w1, b1, w2, b2)
     world, rank = world_rank or group_size_rank(group)
     scope = None
     if _plain(world):

@@ -371,6 +371,20 @@ def test_under_autocast_the_layers_compute_as_nn_linear_does(device, kind, input
         assert_close(f"grad of {name}", p.grad, *ref_mag[name], t)
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_kernels_linear_keeps_f_linears_contract_under_autocast(device, autocast_dtype):
+    """kernels.linear inside torch.autocast, as F.linear there: fp32 operands, or an input already in the autocast
+    dtype with fp32 weights, give kernels.linear of the operands cast to that dtype, bit for bit, in F.linear's
+    dtype there."""
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(*s, device=device) for s in ((5, 8), (6, 8), (6,)))
+    ref = kernels.linear(x.to(autocast_dtype), w.to(autocast_dtype), b.to(autocast_dtype))
+    with torch.autocast(torch.device(device).type, dtype=autocast_dtype):
+        outs = [kernels.linear(x, w, b), kernels.linear(x.to(autocast_dtype), w, b)]
+        dense_dtype = F.linear(x, w, b).dtype
+    assert dense_dtype == ref.dtype == autocast_dtype and all(torch.equal(y, ref) for y in outs)
+
+
 def _view(kind, shape, dtype, device, gen, grad):
     """An input of `shape` [M, K] made the way earlier ops hand it over; returns (leaf, view)."""
     M, K = shape

@@ -87,6 +87,22 @@ def linear_args_pass(
     )
 
 
+def autocast_args(*tensors) -> tuple:
+    """A call's tensors (its input first, then the weights and biases) as F.linear takes them inside a torch.autocast
+    region of the input's device type: every floating tensor other than float64 cast to the region's dtype (what
+    autocast does for F.linear), by a cast autograd records, so that a layer's gradients reach its parameters in
+    their own dtype. Unchanged outside such a region, and where the input is not a tensor (the checks then name
+    it)."""
+    x = tensors[0]
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype is not torch.float64 else t
+        for t in tensors
+    )
+
+
 def check_linear_args(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -121,8 +137,11 @@ def linear(
     F.gelu(x @ weight.T + bias) (approximate="tanh"), computed on the fp32 accumulator before rounding; with
     activation="swiglu", silu(gate) * up of the product's interleaved (gate, up) column pairs (epilogues.py).
 
-    x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] (swiglu: [..., N / 2]) contiguous, in x's dtype.
+    x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] (swiglu: [..., N / 2]) contiguous, in x's dtype;
+    inside torch.autocast, as F.linear there, all three cast to its dtype first (autocast_args).
     """
+    if torch._C._is_any_autocast_enabled():
+        x, weight, bias = autocast_args(x, weight, bias)
     check_linear_args(x, weight, bias)
     activation = check_activation(activation)
     check_gated_width(activation, weight.shape[0], "weight", "rows")
