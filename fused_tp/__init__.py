@@ -6,10 +6,12 @@ guard.py     the optional rank-consistency guard
 modules.py   ColumnParallelLinear / RowParallelLinear, drop-ins for nn.Linear; ParallelMLP, Column -> GELU -> Row
 parallelize.py  parallelize(model): a whole model's attention and MLP projections sharded (Hugging Face Llama family)
 checkpoint.py   sharded models to and from the dense model's state dict or safetensors file (resharding)
+grads.py     clip_grad_norm_(model, ...): the dense model's gradient norm, the same on every rank
 """
 
 from . import checkpoint
 from .autograd import column_parallel_linear, row_parallel_linear
+from .grads import clip_grad_norm_
 from .guard import RankMismatchError, check_ranks
 from .kernels import kernel_path, path_counts
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
@@ -24,6 +26,7 @@ __all__ = [
     "RowParallelLinear",
     "check_ranks",
     "checkpoint",
+    "clip_grad_norm_",
     "column_parallel_linear",
     "kernel_path",
     "parallelize",

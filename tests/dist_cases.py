@@ -571,6 +571,38 @@ def mesh_calls(device):
     return equal, refusal, sub, matches
 
 
+def clipped_step(kind, dense, norm, x, grad_y, activation, norm_type, max_norm):
+    """A LayerNorm (replicated: `norm`'s (weight, bias)) before the layers of layers_step's `kind`, one step, then
+    fused_tp.clip_grad_norm_: the total it returns, the norm's clipped gradients, and each layer's clipped shard
+    gradients."""
+    forward, layers = _stack(kind, [_dense_linear(w, b, "cpu") for w, b in dense], activation)
+    layer_norm = nn.LayerNorm(norm[0].shape[0])
+    with torch.no_grad():
+        layer_norm.weight.copy_(norm[0])
+        layer_norm.bias.copy_(norm[1])
+    model = nn.Sequential(layer_norm, forward)
+    model(x).backward(grad_y)
+    total = fused_tp.clip_grad_norm_(model, max_norm, norm_type)
+    out = {"total": total, "norm_w": layer_norm.weight.grad, "norm_b": layer_norm.bias.grad}
+    for i, layer in enumerate(layers):
+        out[f"grad_w{i}"], out[f"grad_b{i}"] = layer.weight.grad, layer.bias.grad
+    return out
+
+
+def clipped_llama_total(norm_type):
+    """The tiny Llama through parallelize on this rank (shared key/value heads at 3 and 4 ranks), one step: the
+    total fused_tp.clip_grad_norm_ returns, and torch's clip_grad_norm_ total of the dense model on the same step."""
+    _, _, dense = _tiny_model("llama")
+    model = fused_tp.parallelize(copy.deepcopy(dense))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    for m in (dense, model):
+        out = m(ids).logits
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return fused_tp.clip_grad_norm_(model, 1e-3, norm_type), torch.nn.utils.clip_grad_norm_(
+        dense.parameters(), 1e-3, norm_type
+    )
+
+
 def dp_tp_step(kind, dense, x, grad_y, activation, data_parallel):
     """2-D parallelism on the CPU: the layers of layers_step's `kind` tensor-parallel over mesh["tp"] of a
     (world / 2) x 2 mesh and data-parallel over mesh["dp"], which splits the batch (dim 0 of x and grad_y):

@@ -3,6 +3,7 @@
 Hypothesis draws each example here, in the parent; every rank of a long-lived pool runs it (tests/rankpool.py)."""
 
 import os
+from math import inf
 
 import dist_cases
 import pytest
@@ -13,6 +14,7 @@ from strategies import dtypes, make_tensor, seeds
 from test_errors import BAD_CALLS
 from torch import nn
 
+from fused_tp.kernels import ACTIVATIONS
 from fused_tp.tolerance import MLP_STAGES, assert_close, layer_reference, mlp_reference, tol
 
 # FUSED_TP_TEST_WORLDS="2,4,8" (with FUSED_TP_TEST_BACKEND=nccl on an 8-GPU machine) changes them.
@@ -279,6 +281,62 @@ def test_guard_and_autotuning_on_a_subgroup(rank_pools, device):
     assert a["tokens differ"] and a["tokens differ"] == b["tokens differ"], (a, b)
     assert a["autotuned"][2] == b["autotuned"][2], "the members run different configs"
     assert torch.equal(a["autotuned"][1], b["autotuned"][1])  # grad_x is all-reduced: replicated
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize(
+    "kind, activation, norm_type",
+    [("mlp", "gelu", 2.0), ("parallel_mlp", "swiglu", 1.0), ("parallel_mlp", "gelu", inf)],
+)
+def test_clip_grad_norm_takes_the_dense_models_norm(rank_pools, world, kind, activation, norm_type):
+    """fused_tp.clip_grad_norm_ on a LayerNorm (replicated) before the MLP's layers (sharded, uneven): on every rank
+    the total of torch.nn.utils.clip_grad_norm_ on the dense model, bit for bit the same total on every rank, and
+    every gradient clipped as the dense model's, the replicated ones bit for bit alike on every rank (torch's own
+    clip would scale each rank by its own shard's norm, and the replicated parameters would drift apart)."""
+    hidden, ffn, tokens = 6, 5, 7
+    w1, b1 = _dense_linear(hidden, ffn * (2 if activation == "swiglu" else 1), True, torch.float32, 0)
+    w2, b2 = _dense_linear(ffn, hidden, True, torch.float32, 1)
+    x, grad_y = _inputs((tokens,), hidden, hidden, torch.float32, 0)
+    norm = (torch.rand(hidden) + 0.5, torch.randn(hidden))
+
+    run = rank_pools(world).run
+    outs = run(dist_cases.clipped_step, kind, [(w1, b1), (w2, b2)], norm, x, grad_y, activation, norm_type, 0.01)
+
+    dense_norm = nn.LayerNorm(hidden)
+    with torch.no_grad():
+        dense_norm.weight.copy_(norm[0])
+        dense_norm.bias.copy_(norm[1])
+    fc1, fc2 = nn.Linear(hidden, w1.shape[0]), nn.Linear(ffn, hidden)
+    for layer, (w, b) in ((fc1, (w1, b1)), (fc2, (w2, b2))):
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+    act = ACTIVATIONS[activation].torch_fn
+    h = fc1(dense_norm(x))
+    y = fc2(act(h))
+    y.backward(grad_y)
+    params = [dense_norm.weight, dense_norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    total = torch.nn.utils.clip_grad_norm_(params, 0.01, norm_type)
+    assert total > 0.01  # the gradients are clipped, not left as they were
+    close = dict(rtol=1e-5, atol=1e-7)
+    for rank, out in enumerate(outs):
+        assert torch.equal(out["total"], outs[0]["total"]), f"rank {rank}'s total differs from rank 0's"
+        torch.testing.assert_close(out["total"], total, **close)
+        torch.testing.assert_close(out["norm_w"], dense_norm.weight.grad, **close)
+        torch.testing.assert_close(out["grad_b1"], fc2.bias.grad, **close)
+    for name in ("norm_w", "norm_b", "grad_b1"):
+        _assert_replicated(name, outs)
+    torch.testing.assert_close(torch.cat([o["grad_w0"] for o in outs], 0), fc1.weight.grad, **close)
+    torch.testing.assert_close(torch.cat([o["grad_b0"] for o in outs], 0), fc1.bias.grad, **close)
+    torch.testing.assert_close(torch.cat([o["grad_w1"] for o in outs], 1), fc2.weight.grad, **close)
+
+
+def test_clip_grad_norm_of_a_parallelized_llama_counts_shared_heads_once(rank_pools):
+    """A tiny Llama through parallelize at 3 ranks (4 query heads in 2 groups: key/value head 1 lives on ranks 1
+    and 2): the total of fused_tp.clip_grad_norm_ on every rank is torch's on the dense model, each shared head
+    counted once."""
+    for rank, (total, dense_total) in enumerate(rank_pools(3).run(dist_cases.clipped_llama_total, 2.0)):
+        torch.testing.assert_close(total, dense_total, rtol=1e-5, atol=0, msg=lambda m: f"rank {rank}: {m}")
 
 
 @pytest.mark.parametrize("data_parallel", ["fsdp2", "ddp"])

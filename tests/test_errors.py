@@ -353,6 +353,18 @@ def test_from_linears_refuses_layers_of_two_dtypes(device):
         )
 
 
+def test_clip_grad_norm_refuses_layers_on_two_groups(device):
+    """fused_tp.clip_grad_norm_ sums the layers' shards over one group; layers on two raise, naming model, before
+    any collective or any gradient changes."""
+    model = torch.nn.Sequential(*(fused_tp.ColumnParallelLinear(4, 4, device=device) for _ in range(2)))
+    model(torch.randn(2, 4, device=device)).sum().backward()
+    model[1].process_group = object()  # stands for another group (two groups need torch.distributed)
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="^model: expected its fused_tp layers on one process group"):
+        fused_tp.clip_grad_norm_(model, 1.0)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
 def test_from_linear_rejects_other_modules():
     with pytest.raises(TypeError, match="linear: expected an nn.Linear, got Conv1d"):
         fused_tp.ColumnParallelLinear.from_linear(torch.nn.Conv1d(2, 3, 1))
