@@ -2,6 +2,9 @@
 
     clip_grad_norm_(model, max_norm, norm_type=2.0)   torch.nn.utils.clip_grad_norm_ with the norm of the dense
                                                       model's gradients: the same on every rank
+    sequence_parallel_grads(module, process_group)    the gradients of a module each rank runs on its share of the
+                                                      sequence (a norm between sequence-parallel regions) summed
+                                                      over the group in backward: the whole sequence's, on every rank
 
 torch's clip_grad_norm_ on a tensor-parallel model takes each rank's own norm, in which a sharded weight counts
 with this rank's shard only: the ranks then scale by different factors, and the parameters every rank holds (norms,
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .autograd import group_size_rank
+from .autograd import group_size_rank, resolve_group
 from .guard import collective_device
 from .modules import _ParallelLinear
 
@@ -71,6 +74,36 @@ def clip_grad_norm_(
         for p in params:
             p.grad.mul_(scale.to(p.grad.device))  # an fp32 scalar tensor, as torch's clip multiplies by
     return total
+
+
+def sequence_parallel_grads(module: nn.Module, process_group=None) -> nn.Module:
+    """Make every parameter of `module` get, in backward, its gradient summed over `process_group` (default: the
+    default group; or a 1-D DeviceMesh), and return `module`. For what each rank runs on its own share of the
+    sequence between sequence-parallel layers (a norm, a bias added to the residual): its gradient on a rank is that
+    share's alone, so without the sum the replicated parameter would get a different update on every rank; the sum
+    is the whole sequence's (what Megatron-LM's all-reduce of sequence-parallel gradients and DTensor's
+    SequenceParallel do). One all-reduce per parameter per backward, eagerly; a parameter already summed so is
+    left as it is (calling this twice does not sum twice). World size 1: nothing to do."""
+    group = resolve_group(process_group)
+    if group_size_rank(group)[0] == 1:
+        return module
+    for p in module.parameters():
+        if p.requires_grad and not getattr(p, "_fused_tp_sequence_summed", False):
+            p.register_hook(_SummedGrad(group))
+            p._fused_tp_sequence_summed = True
+    return module
+
+
+class _SummedGrad:
+    """A parameter hook: the gradient summed over the group (a new tensor: the hook's input is autograd's)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.clone()
+        dist.all_reduce(summed, group=self.group)
+        return summed
 
 
 def _every_rank_span(layers: list, group, world: int) -> list[list[tuple[int, int]]]:

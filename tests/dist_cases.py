@@ -589,6 +589,23 @@ def clipped_step(kind, dense, norm, x, grad_y, activation, norm_type, max_norm):
     return out
 
 
+def sequence_parallel_norm_step(dense, norm, x, grad_y):
+    """A LayerNorm (`norm`'s (weight, bias)) before a sequence-parallel ParallelMLP of the dense (weight, bias)
+    pairs, the norm's parameters given to fused_tp.sequence_parallel_grads (twice: the second call must add
+    nothing); this rank's share of x's sequence (dim 0), one step: the norm's gradients."""
+    layer_norm = nn.LayerNorm(norm[0].shape[0])
+    with torch.no_grad():
+        layer_norm.weight.copy_(norm[0])
+        layer_norm.bias.copy_(norm[1])
+    for _ in range(2):
+        fused_tp.sequence_parallel_grads(layer_norm)
+    linears = [_dense_linear(w, b, "cpu") for w, b in dense]
+    model = nn.Sequential(layer_norm, fused_tp.ParallelMLP.from_linears(*linears, sequence_parallel=True))
+    rows = torch.tensor_split(torch.arange(x.shape[0]), dist.get_world_size())[dist.get_rank()]
+    model(x[rows]).backward(grad_y[rows])
+    return layer_norm.weight.grad, layer_norm.bias.grad
+
+
 def clipped_llama_total(norm_type):
     """The tiny Llama through parallelize on this rank (shared key/value heads at 3 and 4 ranks), one step: the
     total fused_tp.clip_grad_norm_ returns, and torch's clip_grad_norm_ total of the dense model on the same step."""

@@ -8,6 +8,7 @@ from math import inf
 import dist_cases
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from strategies import dtypes, make_tensor, seeds
@@ -329,6 +330,35 @@ def test_clip_grad_norm_takes_the_dense_models_norm(rank_pools, world, kind, act
     torch.testing.assert_close(torch.cat([o["grad_w0"] for o in outs], 0), fc1.weight.grad, **close)
     torch.testing.assert_close(torch.cat([o["grad_b0"] for o in outs], 0), fc1.bias.grad, **close)
     torch.testing.assert_close(torch.cat([o["grad_w1"] for o in outs], 1), fc2.weight.grad, **close)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_sequence_parallel_grads_give_a_norm_the_whole_sequences_gradient(rank_pools, world):
+    """A LayerNorm before a sequence-parallel ParallelMLP runs on each rank's share of the sequence (uneven), so its
+    gradient there is that share's; through fused_tp.sequence_parallel_grads (called twice) every rank gets the
+    dense model's gradient over the whole sequence, bit for bit the same on every rank."""
+    hidden, ffn, tokens = 6, 5, 7
+    w1, b1 = _dense_linear(hidden, ffn, True, torch.float32, 0)
+    w2, b2 = _dense_linear(ffn, hidden, True, torch.float32, 1)
+    x, grad_y = _inputs((tokens,), hidden, hidden, torch.float32, 0)
+    norm = (torch.rand(hidden) + 0.5, torch.randn(hidden))
+
+    outs = rank_pools(world).run(dist_cases.sequence_parallel_norm_step, [(w1, b1), (w2, b2)], norm, x, grad_y)
+
+    dense_norm = nn.LayerNorm(hidden)
+    with torch.no_grad():
+        dense_norm.weight.copy_(norm[0])
+        dense_norm.bias.copy_(norm[1])
+    mlp = [nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)]
+    for layer, (w, b) in zip(mlp, ((w1, b1), (w2, b2))):
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+    mlp[1](F.gelu(mlp[0](dense_norm(x)))).backward(grad_y)
+    for rank, (grad_w, grad_b) in enumerate(outs):
+        assert torch.equal(grad_w, outs[0][0]) and torch.equal(grad_b, outs[0][1]), f"rank {rank} differs from 0"
+        torch.testing.assert_close(grad_w, dense_norm.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_b, dense_norm.bias.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_clip_grad_norm_of_a_parallelized_llama_counts_shared_heads_once(rank_pools):
