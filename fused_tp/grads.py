@@ -36,12 +36,16 @@ def clip_grad_norm_(
     backward (it runs collectives). Parameters outside fused_tp's layers are taken as replicated: a module
     sharded by other means is counted as if every rank held all of it. ValueError naming `model` where its layers
     are on more than one process group; RuntimeError, on every rank alike, where error_if_nonfinite and the total
-    is NaN or infinite."""
+    is NaN or infinite; ValueError for DTensor gradients (a model sharded again by FSDP2)."""
     layers = [m for m in model.modules() if isinstance(m, _ParallelLinear)]
     group = layers[0].process_group if layers else None
     if any(layer.process_group is not group for layer in layers):
         raise ValueError("model: expected its fused_tp layers on one process group, found several")
     params = [p for p in model.parameters() if p.grad is not None]
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2's shards: their own norm across the mesh
+        raise ValueError("model: expected plain tensor gradients, got DTensor ones (FSDP2's, say): not supported")
     p_norm = float(norm_type)
     device = params[0].grad.device if params else torch.device("cpu")
     sharded, seen = [], set()

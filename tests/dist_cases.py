@@ -652,6 +652,12 @@ def dp_tp_step(kind, dense, x, grad_y, activation, data_parallel):
     y = model(x[rows])
     y.backward(grad_y[rows])
     out = {"rows": rows, "y": _cpu(y)}
+    out["clip"] = None
+    if data_parallel == "fsdp2":  # fused_tp's clip takes plain gradients only: FSDP2's DTensor ones are refused
+        try:
+            fused_tp.clip_grad_norm_(model, 1e9)
+        except ValueError as e:
+            out["clip"] = str(e)
     whole = (lambda g: g.full_tensor()) if data_parallel == "fsdp2" else (lambda g: g)  # noqa: E731
     for i, layer in enumerate(layers):
         out[f"grad_w{i}"] = _cpu(whole(layer.weight.grad))
