@@ -284,10 +284,15 @@ def test_guard_and_autotuning_on_a_subgroup(rank_pools, device):
     assert torch.equal(a["autotuned"][1], b["autotuned"][1])  # grad_x is all-reduced: replicated
 
 
-@pytest.mark.parametrize("world", WORLDS)
+# each world size with another layer form, activation and norm: each of them once, at some world size
 @pytest.mark.parametrize(
-    "kind, activation, norm_type",
-    [("mlp", "gelu", 2.0), ("parallel_mlp", "swiglu", 1.0), ("parallel_mlp", "gelu", inf)],
+    "world, kind, activation, norm_type",
+    [
+        (w, *case)
+        for w, case in zip(
+            WORLDS, [("mlp", "gelu", 2.0), ("parallel_mlp", "swiglu", 1.0), ("parallel_mlp", "gelu", inf)]
+        )
+    ],
 )
 def test_clip_grad_norm_takes_the_dense_models_norm(rank_pools, world, kind, activation, norm_type):
     """fused_tp.clip_grad_norm_ on a LayerNorm (replicated) before the MLP's layers (sharded, uneven): on every rank
