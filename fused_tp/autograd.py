@@ -93,9 +93,10 @@ def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     initialised. Asked of the group itself, which dist.get_world_size and dist.get_rank end up doing too, after
     checks that cost host time on every layer call (modules._check_group; bench/NOTES.md, session 19)."""
     if group is None:
-        group = dist.group.WORLD
-        if group is None:
+        # is_initialized first: torch.compile in torch 2.11 reads dist.group.WORLD as a group where it is None
+        if not dist.is_initialized():
             return 1, 0
+        group = dist.group.WORLD
     return group.size(), group.rank()
 
 
