@@ -21,6 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .autograd import group_size_rank, resolve_group
 from .guard import collective_device
@@ -38,12 +39,11 @@ def clip_grad_norm_(
     are on more than one process group; RuntimeError, on every rank alike, where error_if_nonfinite and the total
     is NaN or infinite; ValueError for DTensor gradients (a model sharded again by FSDP2)."""
     layers = [m for m in model.modules() if isinstance(m, _ParallelLinear)]
-    group = layers[0].process_group if layers else None
-    if any(layer.process_group is not group for layer in layers):
+    groups = {id(_named(layer.process_group)) for layer in layers}
+    if len(groups) > 1:
         raise ValueError("model: expected its fused_tp layers on one process group, found several")
+    group = layers[0].process_group if layers else None
     params = [p for p in model.parameters() if p.grad is not None]
-    from torch.distributed.tensor import DTensor
-
     if any(isinstance(p.grad, DTensor) for p in params):  # FSDP2's shards: their own norm across the mesh
         raise ValueError("model: expected plain tensor gradients, got DTensor ones (FSDP2's, say): not supported")
     p_norm = float(norm_type)
@@ -78,6 +78,11 @@ def clip_grad_norm_(
         for p in params:
             p.grad.mul_(scale.to(p.grad.device))  # an fp32 scalar tensor, as torch's clip multiplies by
     return total
+
+
+def _named(group):
+    """The group a layer's process_group stands for: None is the default group (where there is one)."""
+    return dist.group.WORLD if group is None and dist.is_initialized() else group
 
 
 def sequence_parallel_grads(module: nn.Module, process_group=None) -> nn.Module:
