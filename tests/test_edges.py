@@ -290,6 +290,29 @@ def test_a_tensor_left_by_a_functorch_transform_runs_as_its_value(device, kind):
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_grad_norm_at_world_size_1_is_torchs(device, norm_type):
+    """At world size 1 (no collective) fused_tp.clip_grad_norm_ gives torch.nn.utils.clip_grad_norm_'s total and
+    clipped gradients on the same model (a LayerNorm and a ParallelMLP: replicated and layer parameters)."""
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(6, 10, device=device), nn.Linear(10, 6, device=device)
+    x = torch.randn(4, 6, device=device)
+    grads, totals = [], []
+    for clip in ("torch", "fused_tp"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.LayerNorm(6, device=device), fused_tp.ParallelMLP.from_linears(fc1, fc2))
+        model(x).pow(2).sum().backward()
+        if clip == "torch":
+            totals.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01, norm_type))
+        else:
+            totals.append(fused_tp.clip_grad_norm_(model, 0.01, norm_type))
+        grads.append([p.grad for p in model.parameters()])
+    assert totals[0] > 0.01  # clipped
+    torch.testing.assert_close(totals[1], totals[0], rtol=1e-6, atol=0)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("kind", ["column", "row", "parallel_mlp"])
 def test_activation_checkpointing_gives_the_steps_bits(device, kind, use_reentrant):
