@@ -13,13 +13,22 @@ from torch import nn
 import fused_tp
 
 
-def _dense_linear(weight, bias, device):
+def dense_linear(weight, bias, device):
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+def layer_norm(weight, bias):
+    """An nn.LayerNorm (CPU) with these parameters."""
+    norm = nn.LayerNorm(weight.shape[0])
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+    return norm
 
 
 def _cpu(t):
@@ -37,7 +46,7 @@ def layers_step(kind, device, dense, x, grad_y, activation="gelu", autocast=None
     the output for a zero input (the bias alone, if it is added exactly once). `autocast`: a dtype, the forward
     inside torch.autocast to it.
     """
-    forward, layers = _stack(kind, [_dense_linear(w, b, device) for w, b in dense], activation)
+    forward, layers = _stack(kind, [dense_linear(w, b, device) for w, b in dense], activation)
     x = x.to(device).requires_grad_()
     with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
         y = forward(x)
@@ -80,7 +89,7 @@ def compiled_against_eager(kind, device, dense, inputs, activation="gelu"):
     many times dynamo compiled."""
     import torch._dynamo.testing
 
-    forward, layers = _stack(kind, [_dense_linear(w, b, device) for w, b in dense], activation)
+    forward, layers = _stack(kind, [dense_linear(w, b, device) for w, b in dense], activation)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(forward, backend=counter, fullgraph=True, dynamic=True)
     params = [(f"{name} of layer {i}", p) for i, layer in enumerate(layers) for name, p in layer.named_parameters()]
@@ -101,7 +110,7 @@ def compiled_against_eager(kind, device, dense, inputs, activation="gelu"):
 def compiled_uneven_sequence(kind, device, dense, width):
     """The sequence-parallel stack compiled (fullgraph, aot_eager) and called with shards of uneven lengths (rank 0
     one token longer): what it raised."""
-    forward, _ = _stack(kind, [_dense_linear(w, b, device) for w, b in dense], "gelu")
+    forward, _ = _stack(kind, [dense_linear(w, b, device) for w, b in dense], "gelu")
     compiled = torch.compile(forward, backend="aot_eager", fullgraph=True, dynamic=True)
     try:
         compiled(torch.randn(5 + (dist.get_rank() == 0), width, device=device))
@@ -575,15 +584,12 @@ def clipped_step(kind, dense, norm, x, grad_y, activation, norm_type, max_norm):
     """A LayerNorm (replicated: `norm`'s (weight, bias)) before the layers of layers_step's `kind`, one step, then
     fused_tp.clip_grad_norm_: the total it returns, the norm's clipped gradients, and each layer's clipped shard
     gradients."""
-    forward, layers = _stack(kind, [_dense_linear(w, b, "cpu") for w, b in dense], activation)
-    layer_norm = nn.LayerNorm(norm[0].shape[0])
-    with torch.no_grad():
-        layer_norm.weight.copy_(norm[0])
-        layer_norm.bias.copy_(norm[1])
-    model = nn.Sequential(layer_norm, forward)
+    forward, layers = _stack(kind, [dense_linear(w, b, "cpu") for w, b in dense], activation)
+    norm_layer = layer_norm(*norm)
+    model = nn.Sequential(norm_layer, forward)
     model(x).backward(grad_y)
     total = fused_tp.clip_grad_norm_(model, max_norm, norm_type)
-    out = {"total": total, "norm_w": layer_norm.weight.grad, "norm_b": layer_norm.bias.grad}
+    out = {"total": total, "norm_w": norm_layer.weight.grad, "norm_b": norm_layer.bias.grad}
     for i, layer in enumerate(layers):
         out[f"grad_w{i}"], out[f"grad_b{i}"] = layer.weight.grad, layer.bias.grad
     return out
@@ -593,17 +599,14 @@ def sequence_parallel_norm_step(dense, norm, x, grad_y):
     """A LayerNorm (`norm`'s (weight, bias)) before a sequence-parallel ParallelMLP of the dense (weight, bias)
     pairs, the norm's parameters given to fused_tp.sequence_parallel_grads (twice: the second call must add
     nothing); this rank's share of x's sequence (dim 0), one step: the norm's gradients."""
-    layer_norm = nn.LayerNorm(norm[0].shape[0])
-    with torch.no_grad():
-        layer_norm.weight.copy_(norm[0])
-        layer_norm.bias.copy_(norm[1])
+    norm_layer = layer_norm(*norm)
     for _ in range(2):
-        fused_tp.sequence_parallel_grads(layer_norm)
-    linears = [_dense_linear(w, b, "cpu") for w, b in dense]
-    model = nn.Sequential(layer_norm, fused_tp.ParallelMLP.from_linears(*linears, sequence_parallel=True))
+        fused_tp.sequence_parallel_grads(norm_layer)
+    linears = [dense_linear(w, b, "cpu") for w, b in dense]
+    model = nn.Sequential(norm_layer, fused_tp.ParallelMLP.from_linears(*linears, sequence_parallel=True))
     rows = torch.tensor_split(torch.arange(x.shape[0]), dist.get_world_size())[dist.get_rank()]
     model(x[rows]).backward(grad_y[rows])
-    return layer_norm.weight.grad, layer_norm.bias.grad
+    return norm_layer.weight.grad, norm_layer.bias.grad
 
 
 def clipped_llama_total(norm_type):
@@ -632,7 +635,7 @@ def dp_tp_step(kind, dense, x, grad_y, activation, data_parallel):
 
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
-    linears = [_dense_linear(w, b, "cpu") for w, b in dense]
+    linears = [dense_linear(w, b, "cpu") for w, b in dense]
     tp = mesh["tp"]
     if kind == "mlp":
         layers = [fused_tp.ColumnParallelLinear.from_linear(linears[0], process_group=tp)]
@@ -673,7 +676,7 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
     forward saved the gathered input (it should save this rank's share and gather again in backward), and how many
     elements of activations (saved tensors other than the layers' parameters, each storage once) it saved."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    linears = [_dense_linear(w, b, device) for w, b in dense]
+    linears = [dense_linear(w, b, device) for w, b in dense]
     options = dict(sequence_parallel=True, sequence_dim=seq_dim)
     if kind == "mlp":
         layers = [

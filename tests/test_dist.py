@@ -308,15 +308,8 @@ def test_clip_grad_norm_takes_the_dense_models_norm(rank_pools, world, kind, act
     run = rank_pools(world).run
     outs = run(dist_cases.clipped_step, kind, [(w1, b1), (w2, b2)], norm, x, grad_y, activation, norm_type, 0.01)
 
-    dense_norm = nn.LayerNorm(hidden)
-    with torch.no_grad():
-        dense_norm.weight.copy_(norm[0])
-        dense_norm.bias.copy_(norm[1])
-    fc1, fc2 = nn.Linear(hidden, w1.shape[0]), nn.Linear(ffn, hidden)
-    for layer, (w, b) in ((fc1, (w1, b1)), (fc2, (w2, b2))):
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            layer.bias.copy_(b)
+    dense_norm = dist_cases.layer_norm(*norm)
+    fc1, fc2 = dist_cases.dense_linear(w1, b1, "cpu"), dist_cases.dense_linear(w2, b2, "cpu")
     act = ACTIVATIONS[activation].torch_fn
     h = fc1(dense_norm(x))
     y = fc2(act(h))
@@ -350,16 +343,9 @@ def test_sequence_parallel_grads_give_a_norm_the_whole_sequences_gradient(rank_p
 
     outs = rank_pools(world).run(dist_cases.sequence_parallel_norm_step, [(w1, b1), (w2, b2)], norm, x, grad_y)
 
-    dense_norm = nn.LayerNorm(hidden)
-    with torch.no_grad():
-        dense_norm.weight.copy_(norm[0])
-        dense_norm.bias.copy_(norm[1])
-    mlp = [nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)]
-    for layer, (w, b) in zip(mlp, ((w1, b1), (w2, b2))):
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            layer.bias.copy_(b)
-    mlp[1](F.gelu(mlp[0](dense_norm(x)))).backward(grad_y)
+    dense_norm = dist_cases.layer_norm(*norm)
+    fc1, fc2 = dist_cases.dense_linear(w1, b1, "cpu"), dist_cases.dense_linear(w2, b2, "cpu")
+    fc2(F.gelu(fc1(dense_norm(x)))).backward(grad_y)
     for rank, (grad_w, grad_b) in enumerate(outs):
         assert torch.equal(grad_w, outs[0][0]) and torch.equal(grad_b, outs[0][1]), f"rank {rank} differs from 0"
         torch.testing.assert_close(grad_w, dense_norm.weight.grad, rtol=1e-5, atol=1e-6)
