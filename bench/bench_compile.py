@@ -1,6 +1,7 @@
 """Compiled fused_tp against compiled nn.Linear on the same model, side by side, at world size 1.
 
-    python bench/bench_compile.py [--dtype bf16|fp16] [--quick] [--modes default reduce-overhead] [--tokens 16 128]
+    python bench/bench_compile.py [--dtype bf16|fp16] [--quick | --shapes 4096x14336] [--modes default reduce-overhead]
+                                  [--tokens 16 128]
 
 Cases: the Column -> GELU -> Row MLP as three modules ("mlp") and as one ParallelMLP ("parallel_mlp"), each built
 with from_linear(s) of the nn.Sequential(nn.Linear, nn.GELU(), nn.Linear) it is timed against (same weights, same
@@ -8,7 +9,7 @@ inputs). Every model is compiled once per model shape and mode, torch.compile(mo
 fused_tp), then run at 16, 128, 1024 and 8192 tokens, forward under no_grad and forward + backward (bench_layers'
 steps); "reduce-overhead" replays inductor's CUDA graphs. Outputs and gradients are checked against the compiled
 baseline before timing; a step is timed with do_bench (median), interleaved with the baseline's. Writes
-bench/results/<gpu>/bench_compile_<dtype>[_quick].json and .png; prints a markdown table.
+bench/results/<gpu>/bench_compile_<dtype>[_quick | _<shapes>].json and .png; prints a markdown table.
 """
 
 from __future__ import annotations
@@ -53,12 +54,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--quick", action="store_true", help=f"the first model shape only, of {len(SHAPES)}")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        help="model shapes as HIDDENxFFN (default: %(default)s)",
+        default=[f"{h}x{f}" for h, f in SHAPES],
+    )
     p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"], choices=["default", "reduce-overhead"])
     p.add_argument("--tokens", nargs="+", type=int, default=TOKENS, help="token counts (default: %(default)s)")
     args = p.parse_args()
     dtype, info = DTYPES[args.dtype], env()
     rows = []
-    for hidden, ffn in SHAPES[:1] if args.quick else SHAPES:
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]
+    for hidden, ffn in shapes[:1] if args.quick else shapes:
         for mode in args.modes:
             torch._dynamo.reset()
             # models() at the largest token count; smaller batches are its leading rows (the models are the same)
@@ -112,7 +120,8 @@ def main():
 
     series = lambda r: f"{r['layer']} {r['mode']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
-    out = results_dir(info["gpu"]) / f"bench_compile_{args.dtype}{'_quick' if args.quick else ''}"
+    subset = "_quick" if args.quick else "" if shapes == SHAPES else "_" + "_".join(args.shapes)
+    out = results_dir(info["gpu"]) / f"bench_compile_{args.dtype}{subset}"
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
     for r in rows:
         r["series"] = series(r)

@@ -763,6 +763,27 @@ def test_repeat_launches_call_the_compiled_kernel_directly():
         assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two GPUs")
+def test_tensors_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device; the products launch on their tensors' (as F.linear does), through
+    Triton and directly alike: the same bits as with that device current, and the current device left as it was."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (make_tensor(s, "contiguous", torch.bfloat16, "cuda:1", gen) for s in ((64, 96), (80, 96), (80,)))
+    g = make_tensor((64, 80), "contiguous", torch.bfloat16, "cuda:1", gen)
+
+    def run():
+        return kernels.linear(x, w, b), kernels.grad_input(g, w), *kernels.grad_params(g, x)
+
+    with torch.cuda.device(1):
+        want = run()
+    with torch.cuda.device(0):
+        runs = [run() for _ in range(3)]  # the first launch of each plan may compile; the later ones are direct
+        assert torch.cuda.current_device() == 0
+    for got in runs:
+        assert all(u.device == torch.device("cuda:1") and torch.equal(u, v) for u, v in zip(got, want))
+    assert_close("y", want[0], *linear_reference(x, w, b), tol(torch.bfloat16, 96))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels on a GPU")
 def test_launch_hooks_see_direct_launches_too():
     """A launch hook (what profilers install) is called for every launch, the direct ones included; with none
@@ -811,7 +832,7 @@ def test_the_direct_entry_gives_triton_s_launcher_what_its_own_call_would():
     keep going through kernel[grid]. Stand-ins for the compiled kernel: this runs without a GPU."""
     from types import SimpleNamespace as NS
 
-    spec = plan.Launch((33, 2, 1), (5, 7), {"BLOCK_M": 64, "HAS_BIAS": True})
+    spec = plan.Launch((33, 2, 1), (5, 7), {"BLOCK_M": 64, "HAS_BIAS": True}, 0)
     kernel = NS(params=[NS(name="BLOCK_M", is_constexpr=True), NS(name="x", is_constexpr=False)])
 
     def compiled(profile_scratch=0, launch_fn=len, ctas=2):

@@ -45,16 +45,19 @@ _warned_untested = False
 path_counts: collections.Counter = collections.Counter()
 
 
-def launch(kernel, spec, args: tuple) -> None:
-    """kernel[spec.grid](*args, *spec.ints, **spec.kwargs): `args` are the tensor arguments; directly through the
-    compiled kernel's C launcher from the second launch of `spec` on (see above)."""
-    args = (*args, *spec.ints)
+def launch(kernel, spec, tensors: tuple) -> None:
+    """kernel[spec.grid](*tensors, *spec.ints, **spec.kwargs) on the tensors' device (spec.device); directly through
+    the compiled kernel's C launcher from the second launch of `spec` on (see above)."""
     direct = spec.direct
     if direct is None or not DIRECT:
-        _launch_through_triton(kernel, spec, args)
+        _launch_through_triton(kernel, spec, tensors)
         return
     c_launch, function, metadata, flags, scratch_bytes, values, compiled = direct
     device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its lazy-init check: CUDA is up here
+    if device != spec.device:  # Triton launches on the current device: made the tensors' one, as F.linear does
+        with torch.cuda.device(spec.device):
+            launch(kernel, spec, tensors)
+        return
     stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver reads for the current stream
     scratch = _descriptor_scratch(scratch_bytes, 0, stream) if scratch_bytes else None
     # Launch hooks (profilers) are passed on as run passes them, but an empty hook chain (Triton keeps hooks in
@@ -63,17 +66,27 @@ def launch(kernel, spec, args: tuple) -> None:
     enter, leave = hook(knobs.runtime.launch_enter_hook), hook(knobs.runtime.launch_exit_hook)
     meta = None
     if enter is not None or leave is not None:
-        meta = compiled.launch_metadata(spec.grid, stream, *args, *values)
-    c_launch(*spec.grid, stream, function, *flags, scratch, None, metadata, meta, enter, leave, *args, *values)
+        meta = compiled.launch_metadata(spec.grid, stream, *tensors, *spec.ints, *values)
+    # The tensors as their addresses: the launcher then skips its data_ptr call and its check that the address is
+    # one the device can read, per tensor (bench/NOTES.md, attempts 61-62). Every tensor here is on spec.device:
+    # the products' checks put the caller's there (check_operands), and they make the rest there.
+    ptrs = [t.data_ptr() for t in tensors]
+    c_launch(
+        *spec.grid, stream, function, *flags, scratch, None, metadata, meta, enter, leave, *ptrs, *spec.ints, *values
+    )
     path_counts["direct_launch"] += 1
 
 
-def _launch_through_triton(kernel, spec, args: tuple) -> None:
+def _launch_through_triton(kernel, spec, tensors: tuple) -> None:
     """The first launch of `spec` (which compiles), or every launch where the direct one is off."""
+    if not INTERPRETED and spec.device != torch._C._cuda_getDevice():
+        with torch.cuda.device(spec.device):  # Triton launches (and compiles for) the current device
+            _launch_through_triton(kernel, spec, tensors)
+        return
     if spec.tma and not INTERPRETED:
         # Triton keeps its allocator in a context variable, which autograd's backward thread does not inherit.
         triton.set_allocator(_descriptor_scratch)
-    compiled = kernel[spec.grid](*args, **spec.kwargs)
+    compiled = kernel[spec.grid](*tensors, *spec.ints, **spec.kwargs)
     if isinstance(kernel, JITFunction) and DIRECT:  # not a stand-in (tests, bench_host's stubs)
         spec.direct = _direct_entry(kernel, spec, compiled)
     elif not INTERPRETED:

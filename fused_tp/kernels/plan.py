@@ -52,13 +52,13 @@ def device(index: int) -> Device:
 
 class Launch:
     """One kernel launch: its grid, its integer arguments in the kernel's order, its compile-time arguments
-    (`kwargs`), and once launch.py has compiled it what its direct launches need (`direct`: kept here, as a plan
-    lives in a bounded cache)."""
+    (`kwargs`), the index of the device its tensors are on (-1: the CPU), and once launch.py has compiled it what
+    its direct launches need (`direct`: kept here, as a plan lives in a bounded cache)."""
 
-    __slots__ = ("grid", "ints", "kwargs", "tma", "direct")
+    __slots__ = ("grid", "ints", "kwargs", "device", "tma", "direct")
 
-    def __init__(self, grid: tuple[int, int, int], ints: tuple, kwargs: dict):
-        self.grid, self.ints, self.kwargs, self.direct = grid, ints, kwargs, None
+    def __init__(self, grid: tuple[int, int, int], ints: tuple, kwargs: dict, device: int):
+        self.grid, self.ints, self.kwargs, self.device, self.direct = grid, ints, kwargs, device, None
         self.tma = bool(kwargs.get("TMA"))  # its kernel makes tensor descriptors, which need global scratch
 
 
@@ -249,7 +249,14 @@ def matmul_plan(
         programs,
     )
     return MatmulPlan(
-        dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts), Launch((programs, 1, 1), ints, kwargs)
+        dev.path,
+        copy_a,
+        copy_b,
+        wide,
+        splits,
+        tiles,
+        tuple(counts),
+        Launch((programs, 1, 1), ints, kwargs, device_index),
     )
 
 
@@ -274,7 +281,7 @@ def colsum_plan(
     rows_per_program = max(1, _cdiv(_cdiv(M, chunks), cfg.BLOCK_M)) * cfg.BLOCK_M
     chunks = max(1, _cdiv(M, rows_per_program))
     strides = g_strides or (N, 1)
-    launch = Launch((col_blocks, chunks, 1), (M, N, *strides, rows_per_program), cfg.meta())
+    launch = Launch((col_blocks, chunks, 1), (M, N, *strides, rows_per_program), cfg.meta(), device_index)
     then = colsum_plan(chunks, N, device_index, cfg, torch.float32, out_dtype) if chunks > 1 else None
     return ColsumPlan(N, chunks, launch, then)
 
