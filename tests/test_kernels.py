@@ -763,6 +763,43 @@ def test_repeat_launches_call_the_compiled_kernel_directly():
         assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))
 
 
+def test_a_direct_launch_passes_addresses_and_runs_on_its_tensors_device(monkeypatch):
+    """What a direct launch hands Triton's C launcher (launch.launch): the grid, the current stream of the tensors'
+    device, the entry's flags and metadata, the tensors as their integer addresses, then the integer and
+    compile-time arguments; where another device is current, inside torch.cuda.device(the tensors' device), the
+    current one restored after. Stand-ins for CUDA and the compiled kernel: this runs without a GPU (the GPU tests
+    launch the real kernels both ways)."""
+    from types import SimpleNamespace as NS
+
+    current, calls, entered = [0], [], []
+
+    class device_guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.before, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    monkeypatch.setattr(launch, "DIRECT", True)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: current[0], raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    record = lambda *args: calls.append((current[0], args))  # noqa: E731
+    spec = plan.Launch((3, 1, 1), (5, 7), {"BLOCK_M": 64}, 1)
+    spec.direct = (record, "function", "metadata", (False, True), 0, (64,), NS())
+    a, b = torch.zeros(4), torch.zeros(2, 3)[:, 1:]
+    for current[0] in (1, 0):
+        calls.clear()
+        launch.launch(None, spec, (a, b))
+        want = (3, 1, 1, 1001, "function", False, True, None, None, "metadata", None, None, None)
+        assert calls == [(1, (*want, a.data_ptr(), b.data_ptr(), 5, 7, 64))]
+    assert entered == [1] and current[0] == 0
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two GPUs")
 def test_tensors_on_a_gpu_other_than_the_current_one():
     """Triton launches on the current device; the products launch on their tensors' (as F.linear does), through
