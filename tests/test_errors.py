@@ -3,6 +3,9 @@
 BAD_CALLS is also run on every rank of a gloo group (tests/test_dist.py), which must stay usable afterwards."""
 
 import copy
+import os
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -394,3 +397,16 @@ def test_sequence_parallel_options_that_do_not_go_together_are_refused():
     layer = fused_tp.ColumnParallelLinear(4, 6, sequence_parallel=True, sequence_dim=2)
     with pytest.raises(ValueError, match="sequence_dim: expected a dim of the input other than its last"):
         layer(torch.randn(3, 4))
+
+
+def test_a_bad_host_descriptors_setting_fails_the_import():
+    """FUSED_TP_HOST_DESCRIPTORS (read at import: where launches through tensor descriptors take them made on the
+    host) accepts 'graphs', 'always' or 'never'; anything else fails the import with the variable named, rather
+    than quietly taking the default."""
+    env = {**os.environ, "FUSED_TP_HOST_DESCRIPTORS": "sometimes"}
+    run = subprocess.run([sys.executable, "-c", "import fused_tp"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "ValueError: FUSED_TP_HOST_DESCRIPTORS='sometimes': expected 'graphs', 'always' or 'never'" in run.stderr
+    env["FUSED_TP_HOST_DESCRIPTORS"] = "never"
+    code = "from fused_tp.kernels import launch; print(launch.HOST_DESCRIPTORS)"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "never\n"

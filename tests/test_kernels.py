@@ -409,6 +409,127 @@ def test_pointer_forms_compute_the_same_function(device, M, K, N, dtype, op, spl
         assert kernels.path_counts[key] == before[key], f"a {form} launch counted {key}"
 
 
+@given(
+    # multiples of 8: rows of 16 bytes, which descriptors can address (others take copies or pointers)
+    M=st.integers(1, 20).map(lambda i: 8 * i),
+    K=st.integers(1, 40).map(lambda i: 8 * i),
+    N=st.integers(1, 20).map(lambda i: 8 * i),
+    dtype=dtypes,
+    op=st.sampled_from(
+        [
+            "forward",
+            "forward_gelu",
+            "forward_swiglu",
+            "forward_gelu_pre",
+            "grad_input",
+            "grad_input_gelu",
+            "grad_weight",
+        ]
+    ),
+    tile=st.sampled_from([(64, 64, 64), (64, 128, 32), (128, 64, 32)]),
+    split_k=st.sampled_from([None, 2, 3]),
+    tma_c=st.booleans(),
+    a_layout=layouts,
+    b_layout=layouts,
+    seed=seeds,
+)
+@example(
+    M=72,
+    K=320,
+    N=136,
+    dtype=torch.bfloat16,
+    op="forward_gelu_pre",
+    tile=(64, 128, 32),
+    split_k=2,
+    tma_c=True,
+    a_layout="contiguous",
+    b_layout="contiguous",
+    seed=0,
+)  # C and the stored pre-activation through descriptors (column halves), from added partials
+@example(
+    M=40,
+    K=200,
+    N=72,
+    dtype=torch.float16,
+    op="grad_weight",
+    tile=(128, 64, 32),
+    split_k=None,
+    tma_c=True,
+    a_layout="contiguous",
+    b_layout="contiguous",
+    seed=0,
+)  # A stored M-contiguous (A_T): its descriptor is [K, M]
+@example(
+    M=64,
+    K=128,
+    N=96,
+    dtype=torch.float16,
+    op="grad_input_gelu",
+    tile=(64, 64, 64),
+    split_k=3,
+    tma_c=True,
+    a_layout="contiguous",
+    b_layout="contiguous",
+    seed=0,
+)  # the pre-activation read through a descriptor
+def test_descriptors_made_on_the_host_give_the_device_made_ones_bits(
+    device, M, K, N, dtype, op, tile, split_k, tma_c, a_layout, b_layout, seed
+):
+    """jit.py's HOST_DESC: the same launch with the descriptors made on the host (as launches captured into a CUDA
+    graph take them) gives the bits of the device-made ones, with every epilogue (the pre-activation stored and
+    read included), split K and either C path; path_counts["host_descriptors"] counts exactly the launches that
+    moved tiles through descriptors."""
+    gen = torch.Generator().manual_seed(seed)
+    if op == "forward_gelu_pre":  # y and the stored pre-activation
+        x, w, b = (
+            make_tensor(s, lay, dtype, device, gen)
+            for s, lay in (((M, K), a_layout), ((N, K), b_layout), ((N,), "contiguous"))
+        )
+        run = lambda: torch.stack(matmul.linear_prechecked(x, w, b, "gelu", save_pre=True))  # noqa: E731
+    elif op == "grad_input_gelu":  # times GELU's derivative at a given pre-activation
+        g, w, pre = (
+            make_tensor(s, lay, dtype, device, gen)
+            for s, lay in (((M, N), a_layout), ((N, K), b_layout), ((M, K), "contiguous"))
+        )
+        run = lambda: kernels.grad_input(g, w, activation="gelu", pre=pre)  # noqa: E731
+    else:
+        run, _, _ = _product(op, M, K, N, dtype, a_layout, b_layout, device, seed)
+    cfg = configs.KernelConfig(*tile, num_warps=4, num_stages=2, split_k=split_k, tma_c=tma_c)
+    out = {}
+    for where in ("never", "always"):
+        before = kernels.path_counts.copy()
+        with pytest.MonkeyPatch.context() as mp, configs.pin_config(cfg):
+            mp.setattr(launch, "HOST_DESCRIPTORS", where)
+            out[where] = run()
+        made = kernels.path_counts["host_descriptors"] - before["host_descriptors"]
+        assert made == (kernels.path_counts["tma"] - before["tma"] if where == "always" else 0)
+    assert torch.equal(out["never"], out["always"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_a_launch_captured_into_a_cuda_graph_takes_descriptors_made_on_the_host():
+    """HOST_DESCRIPTORS's default: an eager launch makes its descriptors on the device, the same launch captured
+    into a CUDA graph takes them made on the host (its kernel compiled during the capture), and the replay gives
+    the eager launch's bits."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (make_tensor(s, "contiguous", torch.bfloat16, "cuda", gen) for s in ((100, 256), (384, 256), (384,)))
+    assert launch.HOST_DESCRIPTORS == "graphs"
+    with configs.pin_config(dataclasses.replace(configs.ROUTE_PROBE, num_stages=2)):  # a plan no other test has
+        before = kernels.path_counts.copy()
+        eager = kernels.linear(x, w, b, activation="gelu")
+        assert kernels.path_counts["tma"] == before["tma"] + 1
+        assert kernels.path_counts["host_descriptors"] == before["host_descriptors"]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            captured = kernels.linear(x, w, b, activation="gelu")
+        assert kernels.path_counts["host_descriptors"] == before["host_descriptors"] + 1
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, captured)
+
+
 def test_split_k_rule():
     """The rule splits a compute-bound product whose few tiles would leave SMs idle, and a memory-bound one so that
     about 60% of the SMs stream a K-range each (the best split measured on the H200); not one with a tile per SM

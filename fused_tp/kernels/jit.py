@@ -28,6 +28,14 @@ epilogue (bias, activation, the one rounding) as an unsplit tile would, then zer
 The atomic only counts: the sums and their order are the same whichever program arrives last, so the result is
 deterministic, and no second launch adds the partials.
 
+Descriptors made on the host (HOST_DESC): where tiles move through tensor descriptors, each program normally makes
+them in its prologue, in global memory, fenced at GPU scope before its first load: a fixed cost on the critical
+path of every program, which a decode product's few microseconds feel (bench/NOTES.md, attempts 47-52). With
+HOST_DESC the launch passes descriptors Triton encodes on the host (triton.tools.tensor_descriptor) in the slots of
+a_ptr, b_ptr and, with TMA_C, c_ptr and aux_ptr; the tiles, their order and the sums are the same, so the bits are
+too. Encoding costs host time every launch, so launch.py takes it where the host's time is paid once: launches
+captured into a CUDA graph.
+
 Under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported) the same code runs on the CPU:
 INTERPRETED says so.
 """
@@ -47,12 +55,13 @@ from triton.runtime.interpreter import InterpretedFunction
 @triton.jit(do_not_specialize=["M", "num_programs", "splits", "k_tiles_per_split"])
 def matmul_kernel(
     # pointers
-    a_ptr,  # [M, K] A operand
-    b_ptr,  # [K, N] B operand
+    a_ptr,  # [M, K] A operand (HOST_DESC: its descriptor)
+    b_ptr,  # [K, N] B operand (HOST_DESC: its descriptor)
     bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS; by split 0 only)
-    c_ptr,  # [M, N] output
+    c_ptr,  # [M, N] output (HOST_DESC and TMA_C: its descriptor)
     ws_ptr,  # [splits, M, N] fp32 partial sums (SPLIT only)
     aux_ptr,  # [M, N] with C's strides: the pre-activation, stored (AUX == "store") or read (AUX == "load")
+    # (HOST_DESC, TMA_C and AUX: its descriptor)
     count_ptr,  # [tiles] int32 arrival counters (SPLIT only): zero before the launch, left zero after it
     # sizes
     M,
@@ -82,6 +91,7 @@ def matmul_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
     TMA: tl.constexpr,  # move A and B tiles with tensor descriptors (Hopper's bulk copy engine), not pointers
     TMA_C: tl.constexpr,  # TMA: store C (and move the pre-activation) through descriptors too: their rows are aligned
+    HOST_DESC: tl.constexpr,  # TMA: the descriptors come made on the host, in the operands' slots (above)
     A_T: tl.constexpr,  # TMA: A is stored M-contiguous (stride_am == 1), so its tiles load as [BLOCK_K, BLOCK_M]
     B_T: tl.constexpr,  # TMA: B is stored K-contiguous (stride_bk == 1), so its tiles load as [BLOCK_N, BLOCK_K]
     SPLIT: tl.constexpr,  # the K loop is split `splits` ways; the last program at a tile adds the partials
@@ -98,9 +108,16 @@ def matmul_kernel(
     num_tiles = num_pid_m * num_pid_n
     c_desc = None  # C and the pre-activation through descriptors (TMA_C)
     aux_desc = None
-    if TMA:
+    if TMA and HOST_DESC:
+        a_desc = a_ptr
+        b_desc = b_ptr
+        if TMA_C:
+            c_desc = c_ptr
+            if AUX != "":
+                aux_desc = aux_ptr
+    elif TMA:
         # Descriptors address the operands in their stored order; out-of-bounds parts of a tile load as 0 and
-        # are not stored, so no masks are needed.
+        # are not stored, so no masks are needed. launch.host_descriptors makes the same ones on the host.
         if A_T:
             a_desc = tl.make_tensor_descriptor(a_ptr, [K, M], [stride_ak, 1], [BLOCK_K, BLOCK_M])
         else:
@@ -133,8 +150,9 @@ def matmul_kernel(
         mask_n = offs_n < N
         # Every pointer offset is int64 (tests/test_scale.py checks the IR): a tensor of 2^31 elements or more, or
         # a view with a large stride, must not wrap.
-        a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
-        b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
+        if not TMA:
+            a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+            b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GEMV:
@@ -301,12 +319,8 @@ def _epilogue(
         # (278568 bytes for 128x256x64 in 3 stages, over the 232448 a program has); halves need one.
         acc_lo, acc_hi = _column_halves(acc, BLOCK_M, BLOCK_N)
         m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-        _activation_epilogue(
-            acc_lo, c_desc, aux_desc, m0, n0, c_ptr.dtype.element_ty, aux_ptr.dtype.element_ty, ACT, AUX
-        )
-        _activation_epilogue(
-            acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, c_ptr.dtype.element_ty, aux_ptr.dtype.element_ty, ACT, AUX
-        )
+        _activation_epilogue(acc_lo, c_desc, aux_desc, m0, n0, ACT, AUX)
+        _activation_epilogue(acc_hi, c_desc, aux_desc, m0, n0 + BLOCK_N // 2, ACT, AUX)
     else:
         if AUX == "load":
             pre = tl.load(_tile(aux_ptr, offs_m, offs_n, stride_cm, stride_cn), mask=mask_c, other=0.0)
@@ -318,7 +332,7 @@ def _epilogue(
                 )
             acc = ACT(acc)
         if TMA_C:
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_ptr.dtype.element_ty))
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c_desc.dtype))
         else:
             tl.store(_tile(c_ptr, offs_m, offs_n, stride_cm, stride_cn), acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
@@ -330,17 +344,15 @@ def _column_halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _activation_epilogue(
-    acc, c_desc, aux_desc, m0, n0, C_TYPE: tl.constexpr, AUX_TYPE: tl.constexpr, ACT: tl.constexpr, AUX: tl.constexpr
-):
+def _activation_epilogue(acc, c_desc, aux_desc, m0, n0, ACT: tl.constexpr, AUX: tl.constexpr):
     """The activation epilogue of a C block at (m0, n0) through tensor descriptors: C *= activation'(pre), or the
     pre-activation stored and C = activation(C); ACT is the activation's grad or fn accordingly."""
     if AUX == "load":
         acc *= ACT(aux_desc.load([m0, n0]).to(tl.float32))
     else:
-        aux_desc.store([m0, n0], acc.to(AUX_TYPE))
+        aux_desc.store([m0, n0], acc.to(aux_desc.dtype))
         acc = ACT(acc)
-    c_desc.store([m0, n0], acc.to(C_TYPE))
+    c_desc.store([m0, n0], acc.to(c_desc.dtype))
 
 
 @triton.jit

@@ -16,6 +16,12 @@ function's arguments), which are not a public API: it is on only for the Triton 
 (TESTED_TRITON), and FUSED_TP_DIRECT_LAUNCH=0 (read at import) turns it off. Off, every launch goes through
 kernel[grid] (the same kernel, with Triton's binding's host time per launch); on an untested Triton a warning says
 so once. path_counts["direct_launch"] counts the direct launches.
+
+A launch through tensor descriptors captured into a CUDA graph takes them made on the host (jit.py's HOST_DESC,
+through kernel[grid]): their encoding costs host time at capture only, and every replay is spared the programs'
+prologue that makes them on the device (bench/NOTES.md, attempt 66). Eager launches keep the device-made ones,
+which cost no host time. HOST_DESCRIPTORS says where ("graphs", "always" or "never"; FUSED_TP_HOST_DESCRIPTORS, read
+at import, sets it); path_counts["host_descriptors"] counts those launches.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 import triton
 from triton import knobs
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .jit import INTERPRETED
 
@@ -37,6 +44,9 @@ TESTED_TRITON = ("3.6",)  # major.minor versions whose compiled kernels were lau
 TRITON_VERSION = ".".join(triton.__version__.split(".")[:2])
 DIRECT = TRITON_VERSION in TESTED_TRITON and os.environ.get("FUSED_TP_DIRECT_LAUNCH", "1") != "0"
 _warned_untested = False
+HOST_DESCRIPTORS = os.environ.get("FUSED_TP_HOST_DESCRIPTORS", "graphs")
+if HOST_DESCRIPTORS not in ("graphs", "always", "never"):
+    raise ValueError(f"FUSED_TP_HOST_DESCRIPTORS={HOST_DESCRIPTORS!r}: expected 'graphs', 'always' or 'never'")
 
 # How many launches took each path since import, by key: "triton", "triton-interpreter" or "torch" per product;
 # "tma" the matmul launches that moved tiles through tensor descriptors, "split_k" those that split their K loop,
@@ -48,6 +58,10 @@ path_counts: collections.Counter = collections.Counter()
 def launch(kernel, spec, tensors: tuple) -> None:
     """kernel[spec.grid](*tensors, *spec.ints, **spec.kwargs) on the tensors' device (spec.device); directly through
     the compiled kernel's C launcher from the second launch of `spec` on (see above)."""
+    if spec.host is not None and _host_made(spec.device):
+        _launch_through_triton(kernel, spec.host, host_descriptors(spec, tensors))
+        path_counts["host_descriptors"] += 1
+        return
     direct = spec.direct
     if direct is None or not DIRECT:
         _launch_through_triton(kernel, spec, tensors)
@@ -75,6 +89,36 @@ def launch(kernel, spec, tensors: tuple) -> None:
         *spec.grid, stream, function, *flags, scratch, None, metadata, meta, enter, leave, *ptrs, *spec.ints, *values
     )
     path_counts["direct_launch"] += 1
+
+
+def _host_made(device: int) -> bool:
+    """Whether a launch through tensor descriptors on `device` takes them made on the host (HOST_DESCRIPTORS)."""
+    if HOST_DESCRIPTORS == "graphs":
+        return device >= 0 and torch._C._cuda_isCurrentStreamCapturing()
+    return HOST_DESCRIPTORS == "always"
+
+
+def host_descriptors(spec, tensors: tuple) -> tuple:
+    """matmul_kernel's tensors (a, b, bias, c, partials, aux, counters) with the descriptors its prologue would make
+    (jit.py, TMA) made on the host instead, in the slots of the tensors they address."""
+    a, b, bias, c, partials, aux, counters = tensors
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm = spec.ints[:8]
+    kw = spec.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    if kw["A_T"]:
+        a = TensorDescriptor(a, [K, M], [stride_ak, 1], [bk, bm])
+    else:
+        a = TensorDescriptor(a, [M, K], [stride_am, 1], [bm, bk])
+    if kw["B_T"]:
+        b = TensorDescriptor(b, [N, K], [stride_bn, 1], [bn, bk])
+    else:
+        b = TensorDescriptor(b, [K, N], [stride_bk, 1], [bk, bn])
+    if kw["TMA_C"]:
+        block = [bm, bn // 2] if kw["AUX"] else [bm, bn]  # the activation epilogue's column halves
+        c = TensorDescriptor(c, [M, N], [stride_cm, 1], block)
+        if kw["AUX"]:
+            aux = TensorDescriptor(aux, [M, N], [stride_cm, 1], block)
+    return a, b, bias, c, partials, aux, counters
 
 
 def _launch_through_triton(kernel, spec, tensors: tuple) -> None:

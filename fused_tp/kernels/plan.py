@@ -52,14 +52,16 @@ def device(index: int) -> Device:
 
 class Launch:
     """One kernel launch: its grid, its integer arguments in the kernel's order, its compile-time arguments
-    (`kwargs`), the index of the device its tensors are on (-1: the CPU), and once launch.py has compiled it what
-    its direct launches need (`direct`: kept here, as a plan lives in a bounded cache)."""
+    (`kwargs`), the index of the device its tensors are on (-1: the CPU), once launch.py has compiled it what
+    its direct launches need (`direct`: kept here, as a plan lives in a bounded cache), and for a launch through
+    tensor descriptors its twin taking them made on the host (`host`: jit.py's HOST_DESC; launch.py says where)."""
 
-    __slots__ = ("grid", "ints", "kwargs", "device", "tma", "direct")
+    __slots__ = ("grid", "ints", "kwargs", "device", "tma", "direct", "host")
 
     def __init__(self, grid: tuple[int, int, int], ints: tuple, kwargs: dict, device: int):
         self.grid, self.ints, self.kwargs, self.device, self.direct = grid, ints, kwargs, device, None
         self.tma = bool(kwargs.get("TMA"))  # its kernel makes tensor descriptors, which need global scratch
+        self.host = None
 
 
 class MatmulPlan(NamedTuple):
@@ -222,6 +224,7 @@ def matmul_plan(
         A_T=route is not None and route[0],
         B_T=route is not None and route[1],
         TMA_C=route is not None and route[2] and cfg.tma_c and not gated,
+        HOST_DESC=False,
         SPLIT=splits > 1,
         ACT=act,
         AUX=aux,
@@ -248,16 +251,10 @@ def matmul_plan(
         k_tiles_per_split,
         programs,
     )
-    return MatmulPlan(
-        dev.path,
-        copy_a,
-        copy_b,
-        wide,
-        splits,
-        tiles,
-        tuple(counts),
-        Launch((programs, 1, 1), ints, kwargs, device_index),
-    )
+    spec = Launch((programs, 1, 1), ints, kwargs, device_index)
+    if spec.tma and K:  # a descriptor made on the host has no empty dims
+        spec.host = Launch(spec.grid, ints, {**kwargs, "HOST_DESC": True}, device_index)
+    return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts), spec)
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
