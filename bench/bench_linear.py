@@ -10,10 +10,11 @@ the weight at 75% of the card's copy rate) and, per token count, the line fused_
 (a fixed cost per launch, and a slope: launch_cost_fit); --summarize prints them from a run's JSON.
 
 Timing (--timer): the decode presets are timed from CUDA graphs of back-to-back calls cycling through copies of the
-operands that cover three L2s (tune.graph_timer), as decode runs under CUDA graphs; the rest by do_bench, which
-clears the L2 before every call by writing 256 MB, so that the timed call also writes back the dirty lines (about
-10 us on the H200, as much as a decode product: bench/NOTES.md, attempt 38b). A timer other than the preset's own
-writes its own file (..._flush.json).
+operands that cover three L2s (tune.graph_timer), as decode runs under CUDA graphs (so launches through tensor
+descriptors take them made on the host, as every captured launch does: fused_tp/kernels/launch.py); the rest by
+do_bench, which clears the L2 before every call by writing 256 MB, so that the timed call also writes back the dirty
+lines (about 10 us on the H200, as much as a decode product: bench/NOTES.md, attempt 38b). A timer other than the
+preset's own writes its own file (..._flush.json).
 
 Baselines: F.linear(x, w, b) (one cuBLASLt kernel with the bias in its epilogue), grad_y @ w, and grad_y.T @ x plus
 grad_y.sum(0). Every output is checked against the baseline, and a slice against float64,

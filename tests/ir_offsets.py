@@ -26,6 +26,7 @@ _MATMUL_META = dict(
     HAS_BIAS=True,
     UPCAST=False,
     TMA=False,
+    HOST_DESC=False,
     A_T=False,
     B_T=False,
     SPLIT=False,
