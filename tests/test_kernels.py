@@ -447,19 +447,6 @@ def test_pointer_forms_compute_the_same_function(device, M, K, N, dtype, op, spl
     seed=0,
 )  # C and the stored pre-activation through descriptors (column halves), from added partials
 @example(
-    M=40,
-    K=200,
-    N=72,
-    dtype=torch.float16,
-    op="grad_weight",
-    tile=(128, 64, 32),
-    split_k=None,
-    tma_c=True,
-    a_layout="contiguous",
-    b_layout="contiguous",
-    seed=0,
-)  # A stored M-contiguous (A_T): its descriptor is [K, M]
-@example(
     M=64,
     K=128,
     N=96,
