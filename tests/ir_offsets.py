@@ -33,6 +33,7 @@ _MATMUL_META = dict(
     ACT=None,
     AUX="",
     GATED=False,
+    ROW_SUM=False,
 )
 _GELU_STORE = dict(ACT=epilogues.gelu, AUX="store")
 VARIANTS = {
@@ -43,6 +44,8 @@ VARIANTS = {
     "matmul, descriptors": dict(TMA=True, B_T=True),
     "matmul, descriptors, C through pointers": dict(TMA=True, TMA_C=False, B_T=True),
     "matmul, descriptors, split-K": dict(HAS_BIAS=False, TMA=True, A_T=True, SPLIT=True),
+    "matmul, descriptors, A's row sums": dict(HAS_BIAS=False, TMA=True, A_T=True, ROW_SUM=True),
+    "matmul, pointers, A's row sums": dict(HAS_BIAS=False, UPCAST=True, ROW_SUM=True),
     "matmul, descriptors, split-K, GELU storing the pre-activation": dict(
         TMA=True, B_T=True, SPLIT=True, **_GELU_STORE
     ),

@@ -11,8 +11,10 @@ A and B are read through their strides, so the three products of y = x @ w.T + b
     grad_input    grad_y  [M, N]     w      [N, K]    grad_x [M, K]
     grad_weight   grad_y.T[N, M]     x      [M, K]    grad_w [N, K]
 
-The bias gradient, the column sums of grad_y, is the second kernel: a reduction over rows. (Summing A's rows inside
-the grad_weight pass costs that pass half its speed on an H100: bench/NOTES.md.)
+The bias gradient, the column sums of grad_y, is the second kernel: a reduction over rows. Summing A's rows inside
+the grad_weight pass costs a long K loop half its speed on an H100 (bench/NOTES.md, attempt 3); over a few tokens,
+a K loop of one or two steps, it costs less than a launch of its own, so there (ROW_SUM) every program sums the
+rows of its A tiles beside the product and the programs of the first column of tiles store them.
 
 A config with BLOCK_M == 1 is the GEMV form, for one token: one row of A a program against a [BLOCK_K, BLOCK_N]
 tile of B, the products on the CUDA cores in fp32 in B's tile layout, summed over K once after the loop; the
@@ -57,7 +59,7 @@ def matmul_kernel(
     # pointers
     a_ptr,  # [M, K] A operand (HOST_DESC: its descriptor)
     b_ptr,  # [K, N] B operand (HOST_DESC: its descriptor)
-    bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS; by split 0 only)
+    bias_ptr,  # [N]    added to the fp32 accumulator (read only when HAS_BIAS); ROW_SUM: [M], A's row sums, written
     c_ptr,  # [M, N] output (HOST_DESC and TMA_C: its descriptor)
     ws_ptr,  # [splits, M, N] fp32 partial sums (SPLIT only)
     aux_ptr,  # [M, N] with C's strides: the pre-activation, stored (AUX == "store") or read (AUX == "load")
@@ -75,7 +77,7 @@ def matmul_kernel(
     stride_cm,
     stride_cn,
     stride_xm,  # between the pre-activation's rows: C's, or with GATED the product's width (fwd) or C's (grad)
-    stride_bias,
+    stride_bias,  # (ROW_SUM: between the row sums)
     stride_ws,  # between the partial sums of two splits (SPLIT only; each split's [M, N] is contiguous)
     # the work: (split, tile) items, split-major; each program walks the items pid, pid + num_programs, ...
     splits,
@@ -98,6 +100,7 @@ def matmul_kernel(
     ACT: tl.constexpr,  # None, or an activation of epilogues.py: its fn (applied to C) or with AUX == "load" its grad
     AUX: tl.constexpr,  # "", "store" (also write the pre-activation) or "load" (C *= ACT(aux))
     GATED: tl.constexpr,  # ACT is gated (epilogues.py): C is half the product's width (fwd) or twice it (grad)
+    ROW_SUM: tl.constexpr,  # also write A's row sums, in fp32 and rounded once, to bias_ptr (not with SPLIT or GEMV)
 ):
     # BLOCK_M == 1 is the GEMV form (decode): one row of A a program, its products on the CUDA cores, operands
     # through pointers (the plan never routes it through descriptors), A's row loaded as a vector.
@@ -155,6 +158,8 @@ def matmul_kernel(
             b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if ROW_SUM:
+            row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if GEMV:
             acc_kn = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for kt in range(k_tiles_per_split):
@@ -193,9 +198,15 @@ def matmul_kernel(
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
+                if ROW_SUM:  # in every program: a branch on pid_n inside the K loop stops the tile loop's flattening
+                    row_sum += tl.sum(a.to(tl.float32), axis=1)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if GEMV:
             acc = tl.sum(acc_kn, axis=0)[None, :]
+        if ROW_SUM:  # a masked store, not a branch, for the same reason; the K-steps summed in order: deterministic
+            sums = bias_ptr + offs_m.to(tl.int64) * stride_bias
+            first_column = (tl.zeros((BLOCK_M,), tl.int32) + pid_n) == 0  # (the interpreter refuses scalar masks)
+            tl.store(sums, row_sum.to(bias_ptr.dtype.element_ty), mask=mask_m & first_column)
 
         last = True  # this program runs the tile's epilogue: every program without a split, else the last to arrive
         if SPLIT:

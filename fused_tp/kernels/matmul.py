@@ -252,8 +252,9 @@ def grad_input_prechecked(
 def grad_params(
     grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(grad_w, grad_b) = (grad_y.T @ x, grad_y summed over rows): the matmul kernel and the column-sum kernel;
-    either may be skipped (None; x may be None without the weight gradient).
+    """(grad_w, grad_b) = (grad_y.T @ x, grad_y summed over rows): the matmul kernel and the column-sum kernel, or
+    over a few tokens the matmul kernel alone (plan.matmul_plan's row_sum); either may be skipped (None; x may be
+    None without the weight gradient).
 
     grad_y [..., N], x [..., K] with grad_y's leading dims  ->  grad_w [N, K], grad_b [N]
     """
@@ -271,12 +272,16 @@ def grad_params_prechecked(
     grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """grad_params for arguments grad_params would pass (the layers' own)."""
-    key, call = _found("wgrad", grad_y, x) if weight else (None, None)
+    # The bias gradient comes from the weight gradient's launch where its plan writes A's row sums (a short K loop:
+    # plan.matmul_plan), else from a column sum of its own.
+    key, call = _found("wgrad", grad_y, x, bias) if weight else (None, None)
     if call is not None:
-        grad_w = _run(call, grad_y, x, None, "", "", None)[0]
-        # the column sum's rows and strides: the weight gradient's K (grad_y's rows) and its A's, swapped
-        rows, (g_cols, g_rows) = call[3], call[4]
-        return grad_w, colsum(grad_y, rows, (g_rows, g_cols)) if bias else None
+        grad_w, grad_b = _run(call, grad_y, x, None, "", "", None)
+        if bias and grad_b is None:
+            # the column sum's rows and strides: the weight gradient's K (grad_y's rows) and its A's, swapped
+            rows, (g_cols, g_rows) = call[3], call[4]
+            grad_b = colsum(grad_y, rows, (g_rows, g_cols))
+        return grad_w, grad_b
     matrix, M, (g_rows, g_cols) = _matrix(grad_y)
     N = grad_y.shape[-1]
     grad_w = grad_b = None
@@ -284,8 +289,10 @@ def grad_params_prechecked(
         x_matrix, _, x_strides = _matrix(x)
         K = x.shape[-1]
         stored = key if matrix is grad_y and x_matrix is x else None
-        grad_w = _matmul("wgrad", N, K, M, matrix, (g_cols, g_rows), x_matrix, x_strides, None, (N, K), key=stored)[0]
-    if bias:
+        grad_w, grad_b = _matmul(
+            "wgrad", N, K, M, matrix, (g_cols, g_rows), x_matrix, x_strides, None, (N, K), key=stored, row_sum=bias
+        )
+    if bias and grad_b is None:
         grad_b = colsum(matrix, M, (g_rows, g_cols))
     return grad_w, grad_b
 
@@ -363,10 +370,12 @@ def _matmul(
     pre: torch.Tensor | None = None,
     pre_shape: tuple | None = None,
     key: tuple | None = None,
+    row_sum: bool = False,
 ) -> tuple:
-    """(C, the stored pre-activation or None) of C[M, N] = A[M, K] @ B[K, N] (+ bias), A and B read from `a` and `b`
+    """(C, its second output or None) of C[M, N] = A[M, K] @ B[K, N] (+ bias), A and B read from `a` and `b`
     through the given strides; C new and contiguous, of `out_shape` (M * N elements, or a gated activation's
-    width); the pre-activation stored (aux == "store") of `pre_shape`. `key`: the raw facts of the caller's
+    width); the second output the pre-activation stored (aux == "store") of `pre_shape`, or with `row_sum` A's row
+    sums [M] where the plan has the launch write them (plan.matmul_plan). `key`: the raw facts of the caller's
     tensors, under which plan.calls keeps what this launch derived (None: nothing kept)."""
     dtype, index = a.dtype, a.get_device()
     tf32 = dtype is torch.float32 and _tf32()
@@ -380,7 +389,21 @@ def _matmul(
     pinned = None if pinned is None else (pinned, "pinned")
     bias_stride = None if bias is None else bias.stride(0)
     p = plan.matmul_plan(
-        product, M, N, K, a_strides, b_strides, dtype, aligned, bias_stride, activation, aux, index, tf32, pinned
+        product,
+        M,
+        N,
+        K,
+        a_strides,
+        b_strides,
+        dtype,
+        aligned,
+        bias_stride,
+        activation,
+        aux,
+        index,
+        tf32,
+        pinned,
+        row_sum,
     )
     if pinned is None and configs.autotune_enabled() and p.path != "torch":
         p = _autotuned(
@@ -401,6 +424,7 @@ def _matmul(
             activation,
             index,
             tf32,
+            row_sum,
         )
     call = (p, M, N, K, a_strides, b_strides, out_shape, pre_shape)
     if key is not None:
@@ -412,7 +436,7 @@ def _matmul(
 
 def _run(call: tuple, a: torch.Tensor, b: torch.Tensor, bias, activation: str, aux: str, pre) -> tuple:
     """_matmul's launch, from its plan and the arguments the plan was derived from (`call`, as plan.calls keeps
-    them): outputs allocated, operands copied where the plan says so, the kernel launched."""
+    them): outputs allocated, operands copied where the plan says so, the kernel launched; (C, the second output)."""
     p, M, N, K, a_strides, b_strides, out_shape, pre_shape = call
     dtype = a.dtype
     for name in p.counts:
@@ -422,7 +446,11 @@ def _run(call: tuple, a: torch.Tensor, b: torch.Tensor, bias, activation: str, a
         return _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape)
     device = a.device
     c = _out(out_shape, dtype, device, p.wide)
-    saved = _out(pre_shape, dtype, device, p.wide) if aux == "store" else None
+    saved = sums = None
+    if aux == "store":
+        saved = _out(pre_shape, dtype, device, p.wide)
+    elif p.row_sum:
+        sums = _out((M,), dtype, device, p.wide)
     if p.launch is not None:
         if p.copy_a is not None:
             a = layout.aligned_copy(torch.as_strided(a, (M, K), a_strides), p.copy_a)
@@ -434,8 +462,10 @@ def _run(call: tuple, a: torch.Tensor, b: torch.Tensor, bias, activation: str, a
         else:
             partials = counters = c
         aux_t = saved if saved is not None else pre if pre is not None else c
-        launch(jit.matmul_kernel, p.launch, (a, b, c if bias is None else bias, c, partials, aux_t, counters))
-    return _rounded(c, dtype), None if saved is None else _rounded(saved, dtype)
+        first = sums if sums is not None else c if bias is None else bias  # the bias's slot: read, or written
+        launch(jit.matmul_kernel, p.launch, (a, b, first, c, partials, aux_t, counters))
+    second = saved if saved is not None else sums
+    return _rounded(c, dtype), None if second is None else _rounded(second, dtype)
 
 
 def _tf32() -> bool:
@@ -444,7 +474,24 @@ def _tf32() -> bool:
 
 
 def _autotuned(
-    p, product, M, N, K, a, a_strides, b, b_strides, bias, aux, dtype, aligned, bias_stride, activation, index, tf32
+    p,
+    product,
+    M,
+    N,
+    K,
+    a,
+    a_strides,
+    b,
+    b_strides,
+    bias,
+    aux,
+    dtype,
+    aligned,
+    bias_stride,
+    activation,
+    index,
+    tf32,
+    row_sum,
 ):
     """FUSED_TP_AUTOTUNE=1: the plan with the config autotune chose for this launch's key (timed epilogue-free:
     the same tiles). An empty launch times nothing but still takes part in a consensus, so that every rank makes
@@ -483,7 +530,7 @@ def _autotuned(
     )
     if cfg is None or p.launch is None:
         return p
-    return replan((cfg, "autotuned"))
+    return replan((cfg, "autotuned"), row_sum)
 
 
 def _torch_matmul(M, N, K, a, a_strides, b, b_strides, bias, out_shape, activation, aux, pre, pre_shape):

@@ -7,6 +7,8 @@
                                                               grad_x [..., K]  (gated: pre and grad_x [..., 2K])
     grad_weight(grad_y [..., N], x [..., K])                  grad_w [N, K]
     bias_grad(grad_y [..., N])                                grad_b [N]
+    grad_weight_bias(grad_y [..., N], x [..., K])             (grad_w [N, K], grad_b [N]): over a few tokens one
+                                                              launch (matmul.grad_params_prechecked), so one op
 
 Every output is a new contiguous tensor in the inputs' dtype. The fake implementations give those shapes from the
 inputs' alone, so a trace never runs a kernel. The real ones are matmul.py's functions, which plan the launch when
@@ -38,6 +40,7 @@ _lib.define("linear_pre(Tensor x, Tensor weight, Tensor? bias, str activation) -
 _lib.define("grad_input(Tensor grad_y, Tensor weight, str activation, Tensor? pre) -> Tensor")
 _lib.define("grad_weight(Tensor grad_y, Tensor x) -> Tensor")
 _lib.define("bias_grad(Tensor grad_y) -> Tensor")
+_lib.define("grad_weight_bias(Tensor grad_y, Tensor x) -> (Tensor, Tensor)")
 
 
 def _linear_impl(x, weight, bias, activation):
@@ -60,6 +63,11 @@ def _grad_weight_impl(grad_y, x):
         return matmul.grad_params_prechecked(grad_y, x, bias=False)[0]
 
 
+def _grad_weight_bias_impl(grad_y, x):
+    with launch.scratch_per_launch():
+        return matmul.grad_params_prechecked(grad_y, x)
+
+
 def _bias_grad_impl(grad_y):
     return matmul.grad_params_prechecked(grad_y, None, weight=False)[1]  # no descriptors: no scratch
 
@@ -70,6 +78,7 @@ for _name, _impl in (
     ("grad_input", _grad_input_impl),
     ("grad_weight", _grad_weight_impl),
     ("bias_grad", _bias_grad_impl),
+    ("grad_weight_bias", _grad_weight_bias_impl),
 ):
     for _key in ("CPU", "CUDA"):
         _lib.impl(_name, _impl, _key)
@@ -105,6 +114,11 @@ def _(grad_y):
     return grad_y.new_empty((grad_y.shape[-1],))
 
 
+@torch.library.register_fake("fused_tp::grad_weight_bias", lib=_lib)
+def _(grad_y, x):
+    return grad_y.new_empty((grad_y.shape[-1], x.shape[-1])), grad_y.new_empty((grad_y.shape[-1],))
+
+
 def linear(x, weight, bias, activation: str = "", save_pre: bool = False):
     """(y, pre or None) of matmul.linear_prechecked, through the operator while torch.compile traces."""
     if torch.compiler.is_compiling():
@@ -124,6 +138,8 @@ def grad_input(grad_y, weight, activation: str = "", pre=None):
 def grad_params(grad_y, x, *, weight: bool = True, bias: bool = True):
     """matmul.grad_params_prechecked, through the operators while torch.compile traces."""
     if torch.compiler.is_compiling():
+        if weight and bias:  # one operator, so that a graph takes eager code's launches and bits
+            return torch.ops.fused_tp.grad_weight_bias(grad_y, x)
         return (
             (torch.ops.fused_tp.grad_weight(grad_y, x) if weight else None),
             (torch.ops.fused_tp.bias_grad(grad_y) if bias else None),

@@ -6,7 +6,7 @@ allocations and the launch itself.
                  copied into another layout first (layout.py), whether tiles move through tensor descriptors, the
                  config and where it came from (pick_config), the split-K factor, the grid, and the kernel's
                  integer and compile-time arguments
-    colsum_plan  the same for a column sum (the bias gradient)
+    colsum_plan  the same for a column sum (the bias gradient, where the weight gradient's launch does not write it)
 
 Alignment is an input, not something a plan reads: eager code passes each operand's data_ptr() % 16, a registered
 operator the same for the tensors it is called with (ops.py), so a compiled graph takes eager code's path for the
@@ -68,6 +68,7 @@ class MatmulPlan(NamedTuple):
     """C[M, N] = A[M, K] @ B[K, N]: see matmul_plan. `copy_a` / `copy_b`: None, or the dim an aligned copy keeps
     contiguous (layout.aligned_copy); `counts`: the path_counts keys a run adds; `wide`: C is written in fp32 and
     rounded once after (the interpreter); `tiles`: C's tiles, whose arrival counters a split launch needs;
+    `row_sum`: the launch also writes A's row sums [M] (jit.py's ROW_SUM), in the bias's slot;
     `launch` is None where nothing is launched (an empty C, the torch path)."""
 
     path: str
@@ -78,6 +79,7 @@ class MatmulPlan(NamedTuple):
     tiles: int
     counts: tuple[str, ...]
     launch: Launch | None
+    row_sum: bool = False
 
 
 class ColsumPlan(NamedTuple):
@@ -145,12 +147,15 @@ def matmul_plan(
     device_index: int,
     tf32: bool,
     pinned: tuple[KernelConfig, str] | None,
+    row_sum: bool = False,
 ) -> MatmulPlan:
     """The plan of C[M, N] = A[M, K] @ B[K, N] (+ bias) with the activation epilogue, for `product` (configs.PRODUCTS).
 
     aligned: the 16-byte alignment of A, B, the bias and a given pre-activation (aux == "load"); bias_stride: None
     without a bias; aux: "" (C only), "store" (C = act(P) and P stored) or "load" (C = P * act'(pre)); tf32: fp32
-    dot products may use TF32 (F.linear's setting); pinned: (config, "pinned" or "autotuned") over table and rule.
+    dot products may use TF32 (F.linear's setting); pinned: (config, "pinned" or "autotuned") over table and rule;
+    row_sum: A's row sums are wanted too (the weight gradient's A is grad_y.T: the bias gradient), which the plan
+    has the launch write where its K loop is short (configs.ROW_SUM_MAX_K) and unsplit (the MatmulPlan says).
     A plan is built once per distinct set of these and reused: launches then pay a cache lookup."""
     dev = device(device_index)
     if dev.path == "torch":
@@ -213,6 +218,8 @@ def matmul_plan(
     items = tiles * splits
     programs = min(items, dev.slots) if cfg.persistent else items
     counts += ["tma"] * (route is not None) + ["split_k"] * (splits > 1)
+    row_sum = row_sum and bias_stride is None and splits == 1 and cfg.BLOCK_M > 1 and K <= configs.ROW_SUM_MAX_K
+    counts += ["row_sum"] * row_sum
     act, gated = None, bool(activation) and ACTIVATIONS[activation].gated
     if activation:
         act = ACTIVATIONS[activation].grad if aux == "load" else ACTIVATIONS[activation].fn
@@ -229,6 +236,7 @@ def matmul_plan(
         ACT=act,
         AUX=aux,
         GATED=gated,
+        ROW_SUM=row_sum,
         **cfg.meta(),
     )
     # C, the pre-activation and the split partials are contiguous; a gated C is half the product's width (the
@@ -245,7 +253,7 @@ def matmul_plan(
         c_width,
         1,
         pre_width,
-        bias_stride or 0,
+        1 if row_sum else bias_stride or 0,
         M * N if splits > 1 else 0,
         splits,
         k_tiles_per_split,
@@ -254,7 +262,7 @@ def matmul_plan(
     spec = Launch((programs, 1, 1), ints, kwargs, device_index)
     if spec.tma and K:  # a descriptor made on the host has no empty dims
         spec.host = Launch(spec.grid, ints, {**kwargs, "HOST_DESC": True}, device_index)
-    return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts), spec)
+    return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts), spec, row_sum)
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
