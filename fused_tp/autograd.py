@@ -315,7 +315,9 @@ class _RowParallelLinear(_LayerFunction):
                            dgrad:    grad_x_shard = grad_y @ w_shard                     (no collective)
                            wgrad:    grad_w_shard = grad_y.T @ x_shard ;  grad_b = grad_y.sum(rows) on every rank
     The bias is added inside the kernel on rank 0 only, so the sum carries it once. Its gradient is computed on
-    every rank from the replicated grad_y, so the replicated bias stays identical under any optimizer.
+    every rank from the replicated grad_y, so the replicated bias stays identical under any optimizer: by the
+    column-sum kernel (fuse_bias=False), never by the weight gradient's launch, whose config, and with it the order
+    of the sums, follows the rank's shard width (a rank with an empty shard makes none; tests/test_dist.py).
     """
 
     tensors = 3
@@ -324,7 +326,7 @@ class _RowParallelLinear(_LayerFunction):
     def forward(ctx, x_shard, w_shard, b, group, world, rank):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
-        ctx.tuning, ctx.group = _current_tuning(), group
+        ctx.tuning = _current_tuning()
         return _row_forward(x_shard, w_shard, b, group, world, rank)
 
     @staticmethod
@@ -334,19 +336,8 @@ class _RowParallelLinear(_LayerFunction):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         with _tuning(ctx.tuning):
             grad_x_shard = ops.grad_input(grad_y, w_shard) if need_x else None
-            grad_w, grad_b = _row_params_grads(grad_y, x_shard, need_w, need_b, ctx.group)
+            grad_w, grad_b = ops.grad_params(grad_y, x_shard, weight=need_w, bias=need_b, fuse_bias=False)
         return grad_x_shard, grad_w, grad_b, None, None, None
-
-
-def _row_params_grads(grad_y, x_shard, need_w: bool, need_b: bool, group) -> tuple:
-    """(grad_w_shard, grad_b) of a row-parallel layer, None where not needed. The bias is replicated: where other
-    ranks hold it too (the group's size, not the world the Function was given: sequence parallelism gives it 1), its
-    gradient comes from the column-sum launch, whose plan is the same on every rank, and not from the weight
-    gradient's (a few tokens: kernels' row sums), whose config follows this rank's shard width and with it the
-    order of the sums; a rank with an empty shard launches none. The replicas would drift apart bit by bit."""
-    if need_w and need_b and group_size_rank(group)[0] > 1:
-        return ops.grad_params(grad_y, x_shard, bias=False)[0], ops.grad_params(grad_y, None, weight=False)[1]
-    return ops.grad_params(grad_y, x_shard, weight=need_w, bias=need_b)
 
 
 class _MlpColumn(_LayerFunction):
@@ -406,7 +397,7 @@ class _MlpRow(_LayerFunction):
     @staticmethod
     def forward(ctx, a, pre, w2, b2, group, world, rank, activation):
         ctx.save_for_backward(a if ctx.needs_input_grad[2] else None, pre, w2)
-        ctx.activation, ctx.tuning, ctx.group = activation, _current_tuning(), group
+        ctx.activation, ctx.tuning = activation, _current_tuning()
         return _row_forward(a, w2, b2, group, world, rank)
 
     @staticmethod
@@ -415,7 +406,7 @@ class _MlpRow(_LayerFunction):
         a, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         with _tuning(ctx.tuning):
-            grad_w2, grad_b2 = _row_params_grads(grad_y, a, need[2], need[3], ctx.group)
+            grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[2], bias=need[3], fuse_bias=False)
             grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre) if need[1] else None
         return None, grad_pre, grad_w2, grad_b2, None, None, None, None
 

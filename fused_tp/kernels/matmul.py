@@ -254,7 +254,9 @@ def grad_params(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad_w, grad_b) = (grad_y.T @ x, grad_y summed over rows): the matmul kernel and the column-sum kernel, or
     over a few tokens the matmul kernel alone (plan.matmul_plan's row_sum); either may be skipped (None; x may be
-    None without the weight gradient).
+    None without the weight gradient). The bias gradient's bits then follow that launch's config, which x's width
+    steers: a bias replicated over ranks whose x differ in width takes its gradient with weight=False, from the
+    column-sum kernel alone (the row-parallel layers: grad_params_prechecked's fuse_bias=False).
 
     grad_y [..., N], x [..., K] with grad_y's leading dims  ->  grad_w [N, K], grad_b [N]
     """
@@ -269,12 +271,14 @@ def grad_params(
 
 
 def grad_params_prechecked(
-    grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True
+    grad_y: torch.Tensor, x: torch.Tensor | None, *, weight: bool = True, bias: bool = True, fuse_bias: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """grad_params for arguments grad_params would pass (the layers' own)."""
+    """grad_params for arguments grad_params would pass (the layers' own). fuse_bias=False: the bias gradient from
+    the column-sum kernel whatever the tokens, in an order x's width does not steer (a replicated bias)."""
     # The bias gradient comes from the weight gradient's launch where its plan writes A's row sums (a short K loop:
     # plan.matmul_plan), else from a column sum of its own.
-    key, call = _found("wgrad", grad_y, x, bias) if weight else (None, None)
+    row_sum = bias and fuse_bias
+    key, call = _found("wgrad", grad_y, x, row_sum) if weight else (None, None)
     if call is not None:
         grad_w, grad_b = _run(call, grad_y, x, None, "", "", None)
         if bias and grad_b is None:
@@ -290,7 +294,7 @@ def grad_params_prechecked(
         K = x.shape[-1]
         stored = key if matrix is grad_y and x_matrix is x else None
         grad_w, grad_b = _matmul(
-            "wgrad", N, K, M, matrix, (g_cols, g_rows), x_matrix, x_strides, None, (N, K), key=stored, row_sum=bias
+            "wgrad", N, K, M, matrix, (g_cols, g_rows), x_matrix, x_strides, None, (N, K), key=stored, row_sum=row_sum
         )
     if bias and grad_b is None:
         grad_b = colsum(matrix, M, (g_rows, g_cols))

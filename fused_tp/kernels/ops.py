@@ -135,13 +135,13 @@ def grad_input(grad_y, weight, activation: str = "", pre=None):
     return matmul.grad_input_prechecked(grad_y, weight, activation, pre)
 
 
-def grad_params(grad_y, x, *, weight: bool = True, bias: bool = True):
+def grad_params(grad_y, x, *, weight: bool = True, bias: bool = True, fuse_bias: bool = True):
     """matmul.grad_params_prechecked, through the operators while torch.compile traces."""
     if torch.compiler.is_compiling():
-        if weight and bias:  # one operator, so that a graph takes eager code's launches and bits
+        if weight and bias and fuse_bias:  # one operator, so that a graph takes eager code's launches and bits
             return torch.ops.fused_tp.grad_weight_bias(grad_y, x)
         return (
             (torch.ops.fused_tp.grad_weight(grad_y, x) if weight else None),
             (torch.ops.fused_tp.bias_grad(grad_y) if bias else None),
         )
-    return matmul.grad_params_prechecked(grad_y, x, weight=weight, bias=bias)
+    return matmul.grad_params_prechecked(grad_y, x, weight=weight, bias=bias, fuse_bias=fuse_bias)
