@@ -13,8 +13,8 @@ A and B are read through their strides, so the three products of y = x @ w.T + b
 
 The bias gradient, the column sums of grad_y, is the second kernel: a reduction over rows. Summing A's rows inside
 the grad_weight pass costs a long K loop half its speed on an H100 (bench/NOTES.md, attempt 3); over a few tokens,
-a K loop of one or two steps, it costs less than a launch of its own, so there (ROW_SUM) every program sums the
-rows of its A tiles beside the product and the programs of the first column of tiles store them.
+a K loop of a few steps, it should cost less than a launch of its own (attempt 68), so there (ROW_SUM) every program
+sums the rows of its A tiles beside the product and the programs of the first column of tiles store them.
 
 A config with BLOCK_M == 1 is the GEMV form, for one token: one row of A a program against a [BLOCK_K, BLOCK_N]
 tile of B, the products on the CUDA cores in fp32 in B's tile layout, summed over K once after the loop; the
