@@ -280,9 +280,8 @@ COLSUM_CONFIG = ColsumConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 
 # The weight gradient sums grad_y's columns (the bias gradient) inside its own launch where its K loop, the tokens, is
 # at most this long: there the sum costs each program a few K-steps' tiles of shared-memory reads, against a
-# second launch's host time (the column sum's was 17 us of kernels.grad_params' 47 on the H200's host:
-# bench_host.json); over long K loops it halved the product's speed (bench/NOTES.md, attempts 3 and 68; the GPU
-# time over <= 128 tokens is not measured yet).
+# second launch's host time, a third of kernels.grad_params' on the H200's host; over long K loops it halved the
+# product's speed (bench/NOTES.md, attempts 3 and 68; the GPU time over <= 128 tokens is not measured yet).
 ROW_SUM_MAX_K = 128
 
 
