@@ -147,7 +147,7 @@ _ONE_CHANGE = {
     "dtype float16": lambda t: t.half(),
     "on meta": lambda t: t.to("meta"),
     "one longer": lambda t: torch.zeros(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device),
-    "one dim less": lambda t: t[0],
+    "one dim less": lambda t: t.sum(0),  # (not t[0]: after "no rows" there is no row 0)
     "one dim more": lambda t: t[None],
     "no rows": lambda t: t[:0],
     "a list": lambda t: [1.0],
@@ -164,6 +164,7 @@ _ONE_CHANGE = {
 @example(dtype=torch.float16, changes=[("b", "on meta")], bias=True)
 @example(dtype=torch.float32, changes=[("b", "a list")], bias=True)
 @example(dtype=torch.float32, changes=[("x", "one dim less"), ("x", "one dim less")], bias=True)  # a 0-D input
+@example(dtype=torch.float32, changes=[("x", "no rows"), ("x", "one dim less")], bias=False)
 def test_the_layers_one_expression_check_accepts_what_the_checks_one_by_one_accept(device, dtype, changes, bias):
     """check_linear_args decides in one expression (linear_args_pass) for the calls that pass and runs the checks
     one by one, with their errors, for the others: both must accept the same calls, or a bad call would slip
