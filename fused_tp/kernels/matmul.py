@@ -392,44 +392,11 @@ def _matmul(
     pinned = configs.pinned_config()
     pinned = None if pinned is None else (pinned, "pinned")
     bias_stride = None if bias is None else bias.stride(0)
-    p = plan.matmul_plan(
-        product,
-        M,
-        N,
-        K,
-        a_strides,
-        b_strides,
-        dtype,
-        aligned,
-        bias_stride,
-        activation,
-        aux,
-        index,
-        tf32,
-        pinned,
-        row_sum,
-    )
+    # matmul_plan's arguments before the config's source and the row sums: autotuning plans again with others
+    facts = (product, M, N, K, a_strides, b_strides, dtype, aligned, bias_stride, activation, aux, index, tf32)
+    p = plan.matmul_plan(*facts, pinned, row_sum)
     if pinned is None and configs.autotune_enabled() and p.path != "torch":
-        p = _autotuned(
-            p,
-            product,
-            M,
-            N,
-            K,
-            a,
-            a_strides,
-            b,
-            b_strides,
-            bias,
-            aux,
-            dtype,
-            aligned,
-            bias_stride,
-            activation,
-            index,
-            tf32,
-            row_sum,
-        )
+        p = _autotuned(p, facts, a, b, bias, row_sum)
     call = (p, M, N, K, a_strides, b_strides, out_shape, pre_shape)
     if key is not None:
         if len(plan.calls) >= plan.PLAN_CACHE_SIZE:
@@ -477,45 +444,12 @@ def _tf32() -> bool:
     return torch._C._get_cublas_allow_tf32()
 
 
-def _autotuned(
-    p,
-    product,
-    M,
-    N,
-    K,
-    a,
-    a_strides,
-    b,
-    b_strides,
-    bias,
-    aux,
-    dtype,
-    aligned,
-    bias_stride,
-    activation,
-    index,
-    tf32,
-    row_sum,
-):
+def _autotuned(p, facts: tuple, a, b, bias, row_sum: bool):
     """FUSED_TP_AUTOTUNE=1: the plan with the config autotune chose for this launch's key (timed epilogue-free:
     the same tiles). An empty launch times nothing but still takes part in a consensus, so that every rank makes
-    the same collectives."""
-    replan = functools.partial(
-        plan.matmul_plan,
-        product,
-        M,
-        N,
-        K,
-        a_strides,
-        b_strides,
-        dtype,
-        aligned,
-        bias_stride,
-        activation,
-        aux,
-        index,
-        tf32,
-    )
+    the same collectives. `facts`: matmul_plan's arguments before the config's source."""
+    product, M, N, K, a_strides, b_strides, dtype, _, _, activation, aux, index, tf32 = facts
+    replan = functools.partial(plan.matmul_plan, *facts)
     # The operands' path, found with a descriptor config as tune finds it: the planned config may read through
     # pointers operands that descriptors could address (tma=False), and their candidates are the descriptor ones.
     probe = replan((configs.ROUTE_PROBE, "pinned"))
