@@ -239,6 +239,17 @@ def test_grad_params(device, M, K, N, dtype, need, g_layout, x_layout, lead, see
     w_layout="transposed",
     seed=0,
 )  # pairs across several output tiles, a partial last one
+@example(
+    M=1,
+    K=8,
+    N=4,
+    dtype=torch.float16,
+    activation="gelu",
+    has_bias=False,
+    x_layout="contiguous",
+    w_layout="transposed",
+    seed=0,
+)  # grad_input's pre-activation rows of 8 bytes beside C's, which the interpreter writes in fp32 (16 bytes)
 def test_activation_epilogue(device, M, K, N, dtype, activation, has_bias, x_layout, w_layout, seed):
     """linear(..., activation) is the activation of the product on the fp32 accumulator, and its saved
     pre-activation is the product; grad_input through the activation is (grad_y @ w) * activation'(pre), all

@@ -162,7 +162,10 @@ def matmul_plan(
         return MatmulPlan("torch", None, None, False, 1, 0, ("torch",), None)
     fp32 = dtype == torch.float32
     wide = dev.path == "triton-interpreter" and not fp32  # see matmul._out: the interpreter's 16-bit arithmetic
-    itemsize, c_itemsize = dtype.itemsize, 4 if wide else dtype.itemsize
+    # C's rows, and a stored pre-activation's, are fp32 where wide; a given one (aux == "load") is the caller's,
+    # in the operands' dtype, and moves through a descriptor with C's strides: its rows must be aligned too.
+    itemsize = dtype.itemsize
+    c_itemsize = itemsize if aux == "load" or not wide else 4
     counts = [dev.path]
     # C and a stored pre-activation are fresh allocations (aligned); a given pre-activation may not be.
     c_aligned = aligned[3] or aux != "load"
