@@ -245,3 +245,30 @@ def test_reduce_overhead_replays_bitwise_like_eager(device, name):
             assert torch.equal(compiled(x).clone(), module(x)), f"step {step}: forward"
         for (what, a), (_, b) in zip(_step(module, module, x, grad_y), _step(compiled, module, x, grad_y)):
             assert torch.equal(a, b), f"step {step}: {what} differs from eager"
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("name", STACKS)
+def test_every_layer_exports_and_runs_forward_like_eager(device, strict, name):
+    """torch.export (dynamo's trace with strict=True, torch's own tracing without) of every layer at world size 1,
+    the token count a dynamic dim: the program holds fused_tp's operators, and its forward gives eager's bits at
+    token counts other than the traced one. Forward only: the operators carry no autograd of their own (the layers'
+    Functions do, and export traces through them; kernels/ops.py says why)."""
+    stacks, _ = _stacks(device, torch.float32)
+    module, width = stacks[name]
+    gen = torch.Generator().manual_seed(3)
+    x = make_tensor((6, width), "contiguous", torch.float32, device, gen)
+    tokens = torch.export.Dim("tokens", min=2)
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: tokens},), strict=strict)
+    targets = {  # strict export puts the Functions' forward, run without grad, in a submodule of its own
+        str(node.target)
+        for graph_module in program.graph_module.modules()
+        for node in graph_module.graph.nodes
+        if node.op == "call_function"
+    }
+    assert {"fused_tp.linear.default", "fused_tp.linear_pre.default"} & targets, targets
+    exported = program.module()
+    for count in (5, 9):
+        x = make_tensor((count, width), "contiguous", torch.float32, device, gen)
+        with torch.no_grad():
+            assert torch.equal(exported(x), module(x)), f"{name}, {count} tokens"

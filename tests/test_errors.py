@@ -249,6 +249,46 @@ def test_backward_kernels_check_their_arguments(device):
     assert_close("grad_b", grad_b, *linear_reference(torch.ones(3, device=device), g.t()), tol(torch.float32, 3))
 
 
+@pytest.mark.parametrize(
+    "call, names",
+    [
+        ("linear", ("input", "weight", "bias")),
+        ("linear, gelu", ("input", "weight", "bias")),
+        ("grad_input", ("grad_y", "weight")),
+        ("grad_input, gelu", ("grad_y", "weight", "pre")),
+        ("grad_params", ("grad_y", "x")),
+    ],
+)
+def test_the_kernels_refuse_a_call_autograd_would_record(device, call, names):
+    """The products record no autograd: where autograd would record a call (grad mode on, an operand requiring grad)
+    they raise, naming the operand, instead of returning a result that silently carries no gradient to it. Under
+    no_grad the same call runs and gives the bits of the same operands without requires_grad."""
+    gen = torch.Generator().manual_seed(0)
+    t = lambda *shape: torch.randn(shape, generator=gen).to(device)  # noqa: E731
+    operands = {"input": t(3, 4), "weight": t(5, 4), "bias": t(5), "grad_y": t(3, 5), "pre": t(3, 4), "x": t(3, 4)}
+    run = {
+        "linear": lambda o: kernels.linear(o["input"], o["weight"], o["bias"]),
+        "linear, gelu": lambda o: kernels.linear(o["input"], o["weight"], o["bias"], activation="gelu"),
+        "grad_input": lambda o: kernels.grad_input(o["grad_y"], o["weight"]),
+        "grad_input, gelu": lambda o: kernels.grad_input(o["grad_y"], o["weight"], activation="gelu", pre=o["pre"]),
+        "grad_params": lambda o: kernels.grad_params(o["grad_y"], o["x"]),
+    }[call]
+    plain = run(operands)
+    fn = call.split(",")[0]
+    for name in names:
+        given = {k: v.detach().requires_grad_(k == name) for k, v in operands.items()}
+        with pytest.raises(
+            RuntimeError, match=rf"^{name}: requires grad, but fused_tp.kernels.{fn} records no autograd"
+        ):
+            run(given)
+        with torch.no_grad():
+            again = run(given)
+        for a, b in zip(
+            plain if isinstance(plain, tuple) else (plain,), again if isinstance(again, tuple) else (again,)
+        ):
+            assert torch.equal(a, b), f"{call}, {name} requiring grad, under no_grad"
+
+
 def test_activation_options_are_checked(device):
     x, w = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
     with pytest.raises(ValueError, match=r"activation: expected None, 'gelu', 'gelu_tanh' or 'swiglu', got 'relu'"):

@@ -59,6 +59,21 @@ def check_operands(*args: tuple[str, torch.Tensor | None, bool]) -> None:
             raise ValueError(f"{name}: expected device {ref.device} (the {ref_name}'s), got {t.device}")
 
 
+def refuse_autograd(fn: str, *named: tuple[str, torch.Tensor | None]) -> None:
+    """RuntimeError naming the first of `named` that requires grad, for a call autograd would record (the caller has
+    found grad mode on and an operand requiring grad, in one expression: this runs on every call of the checked
+    products). The products record no autograd, so their result would silently carry no gradient back to it. The
+    layers and fused_tp.column_parallel_linear are the differentiable forms; the registered operators carry no
+    autograd either (kernels/ops.py says why)."""
+    for name, t in named:
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"{name}: requires grad, but fused_tp.kernels.{fn} records no autograd (its result would carry "
+                "no gradient): call it under torch.no_grad(), or use the layers or "
+                "fused_tp.column_parallel_linear, which are differentiable"
+            )
+
+
 def linear_args_pass(
     dtype: torch.dtype, device: torch.device, last: int, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> bool:
@@ -145,6 +160,8 @@ def linear(
     check_linear_args(x, weight, bias)
     activation = check_activation(activation)
     check_gated_width(activation, weight.shape[0], "weight", "rows")
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad):
+        refuse_autograd("linear", ("input", x), ("weight", weight), ("bias", bias))
     return linear_prechecked(x, weight, bias, activation)[0]
 
 
@@ -216,6 +233,10 @@ def grad_input(
             f"pre: expected shape {(*grad_y.shape[:-1], pre_width)} and dtype {grad_y.dtype}, got "
             f"{tuple(pre.shape)} {pre.dtype}"
         )
+    if torch.is_grad_enabled() and (
+        grad_y.requires_grad or weight.requires_grad or pre is not None and pre.requires_grad
+    ):
+        refuse_autograd("grad_input", ("grad_y", grad_y), ("weight", weight), ("pre", pre))
     return grad_input_prechecked(grad_y, weight, act, pre)
 
 
@@ -267,6 +288,8 @@ def grad_params(
         raise ValueError(
             f"x: expected leading dims {tuple(grad_y.shape[:-1])} (grad_y's) and a last dim, got shape {tuple(x.shape)}"
         )
+    if torch.is_grad_enabled() and (grad_y.requires_grad or x is not None and x.requires_grad):
+        refuse_autograd("grad_params", ("grad_y", grad_y), ("x", x))
     return grad_params_prechecked(grad_y, x, weight=weight, bias=bias)
 
 
