@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -128,7 +129,9 @@ def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch
     if world == 1:
         return t
     sizes = [stop - start for start, stop in (shard_range(size, world, i) for i in range(world))]
-    if sizes[0] == 0 or t.shape[:-1].numel() == 0:  # nothing to send on any rank
+    # math.prod, not torch.Size.numel: a non-strict torch.export trace turns numel's sizes into integers, making
+    # the token count a constant
+    if sizes[0] == 0 or math.prod(t.shape[:-1]) == 0:  # nothing to send on any rank
         return t.new_empty((*t.shape[:-1], size))
     # all_gather wants equal, contiguous pieces: pad the short shards to the first (longest) one, trim after.
     piece = F.pad(t, (0, sizes[0] - t.shape[-1])) if t.shape[-1] < sizes[0] else t.contiguous()
@@ -178,7 +181,7 @@ def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group, async_op: bo
     """Every rank's t (of sizes[r] along `dim`) concatenated along `dim`, in rank order; with async_op, a function
     that waits for the gather and returns it."""
     first = t.movedim(dim, 0)
-    longest = max(sizes)
+    longest = sizes[0]  # torch.tensor_split's shares: the first is the longest, the last the shortest
     if first.shape[0] == longest:
         piece = first.contiguous()
     else:  # all_gather_into_tensor wants equal pieces: a short shard is padded, and trimmed after
@@ -193,7 +196,7 @@ def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group, async_op: bo
     def finish() -> torch.Tensor:
         if work is not None:
             work.wait()
-        if min(sizes) == longest:  # even shards: the gathered rows are the sequence
+        if sizes[-1] == longest:  # even shards: the gathered rows are the sequence
             return out.movedim(0, dim)
         return torch.cat([out[r * longest : r * longest + n] for r, n in enumerate(sizes)], 0).movedim(0, dim)
 
@@ -204,8 +207,8 @@ def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, 
     """This rank's slice along `dim` (sizes[r] each, in rank order) of t summed over the ranks; with async_op, a
     function that waits for the reduce-scatter and returns it."""
     full = t.movedim(dim, 0)
-    longest = max(sizes)
-    if min(sizes) == longest:  # even shards: the rows are already in the collective's layout
+    longest = sizes[0]  # torch.tensor_split's shares: the first is the longest, the last the shortest
+    if sizes[-1] == longest:  # even shards: the rows are already in the collective's layout
         padded = full.contiguous()
     else:
         padded = full.new_zeros((len(sizes) * longest, *full.shape[1:]))

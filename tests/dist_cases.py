@@ -107,6 +107,22 @@ def compiled_against_eager(kind, device, dense, inputs, activation="gelu"):
     return {"differ": differ, "frames": counter.frame_count}
 
 
+def exported_against_eager(kind, device, dense, inputs):
+    """The stack of layers_step exported by torch.export (not strict: torch's own trace; the token count a dynamic
+    dim), its program's forward against the stack's eager forward under no_grad, for each x of `inputs` (token
+    counts differ): the token counts whose outputs are not bitwise equal."""
+    forward, _ = _stack(kind, [dense_linear(w, b, device) for w, b in dense], "gelu")
+    x = inputs[0][0].to(device)
+    tokens = torch.export.Dim("tokens", min=2)
+    exported = torch.export.export(forward, (x,), dynamic_shapes=({0: tokens},), strict=False).module()
+    differ = []
+    with torch.no_grad():
+        for x, _ in inputs:
+            if not torch.equal(exported(x.to(device)), forward(x.to(device))):
+                differ.append(x.shape[0])
+    return differ
+
+
 def compiled_uneven_sequence(kind, device, dense, width):
     """The sequence-parallel stack compiled (fullgraph, aot_eager) and called with shards of uneven lengths (rank 0
     one token longer): what it raised."""
