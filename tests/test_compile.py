@@ -197,7 +197,7 @@ def test_exported_layers_match_eager_on_gloo_ranks(rank_pools, device, kind):
     """torch.export (not strict) on 2 real gloo ranks, the collectives traced as functional ones: every program's
     forward gives the eager stack's bits on every rank at token counts other than the traced one (41 features over
     2 ranks: uneven shards; sequence parallelism: even ones, as under torch.compile)."""
-    if device == "cuda" and kind in ("column_gather", "row_scatter"):
+    if device == "cuda" and kind in ("column_gather", "row_scatter", "sp_parallel_mlp"):
         pytest.skip("the functional all_gather of CUDA tensors over gloo ends the rank (see the compiled test above)")
     gen = torch.Generator().manual_seed(0)
     t = lambda *shape: make_tensor(shape, "contiguous", torch.float32, "cpu", gen)  # noqa: E731

@@ -37,10 +37,12 @@ def _assert_unmodified(before, *ts):
 
 @pytest.mark.parametrize("g_layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_bias_gradient_over_a_few_tokens_comes_from_the_weight_gradients_launch(device, g_layout, dtype):
+def test_the_bias_gradient_over_a_few_tokens_comes_from_the_weight_gradients_launch(
+    device, g_layout, dtype, monkeypatch
+):
     """Over at most configs.ROW_SUM_MAX_K tokens the weight gradient's launch also writes grad_y's column sums, the
-    bias gradient (one launch, path_counts["row_sum"]), where its K loop is not split; over more, a column-sum launch
-    of its own does. Both against the float64 reference."""
+    bias gradient (one launch, path_counts["row_sum"]), where its K loop is not split and the weight gradient not
+    over configs.ROW_SUM_MAX_ELEMENTS; else a column-sum launch of its own does. Both against the float64 reference."""
     gen = torch.Generator().manual_seed(0)
     for tokens in (1, 16, configs.ROW_SUM_MAX_K, configs.ROW_SUM_MAX_K + 1):
         # 64 features: rows of 16-byte multiples, so the interpreter and sm_90 move A through descriptors where the
@@ -57,6 +59,16 @@ def test_the_bias_gradient_over_a_few_tokens_comes_from_the_weight_gradients_lau
         assert_close("grad_b", grad_b, g64.sum(0), g64.abs().sum(0), tol(dtype, tokens))
         ref, mag = linear_reference(grad_y.t(), x.t())
         assert_close("grad_w", grad_w, ref, mag, tol(dtype, tokens, tf32=_tf32(device)))
+    # a weight gradient of more than configs.ROW_SUM_MAX_ELEMENTS elements keeps the column-sum launch
+    monkeypatch.setattr(configs, "ROW_SUM_MAX_ELEMENTS", 64 * 48 - 1)
+    plan.clear_caches()
+    before = kernels.path_counts.copy()
+    grad_w, grad_b = kernels.grad_params(grad_y[:1], x[:1])
+    plan.clear_caches()
+    counts = kernels.path_counts - before
+    assert not counts["row_sum"] and counts[matmul.kernel_path(device)] == 2, dict(counts)
+    g64 = grad_y[:1].double().cpu()
+    assert_close("grad_b", grad_b, g64.sum(0), g64.abs().sum(0), tol(dtype, 1))
 
 
 @given(

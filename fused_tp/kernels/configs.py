@@ -279,10 +279,13 @@ COLSUM_CONFIG = ColsumConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 
 
 # The weight gradient sums grad_y's columns (the bias gradient) inside its own launch where its K loop, the tokens, is
-# at most this long: there the sum costs each program a few K-steps' tiles of shared-memory reads, against a
-# second launch's host time, a third of kernels.grad_params' on the H200's host; over long K loops it halved the
-# product's speed (bench/NOTES.md, attempts 3 and 68; the GPU time over <= 128 tokens is not measured yet).
+# at most ROW_SUM_MAX_K long and its output, the weight gradient, at most ROW_SUM_MAX_ELEMENTS: a second launch's host
+# time saved, a third of kernels.grad_params' on the H200's host. Over long K loops the sum halved the product's
+# speed (bench/NOTES.md, attempt 3); over few tokens it costs a large weight gradient's launch 1.3-1.8x the GPU time
+# on the H100 (4096 x 4096 and up; attempt 72), where the product, not the host, bounds the call. Up to 2048 x 2048
+# the one launch took 0.74-1.07x the two launches' GPU time and 0.5-0.77x their eager wall time.
 ROW_SUM_MAX_K = 128
+ROW_SUM_MAX_ELEMENTS = 2048 * 2048
 
 
 def colsum_chunks(M: int, col_blocks: int, slots: int, cfg: ColsumConfig) -> int:

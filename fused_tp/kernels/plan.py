@@ -155,7 +155,8 @@ def matmul_plan(
     without a bias; aux: "" (C only), "store" (C = act(P) and P stored) or "load" (C = P * act'(pre)); tf32: fp32
     dot products may use TF32 (F.linear's setting); pinned: (config, "pinned" or "autotuned") over table and rule;
     row_sum: A's row sums are wanted too (the weight gradient's A is grad_y.T: the bias gradient), which the plan
-    has the launch write where its K loop is short (configs.ROW_SUM_MAX_K) and unsplit (the MatmulPlan says).
+    has the launch write where its K loop is short (configs.ROW_SUM_MAX_K), C small (ROW_SUM_MAX_ELEMENTS) and
+    the launch unsplit (the MatmulPlan says).
     A plan is built once per distinct set of these and reused: launches then pay a cache lookup."""
     dev = device(device_index)
     if dev.path == "torch":
@@ -221,7 +222,8 @@ def matmul_plan(
     items = tiles * splits
     programs = min(items, dev.slots) if cfg.persistent else items
     counts += ["tma"] * (route is not None) + ["split_k"] * (splits > 1)
-    row_sum = row_sum and bias_stride is None and splits == 1 and cfg.BLOCK_M > 1 and K <= configs.ROW_SUM_MAX_K
+    row_sum = row_sum and bias_stride is None and splits == 1 and cfg.BLOCK_M > 1
+    row_sum = row_sum and K <= configs.ROW_SUM_MAX_K and M * N <= configs.ROW_SUM_MAX_ELEMENTS
     counts += ["row_sum"] * row_sum
     act, gated = None, bool(activation) and ACTIVATIONS[activation].gated
     if activation:
