@@ -1,9 +1,10 @@
 """Checkpoints of sharded models in the dense model's layout: gather the shards into the dense state dict, and load
 a dense state dict (or a safetensors file, each rank reading only its slices) straight into the shards. Together
 they reshard: a model saved at TP = N loads at TP = M. save_pretrained writes a parallelized Hugging Face model's
-dense checkpoint, which from_pretrained loads. For torch.distributed.checkpoint (DCP), SavePlanner and LoadPlanner
-place each shard as its chunk of the dense tensor, so DCP saves and reshards it (the default planners take a shard
-under a dense name for a replicated tensor: they would save one rank's and load it on every rank).
+dense checkpoint, which from_pretrained loads. For torch.distributed.checkpoint (DCP), the layers' state dicts hold
+their shards as PlacedShard, which DCP's default planner saves as their chunks of the dense tensors; LoadPlanner reads
+each shard's chunk back at any TP size (DCP's default load planner refuses a shard: its size is not the dense one),
+and SavePlanner places the entries of a state dict of plain tensors by their names.
 
     what a fused_tp layer holds            the dense tensors it maps to
     ColumnParallelLinear  weight, bias     <name>.weight rows, <name>.bias rows [start, stop) (its shard_span)
@@ -19,6 +20,7 @@ several ranks hold (parallelize) come from, and go to, the same dense rows.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -151,26 +153,70 @@ class RefuseShardedSave:
 
 def _placements(model: nn.Module, prefix: str = "") -> dict[str, tuple[torch.Size, torch.Size]]:
     """{state dict key: (the shard's offsets in the dense tensor, the dense tensor's size)} of every sharded tensor
-    of `model` (a Row layer's bias is whole on every rank: not sharded)."""
-    out = {}
-    for name, layer, _ in _pieces(model):
-        start = layer.shard_span[0]
-        dense = layer.out_features if layer._split_dim == 0 else layer.in_features
-        for leaf in ("weight", "bias"):
-            t = getattr(layer, leaf)
-            dim = layer._split_dim if leaf == "weight" else (0 if layer._split_dim == 0 else None)
-            if t is None or dim is None:
-                continue
-            offsets, size = [0] * t.dim(), list(t.shape)
-            offsets[dim], size[dim] = start, dense
-            out[f"{prefix}{name}{leaf}"] = (torch.Size(offsets), torch.Size(size))
-    return out
+    of `model`."""
+    return {
+        f"{prefix}{name}{leaf}": placed
+        for name, layer, _ in _pieces(model)
+        for leaf, placed in layer.dense_chunks().items()
+    }
+
+
+class PlacedShard(torch.Tensor):
+    """A shard as a fused_tp layer's state dict holds it: the parameter's data (detached, as state_dict gives it),
+    a plain tensor to every op, which also tells torch.distributed.checkpoint where it lies in the dense tensor,
+    through the protocol DCP asks of DTensor (__create_write_items__, __create_chunk_list__,
+    __get_tensor_shard__). So dcp.save with DCP's default planner writes each shard as its chunk of the dense
+    tensor, and DCP's default load planner refuses a shard (its size is not the dense one's) instead of reading one
+    rank's. Not DTensor: its Shard placement chunks by ceil division, the layers by torch.tensor_split. Pickled
+    (torch.save) as the plain tensor."""
+
+    def __new__(cls, shard: torch.Tensor, offsets: torch.Size, dense_size: torch.Size):
+        t = torch.Tensor._make_subclass(cls, shard, False)
+        t.offsets, t.dense_size = offsets, dense_size
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """Every op sees plain tensors and returns plain ones (the place belongs to the state dict's entry, not to
+        values computed from it), but for new_empty: DCP's staging for async_save copies a tensor as new_empty,
+        then set_ and the attributes, and so keeps the place."""
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.new_empty:
+            out = cls(out, args[0].offsets, args[0].dense_size)
+        return out
+
+    def __deepcopy__(self, memo):
+        out = PlacedShard(copy.deepcopy(self.as_subclass(torch.Tensor), memo), self.offsets, self.dense_size)
+        memo[id(self)] = out
+        return out
+
+    def __create_write_items__(self, fqn: str, obj) -> list[WriteItem]:
+        chunk = ChunkStorageMetadata(self.offsets, self.size())
+        properties = TensorProperties.create_from_tensor(self)
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, self.offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=chunk, properties=properties, size=self.dense_size),
+            )
+        ]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(self.offsets, self.size())]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
 
 class SavePlanner(DefaultSavePlanner):
-    """torch.distributed.checkpoint's planner for a state dict of `model` (model.state_dict(), or under `prefix` in
-    a larger one): each shard is written as its chunk of the dense tensor, where the default planner would take
-    the shards for replicated tensors and keep one rank's. dcp.save(model.state_dict(), checkpoint_id=...,
+    """torch.distributed.checkpoint's planner for a state dict of `model` whose entries are plain tensors (copies,
+    keep_vars' Parameters; or under `prefix` in a larger one): each shard is written as its chunk of the dense
+    tensor, placed by its name, where the default planner would take the shards for replicated tensors and keep
+    one rank's. model.state_dict() itself needs no planner (PlacedShard). dcp.save(sd, checkpoint_id=...,
     planner=fused_tp.checkpoint.SavePlanner(model)); LoadPlanner loads it at any TP size."""
 
     def __init__(self, model: nn.Module, prefix: str = "", **options):
@@ -208,8 +254,9 @@ class SavePlanner(DefaultSavePlanner):
 
 
 class LoadPlanner(DefaultLoadPlanner):
-    """The planner that loads a checkpoint SavePlanner wrote (at any TP size) into `model`'s state dict: each shard
-    reads its chunk of the dense tensor. sd = model.state_dict(); dcp.load(sd, checkpoint_id=...,
+    """The planner that loads a checkpoint of the dense tensors' chunks (dcp.save of the state dict, or with
+    SavePlanner; at any TP size) into `model`'s state dict: each shard reads its chunk of the dense tensor.
+    sd = model.state_dict(); dcp.load(sd, checkpoint_id=...,
     planner=fused_tp.checkpoint.LoadPlanner(model)); model.load_state_dict(sd)."""
 
     def __init__(self, model: nn.Module, prefix: str = "", **options):

@@ -10,6 +10,18 @@ from . import kernels
 from .autograd import column_call, group_size_rank, mlp_call, resolve_group, row_call, shard_range
 
 
+def _placed_shards(module: _ParallelLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The layer's state dict hook: its shards as checkpoint.PlacedShard, which carries their place in the dense
+    tensors to torch.distributed.checkpoint (a plain tensor under the dense layer's name would be saved as a
+    replicated tensor: one rank's shard for all). keep_vars' Parameters and other tensor types stay as they are."""
+    from .checkpoint import PlacedShard  # checkpoint.py builds on this module
+
+    for leaf, (offsets, size) in module.dense_chunks().items():
+        value = state_dict.get(prefix + leaf)
+        if type(value) is torch.Tensor:
+            state_dict[prefix + leaf] = PlacedShard(value, offsets, size)
+
+
 class _ParallelLinear(nn.Module):
     """What Column and Row share: shards of a dense nn.Linear, by torch.tensor_split along `_split_dim`."""
 
@@ -29,6 +41,7 @@ class _ParallelLinear(nn.Module):
         # nn.Linear built under the same seed, whatever the world size.
         dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
         self._load_dense(dense.weight, dense.bias)
+        self.register_state_dict_post_hook(_placed_shards)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options):
@@ -73,6 +86,21 @@ class _ParallelLinear(nn.Module):
         start, stop = self.shard_span
         bias_part = bias if bias is None or self._split_dim == 1 else bias.narrow(0, start, stop - start)
         return weight.narrow(self._split_dim, start, stop - start), bias_part
+
+    def dense_chunks(self) -> dict[str, tuple[torch.Size, torch.Size]]:
+        """{"weight" / "bias": (where this rank's shard starts in the dense tensor, the dense tensor's size)} for
+        each parameter the layer holds a shard of (a Row layer's bias is whole on every rank: not listed)."""
+        out = {}
+        dense = self.out_features if self._split_dim == 0 else self.in_features
+        for leaf in ("weight", "bias"):
+            t = getattr(self, leaf)
+            dim = self._split_dim if leaf == "weight" else (0 if self._split_dim == 0 else None)
+            if t is None or dim is None:
+                continue
+            offsets, size = [0] * t.dim(), list(t.shape)
+            offsets[dim], size[dim] = self.shard_span[0], dense
+            out[leaf] = (torch.Size(offsets), torch.Size(size))
+        return out
 
     def reset_parameters(self) -> None:
         """Initialise the shards in place as nn.Linear.reset_parameters initialises the dense layer: under the same

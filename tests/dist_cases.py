@@ -510,8 +510,15 @@ def checkpoint_save(path):
     if dist.get_rank() == 0:
         save_file({k: v.contiguous() for k, v in gathered.items()}, path)
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    dcp.save(model.state_dict(), checkpoint_id=path + ".dcp", planner=fused_tp.checkpoint.SavePlanner(model))
+    # DCP's default planner, from the layers' state dicts (PlacedShard) alone; async_save's staged copies; DCP's
+    # own state dict API; and SavePlanner, for state dicts of plain tensors
+    dcp.save(model.state_dict(), checkpoint_id=path + ".dcp")
+    dcp.async_save(model.state_dict(), checkpoint_id=path + ".async.dcp").result()
+    dcp.save(get_model_state_dict(model), checkpoint_id=path + ".dsd.dcp")
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    dcp.save(plain, checkpoint_id=path + ".planner.dcp", planner=fused_tp.checkpoint.SavePlanner(model))
     dist.barrier()
     return same
 
@@ -520,10 +527,11 @@ def checkpoint_load(path):
     """A tiny Llama built on the meta device, parallelized, loaded from the dense safetensors file at `path` (each
     rank reading its slices): whether gathered back it is the file bit for bit, whether no parameter was left on
     the meta device, and its logits' norm-wise error against the dense model's; and whether a parallelized model
-    of other weights, loaded through DCP from the checkpoint checkpoint_save wrote beside `path` (at another TP
-    size), gathers back to the file bit for bit."""
+    of other weights, loaded through DCP from each checkpoint checkpoint_save wrote beside `path` (at another TP
+    size), gathers back to the file bit for bit, and DCP's default load planner refuses the shards."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.api import CheckpointException
 
     config, model_cls, dense = _tiny_model()
     with torch.device("meta"):
@@ -539,14 +547,22 @@ def checkpoint_load(path):
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, ref = model(ids).logits, dense(ids).logits
-    torch.manual_seed(5)  # other weights, replaced by the load
-    other = fused_tp.parallelize(model_cls(config))
-    sd = other.state_dict()
-    dcp.load(sd, checkpoint_id=path + ".dcp", planner=fused_tp.checkpoint.LoadPlanner(other))
-    other.load_state_dict(sd)
-    loaded = fused_tp.checkpoint.dense_state_dict(other)
-    dcp_same = set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
-    return same and dcp_same, on_meta, ((got - ref).norm() / ref.norm()).item()
+    dcp_same = []
+    for saved in (".dcp", ".async.dcp", ".dsd.dcp", ".planner.dcp"):
+        torch.manual_seed(5)  # other weights, replaced by the load
+        other = fused_tp.parallelize(model_cls(config))
+        sd = other.state_dict()
+        dcp.load(sd, checkpoint_id=path + saved, planner=fused_tp.checkpoint.LoadPlanner(other))
+        other.load_state_dict(sd)
+        loaded = fused_tp.checkpoint.dense_state_dict(other)
+        dcp_same.append(set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want))
+    # without LoadPlanner, DCP's default planner refuses a shard: its size is not the dense tensor's
+    try:
+        dcp.load(other.state_dict(), checkpoint_id=path + ".dcp")
+        refused = dist.get_world_size() == 1  # at TP = 1 every shard is its whole dense tensor
+    except CheckpointException as e:  # the ranks' errors gathered (not an Exception: a BaseException)
+        refused = "Size mismatch" in str(e)
+    return same and all(dcp_same) and refused, on_meta, ((got - ref).norm() / ref.norm()).item()
 
 
 def pretrained_round_trip(directory):

@@ -90,7 +90,9 @@ def test_checkpoints_round_trip_between_any_two_world_sizes(rank_pools, tmp_path
     """At TP = 1-4 the gathered state dict of a parallelized Llama is the dense one, bit for bit, under the dense
     names (the fused SwiGLU's fc1 back to gate_proj and up_proj); the dense safetensors file written at each loads
     into a meta-device model at TP = 1-4, each rank reading its slices, and gathers back to the file bit for bit;
-    so does a DCP checkpoint saved with checkpoint.SavePlanner at TP = N, loaded with LoadPlanner at TP = 5 - N."""
+    so do DCP checkpoints saved at TP = N (dcp.save and dcp.async_save of the state dict, whose shards carry their
+    place, and of get_model_state_dict's; a state dict of plain tensors with SavePlanner), loaded with LoadPlanner at
+    TP = 5 - N, where DCP's default load planner refuses the shards."""
     from safetensors.torch import load_file
 
     files = {}
@@ -106,6 +108,38 @@ def test_checkpoints_round_trip_between_any_two_world_sizes(rank_pools, tmp_path
         for rank, (same, on_meta, err) in enumerate(loaded):
             assert same and not on_meta, f"TP {world}, rank {rank}: loaded shards gather to other tensors {on_meta}"
             assert err <= bound, f"TP {world}, rank {rank}: logits off the dense model's by {err:.3g}"
+
+
+def test_a_layers_state_dict_entries_are_tensors_that_know_their_place():
+    """A layer's state dict holds its shards as PlacedShard (world size 1 here: the shard is the dense tensor) with
+    the place DCP reads; every op returns plain tensors, torch.save writes plain ones (torch.load's weights_only
+    takes them), a deep copy keeps the place, load_state_dict takes the entries, keep_vars gives the Parameters, and
+    a Row layer's whole bias is a plain tensor."""
+    import copy
+    import io
+
+    from fused_tp.checkpoint import PlacedShard
+
+    col, row = fused_tp.ColumnParallelLinear(8, 6), fused_tp.RowParallelLinear(6, 8)
+    sd = col.state_dict()
+    assert all(type(v) is PlacedShard for v in sd.values())
+    assert (sd["weight"].offsets, sd["weight"].dense_size) == (torch.Size([0, 0]), torch.Size([6, 8]))
+    assert (sd["bias"].offsets, sd["bias"].dense_size) == (torch.Size([0]), torch.Size([6]))
+    assert type(sd["weight"] + 1) is torch.Tensor and type(sd["weight"].clone()) is torch.Tensor
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert all(type(v) is torch.Tensor and torch.equal(v, sd[k]) for k, v in loaded.items())
+    copied = copy.deepcopy(sd)
+    assert type(copied["weight"]) is PlacedShard and copied["weight"].offsets == sd["weight"].offsets
+    assert copied["weight"].data_ptr() != sd["weight"].data_ptr() and torch.equal(copied["weight"], sd["weight"])
+    other = fused_tp.ColumnParallelLinear(8, 6)
+    other.load_state_dict(copied)
+    assert torch.equal(other.weight, col.weight) and torch.equal(other.bias, col.bias)
+    assert all(type(v) is nn.Parameter for v in col.state_dict(keep_vars=True).values())
+    row_sd = row.state_dict()
+    assert type(row_sd["weight"]) is PlacedShard and type(row_sd["bias"]) is torch.Tensor
 
 
 def test_save_pretrained_writes_the_dense_checkpoint(rank_pools, tmp_path):
