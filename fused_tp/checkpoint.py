@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.default_planner import create_default_local_lo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.tensor import DTensor
 
 from .autograd import group_size_rank, resolve_group
 from .kernels import ACTIVATIONS
@@ -167,8 +168,8 @@ class PlacedShard(torch.Tensor):
     through the protocol DCP asks of DTensor (__create_write_items__, __create_chunk_list__,
     __get_tensor_shard__). So dcp.save with DCP's default planner writes each shard as its chunk of the dense
     tensor, and DCP's default load planner refuses a shard (its size is not the dense one's) instead of reading one
-    rank's. Not DTensor: its Shard placement chunks by ceil division, the layers by torch.tensor_split. Pickled
-    (torch.save) as the plain tensor."""
+    rank's. Not DTensor: its Shard placement chunks by ceil division, the layers by torch.tensor_split; but under
+    FSDP2 the local tensor of its DTensor (placed). Pickled (torch.save) as the plain tensor."""
 
     def __new__(cls, shard: torch.Tensor, offsets: torch.Size, dense_size: torch.Size):
         t = torch.Tensor._make_subclass(cls, shard, False)
@@ -178,11 +179,11 @@ class PlacedShard(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """Every op sees plain tensors and returns plain ones (the place belongs to the state dict's entry, not to
-        values computed from it), but for new_empty: DCP's staging for async_save copies a tensor as new_empty,
-        then set_ and the attributes, and so keeps the place."""
+        values computed from it), but for two that copy or alias the entry itself: DCP's staging for async_save
+        copies a tensor as new_empty, then set_ and the attributes; DTensor.from_local wraps view_as(local)."""
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **(kwargs or {}))
-        if func is torch.Tensor.new_empty:
+        if func in (torch.Tensor.new_empty, torch.Tensor.view_as):
             out = cls(out, args[0].offsets, args[0].dense_size)
         return out
 
@@ -212,12 +213,52 @@ class PlacedShard(torch.Tensor):
         return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
 
+def placed(value, offsets: torch.Size, dense_size: torch.Size):
+    """A state dict's entry for a shard that starts at `offsets` in a dense tensor of `dense_size`, with its place:
+    a plain tensor as PlacedShard; FSDP2's DTensor (the shard sharded again over another mesh dim) as the same
+    DTensor around a PlacedShard at the shard's offsets plus its own chunk's (DTensor hands DCP's protocol calls to
+    its local tensor); anything else (keep_vars' Parameters) as it is. The layers' state dict hook."""
+    if type(value) is torch.Tensor:
+        return PlacedShard(value, offsets, dense_size)
+    if isinstance(value, DTensor) and type(value.to_local()) is torch.Tensor and not isinstance(value, nn.Parameter):
+        local = PlacedShard(value.to_local(), _dense_chunk(value, offsets).offsets, dense_size)
+        return DTensor.from_local(
+            local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+        )
+    return value
+
+
+def _dense_chunk(value, offsets: torch.Size) -> ChunkStorageMetadata:
+    """The chunk of the dense tensor that the local data of `value`, a state dict's entry for the shard at
+    `offsets`, covers: a placed entry's own; FSDP2's DTensor's chunk of the shard, moved to the shard's place; a
+    plain tensor's whole."""
+    if _is_placed(value):
+        (chunk,) = value.__create_chunk_list__()
+        return chunk
+    if isinstance(value, DTensor):
+        (chunk,) = value.__create_chunk_list__()
+        return ChunkStorageMetadata(torch.Size(a + b for a, b in zip(offsets, chunk.offsets)), chunk.sizes)
+    return ChunkStorageMetadata(offsets, value.size())
+
+
+def _local(value) -> torch.Tensor:
+    """The data of a state dict's entry for a shard, as DCP reads and writes it."""
+    if isinstance(value, (PlacedShard, DTensor)):
+        return value.__get_tensor_shard__(None)
+    return value
+
+
+def _is_placed(value) -> bool:
+    return isinstance(value, PlacedShard) or (isinstance(value, DTensor) and isinstance(value.to_local(), PlacedShard))
+
+
 class SavePlanner(DefaultSavePlanner):
-    """torch.distributed.checkpoint's planner for a state dict of `model` whose entries are plain tensors (copies,
+    """torch.distributed.checkpoint's planner for a state dict of `model` whose entries carry no place (copies,
     keep_vars' Parameters; or under `prefix` in a larger one): each shard is written as its chunk of the dense
-    tensor, placed by its name, where the default planner would take the shards for replicated tensors and keep
-    one rank's. model.state_dict() itself needs no planner (PlacedShard). dcp.save(sd, checkpoint_id=...,
-    planner=fused_tp.checkpoint.SavePlanner(model)); LoadPlanner loads it at any TP size."""
+    tensor, placed by its name (and, sharded again by FSDP2, by its own chunk), where the default planner would
+    take the shards for whole tensors and keep one rank's. model.state_dict() itself needs no planner
+    (PlacedShard). dcp.save(sd, checkpoint_id=..., planner=fused_tp.checkpoint.SavePlanner(model)); LoadPlanner
+    loads it at any TP size."""
 
     def __init__(self, model: nn.Module, prefix: str = "", **options):
         super().__init__(**options)
@@ -227,21 +268,19 @@ class SavePlanner(DefaultSavePlanner):
         plan = super().create_local_plan()
         items = []
         for item in plan.items:
-            placed = self.placements.get(item.index.fqn)
-            if placed is None:
+            fqn = item.index.fqn
+            value = self.state_dict.get(fqn)
+            if fqn not in self.placements or _is_placed(value):
                 items.append(item)
                 continue
-            offsets, size = placed
-            t = self.state_dict[item.index.fqn]
+            offsets, size = self.placements[fqn]
+            chunk = _dense_chunk(value, offsets)
+            properties = TensorProperties.create_from_tensor(_local(value))
             items.append(
                 WriteItem(
-                    index=MetadataIndex(item.index.fqn, offsets),
+                    index=MetadataIndex(fqn, chunk.offsets),
                     type=WriteItemType.SHARD,
-                    tensor_data=TensorWriteData(
-                        chunk=ChunkStorageMetadata(offsets, t.size()),
-                        properties=TensorProperties.create_from_tensor(t),
-                        size=size,
-                    ),
+                    tensor_data=TensorWriteData(chunk=chunk, properties=properties, size=size),
                 )
             )
         self.plan = dataclasses.replace(plan, items=items)
@@ -249,14 +288,14 @@ class SavePlanner(DefaultSavePlanner):
 
     def lookup_object(self, index: MetadataIndex):
         if index.fqn in self.placements:
-            return self.state_dict[index.fqn]
+            return _local(self.state_dict[index.fqn])
         return super().lookup_object(index)
 
 
 class LoadPlanner(DefaultLoadPlanner):
     """The planner that loads a checkpoint of the dense tensors' chunks (dcp.save of the state dict, or with
-    SavePlanner; at any TP size) into `model`'s state dict: each shard reads its chunk of the dense tensor.
-    sd = model.state_dict(); dcp.load(sd, checkpoint_id=...,
+    SavePlanner; at any TP size, sharded again by FSDP2 or not) into `model`'s state dict: each shard reads its
+    chunk of the dense tensor. sd = model.state_dict(); dcp.load(sd, checkpoint_id=...,
     planner=fused_tp.checkpoint.LoadPlanner(model)); model.load_state_dict(sd)."""
 
     def __init__(self, model: nn.Module, prefix: str = "", **options):
@@ -275,13 +314,12 @@ class LoadPlanner(DefaultLoadPlanner):
                 raise ValueError(
                     f"{fqn}: the checkpoint's dense size {tuple(md.size)} is not this model's {tuple(size)}"
                 )
-            local = ChunkStorageMetadata(offsets, self.state_dict[fqn].size())
-            items += create_read_items_for_chunk_list(fqn, md, [local])
+            items += create_read_items_for_chunk_list(fqn, md, [_dense_chunk(self.state_dict[fqn], offsets)])
         return dataclasses.replace(plan, items=items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         if index.fqn in self.placements:
-            return self.state_dict[index.fqn]
+            return _local(self.state_dict[index.fqn])
         return super().lookup_tensor(index)
 
 

@@ -11,15 +11,14 @@ from .autograd import column_call, group_size_rank, mlp_call, resolve_group, row
 
 
 def _placed_shards(module: _ParallelLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """The layer's state dict hook: its shards as checkpoint.PlacedShard, which carries their place in the dense
-    tensors to torch.distributed.checkpoint (a plain tensor under the dense layer's name would be saved as a
-    replicated tensor: one rank's shard for all). keep_vars' Parameters and other tensor types stay as they are."""
-    from .checkpoint import PlacedShard  # checkpoint.py builds on this module
+    """The layer's state dict hook: its shards with their place in the dense tensors (checkpoint.placed), which
+    torch.distributed.checkpoint reads (a plain tensor under the dense layer's name would be saved as a whole
+    tensor: one rank's shard for all)."""
+    from .checkpoint import placed  # checkpoint.py builds on this module
 
     for leaf, (offsets, size) in module.dense_chunks().items():
-        value = state_dict.get(prefix + leaf)
-        if type(value) is torch.Tensor:
-            state_dict[prefix + leaf] = PlacedShard(value, offsets, size)
+        if prefix + leaf in state_dict:
+            state_dict[prefix + leaf] = placed(state_dict[prefix + leaf], offsets, size)
 
 
 class _ParallelLinear(nn.Module):

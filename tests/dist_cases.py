@@ -565,6 +565,59 @@ def checkpoint_load(path):
     return same and all(dcp_same) and refused, on_meta, ((got - ref).norm() / ref.norm()).item()
 
 
+def checkpoint_2d(path, activation):
+    """A ParallelMLP tensor-parallel over mesh["tp"] of a 2 x 2 mesh and sharded again by FSDP2 over mesh["dp"],
+    saved through DCP three ways (dcp.save and dcp.async_save of its state dict, whose DTensors hold PlacedShards;
+    a copy of plain DTensors with SavePlanner), each loaded with LoadPlanner into the MLP at TP 4 and into the 2-D
+    MLP of other weights. Returns, per way, whether the TP 4 model gathers to the dense MLP bit for bit and whether
+    the 2-D one holds the saved one's tensors bit for bit; and whether DCP's default load planner refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    hidden = 12 if activation == "swiglu" else 6  # fc1's rows: (gate, up) pairs for SwiGLU
+
+    def mlp(seed, group=None):
+        torch.manual_seed(seed)
+        fc1, fc2 = nn.Linear(8, 2 * hidden if activation == "swiglu" else hidden), nn.Linear(hidden, 8)
+        model = fused_tp.ParallelMLP.from_linears(fc1, fc2, activation=activation, process_group=group)
+        if group is not None:
+            fully_shard(model, mesh=mesh["dp"])
+        return model
+
+    model = mlp(0, mesh["tp"])
+    want = fused_tp.checkpoint.dense_state_dict(mlp(0))  # TP 4 over the world, gathered: the dense MLP
+    sd = model.state_dict()
+    dcp.save(sd, checkpoint_id=path + ".dcp")
+    dcp.async_save(sd, checkpoint_id=path + ".async.dcp").result()
+    plain = {k: v.detach().clone() for k, v in sd.items()}  # DTensors around plain tensors: no place
+    dcp.save(plain, checkpoint_id=path + ".planner.dcp", planner=fused_tp.checkpoint.SavePlanner(model))
+    dist.barrier()
+    out = {}
+    for saved in (".dcp", ".async.dcp", ".planner.dcp"):
+        tp4 = mlp(dist.get_rank() + 9)
+        sd4 = tp4.state_dict()
+        dcp.load(sd4, checkpoint_id=path + saved, planner=fused_tp.checkpoint.LoadPlanner(tp4))
+        tp4.load_state_dict(sd4)
+        got = fused_tp.checkpoint.dense_state_dict(tp4)
+        other = mlp(dist.get_rank() + 19, mesh["tp"])
+        sd2 = other.state_dict()
+        dcp.load(sd2, checkpoint_id=path + saved, planner=fused_tp.checkpoint.LoadPlanner(other))
+        other.load_state_dict(sd2)
+        same_2d = all(
+            torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(other.state_dict().values(), sd.values())
+        )
+        out[saved] = (set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), same_2d)
+    try:
+        dcp.load(other.state_dict(), checkpoint_id=path + ".dcp")
+        out["refused"] = False
+    except CheckpointException as e:
+        out["refused"] = "Size mismatch" in str(e)
+    return out
+
+
 def pretrained_round_trip(directory):
     """parallelize the tiny Llama; its own save_pretrained refuses; fused_tp.checkpoint.save_pretrained writes the
     dense checkpoint, which from_pretrained loads as the dense model, bit for bit. Returns (refusal message, whether

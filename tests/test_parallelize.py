@@ -142,6 +142,17 @@ def test_a_layers_state_dict_entries_are_tensors_that_know_their_place():
     assert type(row_sd["weight"]) is PlacedShard and type(row_sd["bias"]) is torch.Tensor
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_a_2d_checkpoint_round_trips_through_dcp(rank_pools, tmp_path, activation):
+    """FSDP2 over TP on a 2 x 2 mesh (gloo): DCP checkpoints of the 2-D ParallelMLP (dcp.save and dcp.async_save of
+    its state dict, and a plain copy with SavePlanner) load with LoadPlanner into the MLP at TP 4 and at 2 x 2, bit
+    for bit; DCP's default load planner refuses the shards."""
+    for rank, out in enumerate(rank_pools(4).run(dist_cases.checkpoint_2d, str(tmp_path / "ck"), activation)):
+        assert out.pop("refused"), f"rank {rank}: DCP's default load planner took the shards"
+        bad = {saved: ok for saved, ok in out.items() if ok != (True, True)}
+        assert not bad, f"rank {rank}: (TP 4 == dense, 2-D == saved) per checkpoint: {bad}"
+
+
 def test_save_pretrained_writes_the_dense_checkpoint(rank_pools, tmp_path):
     """A parallelized model's own save_pretrained refuses, naming the function that works; that one writes the dense
     checkpoint (rank 0, after the gather on every rank) and from_pretrained loads the dense model bit for bit."""
