@@ -168,8 +168,8 @@ class PlacedShard(torch.Tensor):
     through the protocol DCP asks of DTensor (__create_write_items__, __create_chunk_list__,
     __get_tensor_shard__). So dcp.save with DCP's default planner writes each shard as its chunk of the dense
     tensor, and DCP's default load planner refuses a shard (its size is not the dense one's) instead of reading one
-    rank's. Not DTensor: its Shard placement chunks by ceil division, the layers by torch.tensor_split; but under
-    FSDP2 the local tensor of its DTensor (placed). Pickled (torch.save) as the plain tensor."""
+    rank's. Not DTensor: its Shard placement chunks by ceil division, the layers by torch.tensor_split (under
+    FSDP2, the entry is FSDP2's DTensor around a PlacedShard: placed). Pickled (torch.save) as the plain tensor."""
 
     def __new__(cls, shard: torch.Tensor, offsets: torch.Size, dense_size: torch.Size):
         t = torch.Tensor._make_subclass(cls, shard, False)
@@ -232,13 +232,12 @@ def _dense_chunk(value, offsets: torch.Size) -> ChunkStorageMetadata:
     """The chunk of the dense tensor that the local data of `value`, a state dict's entry for the shard at
     `offsets`, covers: a placed entry's own; FSDP2's DTensor's chunk of the shard, moved to the shard's place; a
     plain tensor's whole."""
+    if not isinstance(value, (PlacedShard, DTensor)):
+        return ChunkStorageMetadata(offsets, value.size())
+    (chunk,) = value.__create_chunk_list__()
     if _is_placed(value):
-        (chunk,) = value.__create_chunk_list__()
         return chunk
-    if isinstance(value, DTensor):
-        (chunk,) = value.__create_chunk_list__()
-        return ChunkStorageMetadata(torch.Size(a + b for a, b in zip(offsets, chunk.offsets)), chunk.sizes)
-    return ChunkStorageMetadata(offsets, value.size())
+    return ChunkStorageMetadata(torch.Size(a + b for a, b in zip(offsets, chunk.offsets)), chunk.sizes)
 
 
 def _local(value) -> torch.Tensor:
