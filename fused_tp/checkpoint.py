@@ -228,6 +228,19 @@ def placed(value, offsets: torch.Size, dense_size: torch.Size):
     return value
 
 
+def unplaced(value):
+    """`value` without its place: a PlacedShard as the plain tensor, FSDP2's DTensor around one as the DTensor
+    around the plain tensor; anything else as it is."""
+    if isinstance(value, PlacedShard):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, DTensor) and isinstance(value.to_local(), PlacedShard):
+        local = value.to_local().as_subclass(torch.Tensor)
+        return DTensor.from_local(
+            local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+        )
+    return value
+
+
 def _dense_chunk(value, offsets: torch.Size) -> ChunkStorageMetadata:
     """The chunk of the dense tensor that the local data of `value`, a state dict's entry for the shard at
     `offsets`, covers: a placed entry's own; FSDP2's DTensor's chunk of the shard, moved to the shard's place; a

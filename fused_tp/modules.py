@@ -21,6 +21,17 @@ def _placed_shards(module: _ParallelLinear, state_dict: dict, prefix: str, local
             state_dict[prefix + leaf] = placed(state_dict[prefix + leaf], offsets, size)
 
 
+def _unplaced_shards(module: _ParallelLinear, state_dict: dict, prefix: str, *args) -> None:
+    """The layer's load_state_dict hook: PlacedShard entries as plain tensors (in load_state_dict's own copy of the
+    dict), so that load_state_dict(..., assign=True) makes plain Parameters of them (nn.Parameter refuses a tensor
+    subclass whose detach() returns a plain tensor, as PlacedShard's does)."""
+    from .checkpoint import unplaced
+
+    for leaf in ("weight", "bias"):
+        if prefix + leaf in state_dict:
+            state_dict[prefix + leaf] = unplaced(state_dict[prefix + leaf])
+
+
 class _ParallelLinear(nn.Module):
     """What Column and Row share: shards of a dense nn.Linear, by torch.tensor_split along `_split_dim`."""
 
@@ -41,6 +52,7 @@ class _ParallelLinear(nn.Module):
         dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
         self._load_dense(dense.weight, dense.bias)
         self.register_state_dict_post_hook(_placed_shards)
+        self.register_load_state_dict_pre_hook(_unplaced_shards)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options):

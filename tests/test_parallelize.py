@@ -113,8 +113,8 @@ def test_checkpoints_round_trip_between_any_two_world_sizes(rank_pools, tmp_path
 def test_a_layers_state_dict_entries_are_tensors_that_know_their_place():
     """A layer's state dict holds its shards as PlacedShard (world size 1 here: the shard is the dense tensor) with
     the place DCP reads; every op returns plain tensors, torch.save writes plain ones (torch.load's weights_only
-    takes them), a deep copy keeps the place, load_state_dict takes the entries, keep_vars gives the Parameters, and
-    a Row layer's whole bias is a plain tensor."""
+    takes them), a deep copy keeps the place, load_state_dict takes the entries (with assign=True as plain
+    Parameters), keep_vars gives the Parameters, and a Row layer's whole bias is a plain tensor."""
     import copy
     import io
 
@@ -138,6 +138,15 @@ def test_a_layers_state_dict_entries_are_tensors_that_know_their_place():
     other.load_state_dict(copied)
     assert torch.equal(other.weight, col.weight) and torch.equal(other.bias, col.bias)
     assert all(type(v) is nn.Parameter for v in col.state_dict(keep_vars=True).values())
+    # assign=True makes Parameters of the entries: plain ones (nn.Parameter refuses PlacedShard itself); the
+    # caller's dict keeps its entries
+    on_meta = fused_tp.ColumnParallelLinear(8, 6, device="meta")
+    on_meta.load_state_dict(sd, assign=True)
+    assert type(on_meta.weight) is nn.Parameter and type(on_meta.weight.data) is torch.Tensor
+    assert torch.equal(on_meta.weight, col.weight) and all(type(v) is PlacedShard for v in sd.values())
+    with pytest.raises(RuntimeError, match="Creating a Parameter from an instance of type PlacedShard"):
+        nn.Parameter(sd["weight"])
+    assert type(nn.Parameter(fused_tp.checkpoint.unplaced(sd["weight"])).data) is torch.Tensor
     row_sd = row.state_dict()
     assert type(row_sd["weight"]) is PlacedShard and type(row_sd["bias"]) is torch.Tensor
 
