@@ -180,11 +180,13 @@ class PlacedShard(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """Every op sees plain tensors and returns plain ones (the place belongs to the state dict's entry, not to
         values computed from it), but for two that copy or alias the entry itself: DCP's staging for async_save
-        copies a tensor as new_empty, then set_ and the attributes; DTensor.from_local wraps view_as(local)."""
+        copies a tensor as new_empty, then set_ (to the entry's size) and the attributes; DTensor.from_local wraps
+        local.view_as(local)."""
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **(kwargs or {}))
-        if func in (torch.Tensor.new_empty, torch.Tensor.view_as):
-            out = cls(out, args[0].offsets, args[0].dense_size)
+        entry = args[0] if args else None
+        if func is torch.Tensor.new_empty or (func is torch.Tensor.view_as and out.shape == entry.shape):
+            out = cls(out, entry.offsets, entry.dense_size)
         return out
 
     def __deepcopy__(self, memo):

@@ -126,6 +126,7 @@ def test_a_layers_state_dict_entries_are_tensors_that_know_their_place():
     assert (sd["weight"].offsets, sd["weight"].dense_size) == (torch.Size([0, 0]), torch.Size([6, 8]))
     assert (sd["bias"].offsets, sd["bias"].dense_size) == (torch.Size([0]), torch.Size([6]))
     assert type(sd["weight"] + 1) is torch.Tensor and type(sd["weight"].clone()) is torch.Tensor
+    assert type(sd["weight"].view_as(torch.empty(48))) is torch.Tensor  # another shape: no place
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
