@@ -22,24 +22,29 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 from . import guard, kernels
 from .kernels import autotune, configs, ops
 from .kernels.matmul import autocast_args, linear_args_pass
 
+SECOND_DERIVATIVE = (
+    "fused_tp: a layer's backward ran with create_graph=True (a second derivative: a gradient penalty, a "
+    "Hessian-vector product, MAML); it runs Triton kernels and collectives, which build no graph, so a second "
+    "derivative through the layer is not supported"
+)
 
-def _once_differentiable(backward):
-    """once_differentiable(backward), without its no_grad block where grad mode is off already, as it is in every
-    backward without create_graph: that block costs each backward host time for nothing there (bench/NOTES.md,
-    attempt 58). With grad mode on (create_graph), once_differentiable itself runs, so that a
-    second derivative raises."""
-    guarded = once_differentiable(backward)
+
+def _first_order(backward):
+    """backward, refusing create_graph (grad mode on in a backward) with SECOND_DERIVATIVE. torch's
+    once_differentiable does not do here: it defers its error to a node whose inputs are detached copies, which
+    torch.autograd.grad(..., inputs) prunes, so that a second derivative reaching the inputs by another path (a
+    residual) silently left out the layer's terms. No check but this flag's on the first-order path (host time:
+    bench/NOTES.md, attempt 58)."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):
         if torch.is_grad_enabled():
-            return guarded(ctx, *grads)
+            raise RuntimeError(SECOND_DERIVATIVE)
         return backward(ctx, *grads)
 
     return run
@@ -240,7 +245,7 @@ class _ReduceScatterSequence(_LayerFunction):
         return _seq_reduce_scatter(y, dim, sizes, rank, group)
 
     @staticmethod
-    @_once_differentiable
+    @_first_order
     def backward(ctx, grad):
         return _seq_gather(grad.contiguous(), ctx.dim, ctx.sizes, ctx.group), None, None, None, None
 
@@ -272,9 +277,7 @@ class _ColumnParallelLinear(_LayerFunction):
         return ops.linear(x_full, w_shard, b_shard)[0]
 
     @staticmethod
-    # Triton kernels and collectives build no graph: once_differentiable makes a second derivative raise
-    # instead of silently leaving out this layer's terms (_once_differentiable: at less host time).
-    @_once_differentiable
+    @_first_order
     def backward(ctx, grad_y_shard):
         x, w_shard = ctx.saved_tensors
         with _tuning(ctx.tuning):  # autograd's thread does not inherit the forward's context
@@ -333,7 +336,7 @@ class _RowParallelLinear(_LayerFunction):
         return _row_forward(x_shard, w_shard, b, group, world, rank)
 
     @staticmethod
-    @_once_differentiable
+    @_first_order
     def backward(ctx, grad_y):
         x_shard, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -375,7 +378,7 @@ class _MlpColumn(_LayerFunction):
         return a, pre
 
     @staticmethod
-    @_once_differentiable
+    @_first_order
     def backward(ctx, grad_a, grad_pre):
         x, w1 = ctx.saved_tensors
         with _tuning(ctx.tuning):
@@ -404,7 +407,7 @@ class _MlpRow(_LayerFunction):
         return _row_forward(a, w2, b2, group, world, rank)
 
     @staticmethod
-    @_once_differentiable
+    @_first_order
     def backward(ctx, grad_y):
         a, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -459,7 +462,7 @@ class _ScatterLastDim(_LayerFunction):
         return x[..., start:stop]
 
     @staticmethod
-    @_once_differentiable
+    @_first_order
     def backward(ctx, grad_x_shard):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
