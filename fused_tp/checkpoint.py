@@ -4,7 +4,8 @@ they reshard: a model saved at TP = N loads at TP = M. save_pretrained writes a 
 dense checkpoint, which from_pretrained loads. For torch.distributed.checkpoint (DCP), the layers' state dicts hold
 their shards as PlacedShard, which DCP's default planner saves as their chunks of the dense tensors; LoadPlanner reads
 each shard's chunk back at any TP size (DCP's default load planner refuses a shard: its size is not the dense one),
-and SavePlanner places the entries of a state dict of plain tensors by their names.
+and SavePlanner places the entries of a state dict of plain tensors by their names. place_optimizer_state makes an
+optimizer's state dict hold its states of the shards the same way (Adam's moments, SGD's momentum: each a shard).
 
     what a fused_tp layer holds            the dense tensors it maps to
     ColumnParallelLinear  weight, bias     <name>.weight rows, <name>.bias rows [start, stop) (its shard_span)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 
 import torch
@@ -162,6 +164,61 @@ def _placements(model: nn.Module, prefix: str = "") -> dict[str, tuple[torch.Siz
     }
 
 
+def place_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """From now on `optimizer.state_dict()` (and so DCP's get_optimizer_state_dict and get_state_dict) holds the
+    states it keeps for `model`'s shards placed as model.state_dict() holds the shards (PlacedShard): dcp.save
+    writes each as its chunk of the dense state, and LoadPlanner reads it back at any TP size, where a plain
+    tensor would be saved as one rank's state for all (silently wrong on every other rank, at the same TP size
+    too). optimizer.load_state_dict takes them back as plain tensors. A state of a shard that is not of the
+    shard's shape (a factored second moment) has no place in a dense tensor: ValueError naming it, at
+    state_dict(). Call it once, on every rank, for each optimizer over the model's parameters."""
+    optimizer.register_state_dict_post_hook(functools.partial(_placed_optimizer_state, model=model))
+    optimizer.register_load_state_dict_pre_hook(_unplaced_optimizer_state)
+
+
+def _placed_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, model: nn.Module) -> dict:
+    """optimizer.state_dict()'s post hook: a new dict (its per-parameter dicts are the optimizer's own), the states
+    of the model's shards placed."""
+    places = {
+        id(getattr(layer, leaf)): place
+        for _, layer, _ in _pieces(model)
+        for leaf, place in layer.dense_chunks().items()
+    }
+    params = {}  # state_dict's index of a parameter -> the parameter
+    for group, packed in zip(optimizer.param_groups, state_dict["param_groups"], strict=True):
+        params.update(zip(packed["params"], group["params"], strict=True))
+    state = {}
+    for index, values in state_dict["state"].items():
+        param = params[index]
+        place = places.get(id(param))
+        state[index] = values if place is None else {k: _placed_state(k, v, param, place) for k, v in values.items()}
+    return {**state_dict, "state": state}
+
+
+def _placed_state(name: str, value, param: torch.Tensor, place: tuple[torch.Size, torch.Size]):
+    """One optimizer state of a shard `param`, placed: of the shard's shape, at the shard's place; a scalar (a step
+    count) as it is, replicated."""
+    if not isinstance(value, torch.Tensor) or (value.numel() == 1 and value.shape != param.shape):
+        return value
+    if value.shape != param.shape:
+        raise ValueError(
+            f"optimizer: its state {name!r} of a fused_tp shard is of shape {tuple(value.shape)}, not the shard's "
+            f"{tuple(param.shape)}: it has no place in the dense tensor (place_optimizer_state places states of the "
+            "shard's shape, as Adam's and SGD's are)"
+        )
+    return placed(value, *place)
+
+
+def _unplaced_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """optimizer.load_state_dict's pre hook: the states as plain tensors, in a new dict (the caller's is left as it
+    is), so that the optimizer keeps plain tensors (a PlacedShard would send every step's ops through Python)."""
+    state = {
+        index: {k: unplaced(v) for k, v in values.items()} if isinstance(values, dict) else values
+        for index, values in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
 class PlacedShard(torch.Tensor):
     """A shard as a fused_tp layer's state dict holds it: the parameter's data (detached, as state_dict gives it),
     a plain tensor to every op, which also tells torch.distributed.checkpoint where it lies in the dense tensor,
@@ -262,6 +319,11 @@ def _local(value) -> torch.Tensor:
     return value
 
 
+def _dense_size(value) -> torch.Size:
+    """The dense tensor's size, of a placed entry."""
+    return (value.to_local() if isinstance(value, DTensor) else value).dense_size
+
+
 def _is_placed(value) -> bool:
     return isinstance(value, PlacedShard) or (isinstance(value, DTensor) and isinstance(value.to_local(), PlacedShard))
 
@@ -308,31 +370,42 @@ class SavePlanner(DefaultSavePlanner):
 
 class LoadPlanner(DefaultLoadPlanner):
     """The planner that loads a checkpoint of the dense tensors' chunks (dcp.save of the state dict, or with
-    SavePlanner; at any TP size, sharded again by FSDP2 or not) into `model`'s state dict: each shard reads its
-    chunk of the dense tensor. sd = model.state_dict(); dcp.load(sd, checkpoint_id=...,
-    planner=fused_tp.checkpoint.LoadPlanner(model)); model.load_state_dict(sd)."""
+    SavePlanner; at any TP size, sharded again by FSDP2 or not) into a state dict of shards: each reads its chunk
+    of the dense tensor. Placed entries (model.state_dict()'s shards, an optimizer's states after
+    place_optimizer_state) need no `model`; plain ones (copies) are placed by their names in `model`'s state dict,
+    under `prefix`. sd = model.state_dict(); dcp.load(sd, checkpoint_id=...,
+    planner=fused_tp.checkpoint.LoadPlanner()); model.load_state_dict(sd)."""
 
-    def __init__(self, model: nn.Module, prefix: str = "", **options):
+    def __init__(self, model: nn.Module | None = None, prefix: str = "", **options):
         super().__init__(**options)
-        self.placements = _placements(model, prefix)
+        self.placements = {} if model is None else _placements(model, prefix)
 
     def create_local_plan(self) -> LoadPlan:
-        rest = {k: v for k, v in self.state_dict.items() if k not in self.placements}
+        self.places = {}  # {fqn: (the chunk of the dense tensor the entry's data covers, the dense size)}
+        for fqn, value in self.state_dict.items():
+            if _is_placed(value):
+                self.places[fqn] = (_dense_chunk(value, None), _dense_size(value))
+            elif fqn in self.placements:
+                offsets, size = self.placements[fqn]
+                self.places[fqn] = (_dense_chunk(value, offsets), size)
+        rest = {k: v for k, v in self.state_dict.items() if k not in self.places}
         plan = create_default_local_load_plan(rest, self.metadata, not self.allow_partial_load)
         items = list(plan.items)
-        for fqn, (offsets, size) in self.placements.items():
-            if fqn not in self.metadata.state_dict_metadata:
+        for fqn, (chunk, size) in self.places.items():
+            md = self.metadata.state_dict_metadata.get(fqn)
+            if md is None:
+                if self.allow_partial_load:
+                    continue
                 raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
-            md = self.metadata.state_dict_metadata[fqn]
             if md.size != size:
                 raise ValueError(
                     f"{fqn}: the checkpoint's dense size {tuple(md.size)} is not this model's {tuple(size)}"
                 )
-            items += create_read_items_for_chunk_list(fqn, md, [_dense_chunk(self.state_dict[fqn], offsets)])
+            items += create_read_items_for_chunk_list(fqn, md, [chunk])
         return dataclasses.replace(plan, items=items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        if index.fqn in self.placements:
+        if index.fqn in self.places:
             return _local(self.state_dict[index.fqn])
         return super().lookup_tensor(index)
 

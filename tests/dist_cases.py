@@ -570,9 +570,12 @@ def checkpoint_2d(path, activation):
     saved through DCP three ways (dcp.save and dcp.async_save of its state dict, whose DTensors hold PlacedShards;
     a copy of plain DTensors with SavePlanner), each loaded with LoadPlanner into the MLP at TP 4 and into the 2-D
     MLP of other weights. Returns, per way, whether the TP 4 model gathers to the dense MLP bit for bit and whether
-    the 2-D one holds the saved one's tensors bit for bit; and whether DCP's default load planner refused."""
+    the 2-D one holds the saved one's tensors bit for bit; whether DCP's default load planner refused; and whether
+    an Adam's states (place_optimizer_state), saved with the model through DCP's get_state_dict, load into the
+    other 2-D MLP's Adam bit for bit."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -615,7 +618,91 @@ def checkpoint_2d(path, activation):
         out["refused"] = False
     except CheckpointException as e:
         out["refused"] = "Size mismatch" in str(e)
+    # an Adam over each 2-D MLP, its states (FSDP2's DTensors) placed: a step, saved, loaded into the other's
+    adams = []
+    for m in (model, other):
+        adams.append(torch.optim.Adam(m.parameters(), lr=0.01))
+        fused_tp.checkpoint.place_optimizer_state(adams[-1], m)
+    model(torch.randn(4, 8, generator=torch.Generator().manual_seed(3))).square().sum().backward()
+    adams[0].step()
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, adams[0]))), checkpoint_id=path + ".optim.dcp")
+    sd = dict(zip(("model", "optim"), get_state_dict(other, adams[1])))
+    dcp.load(sd, checkpoint_id=path + ".optim.dcp", planner=fused_tp.checkpoint.LoadPlanner())
+    set_state_dict(other, adams[1], model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    out["optimizer"] = all(
+        torch.equal(adams[0].state[p][k].full_tensor(), adams[1].state[q][k].full_tensor())
+        for p, q in zip(model.parameters(), other.parameters(), strict=True)
+        for k in ("exp_avg", "exp_avg_sq")
+    )
     return out
+
+
+def _mlp_and_adam(seed):
+    """A GELU ParallelMLP (8 -> 10 -> 8: hidden shards 5/5 at 2 ranks, 4/3/3 at 3) sharded from dense layers drawn
+    under `seed`, and an Adam over it whose states of shards are placed (checkpoint.place_optimizer_state)."""
+    torch.manual_seed(seed)
+    model = fused_tp.ParallelMLP.from_linears(nn.Linear(8, 10), nn.Linear(10, 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    fused_tp.checkpoint.place_optimizer_state(optimizer, model)
+    return model, optimizer
+
+
+def _dense_adam_states(model, optimizer):
+    """{Adam state: the dense MLP's state dict of it}: each shard's state gathered as the shard itself is (a twin
+    of the model holding the states as its parameters), and the step count."""
+    out = {}
+    for stat in ("exp_avg", "exp_avg_sq"):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                q.copy_(optimizer.state[p][stat])
+        out[stat] = fused_tp.checkpoint.dense_state_dict(twin)
+    out["step"] = {str(i): optimizer.state[p]["step"] for i, p in enumerate(model.parameters())}
+    return out
+
+
+def optimizer_checkpoint_save(path):
+    """Two Adam steps of the MLP, then dcp.save of DCP's own state dicts of it and its Adam (get_state_dict); rank 0
+    writes the dense states (gathered) to `path`.pt."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = _mlp_and_adam(0)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        model(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    dense = _dense_adam_states(model, optimizer)
+    if dist.get_rank() == 0:
+        torch.save(dense, path + ".pt")
+    dist.barrier()
+
+
+def optimizer_checkpoint_load(path):
+    """An MLP of other weights and its fresh Adam, loaded from the DCP checkpoint at `path` (LoadPlanner, then DCP's
+    set_state_dict). Returns whether its dense states are the saved ones bit for bit, whether the optimizer holds
+    plain tensors, and whether DCP's default load planner refused the states of shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_state_dict
+
+    model, optimizer = _mlp_and_adam(dist.get_rank() + 7)
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # creates Adam's states
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path, planner=fused_tp.checkpoint.LoadPlanner())
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    got, want = _dense_adam_states(model, optimizer), torch.load(path + ".pt")
+    same = all(torch.equal(got[s][k], v) for s in want for k, v in want[s].items())
+    plain = all(type(v) is torch.Tensor for state in optimizer.state.values() for v in state.values())
+    try:
+        dcp.load({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path)
+        refused = False
+    except CheckpointException as e:
+        refused = "Size mismatch" in str(e)
+    return same, plain, refused
 
 
 def pretrained_round_trip(directory):

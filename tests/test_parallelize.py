@@ -110,6 +110,36 @@ def test_checkpoints_round_trip_between_any_two_world_sizes(rank_pools, tmp_path
             assert err <= bound, f"TP {world}, rank {rank}: logits off the dense model's by {err:.3g}"
 
 
+def test_optimizer_states_round_trip_through_dcp(rank_pools, tmp_path):
+    """With place_optimizer_state, DCP checkpoints of an MLP and its Adam (DCP's get_state_dict) saved at TP 2 and
+    3 load at TP 2 and 3 (the same size, and the other), the Adam states gathering to the saved dense ones bit for
+    bit and held as plain tensors; DCP's default load planner refuses them. Without it each state is saved as a
+    whole tensor, one rank's for all: the same-size loads fail."""
+    for world in (2, 3):
+        rank_pools(world).run(dist_cases.optimizer_checkpoint_save, str(tmp_path / f"tp{world}"))
+    for world in (2, 3):
+        for saved in (2, 3):
+            out = rank_pools(world).run(dist_cases.optimizer_checkpoint_load, str(tmp_path / f"tp{saved}"))
+            for rank, (same, plain, refused) in enumerate(out):
+                assert same, f"TP {saved} -> {world}, rank {rank}: the loaded Adam states are not the saved ones"
+                assert plain and refused, f"TP {saved} -> {world}, rank {rank}: plain {plain}, refused {refused}"
+
+
+def test_a_state_with_no_place_in_the_dense_tensor_is_refused():
+    """An optimizer state of a shard not of the shard's shape (a factored moment) raises at state_dict(), naming
+    it, where a placed state dict would otherwise save it as replicated; scalars (step counts) stay as they are."""
+    layer = fused_tp.ColumnParallelLinear(8, 6)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    fused_tp.checkpoint.place_optimizer_state(optimizer, layer)
+    optimizer.state[layer.weight] = {"step": torch.tensor(1.0), "row_var": torch.zeros(6, 1)}
+    with pytest.raises(ValueError, match="optimizer: its state 'row_var' of a fused_tp shard is of shape"):
+        optimizer.state_dict()
+    optimizer.state[layer.weight] = {"step": torch.tensor(1.0), "momentum_buffer": torch.zeros(6, 8)}
+    state = optimizer.state_dict()["state"][0]
+    assert type(state["step"]) is torch.Tensor and type(state["momentum_buffer"]).__name__ == "PlacedShard"
+    assert type(optimizer.state[layer.weight]["momentum_buffer"]) is torch.Tensor  # the optimizer's own untouched
+
+
 def test_a_layers_state_dict_entries_are_tensors_that_know_their_place():
     """A layer's state dict holds its shards as PlacedShard (world size 1 here: the shard is the dense tensor) with
     the place DCP reads; every op returns plain tensors, torch.save writes plain ones (torch.load's weights_only
@@ -156,9 +186,11 @@ def test_a_layers_state_dict_entries_are_tensors_that_know_their_place():
 def test_a_2d_checkpoint_round_trips_through_dcp(rank_pools, tmp_path, activation):
     """FSDP2 over TP on a 2 x 2 mesh (gloo): DCP checkpoints of the 2-D ParallelMLP (dcp.save and dcp.async_save of
     its state dict, and a plain copy with SavePlanner) load with LoadPlanner into the MLP at TP 4 and at 2 x 2, bit
-    for bit; DCP's default load planner refuses the shards."""
+    for bit; DCP's default load planner refuses the shards; an Adam's states saved with it load at 2 x 2 bit for
+    bit."""
     for rank, out in enumerate(rank_pools(4).run(dist_cases.checkpoint_2d, str(tmp_path / "ck"), activation)):
         assert out.pop("refused"), f"rank {rank}: DCP's default load planner took the shards"
+        assert out.pop("optimizer"), f"rank {rank}: the loaded Adam states are not the saved ones"
         bad = {saved: ok for saved, ok in out.items() if ok != (True, True)}
         assert not bad, f"rank {rank}: (TP 4 == dense, 2-D == saved) per checkpoint: {bad}"
 
