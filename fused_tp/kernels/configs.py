@@ -49,7 +49,8 @@ class KernelConfig:
     split_k: int | None = None  # programs sharing one output tile's K loop; None: `choose_split_k` decides
     # False: operands that tensor descriptors could address are read through pointers. Every program of a
     # descriptor launch builds its descriptors in its prologue and fences them at GPU scope before its first load,
-    # about 3 us of a 12 us decode product (bench/NOTES.md, attempt 47); pointers spare that where the tile is small.
+    # a quarter of a small decode product's time (bench/NOTES.md, attempt 47); pointers spare that where the tile is
+    # small.
     tma: bool = True
     # False: C (and a pre-activation) moves through pointers although descriptors could address it, so that a
     # program builds and fences one descriptor fewer, which a 64- or 128-token product feels (bench/NOTES.md,
@@ -280,10 +281,10 @@ COLSUM_CONFIG = ColsumConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 
 # The weight gradient sums grad_y's columns (the bias gradient) inside its own launch where its K loop, the tokens, is
 # at most ROW_SUM_MAX_K long and its output, the weight gradient, at most ROW_SUM_MAX_ELEMENTS: a second launch's host
-# time saved, a third of kernels.grad_params' on the H200's host. Over long K loops the sum halved the product's
-# speed (bench/NOTES.md, attempt 3); over few tokens it costs a large weight gradient's launch 1.3-1.8x the GPU time
-# on the H100 (4096 x 4096 and up; attempt 72), where the product, not the host, bounds the call. Up to 2048 x 2048
-# the one launch took 0.74-1.07x the two launches' GPU time and 0.5-0.77x their eager wall time.
+# time saved (bench/NOTES.md, attempts 68 and 72). Over long K loops the sum halved the product's speed (attempt 3);
+# over few tokens it slows a large weight gradient's launch (4096 x 4096 and up, attempt 72), where the product, not
+# the host, bounds the call; up to 2048 x 2048 the one launch costs about what the two cost on the GPU and much less
+# eager wall time.
 ROW_SUM_MAX_K = 128
 ROW_SUM_MAX_ELEMENTS = 2048 * 2048
 

@@ -26,8 +26,8 @@ The layers' autograd Functions call these through `linear` and the others below:
 traces, the function itself in eager mode, where the dispatcher's boundary would cost host time for nothing.
 Neither has an autograd formula of its own: gradients come from the layers' Functions, which torch.compile and
 torch.export trace through. A formula registered on the operators (torch.library.register_autograd) would run a
-Python autograd kernel before every call, gradient or not: 4.5 us a call on the CI CPU, 15-21% of a compiled
-forward's host time under no_grad (bench/NOTES.md, attempt 70). An exported program is therefore for inference.
+Python autograd kernel before every call, gradient or not, a sixth of a compiled forward's host time under no_grad
+(bench/NOTES.md, attempt 70). An exported program is therefore for inference.
 """
 
 from __future__ import annotations
