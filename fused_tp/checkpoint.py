@@ -1,5 +1,5 @@
 """Checkpoints of sharded models in the dense model's layout: gather the shards into the dense state dict, and load
-a dense state dict (or a safetensors file, each rank reading only its slices) straight into the shards. Together
+a dense state dict (or a safetensors checkpoint, each rank reading only its slices) straight into the shards. Together
 they reshard: a model saved at TP = N loads at TP = M. save_pretrained writes a parallelized Hugging Face model's
 dense checkpoint, which from_pretrained loads. For torch.distributed.checkpoint (DCP), the layers' state dicts hold
 their shards as PlacedShard, which DCP's default planner saves as their chunks of the dense tensors; LoadPlanner reads
@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import os
 
 import torch
@@ -87,8 +88,10 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_dense_state_dict(model: nn.Module, source, device=None, strict: bool = True) -> None:
-    """Load a dense state dict into `model`'s shards, in place: `source` a {name: tensor} dict or the path of a
-    .safetensors file, from which each rank reads only its slices. A fused_tp layer on the meta device (a model
+    """Load a dense state dict into `model`'s shards, in place: `source` a {name: tensor} dict, or the path of a
+    .safetensors file, of a Hugging Face checkpoint directory (model.safetensors, or the files its
+    model.safetensors.index.json lists: a checkpoint sharded over several files) or of that index file, from which
+    each rank reads only its slices. A fused_tp layer on the meta device (a model
     built on it, then parallelize) gets new parameters on `device` (default: the CPU): a model of any size loads
     without a dense copy of its layers. Replicated tensors load as model.load_state_dict(..., assign=True) loads
     them. strict: every dense tensor the model needs must be in `source`, and nothing else (KeyError naming it;
@@ -437,19 +440,45 @@ def _gather(t: torch.Tensor, dim: int, spans, group, world) -> torch.Tensor:
     return full
 
 
+INDEX = "model.safetensors.index.json"  # Hugging Face's map of a checkpoint sharded over several files
+
+
+def _safetensors_files(path) -> list[str]:
+    """The .safetensors files of a checkpoint: `path` itself, or those of a directory (Hugging Face's layout: one
+    model.safetensors, or the files INDEX lists), or those an index file lists."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, INDEX)):
+            path = os.path.join(path, INDEX)
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            return [os.path.join(path, "model.safetensors")]
+        else:
+            raise FileNotFoundError(f"source: {path} holds neither model.safetensors nor {INDEX}")
+    if path.endswith(".json"):
+        with open(path) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(os.path.dirname(path), name) for name in files]
+    return [path]
+
+
 class _Reader:
-    """Dense tensors, whole or a slice along one dim, from a state dict or a safetensors file (slices read alone)."""
+    """Dense tensors, whole or a slice along one dim, from a state dict or safetensors files (slices read alone)."""
 
     def __init__(self, source):
-        self.file = None
+        self.files = {}  # a tensor's name -> the open safetensors file holding it
         if isinstance(source, (str, os.PathLike)):
             from safetensors import safe_open  # a dependency of transformers; needed only for files
 
-            self.file = safe_open(os.fspath(source), framework="pt")
+            for path in _safetensors_files(source):
+                handle = safe_open(path, framework="pt")
+                self.files.update(dict.fromkeys(handle.keys(), handle))
         elif not isinstance(source, dict):
-            raise TypeError(f"source: expected a state dict or a .safetensors path, got {type(source).__name__}")
-        self.source = source
-        self.names = set(self.file.keys() if self.file is not None else source.keys())
+            raise TypeError(
+                "source: expected a state dict, a .safetensors file or a checkpoint directory, "
+                f"got {type(source).__name__}"
+            )
+        self.source = source if isinstance(source, dict) else None
+        self.names = set(self.files if self.source is None else source)
 
     def keys(self):
         return sorted(self.names)
@@ -459,16 +488,17 @@ class _Reader:
         given): a slice of a tensor of another size (a checkpoint of another model) would load without an error."""
         if name not in self.names:
             raise KeyError(f"source: missing {name!r}")
-        whole = self.source[name] if self.file is None else self.file.get_slice(name)
+        file = self.files.get(name)
+        whole = self.source[name] if file is None else file.get_slice(name)
         if shape is not None:  # (a state dict's other entries need not be tensors: _extra_state)
-            found = tuple(whole.shape) if self.file is None else tuple(whole.get_shape())
+            found = tuple(whole.shape) if file is None else tuple(whole.get_shape())
             if found != tuple(shape):
                 raise ValueError(f"source: {name!r} has shape {found}, expected {tuple(shape)} (the model's layer)")
-        if self.file is None:
+        if file is None:
             return whole if dim is None else whole.narrow(dim, start, stop - start)
         if dim is None:
-            return self.file.get_tensor(name)
+            return file.get_tensor(name)
         return whole[start:stop] if dim == 0 else whole[:, start:stop]
 
     def close(self):
-        self.file = None
+        self.files = {}

@@ -707,19 +707,29 @@ def optimizer_checkpoint_load(path):
 
 def pretrained_round_trip(directory):
     """parallelize the tiny Llama; its own save_pretrained refuses; fused_tp.checkpoint.save_pretrained writes the
-    dense checkpoint, which from_pretrained loads as the dense model, bit for bit. Returns (refusal message, whether
-    the loaded state dict is the dense one)."""
-    _, model_cls, dense = _tiny_model()
+    dense checkpoint, sharded over several files (a small max_shard_size), which from_pretrained loads as the dense
+    model, and load_dense_state_dict loads into a parallelized meta-device model from the directory and from its
+    index file, each bit for bit. Returns (refusal message, the checkpoint's .safetensors files, whether each load
+    is the dense model: from_pretrained's, the directory's, the index file's)."""
+    import os
+
+    config, model_cls, dense = _tiny_model()
     model = fused_tp.parallelize(copy.deepcopy(dense))
     try:
         model.save_pretrained(directory)
         refusal = None
     except RuntimeError as e:
         refusal = str(e)
-    fused_tp.checkpoint.save_pretrained(model, directory)
-    loaded = model_cls.from_pretrained(directory).state_dict()
+    fused_tp.checkpoint.save_pretrained(model, directory, max_shard_size="20KB")
     want = dense.state_dict()
-    return refusal, set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+    loaded = [model_cls.from_pretrained(directory).state_dict()]
+    for source in (directory, os.path.join(directory, fused_tp.checkpoint.INDEX)):
+        with torch.device("meta"):
+            meta = fused_tp.parallelize(model_cls(config))
+        fused_tp.checkpoint.load_dense_state_dict(meta, source)
+        loaded.append(fused_tp.checkpoint.dense_state_dict(meta))
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    return refusal, files, [set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want) for got in loaded]
 
 
 def mesh_calls(device):

@@ -197,7 +197,10 @@ def test_a_2d_checkpoint_round_trips_through_dcp(rank_pools, tmp_path, activatio
 
 def test_save_pretrained_writes_the_dense_checkpoint(rank_pools, tmp_path):
     """A parallelized model's own save_pretrained refuses, naming the function that works; that one writes the dense
-    checkpoint (rank 0, after the gather on every rank) and from_pretrained loads the dense model bit for bit."""
-    for refusal, same in rank_pools(3).run(dist_cases.pretrained_round_trip, str(tmp_path / "tp3")):
+    checkpoint (rank 0, after the gather on every rank), here over several files, and from_pretrained loads the
+    dense model bit for bit, as load_dense_state_dict does into a parallelized meta-device model from the
+    directory and from its index file."""
+    for refusal, files, same in rank_pools(3).run(dist_cases.pretrained_round_trip, str(tmp_path / "tp3")):
         assert refusal is not None and "fused_tp.checkpoint.save_pretrained(model, directory)" in refusal
-        assert same
+        assert len(files) > 1, files
+        assert same == [True, True, True], "from_pretrained, the directory, the index file"
