@@ -384,7 +384,9 @@ class ParallelMLP(nn.Module):
         """This rank's shards of a Hugging Face LlamaMLP (or any module with gate_proj, up_proj and down_proj
         nn.Linear layers and an act_fn computing SiLU: Mistral's and Qwen2's too)."""
         act = getattr(mlp, "act_fn", None)
-        probe = torch.linspace(-6.0, 6.0, 13)  # act_fn's class differs between libraries and versions: ask it
+        # act_fn's class differs between libraries and versions: ask it, on the CPU (under a `torch.device("meta")`
+        # block too, where a model is built and parallelized)
+        probe = torch.linspace(-6.0, 6.0, 13, device="cpu")
         if not callable(act) or not torch.allclose(act(probe), F.silu(probe)):
             raise ValueError(f"mlp: expected an act_fn computing SiLU (a SwiGLU MLP), got {type(act).__name__}")
         return cls.from_gated(mlp.gate_proj, mlp.up_proj, mlp.down_proj, process_group=process_group, **sequence)

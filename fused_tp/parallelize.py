@@ -59,28 +59,37 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_gr
             raise ValueError(f"plan[{pattern!r}]: expected one of {', '.join(map(repr, STYLES))}, got {style!r}")
     names = [name for name, _ in model.named_modules()]
     matches = {pattern: [n for n in names if fnmatch.fnmatchcase(n, pattern)] for pattern in plan}
-    for pattern, found in matches.items():  # all checked before anything changes
+    matched_by = {}
+    for pattern, found in matches.items():
         if not found:
             raise ValueError(f"plan[{pattern!r}]: no module of the model has a matching name")
-    for pattern, found in matches.items():
         for name in found:
-            parent, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(parent)
-            setattr(owner, leaf, _shard(getattr(owner, leaf), plan[pattern], name, process_group))
+            if name in matched_by:
+                raise ValueError(f"plan[{pattern!r}]: module {name!r} matches {matched_by[name]!r} too")
+            matched_by[name] = pattern
+    # every shard built before the model changes, so that bad input (a module a style cannot shard, a head count)
+    # leaves it as it was; the cost, for the call, is the new shards' memory beside the dense layers
+    changes = []
+    for name, pattern in matched_by.items():
+        parent, _, leaf = name.rpartition(".")
+        changes += _shard(model.get_submodule(parent), leaf, plan[pattern], name, process_group)
+    for owner, attribute, value in changes:
+        setattr(owner, attribute, value)
     if hasattr(model, "save_pretrained"):  # a Hugging Face model: its own would write one rank's shards
         model.save_pretrained = RefuseShardedSave()
     return model
 
 
-def _shard(module: nn.Module, style: str, name: str, group) -> nn.Module:
+def _shard(owner: nn.Module, leaf: str, style: str, name: str, group) -> list[tuple[nn.Module, str, object]]:
+    """The changes (module, attribute, new value) that shard `owner.<leaf>` (named `name`) in `style`."""
+    module = getattr(owner, leaf)
     if style == "colwise":
-        return ColumnParallelLinear.from_linear(module, process_group=group)
+        return [(owner, leaf, ColumnParallelLinear.from_linear(module, process_group=group))]
     if style == "rowwise":
-        return RowParallelLinear.from_linear(module, process_group=group)
+        return [(owner, leaf, RowParallelLinear.from_linear(module, process_group=group))]
     if style == "swiglu":
-        return ParallelMLP.from_llama_mlp(module, process_group=group)
-    _shard_attention(module, name, group)
-    return module
+        return [(owner, leaf, ParallelMLP.from_llama_mlp(module, process_group=group))]
+    return _shard_attention(module, name, group)
 
 
 def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[tuple[int, int, int, int]]:
@@ -107,7 +116,7 @@ def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[t
     return spans
 
 
-def _shard_attention(attn: nn.Module, name: str, group) -> None:
+def _shard_attention(attn: nn.Module, name: str, group) -> list[tuple[nn.Module, str, object]]:
     for part in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups"):
         if not hasattr(attn, part):
             raise ValueError(f"{name}: expected an attention module with {part} (Hugging Face's LlamaAttention)")
@@ -117,16 +126,16 @@ def _shard_attention(attn: nn.Module, name: str, group) -> None:
     spans = head_spans(heads, kv_heads, world, f" ({name})")
     a, b, kv_a, kv_b = spans[rank]
     shared = any(s[3] > t[2] for s, t in zip(spans, spans[1:]))  # a key/value head on two ranks
-    attn.q_proj = ColumnParallelLinear._from_linear(attn.q_proj, (a * d, b * d), process_group=group)
+    changes = [(attn, "q_proj", ColumnParallelLinear._from_linear(attn.q_proj, (a * d, b * d), process_group=group))]
     for part in ("k_proj", "v_proj"):
         layer = ColumnParallelLinear._from_linear(getattr(attn, part), (kv_a * d, kv_b * d), process_group=group)
         if shared:
             for p in layer.parameters():
                 if p.requires_grad:
                     p.register_hook(_SharedRowsGrad(kv_heads * d, kv_a * d, group))
-        setattr(attn, part, layer)
-    attn.o_proj = RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group)
-    attn.num_key_value_groups = (b - a) // (kv_b - kv_a)
+        changes.append((attn, part, layer))
+    changes.append((attn, "o_proj", RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group)))
+    return [*changes, (attn, "num_key_value_groups", (b - a) // (kv_b - kv_a))]
 
 
 class _SharedRowsGrad:

@@ -59,10 +59,29 @@ def test_parallelize_refuses_what_it_cannot_shard():
         fused_tp.parallelize(nn.Sequential(nn.Linear(4, 4)), {"0": "diagonal"})
     with pytest.raises(ValueError, match=r"plan\['fc\*'\]: no module of the model has a matching name"):
         fused_tp.parallelize(nn.Sequential(nn.Linear(4, 4)), {"fc*": "colwise"})
+    # a module no style can shard, or one two patterns match: raised before the model changes (the first layer, which
+    # its style could shard, stays dense)
+    dense = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
+    with pytest.raises(TypeError, match="linear: expected an nn.Linear, got ReLU"):
+        fused_tp.parallelize(dense, {"0": "colwise", "1": "rowwise"})
+    with pytest.raises(ValueError, match=r"plan\['\[02\]'\]: module '0' matches '0' too"):
+        fused_tp.parallelize(dense, {"0": "colwise", "[02]": "rowwise"})
+    assert type(dense[0]) is nn.Linear and type(dense[2]) is nn.Linear
     model = fused_tp.parallelize(
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)), {"0": "colwise", "2": "rowwise"}
     )
     assert isinstance(model[0], fused_tp.ColumnParallelLinear) and isinstance(model[2], fused_tp.RowParallelLinear)
+
+
+def test_a_model_parallelized_inside_a_meta_device_block_stays_there():
+    """Built and parallelized inside `with torch.device("meta")` (a model of any size, loaded afterwards): every
+    shard is on the meta device; from_llama_mlp's check of act_fn computes on the CPU there."""
+    with torch.device("meta"):
+        mlp = nn.Module()
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(8, 6), nn.Linear(8, 6), nn.Linear(6, 8)
+        mlp.act_fn = nn.SiLU()
+        model = fused_tp.parallelize(nn.Sequential(mlp, nn.Linear(8, 8)), {"0": "swiglu", "1": "colwise"})
+    assert isinstance(model[0], fused_tp.ParallelMLP) and all(p.is_meta for p in model.parameters())
 
 
 def test_a_dense_checkpoint_of_another_size_is_refused(tmp_path):
