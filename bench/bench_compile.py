@@ -22,13 +22,14 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_layers import models, steps  # noqa: E402
-from common import (
+from common import (  # noqa: E402
     DTYPES,
     env,
     geomean,
     markdown_table,
     plot_ratios,
-    results_dir,  # noqa: E402
+    require_gpu,
+    results_dir,
     time_interleaved,
     write,
 )
@@ -63,6 +64,7 @@ def main():
     p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"], choices=["default", "reduce-overhead"])
     p.add_argument("--tokens", nargs="+", type=int, default=TOKENS, help="token counts (default: %(default)s)")
     args = p.parse_args()
+    require_gpu("bench_compile.py")
     dtype, info = DTYPES[args.dtype], env()
     rows = []
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]

@@ -10,7 +10,8 @@ process, the steady-state ms of each product with the config autotuning chose an
 where it has no entry, the rule) picks, both pinned, and cuBLAS's, timed interleaved in that one process
 (common.time_interleaved): `autotuned_over_table` > 1 means autotuning's choice is faster. `--shapes speed` is the
 18 shapes of the speed issue. Writes bench/results/<gpu>/bench_first_call_<dtype>.json and prints a markdown table.
-Without a GPU it runs through Triton's interpreter on tiny shapes, timed by the wall clock: a check of the script.
+Without a GPU it runs through Triton's interpreter on tiny shapes, timed by the wall clock, and writes nothing:
+a check of the script (tests/test_demo.py runs it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SHAPES = [(8192, 8192, 14336), (1000, 4000, 3000), (16, 8192, 14336)]
 PRODUCTS = ("fwd", "dgrad", "wgrad")
 
 
-def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
+def child(dtype_name: str, shapes, autotuning: bool) -> list[dict]:
     import torch
     import torch.nn.functional as F
     from common import DTYPES, time_interleaved
@@ -66,7 +67,7 @@ def child(dtype_name: str, shapes, autotune: bool) -> list[dict]:
             first_call_s=time.perf_counter() - start,
             sources={k: v - before[k] for k, v in path_counts.items() if k.startswith("config_")},
         )
-        if autotune:
+        if autotuning:
             for name in PRODUCTS:
                 key = next(k for k in autotune.autotuned if k[2] == name and k[7:] == launch[name])
                 tma, tf32 = key[5], key[4]
@@ -186,10 +187,11 @@ def main():
         for name in PRODUCTS
     ]
     geo = {name: geomean(s["autotuned_over_table"] for s in speed if s["product"] == name) for name in PRODUCTS}
-    write(
-        results_dir(info["gpu"]) / f"bench_first_call_{args.dtype}.json",
-        {"env": info, "first_call": first, "speed": speed, "geomean_autotuned_over_table": geo, "rows": rows},
-    )
+    if torch.cuda.is_available():  # without one, the interpreter's run is a check of the script: nothing to keep
+        write(
+            results_dir(info["gpu"]) / f"bench_first_call_{args.dtype}.json",
+            {"env": info, "first_call": first, "speed": speed, "geomean_autotuned_over_table": geo, "rows": rows},
+        )
     print(markdown_table(first, ["M", "K", "N", "table_first_s", "autotune_first_s"]))
     print()
     print(

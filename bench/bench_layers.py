@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import (
+from common import (  # noqa: E402
     DTYPES,
     env,
     geomean,
     markdown_table,
     plot_ratios,
-    results_dir,  # noqa: E402
+    require_gpu,
+    results_dir,
     time_interleaved,
     write,
 )
@@ -163,6 +164,7 @@ def main():
     p.add_argument("--graphs", action="store_true", help="time steps replayed from CUDA graphs, both providers")
     p.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS), help="which layers (default: all)")
     args = p.parse_args()
+    require_gpu("bench_layers.py")
     dtype, info = DTYPES[args.dtype], env()
     rows = []
     for tokens, hidden, ffn in QUICK if args.quick else MID if args.mid else CASES:

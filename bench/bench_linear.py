@@ -35,13 +35,14 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import (
+from common import (  # noqa: E402
     DTYPES,
     env,
     geomean,
     markdown_table,
     plot_ratios,
-    results_dir,  # noqa: E402
+    require_gpu,
+    results_dir,
     time_interleaved,
     write,
 )
@@ -195,6 +196,7 @@ def main():
     if args.summarize:
         print(json.dumps(decode_goals(json.loads(open(args.summarize).read())["rows"]), indent=1))
         return
+    require_gpu("bench_linear.py")
     dtype = DTYPES[args.dtype]
     preset = "quick" if args.quick else args.shapes
     how = timer_name(args.timer, preset)

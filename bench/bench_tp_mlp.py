@@ -164,6 +164,8 @@ def main():
     args = p.parse_args()
 
     gpus = torch.cuda.device_count()
+    if "WORLD_SIZE" not in os.environ:
+        raise SystemExit("bench_tp_mlp: run it under torchrun: torchrun --nproc-per-node N bench/bench_tp_mlp.py")
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if gpus >= world:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))

@@ -22,6 +22,12 @@ def env() -> dict:
     return {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}
 
 
+def require_gpu(script: str) -> None:
+    """Exit with a message naming `script` where no CUDA GPU is visible: its timings are against cuBLAS."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script}: needs a CUDA GPU (it times fused_tp against cuBLAS on one); none is visible")
+
+
 def results_dir(gpu: str) -> pathlib.Path:
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     path = RESULTS / slug

@@ -19,7 +19,7 @@ import triton.testing
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_linear import errors, ops  # noqa: E402
-from common import DTYPES, env, markdown_table, results_dir, write  # noqa: E402
+from common import DTYPES, env, markdown_table, require_gpu, results_dir, write  # noqa: E402
 
 from fused_tp.kernels.configs import SPACE, KernelConfig, pin_config  # noqa: E402
 from fused_tp.shapes import PRESETS  # noqa: E402
@@ -44,6 +44,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--split", action="store_true", help="sweep split_k on the few-tile shapes")
     args = p.parse_args()
+    require_gpu("sweep_configs.py")
     dtype, info = DTYPES[args.dtype], env()
     if args.split:
         shapes = SPLIT_SHAPES

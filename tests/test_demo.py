@@ -208,3 +208,22 @@ def test_decode_summary_finds_a_known_launch_cost(tmp_path):
     assert fit["16"]["fixed_us"] == pytest.approx(0.0, abs=1e-6) and fit["16"]["slope"] == pytest.approx(1.2)
     assert goals["rows"] == 8 and goals["lowest"] == pytest.approx(11 / 14)  # 8192 x 1280 at 4 tokens
     assert goals["geomean_by_tokens"]["16"] == pytest.approx(1 / 1.2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script times real shapes for minutes")
+def test_the_first_call_bench_runs_and_the_gpu_benches_say_what_they_need():
+    """bench/bench_first_call.py without a GPU: the table and autotuning processes on tiny shapes through the
+    interpreter, their tables printed and nothing written under bench/results/ (a check of the script); the
+    benches that time against cuBLAS exit with one line naming what they need, not a traceback."""
+    results = ROOT / "bench" / "results" / "cpu"
+    before = sorted(results.iterdir()) if results.exists() else []
+    out = subprocess.run(
+        [sys.executable, "bench/bench_first_call.py"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^\| wgrad \| 33 \| 40 \| 17 \|", out.stdout, re.M), out.stdout
+    assert (sorted(results.iterdir()) if results.exists() else []) == before
+    for script in ("bench_linear.py", "bench_layers.py", "bench_compile.py", "sweep_configs.py"):
+        out = subprocess.run([sys.executable, f"bench/{script}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        want = f"{script}: needs a CUDA GPU (it times fused_tp against cuBLAS on one); none is visible"
+        assert out.returncode == 1 and out.stderr.strip() == want, out.stderr[-3000:]
