@@ -37,7 +37,14 @@ def clip_grad_norm_(
     backward (it runs collectives). Parameters outside fused_tp's layers are taken as replicated: a module
     sharded by other means is counted as if every rank held all of it. ValueError naming `model` where its layers
     are on more than one process group; RuntimeError, on every rank alike, where error_if_nonfinite and the total
-    is NaN or infinite; ValueError for DTensor gradients (a model sharded again by FSDP2)."""
+    is NaN or infinite; ValueError for DTensor gradients (a model sharded again by FSDP2); TypeError naming `model`
+    for anything but a module (torch's parameters, say)."""
+    if not isinstance(model, nn.Module):  # torch's takes parameters; which of them are shards is the model's
+        raise TypeError(
+            f"model: expected the nn.Module whose gradients to clip, got {type(model).__name__} (torch's "
+            "clip_grad_norm_(model.parameters(), ...) is fused_tp.clip_grad_norm_(model, ...): its fused_tp layers "
+            "tell which parameters are shards)"
+        )
     layers = [m for m in model.modules() if isinstance(m, _ParallelLinear)]
     groups = {id(_named(layer.process_group)) for layer in layers}
     if len(groups) > 1:

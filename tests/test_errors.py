@@ -399,13 +399,16 @@ def test_from_linears_refuses_layers_of_two_dtypes(device):
 
 def test_clip_grad_norm_refuses_layers_on_two_groups(device):
     """fused_tp.clip_grad_norm_ sums the layers' shards over one group; layers on two raise, naming model, before
-    any collective or any gradient changes."""
+    any collective or any gradient changes, and so do torch's arguments (the parameters rather than the model)."""
     model = torch.nn.Sequential(*(fused_tp.ColumnParallelLinear(4, 4, device=device) for _ in range(2)))
     model(torch.randn(2, 4, device=device)).sum().backward()
     model[1].process_group = object()  # stands for another group (two groups need torch.distributed)
     before = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="^model: expected its fused_tp layers on one process group"):
         fused_tp.clip_grad_norm_(model, 1.0)
+    # torch's form, the parameters: which of them are shards only the model's layers tell
+    with pytest.raises(TypeError, match=r"^model: expected the nn.Module whose gradients to clip, got generator"):
+        fused_tp.clip_grad_norm_(model.parameters(), 1.0)
     assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
 
 
