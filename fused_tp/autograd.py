@@ -467,6 +467,63 @@ class _ScatterLastDim(_LayerFunction):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
+class _ScatterSequence(_LayerFunction):
+    """Sequence parallelism's entry from a replicated producer: x [S along dim], the same on every rank -> this
+    rank's share [S_r] (a view); backward all-gathers the gradient, so that every rank gets the sequence's."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, rank, group):
+        ctx.dim, ctx.sizes, ctx.group = dim, sizes, group
+        return x.narrow(dim, sum(sizes[:rank]), sizes[rank])
+
+    @staticmethod
+    @_first_order
+    def backward(ctx, grad):
+        return _seq_gather(grad.contiguous(), ctx.dim, ctx.sizes, ctx.group), None, None, None, None
+
+
+class _GatherSequence(_LayerFunction):
+    """Sequence parallelism's exit to a replicated consumer: this rank's share [S_r along dim] -> the sequence [S]
+    on every rank; backward keeps this rank's slice of the gradient, which such a consumer gives alike on every
+    rank (Column layers' all-reduced grad_input, a replicated head's)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, rank, group):
+        ctx.dim, ctx.start, ctx.length = dim, sum(sizes[:rank]), sizes[rank]
+        return _seq_gather(x, dim, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(ctx.dim, ctx.start, ctx.length), None, None, None, None
+
+
+def scatter_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's share (torch.tensor_split's) along `dim` of x, which every rank holds alike; its gradient is
+    gathered over `group` in backward."""
+    world, rank = group_size_rank(group)
+    if world == 1:
+        return x
+    dim %= x.dim()
+    sizes = [stop - start for start, stop in (shard_range(x.shape[dim], world, r) for r in range(world))]
+    if not _records_grad(x):
+        return x.narrow(dim, sum(sizes[:rank]), sizes[rank])
+    return _apply(_ScatterSequence, x, dim, sizes, rank, group)
+
+
+def gather_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """The whole sequence along `dim` from every rank's share x (torch.tensor_split's shares, checked as the layers'
+    are: ValueError on every rank), for a consumer that every rank runs alike; backward keeps this rank's slice of
+    its gradient."""
+    world, rank = group_size_rank(group)
+    if world == 1:
+        return x
+    dim %= x.dim()
+    sizes = sequence_sizes(x.shape[dim], dim, group, world, rank, x.device)
+    if not _records_grad(x):
+        return _seq_gather(x, dim, sizes, group)
+    return _apply(_GatherSequence, x, dim, sizes, rank, group)
+
+
 def _current_tuning() -> autotune.Tuning | None:
     # run-time autotuning is eager-only (_preflight refuses it under torch.compile): no scope to carry into backward
     return None if torch.compiler.is_compiling() else autotune.current_tuning()

@@ -18,6 +18,16 @@ Megatron-LM and vLLM replicate them; its weight gradient is then the sum of what
 on the parameter adds up over the group (eagerly; one all-reduce of the dense key/value weight's size per
 parameter). A rank's query heads must read its key/value heads in equal groups (Hugging Face's repeat_kv), else
 parallelize raises ValueError naming num_key_value_heads.
+
+With sequence_parallel=True (the Llama family's own plan), what runs between the parallel regions runs on each
+rank's share of the sequence (dim 1, torch.tensor_split's shares, uneven ones too), as in Megatron-LM: the first
+decoder layer's input is split (its gradient gathered in backward); the norms and residual adds run on the share,
+their parameters' gradients summed over the group (sequence_parallel_grads); the attention module's input is
+gathered, since Hugging Face's attention takes its shapes from it (its q, k and v layers' all-reduced input
+gradients give every rank the whole sequence's, of which backward keeps this rank's slice), and o_proj
+reduce-scatters its output along the sequence in place of the all-reduce; each MLP is a sequence-parallel
+ParallelMLP (its input gathered inside, its output reduce-scattered); the final norm's output is gathered for the
+LM head. Hidden states returned by output_hidden_states are the shares.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .autograd import group_size_rank, resolve_group, shard_range
+from .autograd import gather_sequence, group_size_rank, resolve_group, scatter_sequence, shard_range
 from .checkpoint import RefuseShardedSave
+from .grads import sequence_parallel_grads
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
 
 # The Hugging Face causal LMs whose decoder layers are Llama's: LlamaAttention-like self_attn, LlamaMLP-like mlp.
@@ -38,7 +49,9 @@ LLAMA_PLAN = {"model.layers.*.self_attn": "attention", "model.layers.*.mlp": "sw
 STYLES = ("colwise", "rowwise", "swiglu", "attention")
 
 
-def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_group=None) -> nn.Module:
+def parallelize(
+    model: nn.Module, plan: dict[str, str] | None = None, process_group=None, *, sequence_parallel: bool = False
+) -> nn.Module:
     """Shard `model` in place over `process_group` (default: the default group; or a 1-D DeviceMesh) and return it.
 
     plan: {module-name pattern (fnmatch, as named_modules names them): style of the table above}; None for a
@@ -46,8 +59,16 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_gr
     the same dense model (the same seed, or the same checkpoint loaded), as tensor parallelism's replicated input
     needs; the rest of the model (embeddings, norms, the LM head) stays replicated. A pattern that matches nothing
     raises ValueError, so a plan cannot silently leave a model dense. A Hugging Face model's save_pretrained then
-    raises, pointing to fused_tp.checkpoint.save_pretrained, which writes the dense checkpoint."""
+    raises, pointing to fused_tp.checkpoint.save_pretrained, which writes the dense checkpoint.
+
+    sequence_parallel: the regions between the parallel ones on each rank's share of the sequence (above), for a
+    model of LLAMA_FAMILY without a plan (ValueError naming sequence_parallel otherwise)."""
     process_group = resolve_group(process_group)
+    if sequence_parallel and plan is not None:
+        raise ValueError(
+            "sequence_parallel: expected plan=None (a model of the Llama family, whose regions parallelize knows); "
+            "with a plan, give the layers sequence_parallel=True and place the sequence's gathers yourself"
+        )
     if plan is None:
         if type(model).__name__ not in LLAMA_FAMILY:
             raise ValueError(
@@ -69,27 +90,76 @@ def parallelize(model: nn.Module, plan: dict[str, str] | None = None, process_gr
             matched_by[name] = pattern
     # every shard built before the model changes, so that bad input (a module a style cannot shard, a head count)
     # leaves it as it was; the cost, for the call, is the new shards' memory beside the dense layers
+    sequence = dict(sequence_parallel=True, sequence_dim=1) if sequence_parallel else {}
+    if sequence_parallel:
+        _check_decoder(model)
     changes = []
     for name, pattern in matched_by.items():
         parent, _, leaf = name.rpartition(".")
-        changes += _shard(model.get_submodule(parent), leaf, plan[pattern], name, process_group)
+        changes += _shard(model.get_submodule(parent), leaf, plan[pattern], name, process_group, sequence)
     for owner, attribute, value in changes:
         setattr(owner, attribute, value)
+    if sequence_parallel:
+        _sequence_regions(model.model, process_group)
     if hasattr(model, "save_pretrained"):  # a Hugging Face model: its own would write one rank's shards
         model.save_pretrained = RefuseShardedSave()
     return model
 
 
-def _shard(owner: nn.Module, leaf: str, style: str, name: str, group) -> list[tuple[nn.Module, str, object]]:
-    """The changes (module, attribute, new value) that shard `owner.<leaf>` (named `name`) in `style`."""
+def _shard(owner: nn.Module, leaf: str, style: str, name: str, group, sequence: dict) -> list:
+    """The changes (module, attribute, new value) that shard `owner.<leaf>` (named `name`) in `style`; `sequence`:
+    the sequence-parallel options of the layers whose output leaves a parallel region (none without it)."""
     module = getattr(owner, leaf)
     if style == "colwise":
         return [(owner, leaf, ColumnParallelLinear.from_linear(module, process_group=group))]
     if style == "rowwise":
         return [(owner, leaf, RowParallelLinear.from_linear(module, process_group=group))]
     if style == "swiglu":
-        return [(owner, leaf, ParallelMLP.from_llama_mlp(module, process_group=group))]
-    return _shard_attention(module, name, group)
+        return [(owner, leaf, ParallelMLP.from_llama_mlp(module, process_group=group, **sequence))]
+    return _shard_attention(module, name, group, sequence)
+
+
+def _check_decoder(model: nn.Module) -> None:
+    """ValueError naming sequence_parallel unless `model` has the Llama family's decoder (model.model.layers,
+    each with self_attn, input_layernorm and post_attention_layernorm; model.model.norm)."""
+    inner = getattr(model, "model", None)
+    parts = ("layers", "norm")
+    layer_parts = ("self_attn", "input_layernorm", "post_attention_layernorm")
+    if (
+        inner is None
+        or not all(hasattr(inner, p) for p in parts)
+        or not len(inner.layers)
+        or not all(hasattr(layer, p) for layer in inner.layers for p in layer_parts)
+    ):
+        raise ValueError(
+            "sequence_parallel: expected the Llama family's decoder (model.model.layers with "
+            f"{', '.join(layer_parts)}; model.model.norm)"
+        )
+
+
+def _sequence_regions(inner: nn.Module, group) -> None:
+    """The hooks that put a Llama-family decoder's regions between the parallel ones on each rank's share of the
+    sequence (the module docstring); the projections are already sequence-parallel."""
+    inner.layers[0].register_forward_pre_hook(_OnHiddenStates(scatter_sequence, group), with_kwargs=True)
+    for layer in inner.layers:
+        layer.self_attn.register_forward_pre_hook(_OnHiddenStates(gather_sequence, group), with_kwargs=True)
+        sequence_parallel_grads(layer.input_layernorm, group)
+        sequence_parallel_grads(layer.post_attention_layernorm, group)
+    inner.norm.register_forward_hook(lambda module, args, out: gather_sequence(out, 1, group))
+    sequence_parallel_grads(inner.norm, group)
+
+
+class _OnHiddenStates:
+    """A forward pre-hook (with kwargs) applying fn(hidden_states, 1, group) to a module's hidden_states, given
+    first or by name."""
+
+    def __init__(self, fn, group):
+        self.fn, self.group = fn, group
+
+    def __call__(self, module, args, kwargs):
+        if args:
+            return (self.fn(args[0], 1, self.group), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.fn(kwargs["hidden_states"], 1, self.group)}
 
 
 def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[tuple[int, int, int, int]]:
@@ -116,7 +186,7 @@ def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[t
     return spans
 
 
-def _shard_attention(attn: nn.Module, name: str, group) -> list[tuple[nn.Module, str, object]]:
+def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list[tuple[nn.Module, str, object]]:
     for part in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups"):
         if not hasattr(attn, part):
             raise ValueError(f"{name}: expected an attention module with {part} (Hugging Face's LlamaAttention)")
@@ -134,7 +204,8 @@ def _shard_attention(attn: nn.Module, name: str, group) -> list[tuple[nn.Module,
                 if p.requires_grad:
                     p.register_hook(_SharedRowsGrad(kv_heads * d, kv_a * d, group))
         changes.append((attn, part, layer))
-    changes.append((attn, "o_proj", RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group)))
+    o_proj = RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group, **sequence)
+    changes.append((attn, "o_proj", o_proj))
     return [*changes, (attn, "num_key_value_groups", (b - a) // (kv_b - kv_a))]
 
 

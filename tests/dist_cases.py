@@ -414,15 +414,21 @@ def subgroup_calls(device):
     return out
 
 
-def parallel_model_step(family, device, bound):
+def parallel_model_step(family, device, bound, sequence_parallel=False):
     """A tiny random-weight Hugging Face causal LM of `family` ("llama", "mistral", "qwen2"), dense and through
-    fused_tp.parallelize on this rank, on the same ids: the largest ratio of each compared quantity's norm-wise
-    error to `bound` (logits, and every parameter's gradient against its slice of the dense gradient, sliced here
-    by whole heads and gate/up pairs, not by fused_tp's code), and whether greedy generate() gave the same tokens."""
+    fused_tp.parallelize on this rank (with `sequence_parallel`, its regions between the parallel ones on each
+    rank's share of the sequence), on the same ids: the largest ratio of each compared quantity's norm-wise error
+    to `bound` (logits, and every parameter's gradient against its slice of the dense gradient, sliced here by
+    whole heads and gate/up pairs, not by fused_tp's code), and whether greedy generate() gave the same tokens."""
     _, _, dense = _tiny_model(family, device)
-    model = fused_tp.parallelize(copy.deepcopy(dense))
+    model = fused_tp.parallelize(copy.deepcopy(dense), sequence_parallel=sequence_parallel)
     world, rank = dist.get_world_size(), dist.get_rank()
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1)).to(device)
+    seen = []  # the sequence lengths the first MLP and the first attention module take in
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: seen.append(("mlp", args[0].shape[1])))
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(("attention", kwargs["hidden_states"].shape[1])), with_kwargs=True
+    )
     logits = {}
     for m in (dense, model):
         out = m(ids).logits
@@ -461,7 +467,7 @@ def parallel_model_step(family, device, bound):
     def ratio(got, want):
         return ((got.double() - want.double()).norm() / (bound * want.double().norm())).item()
 
-    out = {"logits": ratio(logits[True], logits[False])}
+    out = {"logits": ratio(logits[True], logits[False]), "lengths": seen[:2]}
     for name, p in model.named_parameters():
         out[name] = ratio(p.grad, expected(name))
     with torch.no_grad():

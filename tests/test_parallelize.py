@@ -15,19 +15,28 @@ from fused_tp.tolerance import tol
 WORLDS = [int(w) for w in os.environ.get("FUSED_TP_TEST_WORLDS", "2,3,4").split(",")]
 
 
-# Llama at every world size; Mistral (the same layers, a sliding window) and Qwen2 (q/k/v biases) at 3 and 4.
-CASES = [("llama", w) for w in WORLDS] + [(f, w) for f in ("mistral", "qwen2") for w in WORLDS if w >= 3]
+# Llama at every world size; Mistral (the same layers, a sliding window) and Qwen2 (q/k/v biases) at 3 and 4;
+# Llama sequence-parallel at every world size.
+CASES = (
+    [("llama", w, False) for w in WORLDS]
+    + [(f, w, False) for f in ("mistral", "qwen2") for w in WORLDS if w >= 3]
+    + [("llama", w, True) for w in WORLDS]
+)
 
 
-@pytest.mark.parametrize("family, world", CASES)
-def test_a_parallelized_model_matches_the_dense_one(rank_pools, device, world, family):
+@pytest.mark.parametrize("family, world, sequence_parallel", CASES)
+def test_a_parallelized_model_matches_the_dense_one(rank_pools, device, world, family, sequence_parallel):
     """4 query heads in 2 groups over 2, 3 and 4 ranks (at 4, each key/value head on two ranks, its gradient summed
-    over them), an intermediate width of 40 split unevenly at 3, Qwen2's q/k/v biases: norm-wise within the
-    rounding of a few stages of fp32 sums and an all-reduce over the ranks."""
+    over them), an intermediate width of 40 split unevenly at 3, Qwen2's q/k/v biases; and Llama sequence-parallel
+    (7 tokens: shares 4/3, 3/2/2, 2/2/2/1; generate()'s one-token steps leave every rank but the first an empty
+    share): norm-wise within the rounding of a few stages of fp32 sums and an all-reduce over the ranks."""
     bound = tol(torch.float32, 64, rounds=world, stages=8).rel
-    outs = rank_pools(world).run(dist_cases.parallel_model_step, family, device, bound)
+    outs = rank_pools(world).run(dist_cases.parallel_model_step, family, device, bound, sequence_parallel)
     for rank, out in enumerate(outs):
         assert out.pop("generate"), f"rank {rank}: greedy generate() gave other tokens than the dense model"
+        # the attention module takes the whole sequence in; the MLP, sequence-parallel, this rank's share
+        share = len(torch.tensor_split(torch.arange(7), world)[rank]) if sequence_parallel else 7
+        assert out.pop("lengths") == [("attention", 7), ("mlp", share)], f"rank {rank}"
         bad = {name: r for name, r in out.items() if not r <= 1}
         assert not bad, f"rank {rank}: over the bound (ratio): {bad}"
 
@@ -66,6 +75,13 @@ def test_parallelize_refuses_what_it_cannot_shard():
         fused_tp.parallelize(dense, {"0": "colwise", "1": "rowwise"})
     with pytest.raises(ValueError, match=r"plan\['\[02\]'\]: module '0' matches '0' too"):
         fused_tp.parallelize(dense, {"0": "colwise", "[02]": "rowwise"})
+    with pytest.raises(ValueError, match=r"sequence_parallel: expected plan=None \(a model of the Llama family"):
+        fused_tp.parallelize(dense, {"0": "colwise", "2": "rowwise"}, sequence_parallel=True)
+    _, _, llama = dist_cases._tiny_model()
+    del llama.model.norm  # not the decoder whose regions sequence parallelism places: refused, nothing changed
+    with pytest.raises(ValueError, match=r"sequence_parallel: expected the Llama family's decoder"):
+        fused_tp.parallelize(llama, sequence_parallel=True)
+    assert type(llama.model.layers[0].mlp.gate_proj) is nn.Linear
     assert type(dense[0]) is nn.Linear and type(dense[2]) is nn.Linear
     model = fused_tp.parallelize(
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)), {"0": "colwise", "2": "rowwise"}
