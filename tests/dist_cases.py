@@ -479,6 +479,22 @@ def parallel_model_step(family, device, bound, sequence_parallel=False):
     return out
 
 
+def compiled_sequence_parallel_model():
+    """The tiny Llama through parallelize(sequence_parallel=True), compiled whole (fullgraph, aot_eager) on 8 tokens
+    (even shares): whether its logits and every parameter's gradient are eager's, bit for bit."""
+    _, _, dense = _tiny_model()
+    model = fused_tp.parallelize(copy.deepcopy(dense), sequence_parallel=True)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        logits = run(ids).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    return torch.equal(eager, compiled), [n for n, g in eager_grads.items() if not torch.equal(g, compiled_grads[n])]
+
+
 def _tiny_model(family="llama", device=None):
     """(config, model class, a tiny random-weight causal LM of `family` ("llama", "mistral", "qwen2") built under
     seed 0): 4 query heads in 2 groups of width 8, an intermediate width of 40."""

@@ -57,6 +57,13 @@ def test_head_spans_and_refusals():
         head_spans(2, 2, 4)
 
 
+def test_a_sequence_parallel_model_compiles_whole(rank_pools):
+    """parallelize(sequence_parallel=True) compiled with fullgraph (aot_eager) on 2 gloo ranks, even shares: the
+    scatter, the gathers and the layers' collectives trace; logits and every gradient are eager's, bit for bit."""
+    for rank, (same_logits, other_grads) in enumerate(rank_pools(2).run(dist_cases.compiled_sequence_parallel_model)):
+        assert same_logits and not other_grads, f"rank {rank}: logits equal {same_logits}, other grads {other_grads}"
+
+
 def test_parallelize_refuses_what_it_cannot_shard():
     with pytest.raises(ValueError, match=r"plan: expected a plan for a Sequential \(without one: LlamaForCausalLM"):
         fused_tp.parallelize(nn.Sequential(nn.Linear(4, 4)))
