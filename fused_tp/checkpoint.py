@@ -91,9 +91,9 @@ def load_dense_state_dict(model: nn.Module, source, device=None, strict: bool = 
     """Load a dense state dict into `model`'s shards, in place: `source` a {name: tensor} dict, or the path of a
     .safetensors file, of a Hugging Face checkpoint directory (model.safetensors, or the files its
     model.safetensors.index.json lists: a checkpoint sharded over several files) or of that index file, from which
-    each rank reads only its slices. A fused_tp layer on the meta device (a model
-    built on it, then parallelize) gets new parameters on `device` (default: the CPU): a model of any size loads
-    without a dense copy of its layers. Replicated tensors load as model.load_state_dict(..., assign=True) loads
+    each rank reads only its slices. A fused_tp layer on the meta device (a model built on it, then parallelize)
+    gets new parameters on `device` (default: the CPU): a model of any size loads without a dense copy of its
+    layers. Replicated tensors load as model.load_state_dict(..., assign=True) loads
     them. strict: every dense tensor the model needs must be in `source`, and nothing else (KeyError naming it;
     the tensors read before it stay loaded)."""
     reader = _Reader(source)
