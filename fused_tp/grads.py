@@ -100,14 +100,20 @@ def sequence_parallel_grads(module: nn.Module, process_group=None) -> nn.Module:
     is the whole sequence's (what Megatron-LM's all-reduce of sequence-parallel gradients and DTensor's
     SequenceParallel do). One all-reduce per parameter per backward, eagerly; a parameter already summed so is
     left as it is (calling this twice does not sum twice). World size 1: nothing to do."""
-    group = resolve_group(process_group)
+    sum_grads(module.parameters(), resolve_group(process_group))
+    return module
+
+
+def sum_grads(params, group) -> None:
+    """A hook on each of `params` that sums its gradient over `group` in backward (once per parameter, however
+    often this is called; nothing at world size 1): for parameters every rank holds alike whose gradient each rank
+    computes from its own part of the work."""
     if group_size_rank(group)[0] == 1:
-        return module
-    for p in module.parameters():
+        return
+    for p in params:
         if p.requires_grad and not getattr(p, "_fused_tp_sequence_summed", False):
             p.register_hook(_SummedGrad(group))
             p._fused_tp_sequence_summed = True
-    return module
 
 
 class _SummedGrad:

@@ -40,11 +40,12 @@ from torch import nn
 
 from .autograd import gather_sequence, group_size_rank, resolve_group, scatter_sequence, shard_range
 from .checkpoint import RefuseShardedSave
-from .grads import sequence_parallel_grads
+from .grads import sequence_parallel_grads, sum_grads
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
 
-# The Hugging Face causal LMs whose decoder layers are Llama's: LlamaAttention-like self_attn, LlamaMLP-like mlp.
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# The Hugging Face causal LMs whose decoder layers are Llama's: LlamaAttention-like self_attn (Qwen3's with a norm
+# of each head's queries and keys), LlamaMLP-like mlp.
+LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 LLAMA_PLAN = {"model.layers.*.self_attn": "attention", "model.layers.*.mlp": "swiglu"}
 STYLES = ("colwise", "rowwise", "swiglu", "attention")
 
@@ -97,8 +98,8 @@ def parallelize(
     for name, pattern in matched_by.items():
         parent, _, leaf = name.rpartition(".")
         changes += _shard(model.get_submodule(parent), leaf, plan[pattern], name, process_group, sequence)
-    for owner, attribute, value in changes:
-        setattr(owner, attribute, value)
+    for change in changes:
+        change() if callable(change) else setattr(*change)
     if sequence_parallel:
         _sequence_regions(model.model, process_group)
     if hasattr(model, "save_pretrained"):  # a Hugging Face model: its own would write one rank's shards
@@ -107,8 +108,9 @@ def parallelize(
 
 
 def _shard(owner: nn.Module, leaf: str, style: str, name: str, group, sequence: dict) -> list:
-    """The changes (module, attribute, new value) that shard `owner.<leaf>` (named `name`) in `style`; `sequence`:
-    the sequence-parallel options of the layers whose output leaves a parallel region (none without it)."""
+    """The changes (module, attribute, new value), or calls, that shard `owner.<leaf>` (named `name`) in `style`;
+    `sequence`: the sequence-parallel options of the layers whose output leaves a parallel region (none without
+    it)."""
     module = getattr(owner, leaf)
     if style == "colwise":
         return [(owner, leaf, ColumnParallelLinear.from_linear(module, process_group=group))]
@@ -186,11 +188,21 @@ def head_spans(heads: int, kv_heads: int, world: int, where: str = "") -> list[t
     return spans
 
 
-def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list[tuple[nn.Module, str, object]]:
-    for part in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups"):
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list:
+    for part in (*PROJECTIONS, "head_dim", "num_key_value_groups"):
         if not hasattr(attn, part):
             raise ValueError(f"{name}: expected an attention module with {part} (Hugging Face's LlamaAttention)")
     d = attn.head_dim
+    for part in ("q_norm", "k_norm"):  # Qwen3's and Gemma3's normalise each head; OLMo-2's the whole projection
+        weight = getattr(getattr(attn, part, None), "weight", None)
+        if weight is not None and weight.numel() != d:
+            raise ValueError(
+                f"{name}.{part}: expected a norm over each head's {d} features, got one over {weight.numel()} (the "
+                "whole projection's): split by heads, its statistics would be each rank's heads' alone"
+            )
     heads, kv_heads = attn.q_proj.out_features // d, attn.k_proj.out_features // d
     world, rank = group_size_rank(group)
     spans = head_spans(heads, kv_heads, world, f" ({name})")
@@ -206,7 +218,14 @@ def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list[
         changes.append((attn, part, layer))
     o_proj = RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group, **sequence)
     changes.append((attn, "o_proj", o_proj))
-    return [*changes, (attn, "num_key_value_groups", (b - a) // (kv_b - kv_a))]
+    changes.append((attn, "num_key_value_groups", (b - a) // (kv_b - kv_a)))
+    # The attention's other parameters (a per-head norm's weight) are every rank's alike, but each rank's gradient
+    # is its own heads' share: summed over the group, it is the dense one (a key/value head that several ranks hold
+    # gets each one's part).
+    others = [p for part, p in attn.named_parameters() if part.partition(".")[0] not in PROJECTIONS]
+    if others:
+        changes.append(lambda: sum_grads(others, group))
+    return changes
 
 
 class _SharedRowsGrad:

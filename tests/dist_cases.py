@@ -415,7 +415,7 @@ def subgroup_calls(device):
 
 
 def parallel_model_step(family, device, bound, sequence_parallel=False):
-    """A tiny random-weight Hugging Face causal LM of `family` ("llama", "mistral", "qwen2"), dense and through
+    """A tiny random-weight Hugging Face causal LM of `family` ("llama", "mistral", "qwen2", "qwen3"), dense and through
     fused_tp.parallelize on this rank (with `sequence_parallel`, its regions between the parallel ones on each
     rank's share of the sequence), on the same ids: the largest ratio of each compared quantity's norm-wise error
     to `bound` (logits, and every parameter's gradient against its slice of the dense gradient, sliced here by
@@ -496,14 +496,15 @@ def compiled_sequence_parallel_model():
 
 
 def _tiny_model(family="llama", device=None):
-    """(config, model class, a tiny random-weight causal LM of `family` ("llama", "mistral", "qwen2") built under
-    seed 0): 4 query heads in 2 groups of width 8, an intermediate width of 40."""
+    """(config, model class, a tiny random-weight causal LM of `family` ("llama", "mistral", "qwen2", "qwen3")
+    built under seed 0): 4 query heads in 2 groups of width 8, an intermediate width of 40."""
     import transformers
 
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[family]
     torch.manual_seed(0)
     config = config_cls(
@@ -515,6 +516,7 @@ def _tiny_model(family="llama", device=None):
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
+        head_dim=8,  # (Qwen3's config does not derive it)
     )
     return config, model_cls, model_cls(config).to(device)
 

@@ -15,11 +15,13 @@ from fused_tp.tolerance import tol
 WORLDS = [int(w) for w in os.environ.get("FUSED_TP_TEST_WORLDS", "2,3,4").split(",")]
 
 
-# Llama at every world size; Mistral (the same layers, a sliding window) and Qwen2 (q/k/v biases) at 3 and 4;
+# Llama at every world size; Mistral (the same layers, a sliding window) and Qwen2 (q/k/v biases) at 3 and 4; Qwen3
+# (a norm of each query and key head, its gradient summed over the ranks) at 4, where key/value heads are shared;
 # Llama sequence-parallel at every world size.
 CASES = (
     [("llama", w, False) for w in WORLDS]
     + [(f, w, False) for f in ("mistral", "qwen2") for w in WORLDS if w >= 3]
+    + [("qwen3", w, False) for w in WORLDS if w == 4]
     + [("llama", w, True) for w in WORLDS]
 )
 
@@ -89,6 +91,15 @@ def test_parallelize_refuses_what_it_cannot_shard():
     with pytest.raises(ValueError, match=r"sequence_parallel: expected the Llama family's decoder"):
         fused_tp.parallelize(llama, sequence_parallel=True)
     assert type(llama.model.layers[0].mlp.gate_proj) is nn.Linear
+    import transformers  # OLMo-2 normalises the whole query projection, which a split by heads cannot
+
+    config = transformers.Olmo2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4
+    )
+    olmo = transformers.Olmo2ForCausalLM(config)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_norm: expected a norm over each head's 8"):
+        fused_tp.parallelize(olmo, {"model.layers.*.self_attn": "attention", "model.layers.*.mlp": "swiglu"})
+    assert type(olmo.model.layers[0].self_attn.q_proj) is nn.Linear
     assert type(dense[0]) is nn.Linear and type(dense[2]) is nn.Linear
     model = fused_tp.parallelize(
         nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)), {"0": "colwise", "2": "rowwise"}
