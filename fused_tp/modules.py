@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -254,8 +253,9 @@ class ParallelMLP(nn.Module):
     """fc1 -> activation -> fc2 (Megatron's MLP): fc1 a ColumnParallelLinear, fc2 a RowParallelLinear, on one group.
 
     The drop-in for nn.Sequential(nn.Linear, nn.GELU(approximate=...), nn.Linear), or with activation="swiglu" for
-    Llama's gated MLP down(silu(gate(x)) * up(x)), whose activation runs inside the kernels: fc1's launch applies it
-    and keeps the pre-activation, fc2's grad_input launch applies its derivative.
+    Llama's gated MLP down(silu(gate(x)) * up(x)) ("geglu_tanh": Gemma's, with the tanh GELU), whose activation runs
+    inside the kernels: fc1's launch applies it and keeps the pre-activation, fc2's grad_input launch applies its
+    derivative.
     x [..., in_features] replicated  ->  [..., out_features] on every rank (out_features defaults to in_features).
 
     activation     fc1.weight (this rank's)                         between fc1 and fc2
@@ -263,6 +263,7 @@ class ParallelMLP(nn.Module):
     "gelu_tanh"    [F_r, in_features]                               F.gelu(approximate="tanh")
     "swiglu"       [2 F_r, in_features]: row 2j is gate row j,      silu(gate) * up, [..., F_r]
                    row 2j + 1 up row j (this rank's F_r features)
+    "geglu_tanh"   as "swiglu" (Gemma's gated MLP)                  F.gelu(gate, approximate="tanh") * up
 
     F_r is this rank's share of hidden_features (torch.tensor_split); a gated fc1 keeps each (gate, up) pair on one
     rank, so one launch computes both projections and the product of their activations.
@@ -351,10 +352,24 @@ class ParallelMLP(nn.Module):
         return module
 
     @classmethod
-    def from_gated(cls, gate: nn.Linear, up: nn.Linear, down: nn.Linear, *, process_group=None, **sequence):
-        """This rank's shards of down(silu(gate(x)) * up(x)) (copied; the layers are not modified), as a
-        ParallelMLP with activation="swiglu": fc1 interleaves the rows of gate and up."""
+    def from_gated(
+        cls,
+        gate: nn.Linear,
+        up: nn.Linear,
+        down: nn.Linear,
+        *,
+        activation: str = "swiglu",
+        process_group=None,
+        **sequence,
+    ):
+        """This rank's shards of down(f(gate(x)) * up(x)) (copied; the layers are not modified), as a ParallelMLP
+        with a gated `activation` ("swiglu": f = silu; "geglu_tanh": the tanh GELU): fc1 interleaves the rows of gate
+        and up."""
         _check_linears(("gate", gate), ("up", up), ("down", down))
+        kernels.check_activation(activation, allow_none=False)
+        if not kernels.ACTIVATIONS[activation].gated:
+            gated = ", ".join(repr(k) for k, v in kernels.ACTIVATIONS.items() if v.gated)
+            raise ValueError(f"activation: expected a gated one ({gated}), got {activation!r}")
         if (up.in_features, up.out_features) != (gate.in_features, gate.out_features):
             raise ValueError(
                 f"up: expected in_features {gate.in_features} and out_features {gate.out_features} "
@@ -369,7 +384,7 @@ class ParallelMLP(nn.Module):
             gate.out_features,
             down.out_features,
             gate.bias is not None,
-            activation="swiglu",
+            activation=activation,
             process_group=process_group,
             device="meta",
             dtype=gate.weight.dtype,
@@ -382,14 +397,21 @@ class ParallelMLP(nn.Module):
     @classmethod
     def from_llama_mlp(cls, mlp: nn.Module, *, process_group=None, **sequence):
         """This rank's shards of a Hugging Face LlamaMLP (or any module with gate_proj, up_proj and down_proj
-        nn.Linear layers and an act_fn computing SiLU: Mistral's and Qwen2's too)."""
+        nn.Linear layers and an act_fn computing SiLU: Mistral's and Qwen's too; or the tanh GELU: Gemma's, as
+        "geglu_tanh")."""
         act = getattr(mlp, "act_fn", None)
         # act_fn's class differs between libraries and versions: ask it, on the CPU (under a `torch.device("meta")`
-        # block too, where a model is built and parallelized)
+        # block too, where a model is built and parallelized), against each gated activation's gate (up = 1)
         probe = torch.linspace(-6.0, 6.0, 13, device="cpu")
-        if not callable(act) or not torch.allclose(act(probe), F.silu(probe)):
-            raise ValueError(f"mlp: expected an act_fn computing SiLU (a SwiGLU MLP), got {type(act).__name__}")
-        return cls.from_gated(mlp.gate_proj, mlp.up_proj, mlp.down_proj, process_group=process_group, **sequence)
+        with_up = torch.stack((probe, torch.ones_like(probe)), -1).flatten()
+        for name, entry in kernels.ACTIVATIONS.items():
+            if entry.gated and callable(act) and torch.allclose(act(probe), entry.torch_fn(with_up)):
+                return cls.from_gated(
+                    mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation=name, process_group=process_group, **sequence
+                )
+        raise ValueError(
+            f"mlp: expected an act_fn computing SiLU (SwiGLU) or the tanh GELU (GeGLU), got {type(act).__name__}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the submodules from the module dict, not through nn.Module's attribute fallback (_weight_bias says why)

@@ -22,7 +22,7 @@ parallelize raises ValueError naming num_key_value_heads.
 With sequence_parallel=True (the Llama family's own plan), what runs between the parallel regions runs on each
 rank's share of the sequence (dim 1, torch.tensor_split's shares, uneven ones too), as in Megatron-LM: the first
 decoder layer's input is split (its gradient gathered in backward); the norms and residual adds run on the share,
-their parameters' gradients summed over the group (sequence_parallel_grads); the attention module's input is
+their parameters' gradients summed over the group; the attention module's input is
 gathered, since Hugging Face's attention takes its shapes from it (its q, k and v layers' all-reduced input
 gradients give every rank the whole sequence's, of which backward keeps this rank's slice), and o_proj
 reduce-scatters its output along the sequence in place of the all-reduce; each MLP is a sequence-parallel
@@ -40,12 +40,20 @@ from torch import nn
 
 from .autograd import gather_sequence, group_size_rank, resolve_group, scatter_sequence, shard_range
 from .checkpoint import RefuseShardedSave
-from .grads import sequence_parallel_grads, sum_grads
+from .grads import sum_grads
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
 
 # The Hugging Face causal LMs whose decoder layers are Llama's: LlamaAttention-like self_attn (Qwen3's with a norm
 # of each head's queries and keys), LlamaMLP-like mlp.
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+LLAMA_FAMILY = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+)
 LLAMA_PLAN = {"model.layers.*.self_attn": "attention", "model.layers.*.mlp": "swiglu"}
 STYLES = ("colwise", "rowwise", "swiglu", "attention")
 
@@ -122,33 +130,34 @@ def _shard(owner: nn.Module, leaf: str, style: str, name: str, group, sequence: 
 
 
 def _check_decoder(model: nn.Module) -> None:
-    """ValueError naming sequence_parallel unless `model` has the Llama family's decoder (model.model.layers,
-    each with self_attn, input_layernorm and post_attention_layernorm; model.model.norm)."""
+    """ValueError naming sequence_parallel unless `model` has the Llama family's decoder: model.model.layers, each
+    with self_attn and mlp, and model.model.norm."""
     inner = getattr(model, "model", None)
-    parts = ("layers", "norm")
-    layer_parts = ("self_attn", "input_layernorm", "post_attention_layernorm")
+    layers = getattr(inner, "layers", None)
     if (
-        inner is None
-        or not all(hasattr(inner, p) for p in parts)
-        or not len(inner.layers)
-        or not all(hasattr(layer, p) for layer in inner.layers for p in layer_parts)
+        not hasattr(inner, "norm")
+        or not layers
+        or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers)
     ):
         raise ValueError(
-            "sequence_parallel: expected the Llama family's decoder (model.model.layers with "
-            f"{', '.join(layer_parts)}; model.model.norm)"
+            "sequence_parallel: expected the Llama family's decoder (model.model.layers with self_attn and mlp; "
+            "model.model.norm)"
         )
 
 
 def _sequence_regions(inner: nn.Module, group) -> None:
     """The hooks that put a Llama-family decoder's regions between the parallel ones on each rank's share of the
-    sequence (the module docstring); the projections are already sequence-parallel."""
+    sequence (the module docstring); the projections are already sequence-parallel. What a decoder layer holds
+    besides its attention and MLP (its norms: two in Llama's, four in Gemma 2's) runs on the share, and so does
+    the final norm: their gradients are summed over the group."""
     inner.layers[0].register_forward_pre_hook(_OnHiddenStates(scatter_sequence, group), with_kwargs=True)
     for layer in inner.layers:
         layer.self_attn.register_forward_pre_hook(_OnHiddenStates(gather_sequence, group), with_kwargs=True)
-        sequence_parallel_grads(layer.input_layernorm, group)
-        sequence_parallel_grads(layer.post_attention_layernorm, group)
+        sum_grads(
+            [p for name, p in layer.named_parameters() if name.partition(".")[0] not in ("self_attn", "mlp")], group
+        )
     inner.norm.register_forward_hook(lambda module, args, out: gather_sequence(out, 1, group))
-    sequence_parallel_grads(inner.norm, group)
+    sum_grads(inner.norm.parameters(), group)
 
 
 class _OnHiddenStates:

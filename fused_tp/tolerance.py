@@ -144,23 +144,34 @@ def _gelu_magnitude(h):
     return 1.13 * h + 0.8 * h.detach() * (h - h.detach())
 
 
-def _swiglu_magnitude(h):
-    # a = silu(g) * u of interleaved pairs: an error in g reaches a through u silu'(g) (|silu'| <= 1.1), one in u
-    # through silu(g) (|silu(g)| <= |g|), so a = 2.1 g u bounds both, and a itself. Backward, grad_g =
-    # grad_a u silu'(g) takes errors of grad_a (1.1 u), of u (1.1 grad_a) and of g (|silu''| <= 0.5: 0.5 u g
-    # grad_a), so d/dg is taken as 2.2 u + 0.5 u g; grad_u = grad_a silu(g) takes 2.1 g.
-    g, u = h[..., 0::2], h[..., 1::2]
-    gd, ud = g.detach(), u.detach()
-    return 2.1 * g * u + (0.1 * ud + 0.5 * ud * gd) * (g - gd)
+def _gated_magnitude(slope: float, curvature: float):
+    """The magnitude of a = f(g) * u over interleaved pairs, for a gate function with |f(g)| <= |g|, |f'| <= slope
+    and |f''| <= curvature (SiLU: 1.1 and 0.5; the tanh GELU: 1.13 and 0.8). An error in g reaches a through
+    u f'(g), one in u through f(g), so a = (1 + slope) g u bounds both, and a itself. Backward, grad_g = grad_a u
+    f'(g) takes errors of grad_a (slope u), of u (slope grad_a) and of g (curvature u g grad_a), so d/dg is taken as
+    2 slope u + curvature u g; grad_u = grad_a f(g) takes (1 + slope) g."""
+
+    def magnitude(h):
+        g, u = h[..., 0::2], h[..., 1::2]
+        gd, ud = g.detach(), u.detach()
+        return (1 + slope) * g * u + ((slope - 1) * ud + curvature * ud * gd) * (g - gd)
+
+    return magnitude
 
 
-_MAGNITUDES = {"gelu": _gelu_magnitude, "gelu_tanh": _gelu_magnitude, "swiglu": _swiglu_magnitude}
+# (slope, curvature) of a gated activation's gate function, as _gated_magnitude takes them
+_GATE_BOUNDS = {"swiglu": (1.1, 0.5), "geglu_tanh": (GELU_SLOPE, 0.8)}
+_MAGNITUDES = {
+    "gelu": _gelu_magnitude,
+    "gelu_tanh": _gelu_magnitude,
+    **{name: _gated_magnitude(*bounds) for name, bounds in _GATE_BOUNDS.items()},
+}
 
 
 def activation_reference(activation: str, pre, pre_mag):
     """(value, magnitude) in float64 of activation(pre) from the pre-activation's (value, magnitude), for act_tol
-    (whose GELU_SLOPE covers a GELU's derivative: its magnitude is the pre-activation's; SwiGLU's is 2.1 |gate| |up|,
-    _swiglu_magnitude)."""
+    (whose GELU_SLOPE covers a GELU's derivative: its magnitude is the pre-activation's; a gated one's is
+    (1 + slope) |gate| |up|, _gated_magnitude)."""
     from .kernels.epilogues import ACTIVATIONS
 
     value = ACTIVATIONS[activation].torch_fn(pre)
@@ -170,7 +181,8 @@ def activation_reference(activation: str, pre, pre_mag):
 def activation_grad_reference(activation: str, grad, grad_mag, pre):
     """(value, magnitude) in float64 of the gradient through the activation at a given (exact) pre-activation `pre`,
     from the incoming gradient's (value, magnitude), for act_tol: an error in grad reaches it times |activation'|
-    (GELU: <= GELU_SLOPE; SwiGLU: 1.1 |up| for the gate, |silu(gate)| <= |gate| for up)."""
+    (GELU: <= GELU_SLOPE; a gated one: its gate function's slope times |up| for the gate, |f(gate)| <= |gate| for
+    up)."""
     from .kernels.epilogues import ACTIVATIONS
 
     pre64 = pre.detach().double().cpu().requires_grad_()
@@ -178,7 +190,8 @@ def activation_grad_reference(activation: str, grad, grad_mag, pre):
     if not ACTIVATIONS[activation].gated:
         return pre64.grad, GELU_SLOPE * grad_mag
     gate, up = pre64.detach()[..., 0::2].abs(), pre64.detach()[..., 1::2].abs()
-    return pre64.grad, torch.stack((1.1 * up * grad_mag, gate * grad_mag), -1).flatten(-2)
+    slope = _GATE_BOUNDS[activation][0]
+    return pre64.grad, torch.stack((slope * up * grad_mag, gate * grad_mag), -1).flatten(-2)
 
 
 def mlp_reference(x, w1, b1, w2, b2, grad_y, activation="gelu"):

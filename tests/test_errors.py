@@ -291,18 +291,26 @@ def test_the_kernels_refuse_a_call_autograd_would_record(device, call, names):
 
 def test_activation_options_are_checked(device):
     x, w = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
-    with pytest.raises(ValueError, match=r"activation: expected None, 'gelu', 'gelu_tanh' or 'swiglu', got 'relu'"):
+    with pytest.raises(
+        ValueError, match=r"activation: expected None, 'gelu', 'gelu_tanh', 'swiglu' or 'geglu_tanh', got 'relu'"
+    ):
         kernels.linear(x, w, activation="relu")
     with pytest.raises(ValueError, match=r"pre: expected shape \(3, 4\) and dtype torch.float32, got \(3, 5\)"):
         kernels.grad_input(torch.randn(3, 5, device=device), w, activation="gelu", pre=torch.randn(3, 5, device=device))
     with pytest.raises(ValueError, match="pre: expected a tensor exactly when activation is given"):
         kernels.grad_input(torch.randn(3, 5, device=device), w, activation="gelu")
-    with pytest.raises(ValueError, match=r"activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got None"):
+    with pytest.raises(
+        ValueError, match=r"activation: expected 'gelu', 'gelu_tanh', 'swiglu' or 'geglu_tanh', got None"
+    ):
         fused_tp.ParallelMLP(4, 8, activation=None, device=device)
     # An MLP has an activation: ParallelMLP's message never offers None, whatever it is given.
-    with pytest.raises(ValueError, match=r"activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got 'silu'"):
+    with pytest.raises(
+        ValueError, match=r"activation: expected 'gelu', 'gelu_tanh', 'swiglu' or 'geglu_tanh', got 'silu'"
+    ):
         fused_tp.ParallelMLP(4, 8, activation="silu", device=device)
-    with pytest.raises(ValueError, match=r"activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got \['gelu'\]"):
+    with pytest.raises(
+        ValueError, match=r"activation: expected 'gelu', 'gelu_tanh', 'swiglu' or 'geglu_tanh', got \['gelu'\]"
+    ):
         fused_tp.ParallelMLP(4, 8, activation=["gelu"], device=device)
     fc1, fc2 = torch.nn.Linear(4, 8, device=device), torch.nn.Linear(8, 4, device=device)
     with pytest.raises(ValueError, match=r"fc2: expected in_features 8 \(fc1.out_features\), got 6"):

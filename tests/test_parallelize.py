@@ -16,22 +16,24 @@ WORLDS = [int(w) for w in os.environ.get("FUSED_TP_TEST_WORLDS", "2,3,4").split(
 
 
 # Llama at every world size; Mistral (the same layers, a sliding window) and Qwen2 (q/k/v biases) at 3 and 4; Qwen3
-# (a norm of each query and key head, its gradient summed over the ranks) at 4, where key/value heads are shared;
-# Llama sequence-parallel at every world size.
+# and Gemma 3 (a norm of each query and key head, its gradient summed over the ranks) at 4, where key/value heads are
+# shared; Gemma (GeGLU: the tanh GELU's gate) at 2. Sequence-parallel: Llama at 2 and 4, Gemma 2 (four norms a
+# decoder layer) at 3.
 CASES = (
     [("llama", w, False) for w in WORLDS]
     + [(f, w, False) for f in ("mistral", "qwen2") for w in WORLDS if w >= 3]
-    + [("qwen3", w, False) for w in WORLDS if w == 4]
-    + [("llama", w, True) for w in WORLDS]
+    + [(f, w, False) for f, at in (("qwen3", 4), ("gemma", 2), ("gemma3", 4)) for w in WORLDS if w == at]
+    + [("llama", w, True) for w in WORLDS if w != 3]
+    + [("gemma2", w, True) for w in WORLDS if w == 3]
 )
 
 
 @pytest.mark.parametrize("family, world, sequence_parallel", CASES)
 def test_a_parallelized_model_matches_the_dense_one(rank_pools, device, world, family, sequence_parallel):
     """4 query heads in 2 groups over 2, 3 and 4 ranks (at 4, each key/value head on two ranks, its gradient summed
-    over them), an intermediate width of 40 split unevenly at 3, Qwen2's q/k/v biases; and Llama sequence-parallel
-    (7 tokens: shares 4/3, 3/2/2, 2/2/2/1; generate()'s one-token steps leave every rank but the first an empty
-    share): norm-wise within the rounding of a few stages of fp32 sums and an all-reduce over the ranks."""
+    over them), an intermediate width of 40 split unevenly at 3, Qwen2's q/k/v biases; and sequence-parallel (7
+    tokens: shares 4/3, 3/2/2, 2/2/2/1; generate()'s one-token steps leave every rank but the first an empty share):
+    norm-wise within the rounding of a few stages of fp32 sums and an all-reduce over the ranks."""
     bound = tol(torch.float32, 64, rounds=world, stages=8).rel
     outs = rank_pools(world).run(dist_cases.parallel_model_step, family, device, bound, sequence_parallel)
     for rank, out in enumerate(outs):
@@ -88,7 +90,9 @@ def test_parallelize_refuses_what_it_cannot_shard():
         fused_tp.parallelize(dense, {"0": "colwise", "2": "rowwise"}, sequence_parallel=True)
     _, _, llama = dist_cases._tiny_model()
     del llama.model.norm  # not the decoder whose regions sequence parallelism places: refused, nothing changed
-    with pytest.raises(ValueError, match=r"sequence_parallel: expected the Llama family's decoder"):
+    with pytest.raises(
+        ValueError, match=r"sequence_parallel: expected the Llama family's decoder \(model.model.layers"
+    ):
         fused_tp.parallelize(llama, sequence_parallel=True)
     assert type(llama.model.layers[0].mlp.gate_proj) is nn.Linear
     import transformers  # OLMo-2 normalises the whole query projection, which a split by heads cannot

@@ -6,7 +6,7 @@ takes an entry's two functions as compile-time arguments and calls them, with no
     forward      C = fn(A @ B + bias), and the pre-activation A @ B + bias stored beside it for the backward
     grad_input   C = (A @ B) * grad(pre)   the next layer's grad_input carried back through this activation
 
-A gated activation (SwiGLU) reads its pre-activation as interleaved pairs of columns, gate then up: P [..., 2H]
+A gated activation (SwiGLU, GeGLU) reads its pre-activation as interleaved pairs of columns, gate then up: P [..., 2H]
 holds gate_j at column 2j and up_j at 2j + 1, and C [..., H] = fn(gate, up). Its grad_input reads the pairs of pre
 and writes the gradient of both, interleaved the same way: C [..., 2H] = (A @ B) [..., H] times grad(gate, up),
 one factor for each. Interleaving keeps a pair in one output tile whatever the tile's width, so the layout of the
@@ -72,6 +72,18 @@ def _sigmoid(x):
     return tl.sigmoid(tl.maximum(x, -80.0))
 
 
+# GeGLU with the tanh GELU, gelu_tanh(gate) * up (Gemma's MLP, whose act_fn is gelu_pytorch_tanh), and its two
+# partial derivatives: d/dgate = up * gelu_tanh'(gate), d/dup = gelu_tanh(gate).
+@triton.jit
+def geglu_tanh(gate, up):
+    return gelu_tanh(gate) * up
+
+
+@triton.jit
+def geglu_tanh_grad(gate, up):
+    return up * gelu_tanh_grad(gate), gelu_tanh(gate)
+
+
 @dataclass(frozen=True)
 class Activation:
     """One entry of the table: `fn` and `grad` for the kernel, `torch_fn(x)` and `torch_grad(grad_y, pre)` (the
@@ -98,28 +110,51 @@ def _gelu(approximate: str) -> dict:
     )
 
 
-def _swiglu_torch(pre: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(pre[..., 0::2]) * pre[..., 1::2]
+def _silu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return grad * s * (1 + x * (1 - s))
 
 
-def _swiglu_torch_grad(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    gate, up = pre[..., 0::2], pre[..., 1::2]
-    s = torch.sigmoid(gate)
-    return torch.stack((grad * up * s * (1 + gate * (1 - s)), grad * gate * s), -1).flatten(-2)
+def _gated(gate_fn, gate_grad) -> dict:
+    """The torch forms of gate_fn(gate) * up over interleaved (gate, up) column pairs [..., 2H] -> [..., H], where
+    gate_grad(g, gate) is g * gate_fn'(gate); the gradient comes back interleaved the same way."""
+
+    def fn(pre: torch.Tensor) -> torch.Tensor:
+        return gate_fn(pre[..., 0::2]) * pre[..., 1::2]
+
+    def grad(g: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        gate, up = pre[..., 0::2], pre[..., 1::2]
+        return torch.stack((gate_grad(g * up, gate), g * gate_fn(gate)), -1).flatten(-2)
+
+    return dict(torch_fn=fn, torch_grad=grad, module=lambda: Gated(fn), gated=True)
 
 
-class SwiGLU(nn.Module):
-    """silu(gate) * up of interleaved (gate, up) column pairs [..., 2H] -> [..., H]: the dense model's layer
+class Gated(nn.Module):
+    """A gated activation of interleaved (gate, up) column pairs [..., 2H] -> [..., H]: the dense model's layer
     between a Linear whose output rows interleave gate and up projections and the down projection."""
 
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
-        return _swiglu_torch(pre)
+        return self.fn(pre)
+
+
+def _gelu_tanh_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
 
 
 ACTIVATIONS = {
     "gelu": Activation(gelu, gelu_grad, **_gelu("none")),  # F.gelu
     "gelu_tanh": Activation(gelu_tanh, gelu_tanh_grad, **_gelu("tanh")),  # F.gelu(approximate="tanh")
-    "swiglu": Activation(swiglu, swiglu_grad, _swiglu_torch, _swiglu_torch_grad, SwiGLU, gated=True),  # Llama's MLP
+    "swiglu": Activation(swiglu, swiglu_grad, **_gated(torch.nn.functional.silu, _silu_grad)),  # Llama's MLP
+    # Gemma's MLP
+    "geglu_tanh": Activation(
+        geglu_tanh,
+        geglu_tanh_grad,
+        **_gated(lambda x: torch.nn.functional.gelu(x, approximate="tanh"), _gelu_tanh_grad),
+    ),
 }
 
 
