@@ -254,6 +254,17 @@ def test_grad_params(device, M, K, N, dtype, need, g_layout, x_layout, lead, see
     seed=0,
 )  # pairs across several output tiles, a partial last one
 @example(
+    M=33,
+    K=24,
+    N=20,
+    dtype=torch.float16,
+    activation="geglu_tanh",
+    has_bias=True,
+    x_layout="contiguous",
+    w_layout="contiguous",
+    seed=1,
+)  # Gemma's gate: the tanh GELU's derivative in the gated pairs
+@example(
     M=1,
     K=8,
     N=4,

@@ -110,6 +110,7 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
 )
 @example(world=4, M=5, K=7, F=3, dtype=torch.bfloat16, has_bias=True, activation="gelu", seed=0)  # an empty shard
 @example(world=3, M=4, K=9, F=7, dtype=torch.float32, has_bias=True, activation="swiglu", seed=0)  # uneven pairs
+@example(world=2, M=6, K=8, F=5, dtype=torch.bfloat16, has_bias=True, activation="geglu_tanh", seed=1)  # Gemma's gate
 def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, activation, seed):
     """ParallelMLP's autograd graph (activation and its derivative in the kernels' epilogues): the ranks' output partial
     sums, with fc2's bias once, and their gradients equal the dense Linear -> activation -> Linear. SwiGLU's fc1 has
