@@ -16,7 +16,9 @@ every rank holds alike.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -99,21 +101,46 @@ def sequence_parallel_grads(module: nn.Module, process_group=None) -> nn.Module:
     share's alone, so without the sum the replicated parameter would get a different update on every rank; the sum
     is the whole sequence's (what Megatron-LM's all-reduce of sequence-parallel gradients and DTensor's
     SequenceParallel do). One all-reduce per parameter per backward, eagerly; a parameter already summed so is
-    left as it is (calling this twice does not sum twice). World size 1: nothing to do."""
-    sum_grads(module.parameters(), resolve_group(process_group))
+    left as it is (calling this twice does not sum twice). World size 1: nothing to do. Sharded again by FSDP2
+    after this call, the module's forward puts the sum on the parameters FSDP2 gathers for it (grad_hooks)."""
+    group = resolve_group(process_group)
+    if group_size_rank(group)[0] > 1:
+        grad_hooks(module, functools.partial(_SummedGrad, group), "_fused_tp_sequence_summed")
     return module
 
 
-def sum_grads(params, group) -> None:
-    """A hook on each of `params` that sums its gradient over `group` in backward (once per parameter, however
-    often this is called; nothing at world size 1): for parameters every rank holds alike whose gradient each rank
-    computes from its own part of the work."""
-    if group_size_rank(group)[0] == 1:
-        return
-    for p in params:
-        if p.requires_grad and not getattr(p, "_fused_tp_sequence_summed", False):
-            p.register_hook(_SummedGrad(group))
-            p._fused_tp_sequence_summed = True
+def sum_grads(module: nn.Module, group, params: Callable[[str], bool] | None = None) -> None:
+    """sequence_parallel_grads for the parameters of `module` whose names `params` accepts (None: all), on a group
+    already resolved: for parameters every rank holds alike whose gradient each rank computes from its own part of
+    the work."""
+    if group_size_rank(group)[0] > 1:
+        grad_hooks(module, functools.partial(_SummedGrad, group), "_fused_tp_sequence_summed", params)
+
+
+def grad_hooks(module: nn.Module, make_hook, tag: str, params: Callable[[str], bool] | None = None) -> None:
+    """A tensor hook make_hook() on each parameter of `module` (those whose names `params` accepts) that requires a
+    gradient, once per parameter object (marked `tag`): now, and at each eager forward of `module` on the objects it
+    then holds. FSDP2's fully_shard, applied after, swaps the module's parameters for sharded ones and, for each
+    forward, for unsharded ones whose gradients it reduces: a hook on the objects of now would never run."""
+    keeper = _HookKeeper(make_hook, tag, params)
+    keeper(module, ())
+    module.register_forward_pre_hook(keeper)
+
+
+class _HookKeeper:
+    """grad_hooks' forward pre-hook (it registers nothing while torch.compile traces: the hooks of the first call
+    serve a compiled module, whose parameters stay the same objects)."""
+
+    def __init__(self, make_hook, tag: str, params):
+        self.make_hook, self.tag, self.params = make_hook, tag, params
+
+    def __call__(self, module: nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for name, p in module.named_parameters():
+            if (self.params is None or self.params(name)) and p.requires_grad and not getattr(p, self.tag, False):
+                p.register_hook(self.make_hook())
+                setattr(p, self.tag, True)
 
 
 class _SummedGrad:

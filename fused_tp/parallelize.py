@@ -33,6 +33,7 @@ LM head. Hidden states returned by output_hidden_states are the shares.
 from __future__ import annotations
 
 import fnmatch
+import functools
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,7 @@ from torch import nn
 
 from .autograd import gather_sequence, group_size_rank, resolve_group, scatter_sequence, shard_range
 from .checkpoint import RefuseShardedSave
-from .grads import sum_grads
+from .grads import grad_hooks, sum_grads
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
 
 # The Hugging Face causal LMs whose decoder layers are Llama's: LlamaAttention-like self_attn (Qwen3's with a norm
@@ -153,11 +154,12 @@ def _sequence_regions(inner: nn.Module, group) -> None:
     inner.layers[0].register_forward_pre_hook(_OnHiddenStates(scatter_sequence, group), with_kwargs=True)
     for layer in inner.layers:
         layer.self_attn.register_forward_pre_hook(_OnHiddenStates(gather_sequence, group), with_kwargs=True)
-        sum_grads(
-            [p for name, p in layer.named_parameters() if name.partition(".")[0] not in ("self_attn", "mlp")], group
-        )
+        for name, child in layer.named_children():  # (each its own module: its forward sees FSDP2's gathered ones)
+            if name not in ("self_attn", "mlp"):
+                sum_grads(child, group)
+        sum_grads(layer, group, lambda name: "." not in name)
     inner.norm.register_forward_hook(lambda module, args, out: gather_sequence(out, 1, group))
-    sum_grads(inner.norm.parameters(), group)
+    sum_grads(inner.norm, group)
 
 
 class _OnHiddenStates:
@@ -221,9 +223,8 @@ def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list:
     for part in ("k_proj", "v_proj"):
         layer = ColumnParallelLinear._from_linear(getattr(attn, part), (kv_a * d, kv_b * d), process_group=group)
         if shared:
-            for p in layer.parameters():
-                if p.requires_grad:
-                    p.register_hook(_SharedRowsGrad(kv_heads * d, kv_a * d, group))
+            rows = functools.partial(_SharedRowsGrad, kv_heads * d, kv_a * d, group)
+            grad_hooks(layer, rows, "_fused_tp_shared_rows")
         changes.append((attn, part, layer))
     o_proj = RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group, **sequence)
     changes.append((attn, "o_proj", o_proj))
@@ -231,9 +232,8 @@ def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list:
     # The attention's other parameters (a per-head norm's weight) are every rank's alike, but each rank's gradient
     # is its own heads' share: summed over the group, it is the dense one (a key/value head that several ranks hold
     # gets each one's part).
-    others = [p for part, p in attn.named_parameters() if part.partition(".")[0] not in PROJECTIONS]
-    if others:
-        changes.append(lambda: sum_grads(others, group))
+    if any(part.partition(".")[0] not in PROJECTIONS for part, _ in attn.named_parameters()):
+        changes.append(lambda: sum_grads(attn, group, lambda part: part.partition(".")[0] not in PROJECTIONS))
     return changes
 
 

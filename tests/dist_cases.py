@@ -495,6 +495,40 @@ def compiled_sequence_parallel_model():
     return torch.equal(eager, compiled), [n for n, g in eager_grads.items() if not torch.equal(g, compiled_grads[n])]
 
 
+def sequence_parallel_2d():
+    """A tiny Qwen3 through parallelize(sequence_parallel=True) over mesh["tp"] of a 2 x 2 mesh, each decoder layer and
+    the model then sharded by FSDP2 over mesh["dp"], one batch row a data-parallel rank: the logits' norm-wise error
+    against the dense model's on that row, and, of every parameter that every TP rank holds whole (norms, per-head
+    query and key norms, embeddings, the LM head), the largest norm-wise error of its gradient (FSDP2's mean over
+    the batch rows, gathered) against the dense model's on the whole batch. Those gradients are summed over the TP
+    ranks by hooks that FSDP2's parameter swap would leave behind."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    _, _, dense = _tiny_model("qwen3")
+    model = fused_tp.parallelize(copy.deepcopy(dense), process_group=mesh["tp"], sequence_parallel=True)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    row = mesh["dp"].get_local_rank()
+    logits = model(ids[row : row + 1]).logits
+    logits.square().mean().backward()
+    dense(ids).logits.square().mean().backward()
+    want = dense(ids).logits[row : row + 1].detach()
+    dense_grads = dict(dense.named_parameters())
+    worst = 0.0
+    for name, p in model.named_parameters():
+        if "_proj." in name or ".mlp." in name:  # the sharded projections
+            continue
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        ref = dense_grads[name].grad
+        worst = max(worst, ((grad - ref).norm() / ref.norm()).item())
+    return ((logits.detach() - want).norm() / want.norm()).item(), worst
+
+
 def _tiny_model(family="llama", device=None):
     """(config, model class, a tiny random-weight causal LM of `family` ("llama", "mistral", "qwen2", "qwen3")
     built under seed 0): 4 query heads in 2 groups of width 8, an intermediate width of 40."""
