@@ -101,8 +101,9 @@ def sequence_parallel_grads(module: nn.Module, process_group=None) -> nn.Module:
     share's alone, so without the sum the replicated parameter would get a different update on every rank; the sum
     is the whole sequence's (what Megatron-LM's all-reduce of sequence-parallel gradients and DTensor's
     SequenceParallel do). One all-reduce per parameter per backward, eagerly; a parameter already summed so is
-    left as it is (calling this twice does not sum twice). World size 1: nothing to do. Sharded again by FSDP2
-    after this call, the module's forward puts the sum on the parameters FSDP2 gathers for it (grad_hooks)."""
+    left as it is (calling this twice does not sum twice). World size 1: nothing to do. Under FSDP2's fully_shard,
+    applied after this call, each forward of the module puts the sum on the parameters FSDP2 gathered for it
+    (grad_hooks)."""
     group = resolve_group(process_group)
     if group_size_rank(group)[0] > 1:
         grad_hooks(module, functools.partial(_SummedGrad, group), "_fused_tp_sequence_summed")
@@ -119,22 +120,24 @@ def sum_grads(module: nn.Module, group, params: Callable[[str], bool] | None = N
 
 def grad_hooks(module: nn.Module, make_hook, tag: str, params: Callable[[str], bool] | None = None) -> None:
     """A tensor hook make_hook() on each parameter of `module` (those whose names `params` accepts) that requires a
-    gradient, once per parameter object (marked `tag`): now, and at each eager forward of `module` on the objects it
-    then holds. FSDP2's fully_shard, applied after, swaps the module's parameters for sharded ones and, for each
-    forward, for unsharded ones whose gradients it reduces: a hook on the objects of now would never run."""
+    gradient, once per parameter object (marked `tag`): now, and after each eager forward of `module` on the objects
+    it used. FSDP2's fully_shard (of `module` or of a module around it), applied after, swaps the module's
+    parameters for sharded ones and, for each forward, for unsharded ones whose gradients it reduces: a hook on the
+    objects of now would never run. A forward hook rather than a pre-hook: it runs before FSDP2's own post-forward
+    hook on `module` (registered later) puts the sharded ones back, and after its pre-forward gather."""
     keeper = _HookKeeper(make_hook, tag, params)
-    keeper(module, ())
-    module.register_forward_pre_hook(keeper)
+    keeper(module)
+    module.register_forward_hook(keeper)
 
 
 class _HookKeeper:
-    """grad_hooks' forward pre-hook (it registers nothing while torch.compile traces: the hooks of the first call
+    """grad_hooks' forward hook (it registers nothing while torch.compile traces: the hooks of the first call
     serve a compiled module, whose parameters stay the same objects)."""
 
     def __init__(self, make_hook, tag: str, params):
         self.make_hook, self.tag, self.params = make_hook, tag, params
 
-    def __call__(self, module: nn.Module, args) -> None:
+    def __call__(self, module: nn.Module, *args) -> None:
         if torch.compiler.is_compiling():
             return
         for name, p in module.named_parameters():

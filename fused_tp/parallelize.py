@@ -154,10 +154,11 @@ def _sequence_regions(inner: nn.Module, group) -> None:
     inner.layers[0].register_forward_pre_hook(_OnHiddenStates(scatter_sequence, group), with_kwargs=True)
     for layer in inner.layers:
         layer.self_attn.register_forward_pre_hook(_OnHiddenStates(gather_sequence, group), with_kwargs=True)
-        for name, child in layer.named_children():  # (each its own module: its forward sees FSDP2's gathered ones)
+        for name, child in layer.named_children():
             if name not in ("self_attn", "mlp"):
                 sum_grads(child, group)
-        sum_grads(layer, group, lambda name: "." not in name)
+        if any(True for _ in layer.parameters(recurse=False)):
+            sum_grads(layer, group, lambda name: "." not in name)
     inner.norm.register_forward_hook(lambda module, args, out: gather_sequence(out, 1, group))
     sum_grads(inner.norm, group)
 
