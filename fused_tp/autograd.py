@@ -113,6 +113,11 @@ def shard_range(size: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+def shares(size: int, world_size: int) -> list[int]:
+    """Every rank's length of torch.tensor_split(range(size), world_size), in rank order."""
+    return [stop - start for start, stop in (shard_range(size, world_size, r) for r in range(world_size))]
+
+
 def _all_reduce(t: torch.Tensor, group, world: int, async_op: bool = False):
     """(the sum of t over the group, the pending work or None). Eagerly t itself, summed in place (async_op: wait
     on the work before reading it); under torch.compile a new tensor, whose wait the graph places."""
@@ -133,7 +138,7 @@ def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch
     """Concatenate every rank's t [..., n_i] along the last dim, where n_i are the shard sizes of `size`."""
     if world == 1:
         return t
-    sizes = [stop - start for start, stop in (shard_range(size, world, i) for i in range(world))]
+    sizes = shares(size, world)
     # math.prod, not torch.Size.numel: a non-strict torch.export trace turns numel's sizes into integers, making
     # the token count a constant
     if sizes[0] == 0 or math.prod(t.shape[:-1]) == 0:  # nothing to send on any rank
@@ -173,7 +178,7 @@ def sequence_sizes(length: int, dim: int, group, world: int, rank: int, device=N
     got = mine.new_empty(world)
     dist.all_gather_into_tensor(got, mine, group=group)
     sizes = got.tolist()  # one host sync (on a GPU), the price of uneven shards any rank may hold
-    want = [stop - start for start, stop in (shard_range(sum(sizes), world, r) for r in range(world))]
+    want = shares(sum(sizes), world)
     if sizes != want:
         raise ValueError(
             f"input: expected the sequence (dim {dim}) split as torch.tensor_split splits {sum(sizes)} "
@@ -504,7 +509,7 @@ def scatter_sequence(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if world == 1:
         return x
     dim %= x.dim()
-    sizes = [stop - start for start, stop in (shard_range(x.shape[dim], world, r) for r in range(world))]
+    sizes = shares(x.shape[dim], world)
     if not _records_grad(x):
         return x.narrow(dim, sum(sizes[:rank]), sizes[rank])
     return _apply(_ScatterSequence, x, dim, sizes, rank, group)
@@ -828,7 +833,7 @@ def _leave_sequence(y, seq_dim: int, group, world: int, rank: int, graph: bool):
     """This rank's share of the sequence of y's sum over the ranks (torch.tensor_split's, along seq_dim)."""
     seq_dim %= y.dim()
     size = y.shape[seq_dim]
-    sizes = [stop - start for start, stop in (shard_range(size, world, r) for r in range(world))]
+    sizes = shares(size, world)
     if graph:
         return _apply(_ReduceScatterSequence, y, seq_dim, sizes, rank, group)
     return _seq_reduce_scatter(y, seq_dim, sizes, rank, group)

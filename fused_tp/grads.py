@@ -104,9 +104,7 @@ def sequence_parallel_grads(module: nn.Module, process_group=None) -> nn.Module:
     left as it is (calling this twice does not sum twice). World size 1: nothing to do. Under FSDP2's fully_shard,
     applied after this call, each forward of the module puts the sum on the parameters FSDP2 gathered for it
     (grad_hooks)."""
-    group = resolve_group(process_group)
-    if group_size_rank(group)[0] > 1:
-        grad_hooks(module, functools.partial(_SummedGrad, group), "_fused_tp_sequence_summed")
+    sum_grads(module, resolve_group(process_group))
     return module
 
 
