@@ -355,6 +355,8 @@ def test_gated_options_are_checked(device):
         fused_tp.ParallelMLP.from_gated(gate, torch.nn.Linear(4, 6, bias=False, device=device), down)
     with pytest.raises(ValueError, match="mlp: expected an act_fn computing SiLU"):
         fused_tp.ParallelMLP.from_llama_mlp(torch.nn.Module())
+    with pytest.raises(ValueError, match=r"activation: expected a gated one \('swiglu', 'geglu_tanh'\), got 'gelu'"):
+        fused_tp.ParallelMLP.from_gated(gate, gate, down, activation="gelu")
     mlp = fused_tp.ParallelMLP.from_gated(gate, gate, down)
     mlp.fc1.weight = torch.nn.Parameter(torch.randn(7, 4, device=device))  # no longer (gate, up) pairs
     mlp.fc1.bias = torch.nn.Parameter(torch.randn(7, device=device))
