@@ -8,9 +8,10 @@ the wall time of many back-to-back calls over their count is the host's cost of 
 `kernels.linear`, the registered operator `torch.ops.fused_tp.linear` (the dispatcher's cost), `kernels.grad_input`,
 `kernels.grad_params` (matmul + column sum); a one-token forward under no_grad of `nn.Linear` and of
 `ColumnParallelLinear.from_linear` of it; forward + backward of `nn.Linear`, Column, Row, and of the Linear -> GELU
--> Linear stack against ParallelMLP. PAIRS lists the ratios the issue's goals bound. Rounds alternate and every case
-runs in every round, because a host's speed swings between rounds by more than most changes to the launch path:
-ratios are taken within a round, and their median over rounds is reported.
+-> Linear stack against ParallelMLP; and the single layers' steps with backward on the calling thread
+(`torch.autograd.set_multithreading_enabled(False)`, both sides). PAIRS lists the ratios the issue's goals bound.
+Rounds alternate and every case runs in every round, because a host's speed swings between rounds by more than most
+changes to the launch path: ratios are taken within a round, and their median over rounds is reported.
 
 --stub-kernels replaces the two Triton kernels by functions that return at once (fused_tp's own Python alone; it
 runs on a CPU without Triton's interpreter doing the work): how the wrapper, not Triton's launcher, changed.
@@ -66,6 +67,8 @@ PAIRS = [
     ("Column fwd+bwd", "nn.Linear fwd+bwd", 1.25),
     ("Row fwd+bwd", "nn.Linear fwd+bwd", 1.25),
     ("ParallelMLP fwd+bwd", "nn.Linear MLP fwd+bwd", 1.25),
+    ("Column fwd+bwd, one thread", "nn.Linear fwd+bwd, one thread", 1.25),
+    ("Row fwd+bwd, one thread", "nn.Linear fwd+bwd, one thread", 1.25),
     ("kernels.linear", "F.linear", None),
     ("torch.ops.fused_tp.linear", "F.linear", None),
 ]
@@ -90,6 +93,15 @@ def cases(device: str, dtype: torch.dtype, width: int) -> dict:
 
         return run
 
+    def one_thread(run):
+        # backward on the calling thread: on a GPU the engine otherwise runs it on its device thread, where a Python
+        # Function's node costs more than nn.Linear's C++ one (bench/NOTES.md, attempts 63 and 74)
+        def wrapped():
+            with torch.autograd.set_multithreading_enabled(False):
+                run()
+
+        return wrapped
+
     def no_grad(module):
         def run():
             with torch.no_grad():
@@ -110,6 +122,9 @@ def cases(device: str, dtype: torch.dtype, width: int) -> dict:
         "Row fwd+bwd": step(row),
         "nn.Linear MLP fwd+bwd": step(mlp),
         "ParallelMLP fwd+bwd": step(pmlp),
+        "nn.Linear fwd+bwd, one thread": one_thread(step(lin)),
+        "Column fwd+bwd, one thread": one_thread(step(col)),
+        "Row fwd+bwd, one thread": one_thread(step(row)),
     }
 
 
