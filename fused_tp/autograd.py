@@ -14,6 +14,7 @@ collectives are skipped, nothing else. A missing process group with torch.distri
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 
@@ -104,6 +105,42 @@ def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
             return 1, 0
         group = dist.group.WORLD
     return group.size(), group.rank()
+
+
+class SharesGroup:
+    """Under copy.deepcopy, the object's process group (the attribute `_group_attr` names) is shared, not copied,
+    and everything else is copied as deepcopy would: a group is a communicator, which cannot be pickled or copied,
+    and a copied model (an EMA or reference model) talks over the same ranks as one built anew would. Every
+    fused_tp object that holds a group mixes it in, since deepcopy may reach any of them first. Pickling one that
+    holds a group (None is the default group, which pickles as None) raises a TypeError naming process_group."""
+
+    _group_attr = "group"
+
+    def __deepcopy__(self, memo: dict):
+        group = getattr(self, self._group_attr)
+        if group is not None:
+            memo.setdefault(id(group), group)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        state = copy.deepcopy(self._state(), memo)
+        if hasattr(new, "__setstate__"):
+            new.__setstate__(state)  # nn.Module's
+        else:
+            new.__dict__.update(state)
+        return new
+
+    def __getstate__(self):
+        if getattr(self, self._group_attr) is not None:  # pickle's own error names neither the object nor a way out
+            raise TypeError(
+                "process_group: a model with fused_tp layers on a process group of their own cannot be pickled "
+                "(torch.save of the whole model, multiprocessing); save its state_dict instead (docs/models.md)"
+            )
+        return self._state()
+
+    def _state(self) -> dict:
+        """What deepcopy and pickle take of the object: nn.Module's state (without a compiled call), else __dict__."""
+        parent = getattr(super(), "__getstate__", None)  # object has none before Python 3.11
+        return parent() if parent is not None else self.__dict__
 
 
 def shard_range(size: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .autograd import group_size_rank, resolve_group
+from .autograd import SharesGroup, group_size_rank, resolve_group
 from .guard import collective_device
 from .modules import _ParallelLinear
 
@@ -144,7 +144,7 @@ class _HookKeeper:
                 setattr(p, self.tag, True)
 
 
-class _SummedGrad:
+class _SummedGrad(SharesGroup):
     """A parameter hook: the gradient summed over the group (a new tensor: the hook's input is autograd's)."""
 
     def __init__(self, group):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .autograd import column_call, group_size_rank, mlp_call, resolve_group, row_call, shard_range
+from .autograd import SharesGroup, column_call, group_size_rank, mlp_call, resolve_group, row_call, shard_range
 
 
 def _placed_shards(module: _ParallelLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -31,8 +31,10 @@ def _unplaced_shards(module: _ParallelLinear, state_dict: dict, prefix: str, *ar
             state_dict[prefix + leaf] = unplaced(state_dict[prefix + leaf])
 
 
-class _ParallelLinear(nn.Module):
+class _ParallelLinear(SharesGroup, nn.Module):
     """What Column and Row share: shards of a dense nn.Linear, by torch.tensor_split along `_split_dim`."""
+
+    _group_attr = "process_group"
 
     _split_dim: int  # the dim of the dense weight [out_features, in_features] that is split across ranks
 

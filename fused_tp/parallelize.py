@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .autograd import gather_sequence, group_size_rank, resolve_group, scatter_sequence, shard_range
+from .autograd import SharesGroup, gather_sequence, group_size_rank, resolve_group, scatter_sequence, shard_range
 from .checkpoint import RefuseShardedSave
 from .grads import grad_hooks, sum_grads
 from .modules import ColumnParallelLinear, ParallelMLP, RowParallelLinear
@@ -163,7 +163,7 @@ def _sequence_regions(inner: nn.Module, group) -> None:
     sum_grads(inner.norm, group)
 
 
-class _OnHiddenStates:
+class _OnHiddenStates(SharesGroup):
     """A forward pre-hook (with kwargs) applying fn(hidden_states, 1, group) to a module's hidden_states, given
     first or by name."""
 
@@ -238,7 +238,7 @@ def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list:
     return changes
 
 
-class _SharedRowsGrad:
+class _SharedRowsGrad(SharesGroup):
     """A parameter hook: the gradient of rows [start, start + n) of a dense [rows, ...] parameter that other ranks
     hold too, summed over the group (each rank adds its rows into a dense buffer of zeros; one all-reduce)."""
 

@@ -4,6 +4,7 @@ Each case takes CPU tensors drawn by the parent, runs on the test device, and re
 parent can check every rank's results against one float64 reference."""
 
 import copy
+import io
 
 import torch
 import torch.distributed as dist
@@ -475,6 +476,60 @@ def parallel_model_step(family, device, bound, sequence_parallel=False):
         out["generate"] = torch.equal(
             model.generate(prompt, max_new_tokens=3, do_sample=False),
             dense.generate(prompt, max_new_tokens=3, do_sample=False),
+        )
+    return out
+
+
+def deepcopied_model_step():
+    """A tiny Llama through parallelize(sequence_parallel=True) on a process group of its own, and copy.deepcopy of it
+    (an EMA or reference model's way): whether the copy holds the same group, which names' gradients of the copy
+    differ from the original's on the same ids (the norms' and shared key/value heads' sums run in hooks that the
+    copy must re-register on its own parameters), which of the original's changed during the copy's step, and the
+    error torch.save of the whole model raises."""
+    _, _, dense = _tiny_model()
+    group = dist.new_group(list(range(dist.get_world_size())))
+    model = fused_tp.parallelize(dense, process_group=group, sequence_parallel=True)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    model(ids).logits.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    twin(ids).logits.square().mean().backward()
+    try:
+        torch.save(model, io.BytesIO())
+        saved = "saved"
+    except TypeError as e:
+        saved = str(e)
+    return (
+        twin.model.layers[0].mlp.fc1.process_group is group,
+        [n for n, p in twin.named_parameters() if not torch.equal(p.grad, grads[n])],
+        [n for n, p in model.named_parameters() if not torch.equal(p.grad, grads[n])],
+        saved,
+    )
+
+
+def checkpointed_model_step():
+    """A tiny Llama through parallelize(sequence_parallel=True), once as is and once with Hugging Face's activation
+    checkpointing (both of torch.utils.checkpoint's forms), in training mode on the same ids: per form, whether the
+    logits are the same bits, and the names whose gradients are not (the recomputed forward runs the layers' and the
+    hooks' collectives again, in the same order on every rank)."""
+    _, _, dense = _tiny_model()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    plain = fused_tp.parallelize(copy.deepcopy(dense), sequence_parallel=True).train()
+    want = plain(ids).logits
+    want.square().mean().backward()
+    out = {}
+    for reentrant in (False, True):
+        model = fused_tp.parallelize(copy.deepcopy(dense), sequence_parallel=True).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        out[reentrant] = (
+            torch.equal(logits, want),
+            [
+                n
+                for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters())
+                if not torch.equal(p.grad, q.grad)
+            ],
         )
     return out
 

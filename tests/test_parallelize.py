@@ -68,6 +68,29 @@ def test_a_sequence_parallel_model_compiles_whole(rank_pools):
         assert same_logits and not other_grads, f"rank {rank}: logits equal {same_logits}, other grads {other_grads}"
 
 
+def test_a_deepcopy_of_a_parallelized_model_shares_its_group_and_steps_alike(rank_pools):
+    """copy.deepcopy of a model parallelized on a group of its own (before, TypeError: cannot pickle ProcessGroup):
+    the copy runs on the same group, and its gradients (with the norms' and, at 4 ranks, the shared key/value
+    heads' sums) are the original's bit for bit, the original's untouched by the copy's step. Pickling the model
+    (torch.save) raises an error naming process_group and the way out, not pickle's about a ProcessGroup object."""
+    for rank, (same_group, twin_differs, original_changed, saved) in enumerate(
+        rank_pools(max(WORLDS)).run(dist_cases.deepcopied_model_step)
+    ):
+        assert same_group and not twin_differs and not original_changed, (
+            f"rank {rank}: same group {same_group}, the copy's other grads {twin_differs}, "
+            f"the original's changed {original_changed}"
+        )
+        assert saved.startswith("process_group: a model with fused_tp layers") and "state_dict" in saved, saved
+
+
+def test_a_sequence_parallel_model_under_activation_checkpointing_steps_alike(rank_pools):
+    """Hugging Face's gradient_checkpointing_enable() on a sequence-parallel Llama at 2 ranks, with and without
+    reentrant checkpoints: logits and every gradient are the un-checkpointed model's, bit for bit."""
+    for rank, out in enumerate(rank_pools(2).run(dist_cases.checkpointed_model_step)):
+        for reentrant, (same_logits, other_grads) in out.items():
+            assert same_logits and not other_grads, f"rank {rank}, use_reentrant={reentrant}: grads {other_grads}"
+
+
 def test_a_sequence_parallel_model_under_fsdp2_sums_its_replicated_gradients(rank_pools):
     """FSDP2 over a sequence-parallel Qwen3 on a 2 x 2 mesh: the norms' and per-head norms' gradients, summed over
     the TP ranks by hooks on the parameters FSDP2 gathers for each forward, are the dense model's, and so are the
