@@ -64,7 +64,9 @@ def parallelize(
 ) -> nn.Module:
     """Shard `model` in place over `process_group` (default: the default group; or a 1-D DeviceMesh) and return it.
 
-    plan: {module-name pattern (fnmatch, as named_modules names them): style of the table above}; None for a
+    plan: {module-name pattern: style of the table above}, a pattern matched against named_modules' names one
+    dot-separated part at a time, as DTensor's parallelize_module matches (fnmatch within a part: "layers.*.mlp"
+    matches "layers.0.mlp", not "layers.0.block.mlp"); None for a
     Hugging Face model of LLAMA_FAMILY, whose every attention and MLP is sharded (LLAMA_PLAN). Every rank must hold
     the same dense model (the same seed, or the same checkpoint loaded), as tensor parallelism's replicated input
     needs; the rest of the model (embeddings, norms, the LM head) stays replicated. A pattern that matches nothing
@@ -88,16 +90,24 @@ def parallelize(
     for pattern, style in plan.items():
         if style not in STYLES:
             raise ValueError(f"plan[{pattern!r}]: expected one of {', '.join(map(repr, STYLES))}, got {style!r}")
-    names = [name for name, _ in model.named_modules()]
-    matches = {pattern: [n for n in names if fnmatch.fnmatchcase(n, pattern)] for pattern in plan}
+    names = [name.split(".") for name, _ in model.named_modules() if name]
     matched_by = {}
-    for pattern, found in matches.items():
+    for pattern in plan:
+        parts = pattern.split(".")
+        found = [".".join(n) for n in names if len(n) == len(parts) and all(map(fnmatch.fnmatchcase, n, parts))]
         if not found:
             raise ValueError(f"plan[{pattern!r}]: no module of the model has a matching name")
         for name in found:
             if name in matched_by:
                 raise ValueError(f"plan[{pattern!r}]: module {name!r} matches {matched_by[name]!r} too")
             matched_by[name] = pattern
+    # a module inside one that another pattern shards would be sharded in the discarded dense module
+    for name, pattern in matched_by.items():
+        outer = next((o for o in matched_by if name.startswith(o + ".")), None)
+        if outer is not None:
+            raise ValueError(
+                f"plan[{pattern!r}]: module {name!r} lies inside {outer!r}, which {matched_by[outer]!r} shards whole"
+            )
     # every shard built before the model changes, so that bad input (a module a style cannot shard, a head count)
     # leaves it as it was; the cost, for the call, is the new shards' memory beside the dense layers
     sequence = dict(sequence_parallel=True, sequence_dim=1) if sequence_parallel else {}

@@ -118,6 +118,19 @@ def test_parallelize_refuses_what_it_cannot_shard():
         fused_tp.parallelize(dense, {"0": "colwise", "1": "rowwise"})
     with pytest.raises(ValueError, match=r"plan\['\[02\]'\]: module '0' matches '0' too"):
         fused_tp.parallelize(dense, {"0": "colwise", "[02]": "rowwise"})
+    # patterns match name by name, as DTensor's parallelize_module: '*' does not reach into "b.a.dense"
+    toy = nn.ModuleDict({"a": nn.ModuleDict({"dense": nn.Linear(4, 6)})})
+    toy["b"] = nn.ModuleDict({"a": nn.ModuleDict({"dense": nn.Linear(6, 4)})})
+    fused_tp.parallelize(toy, {"*.dense": "colwise"})
+    assert type(toy.a.dense) is fused_tp.ColumnParallelLinear and type(toy.b.a.dense) is nn.Linear
+    _, _, llama = dist_cases._tiny_model()
+    with pytest.raises(
+        ValueError,
+        match=r"plan\['model.layers.\*.mlp.down_proj'\]: module 'model.layers.0.mlp.down_proj' lies inside "
+        r"'model.layers.0.mlp', which 'model.layers.\*.mlp' shards whole",
+    ):
+        fused_tp.parallelize(llama, {"model.layers.*.mlp": "swiglu", "model.layers.*.mlp.down_proj": "rowwise"})
+    assert type(llama.model.layers[0].mlp.down_proj) is nn.Linear
     with pytest.raises(ValueError, match=r"sequence_parallel: expected plan=None \(a model of the Llama family"):
         fused_tp.parallelize(dense, {"0": "colwise", "2": "rowwise"}, sequence_parallel=True)
     _, _, llama = dist_cases._tiny_model()
