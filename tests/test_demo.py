@@ -213,8 +213,9 @@ def test_decode_summary_finds_a_known_launch_cost(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script times real shapes for minutes")
 def test_the_first_call_bench_runs_and_the_gpu_benches_say_what_they_need():
     """bench/bench_first_call.py without a GPU: the table and autotuning processes on tiny shapes through the
-    interpreter, their tables printed and nothing written under bench/results/ (a check of the script); the
-    benches that time against cuBLAS exit with one line naming what they need, not a traceback."""
+    interpreter, their tables printed, then a line saying they time the interpreter, and nothing written under
+    bench/results/ (a check of the script); the benches that time against cuBLAS exit with one line naming what
+    they need, not a traceback."""
     results = ROOT / "bench" / "results" / "cpu"
     before = sorted(results.iterdir()) if results.exists() else []
     out = subprocess.run(
@@ -222,6 +223,7 @@ def test_the_first_call_bench_runs_and_the_gpu_benches_say_what_they_need():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"^\| wgrad \| 33 \| 40 \| 17 \|", out.stdout, re.M), out.stdout
+    assert out.stdout.rstrip().endswith("a check of the script, not speed"), out.stdout[-500:]
     assert (sorted(results.iterdir()) if results.exists() else []) == before
     for script in ("bench_linear.py", "bench_layers.py", "bench_compile.py", "sweep_configs.py"):
         out = subprocess.run([sys.executable, f"bench/{script}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
