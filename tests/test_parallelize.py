@@ -18,13 +18,13 @@ WORLDS = [int(w) for w in os.environ.get("FUSED_TP_TEST_WORLDS", "2,3,4").split(
 # Llama at every world size; Mistral (the same layers, a sliding window) and Qwen2 (q/k/v biases) at 3 and 4; Qwen3
 # and Gemma 3 (a norm of each query and key head, its gradient summed over the ranks) at 4, where key/value heads are
 # shared; Gemma (GeGLU: the tanh GELU's gate) at 2. Sequence-parallel: Llama at 2 and 4, Gemma 2 (four norms a
-# decoder layer) at 3.
+# decoder layer) and Qwen2 (q/k/v biases) at 3.
 CASES = (
     [("llama", w, False) for w in WORLDS]
     + [(f, w, False) for f in ("mistral", "qwen2") for w in WORLDS if w >= 3]
     + [(f, w, False) for f, at in (("qwen3", 4), ("gemma", 2), ("gemma3", 4)) for w in WORLDS if w == at]
     + [("llama", w, True) for w in WORLDS if w != 3]
-    + [("gemma2", w, True) for w in WORLDS if w == 3]
+    + [(f, w, True) for f in ("gemma2", "qwen2") for w in WORLDS if w == 3]
 )
 
 
