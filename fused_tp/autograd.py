@@ -509,19 +509,15 @@ class _ScatterLastDim(_LayerFunction):
         return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
-class _ScatterSequence(_LayerFunction):
+class _ScatterSequence(_ReduceScatterSequence):
     """Sequence parallelism's entry from a replicated producer: x [S along dim], the same on every rank -> this
-    rank's share [S_r] (a view); backward all-gathers the gradient, so that every rank gets the sequence's."""
+    rank's share [S_r] (a view); backward, _ReduceScatterSequence's, all-gathers the gradient, so that every rank
+    gets the sequence's."""
 
     @staticmethod
     def forward(ctx, x, dim, sizes, rank, group):
         ctx.dim, ctx.sizes, ctx.group = dim, sizes, group
         return x.narrow(dim, sum(sizes[:rank]), sizes[rank])
-
-    @staticmethod
-    @_first_order
-    def backward(ctx, grad):
-        return _seq_gather(grad.contiguous(), ctx.dim, ctx.sizes, ctx.group), None, None, None, None
 
 
 class _GatherSequence(_LayerFunction):
