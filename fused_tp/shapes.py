@@ -5,10 +5,10 @@ w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on 
     quick    four of them, for a look in a minute
     decode   issue 18's decode set: every projection of the DECODE_MODELS as a TP 1, 2, 4 and 8 shard (DECODE_SHARDS),
              at DECODE_TOKENS tokens
-    decode-buckets  what `tune` needs to fill the table for the whole decode set in half the time: one shape per
-             tuned-table bucket (the most flops). Session 13 tuned the H200 at 1, 8, 32 and 128 tokens only (80
-             shapes), and the nearest-bucket lookup served 64 tokens the 32-token tiles: every token count has
-             its own buckets now
+    decode-buckets  what `tune` needs to fill the table for the whole decode set: one shape per tuned-table bucket
+             (the most flops; 217 of the 273 since buckets have half steps, 140 before). Session 13 tuned the H200
+             at 1, 8, 32 and 128 tokens only (80 shapes), and the nearest-bucket lookup served 64 tokens the
+             32-token tiles: every token count has its own buckets now
     mid      mid-size products (512-2048 tokens), which no speed-set bucket is near, and bench_layers --mid's
     layers   bench_layers.py's 16- and 128-token layers, whose output widths no decode bucket of `speed` is near
     swiglu   the down projections (M, intermediate, hidden) of bench_layers.py's SwiGLU MLPs and of Llama-3-8B's at

@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="speed", help=f"a preset ({', '.join(PRESETS)}) or a file of M,K,N lines")
     parser.add_argument("--out", default="tune-out", help="directory for the results")
     parser.add_argument(
+        "--missing",
+        action="store_true",
+        help="only the shapes whose table bucket has no entry yet, for this GPU, product, dtype and operand path, "
+        "in the table in --out or the shipped ones (a table's new buckets, without re-tuning the rest)",
+    )
+    parser.add_argument(
         "--rep-ms",
         type=float,
         default=100,
@@ -273,7 +279,8 @@ def _tune(args: argparse.Namespace, timer) -> dict:
         "timer": how,
     }
 
-    work = []
+    have = _tuned_buckets(gpu, out_dir) if getattr(args, "missing", False) else {}
+    work, skipped = [], 0
     for product in products:
         for M, K, N in shapes:
             ours, theirs, (m, n, k), _, as_theirs = problem(product, M, K, N, dtype, device, how)
@@ -284,9 +291,18 @@ def _tune(args: argparse.Namespace, timer) -> dict:
             with configs.pin_config(configs.ROUTE_PROBE):
                 ours()
             route = "tma" if path_counts["tma"] > before else "pointers"
+            if tables.bucket_of(m, n, k) in have.get((product, args.dtype, route), ()):
+                skipped += 1
+                continue
             for cfg in configs.candidates(m, n, k, dtype, route == "tma"):
                 if configs.fits(cfg, dtype.itemsize, route == "tma", AUX_TILES.get(product, 0)):
                     work.append((product, (M, K, N), (m, n, k), route, ours, theirs, as_theirs, ref, cfg))
+    if skipped:
+        print(
+            f"tune: --missing: {skipped} of {len(products) * len(shapes)} shapes skipped, their buckets tuned already"
+        )
+    if not work:
+        raise SystemExit("tune: --missing: every shape's bucket has an entry already; nothing to tune")
     rows, baselines, calls = [], {}, {}
     for product, shape, dims, route, ours, theirs, as_theirs, ref, cfg in tqdm(work, desc="tune", unit="config"):
         if (product, shape) not in baselines:
@@ -314,10 +330,9 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     _confirm(rows, calls, baselines, timer, args.dtype)
 
     best, table = choose(rows, args.dtype)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     written = {
         "timings": out_dir / f"timings_{args.kernel}_{args.dtype}.json",
-        "table": out_dir / f"{slug}.json",
+        "table": out_dir / f"{_slug(gpu)}.json",
     }
     written["timings"].write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     if written["table"].exists():  # entries tuned before (other products, dtypes, paths or buckets): keep them,
@@ -341,6 +356,21 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     print(_markdown(best))
     print("\nwrote " + ", ".join(str(p) for p in written.values()))
     return written
+
+
+def _tuned_buckets(gpu: str, out_dir: pathlib.Path) -> dict:
+    """{(product, dtype name, path): {bucket}} that the shipped tables or the table in `out_dir` hold for `gpu`."""
+    have = {key: set(entries) for key, entries in tables.tuned_table(gpu).items()}
+    mine = out_dir / f"{_slug(gpu)}.json"
+    if mine.exists():
+        for key, entries in tables.load_table(mine).get(gpu, {}).items():
+            have.setdefault(key, set()).update(entries)
+    return have
+
+
+def _slug(gpu: str) -> str:
+    """A GPU name as its table file is named."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
 def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -> None:

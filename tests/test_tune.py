@@ -73,6 +73,24 @@ def test_buckets_and_the_nearest_entry(table_dir):
     assert pick(16, 8192, 14336, gpu="gpu y") is None
 
 
+def test_half_step_buckets_keep_narrow_shards_apart_and_old_entries_serving(table_dir):
+    """Table buckets are powers of two and 1.5 times them: a shard between two powers of two takes its own half-step
+    entry where the table has one, else, as when buckets were powers of two, the entry of the power above."""
+    sizes = (0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 1280, 2560, 3072, 3073, 4096, 7168, 10240, 14336)
+    assert [tables.table_bucket(n) for n in sizes] == [
+        *(0, 1, 2, 3, 4, 6, 6, 8, 12, 16),
+        *(1536, 3072, 3072, 4096, 4096, 8192, 12288, 16384),
+    ]
+    assert tables.table_key(64, 2560, 7168) == "64x3072x8192"
+    pick = lambda M, N, K: tables.table_config("g", "fwd", M, N, K, torch.bfloat16, True)  # noqa: E731
+    _write(table_dir, {"g": {"fwd": {"bf16": {"tma": {"64x4096x8192": _entry(A), "64x2048x8192": _entry(B)}}}}})
+    assert [pick(64, n, 8192) for n in (2560, 3072, 3500, 4096, 1600, 2048)] == [A, A, A, A, B, B]
+    _write(table_dir, {"g": {"fwd": {"bf16": {"tma": {"64x4096x8192": _entry(A), "64x3072x8192": _entry(B)}}}}})
+    tables.tuned_table.cache_clear()
+    assert [pick(64, n, 8192) for n in (2560, 3072, 3073, 4096)] == [B, B, A, A]
+    assert pick(64, 2560, 7168) == B and pick(48, 2560, 6000) == B  # the nearest in the other dims too
+
+
 def test_fp32_operands_take_the_table_of_their_precision(table_dir):
     """fp32 with TF32 on and off run at speeds 4-8x apart: each has its own entries, and neither takes the other's."""
     _write(
@@ -445,12 +463,13 @@ def test_a_gemv_winner_is_filed_under_the_path_its_operands_take(table_dir, tmp_
     gemv = next(c for c in configs.SPACE if c.BLOCK_M == 1)
     shapes = tmp_path / "shapes.txt"
     shapes.write_text("1, 64, 40\n")
-    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {"tma": {"1x64x64": _entry(gemv)}}}}})
+    key = tables.table_key(1, 40, 64)
+    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {"tma": {key: _entry(gemv)}}}}})
     fake_timer = lambda fn: 0.5 if configs.pinned_config() == gemv else 1.0  # noqa: E731
     args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path / "out"))
     table = json.loads(tune.run(args, timer=fake_timer)["table"].read_text())["gpus"]["triton-interpreter"]
     assert list(table["fwd"]["bf16"]) == ["tma"]
-    assert configs.KernelConfig.from_dict(table["fwd"]["bf16"]["tma"]["1x64x64"]["config"], "t") == gemv
+    assert configs.KernelConfig.from_dict(table["fwd"]["bf16"]["tma"][key]["config"], "t") == gemv
 
 
 def test_tune_merges_into_the_table_it_finds_bucket_by_bucket(tmp_path, device):
@@ -479,6 +498,39 @@ def test_tune_merges_into_the_table_it_finds_bucket_by_bucket(tmp_path, device):
     assert second[key_1] == first[key_1]
     third = run((20, 48, 100))  # re-tuned: replaced in place
     assert list(third) == [key_1, key_2] and third[key_2] == second[key_2]
+
+
+def test_tune_missing_times_only_the_buckets_the_table_lacks(tmp_path, table_dir, device, capsys):
+    """--missing skips a shape whose bucket the shipped table or the one in --out already holds for its product,
+    dtype and path (a table's new half-step buckets tuned without re-tuning the rest), and says how many; with
+    nothing left it exits naming the option."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+
+    def fake_timer(fn):
+        cfg = configs.pinned_config()
+        return 1.0 if cfg is None else 1.0 / cfg.BLOCK_K
+
+    def run(lines, out):
+        shapes = tmp_path / "shapes.txt"
+        shapes.write_text(lines)
+        args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(out), missing=True)
+        return tune.run(args, timer=fake_timer)
+
+    x, w = torch.randn(20, 48, dtype=torch.bfloat16), torch.randn(100, 48, dtype=torch.bfloat16)
+    route = "tma" if _takes_descriptors(x, w) else "pointers"
+    shipped = tables.table_key(20, 100, 48)
+    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {route: {shipped: _entry(A)}}}}})
+    tables.tuned_table.cache_clear()
+    out = tmp_path / "out"
+    written = run("20, 48, 100\n20, 48, 140\n", out)  # 100 and 140 features: buckets 128 and 192
+    rows = json.loads(written["timings"].read_text())["rows"]
+    assert {(r["M"], r["K"], r["N"]) for r in rows} == {(20, 48, 140)}
+    assert "1 of 2 shapes skipped" in capsys.readouterr().out
+    table = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"][route]
+    assert list(table) == [tables.table_key(20, 140, 48)]
+    with pytest.raises(SystemExit, match="--missing: every shape's bucket has an entry already"):
+        run("20, 48, 100\n20, 48, 130\n", out)  # 130 features: the bucket that run wrote into --out
 
 
 def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device, monkeypatch):

@@ -1,6 +1,14 @@
 """Tuned tables: the configs `python -m fused_tp tune` measured fastest, shipped as JSON in fused_tp/kernels/tuned/
 (one file per GPU model), read once per process and looked up by the nearest shape bucket.
 
+A bucket is a size rounded up to the grid 1, 2, 3, 4, 6, 8, 12, 16, ..., 3072, 4096, 6144, 8192, ... (powers of two
+and one and a half times them: table_bucket), in each of M, N and K of the launch. The half steps keep apart shards
+that want different tiles: 8192 x 2560 and 7168 x 4096, or 8192 x 10240 and 8192 x 14336, shared a power-of-two
+bucket, and on the H100 the narrower ran the wider one's tile at 0.68-0.78x cuBLAS's speed where a tile of its own
+ran 0.85-0.95x (bench/NOTES.md, attempt 76). Entries tuned before session 28 sit at power-of-two buckets, which the
+grid keeps: a bucket 1.5 x 2^k is log2(4/3) from 2^(k+1) and log2(3/2) from 2^k, so a size with no half-step entry
+of its own takes the entry of the power of two above it, as it did before.
+
 The file: {"format": 1, "gpus": {gpu name: {product: {dtype: {"tma" | "pointers": {"MxNxK" bucket:
 {"config": {KernelConfig fields}, ...measured fields, kept for people, ignored here}}}}}}}.
 """
@@ -19,8 +27,18 @@ from .configs import PRODUCTS, KernelConfig, bucket
 TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
 
 
+def table_bucket(n: int) -> int:
+    """A size's table bucket: the next of 1, 2, 3, 4, 6, 8, 12, ... (a power of two, or 1.5 times one; 0 stays 0)."""
+    p = bucket(n)
+    return 3 * p // 4 if p >= 4 and n <= 3 * p // 4 else p
+
+
+def bucket_of(M: int, N: int, K: int) -> tuple[int, int, int]:
+    return table_bucket(M), table_bucket(N), table_bucket(K)
+
+
 def table_key(M: int, N: int, K: int) -> str:
-    return f"{bucket(M)}x{bucket(N)}x{bucket(K)}"
+    return "x".join(map(str, bucket_of(M, N, K)))
 
 
 @functools.cache
@@ -93,10 +111,10 @@ def table_config(
     timed at one row loses at two to the tiles (bench/NOTES.md, attempt 48)."""
     entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
     if entries:
-        rows = bucket(M)
+        rows = table_bucket(M)
         entries = {b: cfg for b, cfg in entries.items() if cfg.BLOCK_M > 1 or b[0] >= rows}
     if not entries:
         return None
-    want = [math.log2(max(bucket(n), 1)) for n in (M, N, K)]
+    want = [math.log2(max(b, 1)) for b in bucket_of(M, N, K)]
     nearest = min(entries, key=lambda b: (sum(abs(math.log2(max(x, 1)) - w) for x, w in zip(b, want)), b))
     return entries[nearest]
