@@ -3,7 +3,8 @@
 For each product (fwd: y = x @ w.T + b, dgrad: grad_x = grad_y @ w, wgrad: grad_w = grad_y.T @ x with grad_b,
 dgrad_gated: grad_pre = (grad_y @ w) * swiglu'(pre), SwiGLU's grad_input, against autograd's LlamaMLP backward) and
 shape (tokens M, in-features K, out-features N), every config of `configs.candidates` runs pinned, its output is
-checked against torch, then it is timed beside torch (cuBLAS on a GPU) in the same process. Written to --out:
+checked against torch, then it is timed beside torch (cuBLAS on a GPU) in the same process; where the chosen config
+leaves SMs without an output tile, it is timed at pinned splits of its K loop too (_pin_splits). Written to --out:
 
     timings_<kernel>_<dtype>.json   every timing: product, shape, path, config, ms (the minimum of ms_rounds:
                                     the contenders are timed three times, autotune.contenders), TF/s, torch's
@@ -21,6 +22,7 @@ imported), timed by the wall clock, which says nothing about speed but exercises
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -307,7 +309,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     for product, shape, dims, route, ours, theirs, as_theirs, ref, cfg in tqdm(work, desc="tune", unit="config"):
         if (product, shape) not in baselines:
             baselines[(product, shape)] = [timer(theirs)]
-            calls[(product, shape)] = ours, theirs
+            calls[(product, shape)] = ours, theirs, as_theirs, ref
         with configs.pin_config(cfg):
             err = rel_err(as_theirs(ours()), ref)
             # A config whose output is wrong is kept in the timings, marked, and never chosen.
@@ -329,7 +331,10 @@ def _tune(args: argparse.Namespace, timer) -> dict:
         )
     _confirm(rows, calls, baselines, timer, args.dtype)
 
-    best, table = choose(rows, args.dtype)
+    best, _ = choose(rows, args.dtype)
+    slots = plan.device(torch.cuda.current_device() if device == "cuda" else -1).slots
+    rows += _pin_splits(best, calls, timer, slots, dtype.itemsize, NORM_CHECK[args.dtype])
+    table = _table(best, args.dtype)
     written = {
         "timings": out_dir / f"timings_{args.kernel}_{args.dtype}.json",
         "table": out_dir / f"{_slug(gpu)}.json",
@@ -384,7 +389,7 @@ def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -
         cands = [configs.KernelConfig(**r["config"]) for r in mine]
         rule = _rule(mine[0], name)
         again = autotune.contenders(cands, [r["ms_rounds"][0] if r["ms_rounds"] else None for r in mine], rule)
-        ours, theirs = calls[key]
+        ours, theirs = calls[key][:2]
         for _ in range(autotune.CONFIRM_ROUNDS if again else 0):
             baselines[key].append(timer(theirs))
             for i in again:
@@ -433,6 +438,11 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
         pick = autotune.choose(cands, [r["ms"] for r in timed], rule)
         by_rule = next((r for r in timed if r["config"] == rule.to_dict()), None)
         chosen.append(dict(next(r for r in timed if r["config"] == pick.to_dict()), rule_ms=by_rule and by_rule["ms"]))
+    return chosen, _table(chosen, name)
+
+
+def _table(chosen: list[dict], name: str) -> dict:
+    """{product: {name: {path: {bucket: entry}}}} of the chosen rows."""
     table = {}
     for r in chosen:
         m, n, k = r["launch_mnk"]
@@ -451,8 +461,80 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
                 ratio=r["ratio"],
                 flops=flops,
                 timer=r.get("timer", "flush"),
+                **({"unpinned_split_ms": r["unpinned_split_ms"]} if "unpinned_split_ms" in r else {}),
             )
-    return chosen, table
+    return table
+
+
+# The splits the tune times for a product of fewer output tiles than the GPU has SMs, with the config it chose: the
+# rule's split (configs.choose_split_k) left 12-16% on a few narrow decode shards, and no other rule did better on
+# average (bench/NOTES.md, attempt 76).
+SPLITS_TIMED = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _pin_splits(chosen: list[dict], calls: dict, timer, slots: int, itemsize: int, bound: float) -> list[dict]:
+    """For each chosen row whose config has fewer output tiles than `slots` and leaves the split to the rule: its
+    config at each split of SPLITS_TIMED that gives every program at least two K-steps (the rule's own split
+    aside, which is the row's timing), checked against torch as every candidate is (`bound`) and timed, then the
+    fastest again autotune.CONFIRM_ROUNDS times beside the unpinned config, each keeping its fastest timing. A
+    split that still beats the unpinned config by autotune.MARGIN goes into the row's config (a table entry's
+    split_k is what every launch it serves takes), its ms and ratio with it. Returns the timing rows of the pinned
+    splits."""
+    out = []
+    for r in chosen:
+        cfg = configs.KernelConfig(**r["config"])
+        m, n, k = r["launch_mnk"]
+        tiles = -(-m // cfg.BLOCK_M) * -(-n // cfg.BLOCK_N)
+        k_tiles = -(-k // cfg.BLOCK_K)
+        if cfg.split_k is not None or tiles >= slots or r["ms"] is None:
+            continue
+        auto = configs.choose_split_k(m, n, k, cfg, slots, itemsize)
+        splits = [s for s in SPLITS_TIMED if s != auto and k_tiles // s >= 2 and s <= configs.MAX_SPLIT_K]
+        if not splits:
+            continue
+        ours, _, as_theirs, ref = calls[(r["product"], (r["M"], r["K"], r["N"]))]
+        timed, errs = {}, {}
+        for s in splits:
+            with configs.pin_config(dataclasses.replace(cfg, split_k=s)):
+                errs[s] = rel_err(as_theirs(ours()), ref)
+                if errs[s] <= bound:
+                    timed[s] = [timer(ours)]
+        if not timed:
+            continue
+        fastest = min(timed, key=lambda s: timed[s][0])
+        unpinned = [r["ms"]]
+        for _ in range(autotune.CONFIRM_ROUNDS):
+            with configs.pin_config(cfg):
+                unpinned.append(timer(ours))
+            with configs.pin_config(dataclasses.replace(cfg, split_k=fastest)):
+                timed[fastest].append(timer(ours))
+        flops = 2 * r["M"] * r["K"] * r["N"]
+        for s in splits:
+            ms = min(timed.get(s, ()), default=None)
+            out.append(
+                dict(
+                    {key: r[key] for key in ("product", "M", "K", "N", "launch_mnk", "path", "timer")},
+                    config=dataclasses.replace(cfg, split_k=s).to_dict(),
+                    ms_rounds=timed.get(s, []),
+                    rel_err=errs[s],
+                    passed_check=ms is not None,
+                    ms=ms,
+                    tflops=ms and flops / ms / 1e9,
+                    **{key: r[key] for key in ("torch_ms", "torch_rounds", "torch_tflops")},
+                    ratio=ms and r["torch_ms"] / ms,
+                    stage="split",
+                )
+            )
+        best_ms, auto_ms = min(timed[fastest]), min(unpinned)
+        if best_ms < (1 - autotune.MARGIN) * auto_ms:
+            r.update(
+                config=dataclasses.replace(cfg, split_k=fastest).to_dict(),
+                ms=best_ms,
+                tflops=flops / best_ms / 1e9,
+                ratio=r["torch_ms"] / best_ms,
+                unpinned_split_ms=auto_ms,
+            )
+    return out
 
 
 def _markdown(rows) -> str:
@@ -469,6 +551,7 @@ def _markdown(rows) -> str:
                 )
                 + ("" if v.get("tma", True) else ",tma=False")
                 + ("" if v.get("tma_c", True) else ",tma_c=False")
+                + (f",split_k={v['split_k']}" if v.get("split_k") else "")
             )
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 

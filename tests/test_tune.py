@@ -533,6 +533,40 @@ def test_tune_missing_times_only_the_buckets_the_table_lacks(tmp_path, table_dir
         run("20, 48, 100\n20, 48, 130\n", out)  # 130 features: the bucket that run wrote into --out
 
 
+@pytest.mark.parametrize("fast_split", [3, None])
+def test_tune_pins_a_split_only_where_one_beats_the_rule_s_split(tmp_path, table_dir, device, fast_split):
+    """A product of fewer output tiles than SMs (the interpreter has 3 program slots) gets its chosen config timed
+    at pinned splits too: a split faster than the rule's by the margin goes into the table entry (every launch the
+    entry serves takes it), each pinned split's timing is kept beside the others; with none faster the entry
+    leaves the split to the rule."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+
+    def fake_timer(fn):  # the smallest BLOCK_K fastest, then fast_split halves the time
+        cfg = configs.pinned_config()
+        if cfg is None:
+            return 1.0
+        ms = cfg.BLOCK_K / 64 + cfg.BLOCK_M * 1e-6 + cfg.BLOCK_N * 1e-8 + cfg.num_stages * 1e-10
+        return ms * (0.5 if fast_split is not None and cfg.split_k == fast_split else 1.0)
+
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("4, 512, 40\n")  # one 40-wide tile of outputs, 512 deep: a split has K-steps to share
+    args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path / "out"))
+    written = tune.run(args, timer=fake_timer)
+    rows = json.loads(written["timings"].read_text())["rows"]
+    split_rows = [r for r in rows if r.get("stage") == "split"]
+    (entries,) = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"].values()
+    (entry,) = entries.values()
+    chosen = configs.KernelConfig.from_dict(entry["config"], "t")
+    assert split_rows and all(r["passed_check"] for r in split_rows)
+    assert {configs.KernelConfig(**r["config"]) for r in split_rows} >= {
+        dataclasses.replace(chosen, split_k=s) for s in (1, 3, 4)
+    }
+    assert chosen.split_k == fast_split and chosen.BLOCK_K == min(r["config"]["BLOCK_K"] for r in rows)
+    if fast_split:
+        assert entry["unpinned_split_ms"] > entry["ms"]
+
+
 def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device, monkeypatch):
     """One stalled timing (a whole do_bench median read 4x slow, as on a busy host) neither costs the rule's config
     its place nor skews torch's figure: each shape's CONFIRM_TOP fastest configs and the rule's are timed
