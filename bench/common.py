@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import statistics
 
 import torch
@@ -29,8 +28,7 @@ def require_gpu(script: str) -> None:
 
 
 def results_dir(gpu: str) -> pathlib.Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    path = RESULTS / slug
+    path = RESULTS / tables.gpu_slug(gpu)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

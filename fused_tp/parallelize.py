@@ -240,11 +240,15 @@ def _shard_attention(attn: nn.Module, name: str, group, sequence: dict) -> list:
     o_proj = RowParallelLinear._from_linear(attn.o_proj, (a * d, b * d), process_group=group, **sequence)
     changes.append((attn, "o_proj", o_proj))
     changes.append((attn, "num_key_value_groups", (b - a) // (kv_b - kv_a)))
+
     # The attention's other parameters (a per-head norm's weight) are every rank's alike, but each rank's gradient
     # is its own heads' share: summed over the group, it is the dense one (a key/value head that several ranks hold
     # gets each one's part).
-    if any(part.partition(".")[0] not in PROJECTIONS for part, _ in attn.named_parameters()):
-        changes.append(lambda: sum_grads(attn, group, lambda part: part.partition(".")[0] not in PROJECTIONS))
+    def other(part: str) -> bool:
+        return part.partition(".")[0] not in PROJECTIONS
+
+    if any(other(part) for part, _ in attn.named_parameters()):
+        changes.append(lambda: sum_grads(attn, group, other))
     return changes
 
 

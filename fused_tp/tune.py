@@ -337,7 +337,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     table = _table(best, args.dtype)
     written = {
         "timings": out_dir / f"timings_{args.kernel}_{args.dtype}.json",
-        "table": out_dir / f"{_slug(gpu)}.json",
+        "table": out_dir / f"{tables.gpu_slug(gpu)}.json",
     }
     written["timings"].write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
     if written["table"].exists():  # entries tuned before (other products, dtypes, paths or buckets): keep them,
@@ -366,16 +366,11 @@ def _tune(args: argparse.Namespace, timer) -> dict:
 def _tuned_buckets(gpu: str, out_dir: pathlib.Path) -> dict:
     """{(product, dtype name, path): {bucket}} that the shipped tables or the table in `out_dir` hold for `gpu`."""
     have = {key: set(entries) for key, entries in tables.tuned_table(gpu).items()}
-    mine = out_dir / f"{_slug(gpu)}.json"
+    mine = out_dir / f"{tables.gpu_slug(gpu)}.json"
     if mine.exists():
         for key, entries in tables.load_table(mine).get(gpu, {}).items():
             have.setdefault(key, set()).update(entries)
     return have
-
-
-def _slug(gpu: str) -> str:
-    """A GPU name as its table file is named."""
-    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
 def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -> None:

@@ -19,12 +19,18 @@ import functools
 import json
 import math
 import pathlib
+import re
 
 import torch
 
 from .configs import PRODUCTS, KernelConfig, bucket
 
 TABLE_DIR = pathlib.Path(__file__).resolve().parent / "tuned"
+
+
+def gpu_slug(gpu: str) -> str:
+    """A GPU name as its table file (and its bench results folder) is named: "NVIDIA H200" -> "nvidia-h200"."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
 def table_bucket(n: int) -> int:
