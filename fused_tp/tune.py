@@ -61,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="operand dtype; tf32 is fp32 with allow_tf32 on, fp32 with it off",
     )
     parser.add_argument("--shapes", default="speed", help=f"a preset ({', '.join(PRESETS)}) or a file of M,K,N lines")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        metavar="M",
+        help="only the shapes of --shapes with these token counts (M): a preset in parts, each within a time limit",
+    )
     parser.add_argument("--out", default="tune-out", help="directory for the results")
     parser.add_argument(
         "--missing",
@@ -269,6 +276,10 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     if timer is None:  # on the CPU, the interpreter's wall clock
         timer = functools.partial(TIMERS[how], rep_ms=args.rep_ms) if device == "cuda" else autotune.timer
     dtype, shapes = DTYPES[args.dtype], load_shapes(args.shapes)
+    if getattr(args, "tokens", None):
+        shapes = [s for s in shapes if s[0] in args.tokens]
+        if not shapes:
+            raise SystemExit(f"--tokens: no shape of --shapes {args.shapes} has M in {args.tokens}")
     products = configs.PRODUCTS if args.kernel == "all" else (args.kernel,)
     gpu = plan.device(torch.cuda.current_device() if device == "cuda" else -1).gpu
     out_dir = pathlib.Path(args.out)

@@ -533,6 +533,24 @@ def test_tune_missing_times_only_the_buckets_the_table_lacks(tmp_path, table_dir
         run("20, 48, 100\n20, 48, 130\n", out)  # 130 features: the bucket that run wrote into --out
 
 
+def test_tune_tokens_times_only_the_shapes_of_those_token_counts(tmp_path, table_dir, device):
+    """--tokens keeps the shapes of --shapes whose M it lists (a preset tuned in parts, each within a device call's
+    limit); listing no M of the shapes exits naming the option, before anything is timed."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("1, 48, 100\n16, 48, 100\n16, 40, 24\n")
+
+    def args(tokens):
+        return argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path), tokens=tokens)
+
+    written = tune.run(args([16]), timer=lambda fn: 1.0)
+    rows = json.loads(written["timings"].read_text())["rows"]
+    assert {(r["M"], r["K"], r["N"]) for r in rows} == {(16, 48, 100), (16, 40, 24)}
+    with pytest.raises(SystemExit, match=r"--tokens: no shape of --shapes .* has M in \[2, 4\]"):
+        tune.run(args([2, 4]), timer=lambda fn: pytest.fail("timed with no shape left"))
+
+
 @pytest.mark.parametrize("fast_split", [3, None])
 def test_tune_pins_a_split_only_where_one_beats_the_rule_s_split(tmp_path, table_dir, device, fast_split):
     """A product of fewer output tiles than SMs (the interpreter has 3 program slots) gets its chosen config timed

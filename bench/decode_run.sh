@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# A GPU's decode tables and decode bench, as steps run one after another in one device call (on the H100 a dtype's
+# every bucket took about 300 s of tuning and the bench about 190 s: bench/NOTES.md, attempt 80; split the steps over
+# calls to stay within a call's 10 minutes). Each tune starts from the tree's table for this GPU, adds or replaces
+# what it timed and writes the table back into the tree (fused_tp/kernels/tuned/<gpu>.json), so the next step and the
+# bench use it; the table, the tune's timings and logs and the bench's files go to $OUT/results.tgz (the device's
+# fetch takes at most 8 files). Copy the table back into your tree between calls.
+#   bash bench/decode_run.sh STEP [STEP ...]
+#     tune:bf16:1,4,8,16      tune --missing over the decode-buckets preset's shapes of those token counts
+#     retune:bf16:0.92        tune again (pinned splits included) the buckets that served the last decode bench's
+#                             rows below 0.92x at 32-128 tokens, where an entry is there already (tune:'s fill the rest)
+#     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
+set -u
+for step in "$@"; do  # every step's form checked before the first runs
+  [[ $step =~ ^(tune:[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|bench:[a-z0-9]+)$ ]] ||
+    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retune:DTYPE:RATIO or bench:DTYPE, got $step" >&2; exit 2; }
+done
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/tune"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
+# the GPU's table name as fused_tp names it (on the CPU with TRITON_INTERPRET=1: the interpreter's, a check of this
+# script, with SHAPES=tiny for tune: a preset in place of decode-buckets)
+slug=$(python3 -c "import torch; from fused_tp.kernels import plan, tables
+print(tables.gpu_slug(plan.device(torch.cuda.current_device() if torch.cuda.is_available() else -1).gpu))")
+table=fused_tp/kernels/tuned/$slug.json
+tune() {  # tune DTYPE TAG [tune args]: the fwd tune with the tree's table in --out, then the table back into the tree
+  local dtype=$1 tag=$2 work; shift 2
+  work=$(mktemp -d); [ -f "$table" ] && cp "$table" "$work/"
+  # the progress bar's lines left out of the log
+  python3 -m fused_tp tune --kernel fwd --dtype "$dtype" --timer graph --rep-ms 30 --out "$work" "$@" 2>&1 \
+    | grep -v 'config/s\]' > "$OUT/tune/tune_fwd_${dtype}_$tag.log"
+  tail -2 "$OUT/tune/tune_fwd_${dtype}_$tag.log"
+  [ -f "$work/$slug.json" ] && cp "$work/$slug.json" "$table" && cp "$table" "$OUT/"
+  for f in "$work"/timings_fwd_"$dtype".json "$work"/tune_fwd_"$dtype".png; do
+    [ -f "$f" ] && b=$(basename "$f") && cp "$f" "$OUT/tune/${b%_"$dtype".*}_${dtype}_$tag.${b##*.}"
+  done
+}
+for step in "$@"; do
+  IFS=: read -r what dtype arg <<< "$step"
+  start=$(date +%s)
+  case $what in
+    tune) tune "$dtype" "decode-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } --missing ;;
+    retune)
+      python3 - "$slug" "$dtype" "$arg" > "$OUT/retune_$dtype.txt" <<'EOF'
+import json, sys
+from fused_tp.kernels import tables
+slug, dtype, below = sys.argv[1], sys.argv[2], float(sys.argv[3])
+bench = json.load(open(f"bench/results/{slug}/bench_linear_{dtype}_decode.json"))
+have = set().union(*(v for k, v in tables.tuned_table(bench["env"]["gpu"]).items() if k[:2] == ("fwd", dtype)))
+picked = {}  # one shape per bucket, the largest, as tune's table keeps
+for r in bench["rows"]:
+    bucket = tables.bucket_of(r["M"], r["N"], r["K"])
+    if r["M"] >= 32 and r["ratio"] < below and bucket in have:
+        picked[bucket] = max(picked.get(bucket, (0, 0, 0)), (r["M"], r["K"], r["N"]), key=lambda s: s[0] * s[1] * s[2])
+print("".join(f"{m},{k},{n}\n" for m, k, n in sorted(picked.values())), end="")
+EOF
+      if [ -s "$OUT/retune_$dtype.txt" ]; then tune "$dtype" retune --shapes "$OUT/retune_$dtype.txt"
+      else echo "retune: no row below $arg with an entry of its own"; fi ;;
+    bench)
+      python3 bench/bench_linear.py --shapes decode --ops forward --dtype "$dtype" 2>&1 \
+        | tail -60 > "$OUT/bench_linear_${dtype}_decode.log"
+      tail -3 "$OUT/bench_linear_${dtype}_decode.log" ;;
+  esac
+  echo "== $step: $(( $(date +%s) - start )) s"
+done
+find bench/results -type f -newer "$OUT/env.txt" -exec cp --parents {} "$OUT/" \;
+( cd "$OUT" && tar czf /tmp/results.tgz . && rm -rf ./* && mv /tmp/results.tgz . )
