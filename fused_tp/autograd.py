@@ -3,8 +3,9 @@ torch.distributed. Each layer call checks its arguments first; with the rank gua
 group, or under torch.compile, through `_preflight`, which also runs the guard and opens autotuning's scope.
 
 Under torch.compile the same Functions trace whole: the kernels run as registered operators (kernels/ops.py) and
-the collectives as functional collectives (torch.distributed._functional_collectives), which return new tensors
-where the eager ones work in place; the rank guard and run-time autotuning stay eager-only (_preflight).
+the collectives as functional collectives (torch.ops._c10d_functional), which return new tensors where the eager
+ones work in place, each waited for where the eager path waits (_traced_collective); the rank guard and run-time
+autotuning stay eager-only (_preflight).
 
 R is the size of the process group, r this rank's index in it. Shards follow torch.tensor_split(t, R, dim)[r]:
 sizes need not divide evenly, the first ranks get one more. One code path serves every R; at R = 1 the
@@ -20,7 +21,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.autograd import Function
 
@@ -156,19 +156,40 @@ def shares(size: int, world_size: int) -> list[int]:
 
 
 def _all_reduce(t: torch.Tensor, group, world: int, async_op: bool = False):
-    """(the sum of t over the group, the pending work or None). Eagerly t itself, summed in place (async_op: wait
-    on the work before reading it); under torch.compile a new tensor, whose wait the graph places."""
+    """The sum of t over the group: eagerly t itself, summed in place; under torch.compile a new tensor. With
+    async_op, a function that waits for the sum and returns it."""
     # Shapes are replicated across ranks, so every rank skips an empty or single-rank reduce alike.
     if world == 1 or t.numel() == 0:
-        return t, None
+        return (lambda: t) if async_op else t
     if torch.compiler.is_compiling():
-        return funcol.all_reduce(t, "sum", _traced_group(group)), None
-    return t, dist.all_reduce(t, group=group, async_op=async_op)
+        wait = _traced_collective("all_reduce", t, "sum", group=group)
+    else:
+        wait = _waiter(dist.all_reduce(t, group=group, async_op=async_op), t)
+    return wait if async_op else wait()
 
 
-def _traced_group(group):
-    # functional collectives name the group; None means the default one, as in torch.distributed's calls
-    return dist.group.WORLD if group is None else group
+def _waiter(work, out: torch.Tensor):
+    """A function that waits for an eager collective's `work` (None: done already) and returns `out`, its result."""
+    if work is None:
+        return lambda: out
+
+    def wait() -> torch.Tensor:
+        work.wait()
+        return out
+
+    return wait
+
+
+def _traced_collective(op: str, t: torch.Tensor, *args, group):
+    """A collective as torch.compile traces it: the functional op torch.ops._c10d_functional.<op>(t, *args, group
+    name), and a function that waits for it and returns its result. Not torch.distributed._functional_collectives'
+    functions: while tracing they wait on the spot, which put each wait straight after its collective in the graph
+    and so serialised grad_x's all-reduce with the weight gradient that runs beside it eagerly; the callers here
+    wait where the eager path waits, and the graph keeps that order (tests/test_compile.py reads it off the traced
+    backward)."""
+    group = dist.group.WORLD if group is None else group  # None is the default group, as in torch.distributed
+    pending = getattr(torch.ops._c10d_functional, op)(t, *args, group.group_name)
+    return lambda: torch.ops._c10d_functional.wait_tensor(pending)
 
 
 def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch.Tensor:
@@ -183,7 +204,7 @@ def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch
     # all_gather wants equal, contiguous pieces: pad the short shards to the first (longest) one, trim after.
     piece = F.pad(t, (0, sizes[0] - t.shape[-1])) if t.shape[-1] < sizes[0] else t.contiguous()
     if torch.compiler.is_compiling():
-        pieces = funcol.all_gather_tensor(piece.unsqueeze(0), 0, _traced_group(group)).unbind(0)
+        pieces = _traced_collective("all_gather_into_tensor", piece.unsqueeze(0), world, group=group)().unbind(0)
     else:
         pieces = [torch.empty_like(piece) for _ in range(world)]
         dist.all_gather(pieces, piece, group=group)
@@ -204,7 +225,7 @@ def sequence_sizes(length: int, dim: int, group, world: int, rank: int, device=N
         return [length]
     if torch.compiler.is_compiling():
         mine = torch.full((1,), length, dtype=torch.int64, device=device)
-        got = funcol.all_gather_tensor(mine, 0, _traced_group(group))
+        got = _traced_collective("all_gather_into_tensor", mine, world, group=group)()
         torch._assert_async(
             torch.all(got == mine),
             "input: compiled, sequence parallelism needs every rank's sequence shard of one length (even shards); "
@@ -234,18 +255,17 @@ def _seq_gather(t: torch.Tensor, dim: int, sizes: list[int], group, async_op: bo
     else:  # all_gather_into_tensor wants equal pieces: a short shard is padded, and trimmed after
         piece = first.new_zeros((longest, *first.shape[1:]))
         piece[: first.shape[0]] = first
-    if torch.compiler.is_compiling():  # a new tensor; the graph places its wait
-        out, work = funcol.all_gather_tensor(piece, 0, _traced_group(group)), None
+    if torch.compiler.is_compiling():
+        wait = _traced_collective("all_gather_into_tensor", piece, len(sizes), group=group)
     else:
         out = piece.new_empty((len(sizes) * longest, *first.shape[1:]))
-        work = dist.all_gather_into_tensor(out, piece, group=group, async_op=async_op)
+        wait = _waiter(dist.all_gather_into_tensor(out, piece, group=group, async_op=async_op), out)
 
     def finish() -> torch.Tensor:
-        if work is not None:
-            work.wait()
+        gathered = wait()
         if sizes[-1] == longest:  # even shards: the gathered rows are the sequence
-            return out.movedim(0, dim)
-        return torch.cat([out[r * longest : r * longest + n] for r, n in enumerate(sizes)], 0).movedim(0, dim)
+            return gathered.movedim(0, dim)
+        return torch.cat([gathered[r * longest : r * longest + n] for r, n in enumerate(sizes)], 0).movedim(0, dim)
 
     return finish if async_op else finish()
 
@@ -264,15 +284,13 @@ def _seq_reduce_scatter(t: torch.Tensor, dim: int, sizes: list[int], rank: int, 
             padded[r * longest : r * longest + n] = full[start : start + n]
             start += n
     if torch.compiler.is_compiling():
-        out, work = funcol.reduce_scatter_tensor(padded, "sum", 0, _traced_group(group)), None
+        wait = _traced_collective("reduce_scatter_tensor", padded, "sum", len(sizes), group=group)
     else:
         out = padded.new_empty((longest, *full.shape[1:]))
-        work = dist.reduce_scatter_tensor(out, padded, group=group, async_op=async_op)
+        wait = _waiter(dist.reduce_scatter_tensor(out, padded, group=group, async_op=async_op), out)
 
     def finish() -> torch.Tensor:
-        if work is not None:
-            work.wait()
-        return out[: sizes[rank]].movedim(0, dim)
+        return wait()[: sizes[rank]].movedim(0, dim)
 
     return finish if async_op else finish()
 
@@ -344,13 +362,9 @@ def _column_grads(grad_y_shard, x, w_shard, need, group, world, seq=None) -> tup
             grad_y_shard, x_full if x_full is not None else grad_y_shard, weight=need[1], bias=need[2]
         )
         return (scattering() if scattering is not None else None), grad_w, grad_b
-    grad_x = work = None
-    if need[0]:
-        grad_x, work = _all_reduce(ops.grad_input(grad_y_shard, w_shard), group, world, async_op=True)
+    summing = _all_reduce(ops.grad_input(grad_y_shard, w_shard), group, world, async_op=True) if need[0] else None
     grad_w, grad_b = ops.grad_params(grad_y_shard, x, weight=need[1], bias=need[2])
-    if work is not None:
-        work.wait()
-    return grad_x, grad_w, grad_b
+    return (summing() if summing is not None else None), grad_w, grad_b
 
 
 class _RowParallelLinear(_LayerFunction):
@@ -472,7 +486,7 @@ def _mlp_graph(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str,
 
 def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):
     """all_reduce(x_shard @ w_shard.T + (b on rank 0 only))."""
-    return _all_reduce(ops.linear(x_shard, w_shard, b if rank == 0 else None)[0], group, world)[0]
+    return _all_reduce(ops.linear(x_shard, w_shard, b if rank == 0 else None)[0], group, world)
 
 
 def _mlp_forward(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str):

@@ -124,6 +124,39 @@ def exported_against_eager(kind, device, dense, inputs):
     return differ
 
 
+def compiled_backward_overlaps(kind, device, dense, x):
+    """The stack of layers_step compiled (fullgraph, aot_autograd with the default partitioner): for each collective
+    of its traced backward, in graph order, (its op, the fused_tp products the graph runs between it and its wait),
+    the work a collective overlaps with when the graph runs in that order, as inductor's wrapper does."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _example_inputs, graphs=None):
+        if graphs is not None:
+            graphs.append(gm.graph)
+        return make_boxed_func(gm.forward)
+
+    forward, _ = _stack(kind, [dense_linear(w, b, device) for w, b in dense], "gelu")
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, inputs: keep(gm, inputs, graphs))
+    compiled = torch.compile(forward, backend=backend, fullgraph=True)
+    compiled(x.to(device).requires_grad_()).sum().backward()
+    (backward,) = graphs
+    open_ = {}  # collective node -> (its op, the products since)
+    done = []
+    for node in backward.nodes:
+        name = str(node.target) if node.op == "call_function" else ""
+        if name.startswith("_c10d_functional.") and "wait_tensor" not in name:
+            open_[node] = (name.split(".")[1], [])
+        elif "wait_tensor" in name:
+            done.append(open_.pop(node.args[0]))
+        elif name.startswith("fused_tp."):
+            for _, products in open_.values():
+                products.append(name.split(".")[1])
+    return done
+
+
 def compiled_uneven_sequence(kind, device, dense, width):
     """The sequence-parallel stack compiled (fullgraph, aot_eager) and called with shards of uneven lengths (rank 0
     one token longer): what it raised."""
