@@ -8,7 +8,9 @@
 #   bash bench/decode_run.sh STEP [STEP ...]
 #     tune:bf16:1,4,8,16      tune --missing over the decode-buckets preset's shapes of those token counts
 #     retune:bf16:0.92        tune again (pinned splits included) the buckets that served the last decode bench's
-#                             rows below 0.92x at 32-128 tokens, where an entry is there already (tune:'s fill the rest)
+#                             rows below 0.92x at 32-128 tokens, where an entry is there already (tune:'s fill the rest),
+#                             but for those shapes a tune with the pinned-split stage timed (the tree's timings files
+#                             under bench/results/<gpu>/tune/ and this call's: copy a call's timings there too)
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
@@ -42,21 +44,29 @@ for step in "$@"; do
   case $what in
     tune) tune "$dtype" "decode-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } --missing ;;
     retune)
-      python3 - "$slug" "$dtype" "$arg" > "$OUT/retune_$dtype.txt" <<'EOF'
-import json, sys
+      python3 - "$slug" "$dtype" "$arg" "$OUT" > "$OUT/retune_$dtype.txt" <<'EOF'
+import glob, json, sys
 from fused_tp.kernels import tables
-slug, dtype, below = sys.argv[1], sys.argv[2], float(sys.argv[3])
+slug, dtype, below, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 bench = json.load(open(f"bench/results/{slug}/bench_linear_{dtype}_decode.json"))
 have = set().union(*(v for k, v in tables.tuned_table(bench["env"]["gpu"]).items() if k[:2] == ("fwd", dtype)))
+# the shapes a tune with the pinned-split stage timed already (this call's timings, or the tree's; the stage's own rows
+# mark the files written before their env said so), whose entries a re-tune would only time again
+split_era = set()
+for f in glob.glob(f"bench/results/{slug}/tune/timings_fwd_{dtype}*.json") + glob.glob(f"{out}/tune/timings_fwd_{dtype}_*.json"):
+    timings = json.load(open(f))
+    rows = timings["rows"]
+    if "splits_timed" in timings["env"] or any(r.get("stage") == "split" for r in rows):
+        split_era |= {(r["M"], r["K"], r["N"]) for r in rows if r["product"] == "fwd"}
 picked = {}  # one shape per bucket, the largest, as tune's table keeps
 for r in bench["rows"]:
     bucket = tables.bucket_of(r["M"], r["N"], r["K"])
     if r["M"] >= 32 and r["ratio"] < below and bucket in have:
         picked[bucket] = max(picked.get(bucket, (0, 0, 0)), (r["M"], r["K"], r["N"]), key=lambda s: s[0] * s[1] * s[2])
-print("".join(f"{m},{k},{n}\n" for m, k, n in sorted(picked.values())), end="")
+print("".join(f"{m},{k},{n}\n" for m, k, n in sorted(picked.values()) if (m, k, n) not in split_era), end="")
 EOF
       if [ -s "$OUT/retune_$dtype.txt" ]; then tune "$dtype" retune --shapes "$OUT/retune_$dtype.txt"
-      else echo "retune: no row below $arg with an entry of its own"; fi ;;
+      else echo "retune: no row below $arg whose entry a tune without pinned splits made"; fi ;;
     bench)
       python3 bench/bench_linear.py --shapes decode --ops forward --dtype "$dtype" 2>&1 \
         | tail -60 > "$OUT/bench_linear_${dtype}_decode.log"

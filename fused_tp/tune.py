@@ -350,7 +350,9 @@ def _tune(args: argparse.Namespace, timer) -> dict:
         "timings": out_dir / f"timings_{args.kernel}_{args.dtype}.json",
         "table": out_dir / f"{tables.gpu_slug(gpu)}.json",
     }
-    written["timings"].write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    # splits_timed: this tune's pinned-split stage, so that a tune's timings say which entries it covered
+    timings_env = dict(env, splits_timed=list(SPLITS_TIMED))
+    written["timings"].write_text(json.dumps({"env": timings_env, "rows": rows}, indent=1) + "\n")
     if written["table"].exists():  # entries tuned before (other products, dtypes, paths or buckets): keep them,
         # in their order, so that a diff of the table shows what this run changed
         merged = json.loads(written["table"].read_text()).get("gpus", {}).get(gpu, {})
