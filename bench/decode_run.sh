@@ -50,20 +50,20 @@ from fused_tp.kernels import tables
 slug, dtype, below, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 bench = json.load(open(f"bench/results/{slug}/bench_linear_{dtype}_decode.json"))
 have = set().union(*(v for k, v in tables.tuned_table(bench["env"]["gpu"]).items() if k[:2] == ("fwd", dtype)))
-# the shapes a tune with the pinned-split stage timed already (this call's timings, or the tree's; the stage's own rows
-# mark the files written before their env said so), whose entries a re-tune would only time again
+# the buckets a tune with the pinned-split stage timed already (this call's timings, or the tree's; the stage's own
+# rows mark the files written before their env said so), whose entries a re-tune would only time again
 split_era = set()
 for f in glob.glob(f"bench/results/{slug}/tune/timings_fwd_{dtype}*.json") + glob.glob(f"{out}/tune/timings_fwd_{dtype}_*.json"):
     timings = json.load(open(f))
     rows = timings["rows"]
     if "splits_timed" in timings["env"] or any(r.get("stage") == "split" for r in rows):
-        split_era |= {(r["M"], r["K"], r["N"]) for r in rows if r["product"] == "fwd"}
+        split_era |= {tables.bucket_of(r["M"], r["N"], r["K"]) for r in rows if r["product"] == "fwd"}
 picked = {}  # one shape per bucket, the largest, as tune's table keeps
 for r in bench["rows"]:
     bucket = tables.bucket_of(r["M"], r["N"], r["K"])
-    if r["M"] >= 32 and r["ratio"] < below and bucket in have:
+    if r["M"] >= 32 and r["ratio"] < below and bucket in have and bucket not in split_era:
         picked[bucket] = max(picked.get(bucket, (0, 0, 0)), (r["M"], r["K"], r["N"]), key=lambda s: s[0] * s[1] * s[2])
-print("".join(f"{m},{k},{n}\n" for m, k, n in sorted(picked.values()) if (m, k, n) not in split_era), end="")
+print("".join(f"{m},{k},{n}\n" for m, k, n in sorted(picked.values())), end="")
 EOF
       if [ -s "$OUT/retune_$dtype.txt" ]; then tune "$dtype" retune --shapes "$OUT/retune_$dtype.txt"
       else echo "retune: no row below $arg whose entry a tune without pinned splits made"; fi ;;
