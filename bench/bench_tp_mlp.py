@@ -1,7 +1,7 @@
 """A tensor-parallel Column -> GELU -> Row MLP, forward + backward, against the references and the floors.
 
     torchrun --nproc-per-node N bench/bench_tp_mlp.py [--dtype bf16] [--steps 20] [--quick | --tiny]
-                                                      [--sequence-parallel]
+                                                      [--sequence-parallel] [--compile]
 
 Every rank builds the same dense MLP from one seed; in one run, with the same weights and inputs:
     fused_tp    ColumnParallelLinear -> GELU -> RowParallelLinear, three modules
@@ -15,7 +15,11 @@ With --sequence-parallel, each rank feeds and gets its share of the tokens (an e
 its sequence-parallel form: fused_tp's layers and ParallelMLP with sequence_parallel=True, the Megatron-style
 reference with an all-gather in and a reduce-scatter out (blocking), DTensor's ColwiseParallel(input_layouts=
 Shard(0)) / RowwiseParallel(output_layouts=Shard(0)); the floor of communication keeps the all-reduces, the same
-total volume. Results go to bench_tp_mlp_sp_<dtype>.json.
+total volume. Results go to bench_tp_mlp_sp_<dtype>.json. With --compile, every provider runs through torch.compile
+(default mode; fused_tp's with fullgraph=True; the Megatron-style reference breaks the graph at its blocking
+collectives, DTensor's traces whole): the compiled steps, where the column layer's grad_x all-reduce is waited for
+after its weight gradient as eager code does (bench/NOTES.md, attempt 82). Results go to
+bench_tp_mlp_[sp_]compiled_<dtype>.json.
 Outputs and input gradients are checked against the megatron reference before timing. A step is timed on every
 rank from a barrier to the end of backward (device synchronised); its time is the max over ranks, the figure the
 median over steps. Rank 0 writes bench/results/<gpu>-x<N>/bench_tp_mlp_<dtype>.json and a .png of the ratios (with
@@ -161,6 +165,7 @@ def main():
     sizes.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
     sizes.add_argument("--tiny", action="store_true", help="one tiny case: checks the script, measures nothing")
     p.add_argument("--sequence-parallel", action="store_true", help="every provider's sequence-parallel form")
+    p.add_argument("--compile", action="store_true", help="every provider through torch.compile")
     args = p.parse_args()
 
     gpus = torch.cuda.device_count()
@@ -181,6 +186,8 @@ def main():
         torch.manual_seed(0)
         dense = nn.Sequential(nn.Linear(hidden, ffn), nn.GELU(), nn.Linear(ffn, hidden)).to(device, dtype)
         providers, params = models(dense, world, rank, device, args.sequence_parallel)
+        if args.compile:
+            providers = {n: torch.compile(f, fullgraph=n in OURS) for n, f in providers.items()}
         x = torch.randn(tokens, hidden, device=device, dtype=dtype)
         grad_y = torch.randn(tokens, hidden, device=device, dtype=dtype)
         if args.sequence_parallel:  # this rank's tokens; every case's count splits evenly over 2, 4 and 8
@@ -265,7 +272,8 @@ def main():
         ]
         print(markdown_table(rows, cols))
         if not args.tiny:
-            name = f"bench_tp_mlp_{'sp_' if args.sequence_parallel else ''}{args.dtype}"
+            forms = ("sp_" if args.sequence_parallel else "") + ("compiled_" if args.compile else "")
+            name = f"bench_tp_mlp_{forms}{args.dtype}"
             out = results_dir(f"{info['gpu']}-x{world}") / name
             write(out.with_suffix(".json"), {"env": info, "rows": [dict(r, **info) for r in rows]})
             bars = [
@@ -277,7 +285,8 @@ def main():
             plot_ratios(
                 bars,
                 out.with_suffix(".png"),
-                f"fused_tp MLP step vs the references, TP {world}, {args.dtype}, {info['gpu']}",
+                f"fused_tp MLP step vs the references{', compiled' if args.compile else ''}, TP {world}, {args.dtype}, "
+                f"{info['gpu']}",
                 "reference",
                 lambda r: f"{r['tokens']}x{r['hidden']}x{r['ffn']}",
             )

@@ -127,14 +127,15 @@ def test_the_example_trains_under_torchrun_on_2_ranks():
     "triton 3.6 (the GPU image's) cannot run their persistent loop; on GPUs the bench runs for real",
 )
 def test_tp_mlp_bench_agrees_with_megatron_and_dtensor_on_gloo_ranks():
-    """bench/bench_tp_mlp.py --tiny under torchrun on 2 gloo ranks, with and without --sequence-parallel: fused_tp's
-    output and input gradient match the Megatron-style reference and DTensor's parallelize_module before anything
-    is timed (the script exits non-zero otherwise), so the multi-GPU benchmark's providers compute the same MLP. On
-    a machine with 2 GPUs this runs on NCCL."""
+    """bench/bench_tp_mlp.py --tiny under torchrun on 2 gloo ranks, plain, with --sequence-parallel and with
+    --compile (every provider through torch.compile, inductor: fused_tp's functional collectives in an inductor
+    graph): fused_tp's output and input gradient match the Megatron-style reference and DTensor's
+    parallelize_module before anything is timed (the script exits non-zero otherwise), so the multi-GPU benchmark's
+    providers compute the same MLP. On a machine with 2 GPUs this runs on NCCL."""
     env = dict(os.environ)
     if torch.cuda.device_count() < 2:  # CPU ranks: the kernels through the interpreter
         env["TRITON_INTERPRET"] = "1"
-    for mode in ([], ["--sequence-parallel"]):
+    for mode in ([], ["--sequence-parallel"], ["--compile"]):
         out = subprocess.run(
             [
                 sys.executable,
