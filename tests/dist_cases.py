@@ -133,13 +133,15 @@ def compiled_backward_overlaps(kind, device, dense, x):
 
     graphs = []
 
-    def keep(gm, _example_inputs, graphs=None):
-        if graphs is not None:
-            graphs.append(gm.graph)
+    def run(gm, _example_inputs):
         return make_boxed_func(gm.forward)
 
+    def keep(gm, example_inputs):
+        graphs.append(gm.graph)
+        return run(gm, example_inputs)
+
     forward, _ = _stack(kind, [dense_linear(w, b, device) for w, b in dense], "gelu")
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, inputs: keep(gm, inputs, graphs))
+    backend = aot_autograd(fw_compiler=run, bw_compiler=keep)
     compiled = torch.compile(forward, backend=backend, fullgraph=True)
     compiled(x.to(device).requires_grad_()).sum().backward()
     (backward,) = graphs
