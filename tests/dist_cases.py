@@ -124,38 +124,94 @@ def exported_against_eager(kind, device, dense, inputs):
     return differ
 
 
-def compiled_backward_overlaps(kind, device, dense, x):
-    """The stack of layers_step compiled (fullgraph, aot_autograd with the default partitioner): for each collective
-    of its traced backward, in graph order, (its op, the fused_tp products the graph runs between it and its wait),
-    the work a collective overlaps with when the graph runs in that order, as inductor's wrapper does."""
+# what the overlap cases call each product and collective, in eager code (the kernels module's functions,
+# torch.distributed's calls) and in a traced graph (the operators) alike
+_OVERLAP_NAMES = {
+    "grad_weight_bias": "grad_params",
+    "grad_weight": "grad_params",
+    "bias_grad": "grad_params",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+}
+_DIST_CALLS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
+
+
+def backward_overlaps(kind, device, dense, x, compiled):
+    """The stack of layers_step, eagerly or compiled (fullgraph, aot_autograd with the default partitioner): for
+    each collective of its backward, in the order they are waited for, (its name, the fused_tp products issued
+    between it and its wait): the work a collective overlaps with. Eagerly read off the host's calls (the kernels'
+    functions and torch.distributed's, wrapped; a blocking collective waits at once), compiled off the traced
+    backward graph, which inductor's wrapper runs in its order."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    graphs = []
+    from fused_tp.kernels import ops
 
-    def run(gm, _example_inputs):
-        return make_boxed_func(gm.forward)
-
-    def keep(gm, example_inputs):
-        graphs.append(gm.graph)
-        return run(gm, example_inputs)
-
+    name_of = lambda name: _OVERLAP_NAMES.get(name, name)  # noqa: E731
     forward, _ = _stack(kind, [dense_linear(w, b, device) for w, b in dense], "gelu")
-    backend = aot_autograd(fw_compiler=run, bw_compiler=keep)
-    compiled = torch.compile(forward, backend=backend, fullgraph=True)
-    compiled(x.to(device).requires_grad_()).sum().backward()
-    (backward,) = graphs
-    open_ = {}  # collective node -> (its op, the products since)
-    done = []
-    for node in backward.nodes:
-        name = str(node.target) if node.op == "call_function" else ""
-        if name.startswith("_c10d_functional.") and "wait_tensor" not in name:
-            open_[node] = (name.split(".")[1], [])
-        elif "wait_tensor" in name:
-            done.append(open_.pop(node.args[0]))
-        elif name.startswith("fused_tp."):
-            for _, products in open_.values():
-                products.append(name.split(".")[1])
+    pending, done = {}, []  # id -> (collective, products since), in issue order; what was waited for, in order
+    if compiled:
+        graphs = []
+
+        def run(gm, _example_inputs):
+            return make_boxed_func(gm.forward)
+
+        def keep(gm, example_inputs):
+            graphs.append(gm.graph)
+            return run(gm, example_inputs)
+
+        traced = torch.compile(forward, backend=aot_autograd(fw_compiler=run, bw_compiler=keep), fullgraph=True)
+        traced(x.to(device).requires_grad_()).sum().backward()
+        (backward,) = graphs
+        for node in backward.nodes:
+            target = str(node.target) if node.op == "call_function" else ""
+            op = target.split(".")[1] if "." in target else ""
+            if target.startswith("_c10d_functional.") and op != "wait_tensor":
+                pending[id(node)] = (name_of(op), [])
+            elif op == "wait_tensor":
+                done.append(pending.pop(id(node.args[0])))
+            elif target.startswith("fused_tp."):
+                for _, products in pending.values():
+                    products.append(name_of(op))
+        return done
+
+    def product(name, fn):
+        def call(*args, **kwargs):
+            for _, products in pending.values():
+                products.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def collective(name, fn):
+        def call(*args, async_op=False, **kwargs):
+            work = fn(*args, async_op=async_op, **kwargs)
+            entry = (name, [])
+            if not async_op:
+                done.append(entry)
+                return work
+
+            class Recorded:  # the work, its wait recorded
+                def wait(self):
+                    done.append(pending.pop(id(entry)))
+                    return work.wait()
+
+            pending[id(entry)] = entry
+            return Recorded()
+
+        return call
+
+    y = forward(x.to(device).requires_grad_())
+    wrapped = {(ops, n): product(n, getattr(ops, n)) for n in ("grad_input", "grad_params")}
+    wrapped |= {(dist, n): collective(name_of(n), getattr(dist, n)) for n in _DIST_CALLS}
+    saved = {key: getattr(*key) for key in wrapped}
+    try:
+        for (module, attr), fn in wrapped.items():
+            setattr(module, attr, fn)
+        y.backward(torch.ones_like(y))
+    finally:
+        for (module, attr), fn in saved.items():
+            setattr(module, attr, fn)
     return done
 
 

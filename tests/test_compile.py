@@ -210,34 +210,30 @@ def test_exported_layers_match_eager_on_gloo_ranks(rank_pools, device, kind):
     assert outs == [[], []], f"token counts that differ from eager, per rank: {outs}"
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize(
     "kind, want",
     [
-        ("mlp", [("all_reduce", ["grad_weight_bias"])]),
-        ("parallel_mlp", [("all_reduce", ["grad_weight_bias"])]),
+        ("mlp", [("all_reduce", ["grad_params"])]),
+        ("parallel_mlp", [("all_reduce", ["grad_params"])]),
         # the gradient's gather for the Row layer (nothing to run beside it), then x's while grad_x computes and
         # grad_x's reduce-scatter while the weight gradient computes
-        (
-            "sp_mlp",
-            [
-                ("all_gather_into_tensor", []),
-                ("all_gather_into_tensor", ["grad_input"]),
-                ("reduce_scatter_tensor", ["grad_weight_bias"]),
-            ],
-        ),
+        ("sp_mlp", [("all_gather", []), ("all_gather", ["grad_input"]), ("reduce_scatter", ["grad_params"])]),
+        ("sp_parallel_mlp", [("all_gather", []), ("all_gather", ["grad_input"]), ("reduce_scatter", ["grad_params"])]),
     ],
 )
-def test_compiled_backward_overlaps_its_collectives_as_eager_code_does(rank_pools, device, kind, want):
-    """Traced, a column layer's backward keeps the eager path's overlap: grad_x's all-reduce (sequence parallelism:
-    x's all-gather and grad_x's reduce-scatter) is waited for only after the product that eagerly runs beside it.
-    torch.distributed._functional_collectives' functions wait as soon as they are traced, which put every wait
-    straight after its collective; the layers call the functional ops and wait themselves."""
+def test_backward_overlaps_its_collectives_eagerly_and_compiled(rank_pools, device, kind, want, compiled):
+    """A column layer's backward overlaps its collectives with its products, eagerly and traced alike: grad_x's
+    all-reduce (sequence parallelism: x's all-gather and grad_x's reduce-scatter) is waited for only after the
+    product that runs beside it. Traced, torch.distributed._functional_collectives' functions wait as soon as they
+    are traced, which put every wait straight after its collective; the layers call the functional ops and wait
+    where eager code waits."""
     if device == "cuda" and kind.startswith("sp_"):
         pytest.skip("the functional all_gather of CUDA tensors over gloo ends the rank (see the compiled test above)")
     gen = torch.Generator().manual_seed(0)
     t = lambda *shape: make_tensor(shape, "contiguous", torch.float32, "cpu", gen)  # noqa: E731
     dense = [(t(41, 16), t(41)), (t(16, 41), t(16))]
-    outs = rank_pools(2).run(dist_cases.compiled_backward_overlaps, kind, device, dense, t(6, 16))
+    outs = rank_pools(2).run(dist_cases.backward_overlaps, kind, device, dense, t(6, 16), compiled)
     for rank, got in enumerate(outs):
         assert got == want, f"rank {rank}: (collective, products before its wait) {got}"
 
