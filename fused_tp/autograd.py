@@ -168,7 +168,7 @@ def _all_reduce(t: torch.Tensor, group, world: int, async_op: bool = False):
     return wait if async_op else wait()
 
 
-def _waiter(work, out: torch.Tensor):
+def _waiter(work, out):
     """A function that waits for an eager collective's `work` (None: done already) and returns `out`, its result."""
     if work is None:
         return lambda: out
@@ -192,23 +192,30 @@ def _traced_collective(op: str, t: torch.Tensor, *args, group):
     return lambda: torch.ops._c10d_functional.wait_tensor(pending)
 
 
-def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int) -> torch.Tensor:
-    """Concatenate every rank's t [..., n_i] along the last dim, where n_i are the shard sizes of `size`."""
+def _all_gather_last_dim(t: torch.Tensor, group, world: int, size: int, async_op: bool = False):
+    """Concatenate every rank's t [..., n_i] along the last dim, where n_i are the shard sizes of `size`. With
+    async_op, a function that waits for the gather and returns it."""
     if world == 1:
-        return t
+        return (lambda: t) if async_op else t
     sizes = shares(size, world)
     # math.prod, not torch.Size.numel: a non-strict torch.export trace turns numel's sizes into integers, making
     # the token count a constant
     if sizes[0] == 0 or math.prod(t.shape[:-1]) == 0:  # nothing to send on any rank
-        return t.new_empty((*t.shape[:-1], size))
+        empty = t.new_empty((*t.shape[:-1], size))
+        return (lambda: empty) if async_op else empty
     # all_gather wants equal, contiguous pieces: pad the short shards to the first (longest) one, trim after.
     piece = F.pad(t, (0, sizes[0] - t.shape[-1])) if t.shape[-1] < sizes[0] else t.contiguous()
     if torch.compiler.is_compiling():
-        pieces = _traced_collective("all_gather_into_tensor", piece.unsqueeze(0), world, group=group)().unbind(0)
+        wait_stacked = _traced_collective("all_gather_into_tensor", piece.unsqueeze(0), world, group=group)
+        wait = lambda: wait_stacked().unbind(0)  # noqa: E731
     else:
         pieces = [torch.empty_like(piece) for _ in range(world)]
-        dist.all_gather(pieces, piece, group=group)
-    return torch.cat([p[..., :n] for p, n in zip(pieces, sizes)], dim=-1)
+        wait = _waiter(dist.all_gather(pieces, piece, group=group, async_op=async_op), pieces)
+
+    def finish() -> torch.Tensor:
+        return torch.cat([p[..., :n] for p, n in zip(wait(), sizes)], dim=-1)
+
+    return finish if async_op else finish()
 
 
 def sequence_sizes(length: int, dim: int, group, world: int, rank: int, device=None) -> list[int]:
@@ -380,15 +387,21 @@ class _RowParallelLinear(_LayerFunction):
     every rank from the replicated grad_y, so the replicated bias stays identical under any optimizer: by the
     column-sum kernel (fuse_bias=False), never by the weight gradient's launch, whose config, and with it the order
     of the sums, follows the rank's shard width (a rank with an empty shard makes none; tests/test_dist.py).
+
+    With `scatter` (input_is_parallel=False), x is the replicated full input [..., K], of which forward takes its
+    slice (a view); backward all-gathers grad_x [..., K] while wgrad computes, so every rank gets the full gradient.
     """
 
     tensors = 3
 
     @staticmethod
-    def forward(ctx, x_shard, w_shard, b, group, world, rank):
+    def forward(ctx, x_shard, w_shard, b, group, world, rank, scatter):
         need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.size = x_shard.shape[-1] if scatter else None
+        if scatter:  # the replicated full input: this rank's slice, a view
+            x_shard = x_shard[..., slice(*shard_range(ctx.size, world, rank))]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
-        ctx.tuning = _current_tuning()
+        ctx.group, ctx.world, ctx.tuning = group, world, _current_tuning()
         return _row_forward(x_shard, w_shard, b, group, world, rank)
 
     @staticmethod
@@ -397,9 +410,14 @@ class _RowParallelLinear(_LayerFunction):
         x_shard, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         with _tuning(ctx.tuning):
-            grad_x_shard = ops.grad_input(grad_y, w_shard) if need_x else None
+            grad_x = ops.grad_input(grad_y, w_shard) if need_x else None
+            gathering = None
+            if grad_x is not None and ctx.size is not None:
+                gathering = _all_gather_last_dim(grad_x, ctx.group, ctx.world, ctx.size, async_op=True)
             grad_w, grad_b = ops.grad_params(grad_y, x_shard, weight=need_w, bias=need_b, fuse_bias=False)
-        return grad_x_shard, grad_w, grad_b, None, None, None
+        if gathering is not None:
+            grad_x = gathering()
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class _MlpColumn(_LayerFunction):
@@ -481,7 +499,7 @@ def _mlp_graph(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str,
         a, pre = _apply(_MlpColumn, x, w1, b1, group, world, activation, seq)
         return _apply(_MlpRow, a, pre, w2, b2, group, world, rank, activation)
     x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
-    return _apply(_RowParallelLinear, ops.linear(x_full, w1, b1, activation)[0], w2, b2, group, world, rank)
+    return _apply(_RowParallelLinear, ops.linear(x_full, w1, b1, activation)[0], w2, b2, group, world, rank, False)
 
 
 def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):
@@ -506,21 +524,6 @@ class _GatherLastDim(_LayerFunction):
     def backward(ctx, grad_y):
         start, stop = ctx.slice
         return grad_y[..., start:stop], None, None, None, None
-
-
-class _ScatterLastDim(_LayerFunction):
-    """x [..., K] -> x[..., K_r] (a view, no copy); backward all-gathers, so every rank gets the full gradient."""
-
-    @staticmethod
-    def forward(ctx, x, group, world, rank):
-        ctx.group, ctx.world, ctx.size = group, world, x.shape[-1]
-        start, stop = shard_range(x.shape[-1], world, rank)
-        return x[..., start:stop]
-
-    @staticmethod
-    @_first_order
-    def backward(ctx, grad_x_shard):
-        return _all_gather_last_dim(grad_x_shard, ctx.group, ctx.world, ctx.size), None, None, None
 
 
 class _ScatterSequence(_ReduceScatterSequence):
@@ -766,12 +769,15 @@ def row_call(
         graph = _records_grad(x, weight, bias)
         # the partial sums, the bias in rank 0's only, then reduce-scattered: world 1 to the Function, no all-reduce
         args = (x, weight, bias, group, 1, rank)
-        y = _in_scope(scope, _apply, _RowParallelLinear, *args) if graph else _in_scope(scope, _row_forward, *args)
+        y = (
+            _in_scope(scope, _apply, _RowParallelLinear, *args, False)
+            if graph
+            else _in_scope(scope, _row_forward, *args)
+        )
         return _leave_sequence(y, seq_dim, group, world, rank, graph)
     if _records_grad(x, weight, bias):
-        if scatter_size is not None:
-            x = _apply(_ScatterLastDim, x, group, world, rank)
-        return _in_scope(scope, _apply, _RowParallelLinear, x, weight, bias, group, world, rank)
+        scatter = scatter_size is not None and world > 1
+        return _in_scope(scope, _apply, _RowParallelLinear, x, weight, bias, group, world, rank, scatter)
     if scatter_size is not None:
         start, stop = shard_range(scatter_size, world, rank)
         x = x[..., start:stop]

@@ -136,6 +136,14 @@ _OVERLAP_NAMES = {
 _DIST_CALLS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
 
 
+def _issued(pending: dict, product: str) -> None:
+    """`product` issued while the `pending` collectives run: each one's list of products gets it, once in a row (one
+    eager grad_params call can trace as two operators, the weight's and the bias's gradient)."""
+    for _, products in pending.values():
+        if products[-1:] != [product]:
+            products.append(product)
+
+
 def backward_overlaps(kind, device, dense, x, compiled):
     """The stack of layers_step, eagerly or compiled (fullgraph, aot_autograd with the default partitioner): for
     each collective of its backward, in the order they are waited for, (its name, the fused_tp products issued
@@ -171,14 +179,12 @@ def backward_overlaps(kind, device, dense, x, compiled):
             elif op == "wait_tensor":
                 done.append(pending.pop(id(node.args[0])))
             elif target.startswith("fused_tp."):
-                for _, products in pending.values():
-                    products.append(name_of(op))
+                _issued(pending, name_of(op))
         return done
 
     def product(name, fn):
         def call(*args, **kwargs):
-            for _, products in pending.values():
-                products.append(name)
+            _issued(pending, name)
             return fn(*args, **kwargs)
 
         return call

@@ -220,20 +220,23 @@ def test_exported_layers_match_eager_on_gloo_ranks(rank_pools, device, kind):
         # grad_x's reduce-scatter while the weight gradient computes
         ("sp_mlp", [("all_gather", []), ("all_gather", ["grad_input"]), ("reduce_scatter", ["grad_params"])]),
         ("sp_parallel_mlp", [("all_gather", []), ("all_gather", ["grad_input"]), ("reduce_scatter", ["grad_params"])]),
+        # input_is_parallel=False: grad_x's all-gather while the weight and bias gradients compute
+        ("row_scatter", [("all_gather", ["grad_params"])]),
     ],
 )
 def test_backward_overlaps_its_collectives_eagerly_and_compiled(rank_pools, device, kind, want, compiled):
-    """A column layer's backward overlaps its collectives with its products, eagerly and traced alike: grad_x's
-    all-reduce (sequence parallelism: x's all-gather and grad_x's reduce-scatter) is waited for only after the
-    product that runs beside it. Traced, torch.distributed._functional_collectives' functions wait as soon as they
-    are traced, which put every wait straight after its collective; the layers call the functional ops and wait
-    where eager code waits."""
-    if device == "cuda" and kind.startswith("sp_"):
+    """The layers' backward overlaps its collectives with its products, eagerly and traced alike: a column layer's
+    grad_x all-reduce (sequence parallelism: x's all-gather and grad_x's reduce-scatter), and a row layer's grad_x
+    all-gather over a replicated input, are waited for only after the product that runs beside them. Traced,
+    torch.distributed._functional_collectives' functions wait as soon as they are traced, which put every wait
+    straight after its collective; the layers call the functional ops and wait where eager code waits."""
+    if device == "cuda" and (kind.startswith("sp_") or (compiled and kind == "row_scatter")):
         pytest.skip("the functional all_gather of CUDA tensors over gloo ends the rank (see the compiled test above)")
     gen = torch.Generator().manual_seed(0)
     t = lambda *shape: make_tensor(shape, "contiguous", torch.float32, "cpu", gen)  # noqa: E731
     dense = [(t(41, 16), t(41)), (t(16, 41), t(16))]
-    outs = rank_pools(2).run(dist_cases.backward_overlaps, kind, device, dense, t(6, 16), compiled)
+    dense, width = (dense[1:], 41) if kind == "row_scatter" else (dense, 16)
+    outs = rank_pools(2).run(dist_cases.backward_overlaps, kind, device, dense, t(6, width), compiled)
     for rank, got in enumerate(outs):
         assert got == want, f"rank {rank}: (collective, products before its wait) {got}"
 

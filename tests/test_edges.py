@@ -232,7 +232,6 @@ def test_where_autograd_records_nothing_the_layers_skip_their_function(device, m
         autograd._MlpColumn,
         autograd._MlpRow,
         autograd._GatherLastDim,
-        autograd._ScatterLastDim,
     )
     for fn in functions:
         for entry in ("apply", "c_apply"):  # Function.apply, and the C apply the layers call eagerly (autograd._apply)

@@ -74,7 +74,7 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
         x_r = _leaf(torch.tensor_split(x, world, 1)[rank])
         w_r = _leaf(torch.tensor_split(w, world, 1)[rank])
         b_r = _leaf(b)
-        p_r = _RowParallelLinear.apply(x_r, w_r, b_r, None, 1, rank)
+        p_r = _RowParallelLinear.apply(x_r, w_r, b_r, None, 1, rank, False)
         p_r.backward(grad_y)
         partials.append(p_r.detach())
         gxs.append(x_r.grad)
@@ -88,7 +88,7 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
     assert_close("y", y, *ref["y"], tol(dtype, K, rounds=world))
     if b is not None and world > 1:
         # the bias is in rank 0's partial sum only: with x = 0 the other ranks' partials would be exactly 0
-        zero = _RowParallelLinear.apply(torch.zeros_like(x[:, :1]), w[:, :1], b, None, 1, 1)
+        zero = _RowParallelLinear.apply(torch.zeros_like(x[:, :1]), w[:, :1], b, None, 1, 1, False)
         assert torch.equal(zero, torch.zeros_like(zero))
     assert_close("grad_x", torch.cat(gxs, -1), *ref["grad_x"], tol(dtype, N))
     assert_close("grad_w", torch.cat(gws, 1), *ref["grad_w"], tol(dtype, M))
@@ -182,7 +182,7 @@ def test_every_requires_grad_combination_gets_exactly_its_gradients(device, kind
             h = torch.nn.functional.gelu(
                 _ColumnParallelLinear.apply(leaves["x"], leaves["w1"], leaves["b1"], None, 1, None)
             )
-            p_r = _RowParallelLinear.apply(h, leaves["w2"], leaves["b2"], None, 1, rank)
+            p_r = _RowParallelLinear.apply(h, leaves["w2"], leaves["b2"], None, 1, rank, False)
         assert p_r.requires_grad == any(wants.values())
         if p_r.requires_grad:
             p_r.backward(grad_y)
