@@ -556,7 +556,8 @@ def test_tune_pins_a_split_only_where_one_beats_the_rule_s_split(tmp_path, table
     """A product of fewer output tiles than SMs (the interpreter has 3 program slots) gets its chosen config timed
     at pinned splits too: a split faster than the rule's by the margin goes into the table entry (every launch the
     entry serves takes it), each pinned split's timing is kept beside the others; with none faster the entry
-    leaves the split to the rule."""
+    leaves the split to the rule. The timings file says in its env which splits the stage times (decode_run.sh's
+    retune leaves the buckets of such a file out)."""
     if device == "cuda":
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
 
@@ -571,7 +572,9 @@ def test_tune_pins_a_split_only_where_one_beats_the_rule_s_split(tmp_path, table
     shapes.write_text("4, 512, 40\n")  # one 40-wide tile of outputs, 512 deep: a split has K-steps to share
     args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path / "out"))
     written = tune.run(args, timer=fake_timer)
-    rows = json.loads(written["timings"].read_text())["rows"]
+    timings = json.loads(written["timings"].read_text())
+    rows = timings["rows"]
+    assert timings["env"]["splits_timed"] == list(tune.SPLITS_TIMED)
     split_rows = [r for r in rows if r.get("stage") == "split"]
     (entries,) = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"].values()
     (entry,) = entries.values()
