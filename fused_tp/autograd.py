@@ -169,11 +169,12 @@ def _all_reduce(t: torch.Tensor, group, world: int, async_op: bool = False):
 
 
 def _waiter(work, out):
-    """A function that waits for an eager collective's `work` (None: done already) and returns `out`, its result."""
+    """A function that waits for an eager collective's `work` (None: done already) and returns `out`, its result (a
+    tensor, or all_gather's list)."""
     if work is None:
         return lambda: out
 
-    def wait() -> torch.Tensor:
+    def wait():
         work.wait()
         return out
 
@@ -185,8 +186,8 @@ def _traced_collective(op: str, t: torch.Tensor, *args, group):
     name), and a function that waits for it and returns its result. Not torch.distributed._functional_collectives'
     functions: while tracing they wait on the spot, which put each wait straight after its collective in the graph
     and so serialised grad_x's all-reduce with the weight gradient that runs beside it eagerly; the callers here
-    wait where the eager path waits, and the graph keeps that order (tests/test_compile.py reads it off the traced
-    backward)."""
+    wait where the eager path waits, and the graph keeps that order (tests/test_compile.py reads it off the eager
+    backward's calls and the traced graph alike)."""
     group = dist.group.WORLD if group is None else group  # None is the default group, as in torch.distributed
     pending = getattr(torch.ops._c10d_functional, op)(t, *args, group.group_name)
     return lambda: torch.ops._c10d_functional.wait_tensor(pending)
