@@ -163,9 +163,9 @@ def _all_reduce(t: torch.Tensor, group, world: int, async_op: bool = False):
         return (lambda: t) if async_op else t
     if torch.compiler.is_compiling():
         wait = _traced_collective("all_reduce", t, "sum", group=group)
-    else:
-        wait = _waiter(dist.all_reduce(t, group=group, async_op=async_op), t)
-    return wait if async_op else wait()
+        return wait if async_op else wait()
+    work = dist.all_reduce(t, group=group, async_op=async_op)  # the row layer's forward: blocking, no closure
+    return _waiter(work, t) if async_op else t
 
 
 def _waiter(work, out):
