@@ -1,11 +1,16 @@
 """Tuned tables and pinning: bucketing and the nearest-bucket lookup, malformed tables, FUSED_TP_CONFIG and
 pin_config, configs that do not fit, and `python -m fused_tp tune` end to end under the interpreter with a fake
-timer, its table then driving the kernels' first call."""
+timer, its table then driving the kernels' first call; bench/decode_run.sh's steps on a copy of the repository."""
 
 import argparse
 import dataclasses
 import json
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
@@ -586,6 +591,65 @@ def test_tune_pins_a_split_only_where_one_beats_the_rule_s_split(tmp_path, table
     assert chosen.split_k == fast_split and chosen.BLOCK_K == min(r["config"]["BLOCK_K"] for r in rows)
     if fast_split:
         assert entry["unpinned_split_ms"] > entry["ms"]
+
+
+def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_timed(tmp_path, device):
+    """bench/decode_run.sh, the device sessions' decode workflow, run as they run it (a copy of the repository, on the
+    CPU under the interpreter, SHAPES=tiny): a tune: step writes the table into the tree it runs in and its timings,
+    which name the splits they time, into the call's archive; a retune: step of the same call leaves out the bucket
+    that tune timed with the pinned-split stage, a later call whose tree lacks those timings tunes it again, and once
+    they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83). A malformed step is
+    refused before any step runs."""
+    if device == "cuda":
+        pytest.skip("on a GPU the script tunes for real, minutes a step")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"
+    skip = shutil.ignore_patterns("__pycache__", "results")
+    for part in ("fused_tp", "bench"):
+        shutil.copytree(root / part, tree / part, ignore=skip)
+    results = tree / "bench" / "results" / "triton-interpreter"
+    results.mkdir(parents=True)
+    # the last decode bench's rows as bench_linear.py writes them: the tiny preset's 33-token shape at 0.5x cuBLAS
+    bench = {"env": {"gpu": "triton-interpreter"}, "rows": [{"M": 33, "K": 40, "N": 17, "ratio": 0.5}]}
+    (results / "bench_linear_bf16_decode.json").write_text(json.dumps(bench))
+    table = tree / "fused_tp" / "kernels" / "tuned" / "triton-interpreter.json"
+
+    def call(*steps):
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        env = {**os.environ, "TRITON_INTERPRET": "1", "SHAPES": "tiny", "OUT": str(out)}
+        env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # its python3: this one's
+        run = subprocess.run(
+            ["bash", "bench/decode_run.sh", *steps], cwd=tree, env=env, capture_output=True, text=True, timeout=600
+        )
+        files = {}  # what the call's archive holds: the device's fetch brings back that one file
+        if (out / "results.tgz").exists():
+            with tarfile.open(out / "results.tgz") as tar:
+                files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        return run, files
+
+    refused, files = call("tune:bf16:33", "retune:bf16")
+    assert refused.returncode == 2 and "got retune:bf16" in refused.stderr and not files
+    assert not table.exists()
+
+    first, files = call("tune:bf16:33", "retune:bf16:0.92")
+    assert first.returncode == 0, first.stderr
+    (entry,) = json.loads(table.read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]["tma"].values()
+    assert entry["shape_MKN"] == [33, 40, 17]
+    timings = json.loads(files["./tune/timings_fwd_bf16_decode-33.json"])
+    assert timings["env"]["splits_timed"] == list(tune.SPLITS_TIMED)
+    assert files["./retune_bf16.txt"] == b""
+    assert "retune: no row below 0.92" in first.stdout
+
+    second, files = call("retune:bf16:0.92")
+    assert second.returncode == 0, second.stderr
+    assert files["./retune_bf16.txt"] == b"33,40,17\n"
+    assert "./tune/timings_fwd_bf16_retune.json" in files
+
+    (results / "tune").mkdir()
+    (results / "tune" / "timings_fwd_bf16_decode-33.json").write_text(json.dumps(timings))
+    third, files = call("retune:bf16:0.92")
+    assert third.returncode == 0, third.stderr
+    assert files["./retune_bf16.txt"] == b""
 
 
 def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device, monkeypatch):
