@@ -1,6 +1,7 @@
 """fused_tp's layers against the same built from nn.Linear, side by side, at world size 1.
 
-    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick | --mid] [--graphs] [--layers column row ...]
+    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick | --mid] [--graphs] [--launches]
+                                 [--layers column row ...]
 
 Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden), the Column -> GELU -> Row MLP as
 three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), and Llama's gated
@@ -12,9 +13,12 @@ forward + backward (grads of the input and every parameter; parameter grads set 
 both), and the peak memory each step allocates beyond what was allocated before it. Outputs and gradients are
 checked against the baseline before timing. --graphs times each step, of both, replayed from a CUDA graph: the
 GPU's work of a step without the host's (what a decode loop or a training step under torch.cuda.graph runs); the
-replayed outputs are checked too, and the peak memory is not measured. Writes
-bench/results/<gpu>/bench_layers_<dtype>[_quick][_<layers>][_graphs].json and .png (`--layers` names the layers
-timed, all by default); prints a markdown table.
+replayed outputs are checked too, and the peak memory is not measured. --launches profiles each eager step of
+both (common.launch_profile): its launches in order with their GPU times, the host's time to issue it, and the
+caching allocator's calls into the driver, which wait for the GPU; where a step's wall time is above its launches'
+sum, that says whether the host or the driver holds it. Writes
+bench/results/<gpu>/bench_layers_<dtype>[_quick|_mid][_<layers>][_graphs][_launches].json and .png (`--layers`
+names the layers timed, all by default); prints a markdown table.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from common import (  # noqa: E402
     DTYPES,
     env,
     geomean,
+    launch_profile,
     markdown_table,
     plot_ratios,
     require_gpu,
@@ -162,6 +167,9 @@ def main():
     cases.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
     cases.add_argument("--mid", action="store_true", help=f"the {len(MID)} mid-size cases (512-2048 tokens) instead")
     p.add_argument("--graphs", action="store_true", help="time steps replayed from CUDA graphs, both providers")
+    p.add_argument(
+        "--launches", action="store_true", help="profile each eager step: its launches, host time, driver calls"
+    )
     p.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS), help="which layers (default: all)")
     args = p.parse_args()
     require_gpu("bench_layers.py")
@@ -182,6 +190,9 @@ def main():
             if not err <= norm_check(dtype):
                 raise SystemExit(f"{layer} {tokens}x{hidden}x{ffn}: fused_tp differs from nn.Linear by {err:.2e}")
             for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
+                profiles = (
+                    {"baseline": launch_profile(base), "fused_tp": launch_profile(fused)} if args.launches else {}
+                )
                 if args.graphs:
                     base, fused = graphed(base), graphed(fused)
                     pairs = zip(
@@ -213,6 +224,7 @@ def main():
                         err_vs_baseline=err,
                         baseline_peak_mib=mb,
                         fused_tp_peak_mib=mf,
+                        **{f"{who}_profile": prof for who, prof in profiles.items()},
                         **info,
                     )
                 )
@@ -221,12 +233,21 @@ def main():
                     + ("" if mb is None else f"  peak MiB {mb:.0f} vs {mf:.0f}"),
                     flush=True,
                 )
+                for who, prof in profiles.items():
+                    launches = prof["error"] or ", ".join(f"{name[:40]} {us:.1f}" for name, us in prof["launches"])
+                    print(
+                        f"{'':>12} {who:>16}  wall {1e3 * (tb if who == 'baseline' else tf):.1f} us, launches "
+                        f"{prof['gpu_us']:.1f} us ({launches}); host {prof['host_us']:.1f} us"
+                        f"; driver calls {prof['driver_calls'] or 'none'}",
+                        flush=True,
+                    )
 
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
     some = "" if set(args.layers) == set(LAYERS) else "_" + "-".join(args.layers)
     which = "_quick" if args.quick else "_mid" if args.mid else ""
-    name = f"bench_layers_{args.dtype}{which}{some}{'_graphs' if args.graphs else ''}"
+    flags = "".join(f"_{flag}" for flag in ("graphs", "launches") if getattr(args, flag))
+    name = f"bench_layers_{args.dtype}{which}{some}{flags}"
     out = results_dir(info["gpu"]) / name
     write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
     for r in rows:

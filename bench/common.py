@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
+import time
 
 import torch
 import triton
@@ -46,6 +47,60 @@ def time_interleaved(providers: dict, rounds: int = 3, timer=None) -> dict:
     for name, ts in times.items():
         med = statistics.median(ts)
         out[name] = (med, (max(ts) - min(ts)) / med)
+    return out
+
+
+# The caching allocator's counters of calls into the driver (torch.cuda.memory_stats): a cudaFree, and the
+# synchronisation before the allocator releases cached blocks, wait for the GPU, so a step that makes them runs its
+# host time and its GPU time one after the other.
+DRIVER_CALLS = ("num_device_alloc", "num_device_free", "num_sync_all_streams", "num_alloc_retries")
+
+
+def launch_profile(step, steps: int = 10) -> dict:
+    """What one eager step costs besides its wall time, on the GPU: its launches in order with each one's GPU time
+    (the mean over `steps` steps, from torch.profiler's device events) and their sum; the host's time to issue a
+    step (`steps` steps back to back, no synchronisation inside: the host's own cost while the GPU's queue has
+    room); and the caching allocator's calls into the driver during those steps (DRIVER_CALLS, each non-zero one).
+    `error` says why the launches are not listed where the steps did not launch alike (per_launch)."""
+    step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host_us = (time.perf_counter() - start) / steps * 1e6
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    driver = {k: after.get(k, 0) - before.get(k, 0) for k in DRIVER_CALLS if after.get(k, 0) != before.get(k, 0)}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    device = torch.autograd.DeviceType.CUDA
+    events = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == device]
+    gpu_us = sum(us for _, _, us in events) / steps
+    try:
+        launches, error = per_launch(events, steps), None
+    except ValueError as e:  # the sum still holds; which launch took what does not
+        launches, error = [], str(e)
+    return {"host_us": host_us, "gpu_us": gpu_us, "launches": launches, "driver_calls": driver, "error": error}
+
+
+def per_launch(events: list[tuple[str, float, float]], steps: int) -> list[tuple[str, float]]:
+    """[(kernel name, mean us)] of one step's launches in launch order, from the (name, start, us) device events of
+    `steps` steps that launch the same kernels: the events ordered by start, the i-th launch of every step averaged.
+    ValueError where they do not split so (a step that launched other kernels than the rest)."""
+    events = sorted(events, key=lambda e: e[1])
+    if steps < 1 or not events or len(events) % steps:
+        raise ValueError(f"{len(events)} device events do not split into {steps} steps of the same launches")
+    per = len(events) // steps
+    out = []
+    for i in range(per):
+        same = events[i::per]
+        names = sorted({name for name, _, _ in same})
+        if len(names) != 1:
+            raise ValueError(f"launch {i} of a step is not one kernel in every step: {names}")
+        out.append((names[0], sum(us for _, _, us in same) / steps))
     return out
 
 

@@ -211,6 +211,25 @@ def test_decode_summary_finds_a_known_launch_cost(tmp_path):
     assert goals["geomean_by_tokens"]["16"] == pytest.approx(1 / 1.2)
 
 
+def test_a_steps_launches_are_read_off_device_events_by_position():
+    """bench/common.py's per_launch, which bench_layers.py --launches reads a step's launches with: device events of
+    three steps, out of order, give each launch's mean in launch order; steps that launched other kernels, or an
+    event count that is not a whole number of steps, raise rather than give a mean of different kernels."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from common import per_launch
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    step = [("matmul_kernel", 10.0), ("matmul_kernel", 20.0), ("colsum_kernel", 2.0)]
+    events = [(name, 100.0 * s + i, us + s) for s in range(3) for i, (name, us) in enumerate(step)]
+    got = per_launch(events[::-1], 3)
+    assert got == [("matmul_kernel", 11.0), ("matmul_kernel", 21.0), ("colsum_kernel", 3.0)]
+    with pytest.raises(ValueError, match="launch 2 of a step is not one kernel"):
+        per_launch([*events[:-1], ("Memset (Device)", 299.0, 1.0)], 3)
+    with pytest.raises(ValueError, match="8 device events do not split into 3 steps"):
+        per_launch(events[:-1], 3)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script times real shapes for minutes")
 def test_the_first_call_bench_runs_and_the_gpu_benches_say_what_they_need():
     """bench/bench_first_call.py without a GPU: the table and autotuning processes on tiny shapes through the
