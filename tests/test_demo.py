@@ -1,6 +1,7 @@
 """What a new user runs first: the demo on 2 ranks (through the interpreter on CPU), the example script under
 torchrun, the commands' help, and README's two commands, which are what CI runs."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -213,21 +214,22 @@ def test_decode_summary_finds_a_known_launch_cost(tmp_path):
 
 def test_a_steps_launches_are_read_off_device_events_by_position():
     """bench/common.py's per_launch, which bench_layers.py --launches reads a step's launches with: device events of
-    three steps, out of order, give each launch's mean in launch order; steps that launched other kernels, or an
-    event count that is not a whole number of steps, raise rather than give a mean of different kernels."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from common import per_launch
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    four steps of three launches, out of order, give each launch's mean in launch order; steps that launched other
+    kernels, or an event count that is not a whole number of steps, raise rather than give a mean of different
+    kernels."""
+    # by its path: "common" alone could name another module already imported
+    spec = importlib.util.spec_from_file_location("fused_tp_bench_common", ROOT / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    per_launch = common.per_launch
     step = [("matmul_kernel", 10.0), ("matmul_kernel", 20.0), ("colsum_kernel", 2.0)]
-    events = [(name, 100.0 * s + i, us + s) for s in range(3) for i, (name, us) in enumerate(step)]
-    got = per_launch(events[::-1], 3)
-    assert got == [("matmul_kernel", 11.0), ("matmul_kernel", 21.0), ("colsum_kernel", 3.0)]
+    events = [(name, 100.0 * s + i, us + s) for s in range(4) for i, (name, us) in enumerate(step)]
+    got = per_launch(events[::-1], 4)
+    assert got == [("matmul_kernel", 11.5), ("matmul_kernel", 21.5), ("colsum_kernel", 3.5)]
     with pytest.raises(ValueError, match="launch 2 of a step is not one kernel"):
-        per_launch([*events[:-1], ("Memset (Device)", 299.0, 1.0)], 3)
-    with pytest.raises(ValueError, match="8 device events do not split into 3 steps"):
-        per_launch(events[:-1], 3)
+        per_launch([*events[:-1], ("Memset (Device)", 399.0, 1.0)], 4)
+    with pytest.raises(ValueError, match="11 device events do not split into 4 steps"):
+        per_launch(events[:-1], 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script times real shapes for minutes")
