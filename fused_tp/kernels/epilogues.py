@@ -43,10 +43,11 @@ def _normal_cdf(x):
     """(Phi(x), exp(-x^2 / 2)). Phi is erfc(|x| / sqrt 2) / 2 or 1 minus it, with erfc from Abramowitz & Stegun
     7.1.26 (|error| <= 1.5e-7): one division, one exp (shared with the derivative), a degree-5 polynomial. With
     libdevice's erf, as F.gelu has it, a 128 x 256 tile's epilogue took 63 instructions an element (sm_90a) and
-    spilled; this takes 38, and the 512 x 4096 x 14336 forward's GELU costs about 10 us instead of 28
-    (bench/NOTES.md, attempt 97). Rounded to bf16 or fp16 it gives the exactly rounded value about as often as
-    F.gelu's fp32 does (within 0.01% of elements on normal inputs), and more often below x = -3, where
-    F.gelu's 1 + erf(x / sqrt 2) cancels (every digit by x = -5) and erfc of |x| has nothing to cancel."""
+    spilled; this takes 38, and the form timed (45: erf, then 1 + erf) cost the 512 x 4096 x 14336 forward about
+    10 us where libdevice's took 28 (bench/NOTES.md, attempt 97). Rounded to bf16 or fp16 it gives the exactly
+    rounded value about as often as F.gelu's fp32 does (within 0.01% of elements on normal inputs), and more often
+    below x = -3, where F.gelu's 1 + erf(x / sqrt 2) cancels (every digit by x = -5) and erfc of |x| has nothing
+    to cancel."""
     a = tl.abs(x) * 0.7071067811865476
     t = 1.0 / (1.0 + 0.3275911 * a)
     density = tl.exp(-a * a)
