@@ -421,84 +421,69 @@ class _RowParallelLinear(_LayerFunction):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-class _MlpColumn(_LayerFunction):
-    """ParallelMLP's first half, Column -> activation, as one node of a two-node graph (_MlpRow is the other):
+class _Mlp(_LayerFunction):
+    """ParallelMLP, Column -> activation -> Row, as one node:
 
-    x        [..., K]      replicated input (with `seq`: this rank's share of the sequence, gathered first)
-    w1, b1   [F_r, K], [F_r]   this rank's Column shard
-             (a gated activation: w1 [2 F_r, K] and b1 [2 F_r] hold (gate, up) row pairs, pre is [..., 2 F_r])
-    forward:   pre = x @ w1.T + b1 ;  a = act(pre)                     (one launch, both stored; a is
-               non-differentiable: the gradient reaches fc1 through pre, by act'(pre) in _MlpRow's launch)
-    backward:  grad_x = all_reduce(grad_pre @ w1), running while grad_w1 = grad_pre.T @ x and grad_b1 compute
-               (with `seq`: x gathered again, grad_x reduce-scattered, as _ColumnParallelLinear does)
-
-    Two nodes rather than one Function, so that autograd frees pre and a (3 T x F_r of a gated activation) when
-    _MlpRow's backward returns, before the column gradients run: in one Function they were held to its end, and a
-    SwiGLU step's peak was above LlamaMLP's (bench/NOTES.md, attempt 44).
-    """
-
-    tensors = 3
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, group, world, activation, seq):
-        need = ctx.needs_input_grad
-        ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None)
-        ctx.group, ctx.world, ctx.seq = group, world, seq
-        ctx.tuning = _current_tuning()
-        if not torch.compiler.is_compiling():  # (a trace has no such setting, and gives `a` no gradient at all)
-            ctx.set_materialize_grads(False)  # a's gradient stays None: no zero tensor of its size each step
-        x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
-        a, pre = ops.linear(x_full, w1, b1, activation, save_pre=True)
-        ctx.mark_non_differentiable(a)
-        return a, pre
-
-    @staticmethod
-    @_first_order
-    def backward(ctx, grad_a, grad_pre):
-        x, w1 = ctx.saved_tensors
-        with _tuning(ctx.tuning):
-            grads = _column_grads(grad_pre, x, w1, ctx.needs_input_grad[:3], ctx.group, ctx.world, ctx.seq)
-        return *grads, None, None, None, None
-
-
-class _MlpRow(_LayerFunction):
-    """ParallelMLP's second half, the Row product, fed by _MlpColumn:
-
-    a, pre   [..., F_r], [..., F_r or 2 F_r]   _MlpColumn's outputs;   w2 [N, F_r], b2 [N]   its Row shard
-    forward:   y = all_reduce(a @ w2.T + (b2 if r == 0 else 0))        [..., N]   (with `seq`: world 1 here, the
+    x        [..., K]            replicated input (with `seq`: this rank's share of the sequence, gathered first)
+    w1, b1   [F_r, K], [F_r]     this rank's Column shard (a gated activation: [2 F_r, K] and [2 F_r] hold (gate,
+                                 up) row pairs, pre is [..., 2 F_r])
+    w2, b2   [N, F_r], [N]       its Row shard
+    forward:   pre = x @ w1.T + b1 ;  a = act(pre)                      (one launch, both kept)
+               y = all_reduce(a @ w2.T + (b2 if r == 0 else 0))        [..., N]   (with `seq`: world 1 here, the
                caller reduce-scatters the ranks' partial sums)
-    backward:  grad_pre = (grad_y @ w2) * act'(pre)                    (one launch)
-               grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)
+    backward, in this order, each tensor dropped after its last use:
+               grad_pre = (grad_y @ w2) * act'(pre)                    (one launch; then pre is dropped)
+               grad_x = all_reduce(grad_pre @ w1), running while grad_w1 = grad_pre.T @ x and grad_b1 compute
+               (with `seq`: x gathered again, grad_x reduce-scattered, as _ColumnParallelLinear does; then
+               grad_pre is dropped)
+               grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)    (then a)
     Against Column, F.gelu and Row as three modules: two elementwise launches fewer a step, and no pass of its own
     over pre and a in either direction.
+
+    Why one node and this order: a step's peak memory is where its last parameter gradient is allocated. fc2's
+    comes last here, beside a [..., F_r] and grad_y; fc1's, last in a graph of two nodes (the Row node runs first),
+    came beside the whole grad_pre, which for SwiGLU is [..., 2 F_r] (gate and up are one parameter, and both its
+    products read both halves), where LlamaMLP allocates its last, gate's, beside grad_gate [..., F] alone
+    (bench/NOTES.md, attempts 44 and 98). Saved tensors live to a node's end, unless its backward releases them
+    (ctx.maybe_clear_saved_tensors, AOTAutograd's way, a no-op for a graph kept by retain_graph): so they are
+    unpacked, released, and each dropped after its last use; saving them (not holding them on ctx) keeps
+    saved_tensors_hooks, and with them activation checkpointing and offloading, working on pre and a.
     """
 
-    tensors = 4
+    tensors = 5
 
     @staticmethod
-    def forward(ctx, a, pre, w2, b2, group, world, rank, activation):
-        ctx.save_for_backward(a if ctx.needs_input_grad[2] else None, pre, w2)
-        ctx.activation, ctx.tuning = activation, _current_tuning()
+    def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation, seq):
+        need = ctx.needs_input_grad
+        ctx.group, ctx.world, ctx.activation, ctx.seq = group, world, activation, seq
+        ctx.tuning = _current_tuning()
+        x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
+        a, pre = ops.linear(x_full, w1, b1, activation, save_pre=True)
+        ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, w2, a if need[3] else None, pre)
         return _row_forward(a, w2, b2, group, world, rank)
 
     @staticmethod
     @_first_order
     def backward(ctx, grad_y):
-        a, pre, w2 = ctx.saved_tensors
+        x, w1, w2, a, pre = ctx.saved_tensors
+        if not torch.compiler.is_compiling():  # (a trace's graph frees what it no longer reads)
+            ctx.maybe_clear_saved_tensors()
         need = ctx.needs_input_grad
         with _tuning(ctx.tuning):
-            grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[2], bias=need[3], fuse_bias=False)
-            grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre) if need[1] else None
-        return None, grad_pre, grad_w2, grad_b2, None, None, None, None
+            grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre)
+            del pre
+            grads = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world, ctx.seq)
+            del grad_pre
+            grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=False)
+        return *grads, grad_w2, grad_b2, None, None, None, None, None
 
 
 def _mlp_graph(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str, seq):
-    """ParallelMLP's output where autograd records it: _MlpColumn -> _MlpRow where fc1 takes a gradient (x, w1 or
-    b1 requires one), else fc1's output computed unrecorded and the Row layer's Function on it (no pre-activation
+    """ParallelMLP's output where autograd records it: _Mlp where fc1 takes a gradient (x, w1 or b1 requires
+    one), else fc1's output computed unrecorded and the Row layer's Function on it (no pre-activation
     written: it serves only fc1's gradients)."""
     if _records_grad(x, w1, b1):
-        a, pre = _apply(_MlpColumn, x, w1, b1, group, world, activation, seq)
-        return _apply(_MlpRow, a, pre, w2, b2, group, world, rank, activation)
+        return _apply(_Mlp, x, w1, b1, w2, b2, group, world, rank, activation, seq)
     x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
     return _apply(_RowParallelLinear, ops.linear(x_full, w1, b1, activation)[0], w2, b2, group, world, rank, False)
 

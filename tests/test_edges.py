@@ -176,33 +176,50 @@ def test_parallel_mlp_saves_no_more_than_the_dense_mlp(device, monkeypatch, x_gr
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_parallel_mlp_frees_its_activations_before_fc1s_gradients(device, monkeypatch, activation):
-    """What the MLP saves of its own making, the pre-activation and the activation (3 T x F of SwiGLU), is freed
-    once fc2's gradients are done, before fc1's weight gradient, the step's last product, runs: fc1's gradients
-    then run beside 3 T x F less memory, as LlamaMLP's autograd does it node by node."""
+def test_parallel_mlp_drops_each_activation_after_its_last_use(device, monkeypatch, activation):
+    """What the MLP saves of its own making, the activation a and the pre-activation (3 T x F of SwiGLU), and
+    grad_pre, which it makes in backward, are each freed after their last use: pre once grad_pre is made, before
+    fc1's gradients; grad_pre before fc2's weight gradient, the step's last product, which runs beside a alone (so
+    SwiGLU's last weight gradient is allocated beside T x F, as LlamaMLP's is). With retain_graph=True all of it
+    stays for the second backward, which gives the first's gradients again."""
     torch.manual_seed(0)
     mlp = fused_tp.ParallelMLP(16, 12, 16, activation=activation, device=device)
     x = torch.randn(6, 16, device=device, requires_grad=True)
-    made = []  # weak references to every saved tensor but the input and the parameters
+    made = []  # weak references to every saved tensor but the input and the parameters: a, then pre
 
     def pack(t):
         if t is not x and all(t is not p for p in mlp.parameters()):
             made.append(weakref.ref(t))
         return t
 
+    real_grad_input, real_grad_params = fused_tp.kernels.ops.grad_input, fused_tp.kernels.ops.grad_params
+    grad_pre, alive_at = [], []  # alive_at: (a, pre, grad_pre) alive at each weight gradient's product
+
+    def grad_input(*args, **kw):
+        out = real_grad_input(*args, **kw)
+        grad_pre.append(weakref.ref(out))
+        return out
+
+    def grad_params(*args, **kw):
+        alive_at.append(tuple(r() is not None for r in made + grad_pre[:1]))  # (grad_input's second: grad_x)
+        return real_grad_params(*args, **kw)
+
+    monkeypatch.setattr(fused_tp.kernels.ops, "grad_input", grad_input)
+    monkeypatch.setattr(fused_tp.kernels.ops, "grad_params", grad_params)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = mlp(x)
-    assert len(made) == 2  # pre and a
-    alive_at = []
-    real = fused_tp.kernels.ops.grad_params
-
-    def grad_params(grad_y, operand, **kw):
-        alive_at.append(sum(r() is not None for r in made))
-        return real(grad_y, operand, **kw)
-
-    monkeypatch.setattr(fused_tp.kernels.ops, "grad_params", grad_params)
+    assert len(made) == 2
+    y.backward(torch.ones_like(y), retain_graph=True)
+    assert alive_at == [(True, True, True), (True, True, False)]  # a and pre kept for the second backward
+    first = [t.grad.clone() for t in (x, *mlp.parameters())]
+    for t in (x, *mlp.parameters()):
+        t.grad = None
+    grad_pre.clear(), alive_at.clear()
     y.backward(torch.ones_like(y))
-    assert alive_at == [2, 0]  # fc2's gradients read a (and pre, for grad_pre); fc1's run with neither alive
+    assert alive_at == [(True, False, True), (True, False, False)]  # fc1's gradients, then fc2's
+    assert all(r() is None for r in made)
+    for before, t in zip(first, (x, *mlp.parameters())):
+        assert torch.equal(t.grad, before)
 
 
 @pytest.mark.parametrize(
@@ -229,8 +246,7 @@ def test_where_autograd_records_nothing_the_layers_skip_their_function(device, m
     functions = (
         autograd._ColumnParallelLinear,
         autograd._RowParallelLinear,
-        autograd._MlpColumn,
-        autograd._MlpRow,
+        autograd._Mlp,
         autograd._GatherLastDim,
     )
     for fn in functions:
