@@ -431,23 +431,25 @@ class _Mlp(_LayerFunction):
     forward:   pre = x @ w1.T + b1 ;  a = act(pre)                      (one launch, both kept)
                y = all_reduce(a @ w2.T + (b2 if r == 0 else 0))        [..., N]   (with `seq`: world 1 here, the
                caller reduce-scatters the ranks' partial sums)
-    backward, in this order, each tensor dropped after its last use:
+    backward, each tensor dropped after its last use, fc2's gradients last or first (_fc2_grads_first):
                grad_pre = (grad_y @ w2) * act'(pre)                    (one launch; then pre is dropped)
                grad_x = all_reduce(grad_pre @ w1), running while grad_w1 = grad_pre.T @ x and grad_b1 compute
                (with `seq`: x gathered again, grad_x reduce-scattered, as _ColumnParallelLinear does; then
                grad_pre is dropped)
-               grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)    (then a)
+               grad_w2 = grad_y.T @ a ;  grad_b2 = grad_y.sum(rows)    (then a is dropped)
     Against Column, F.gelu and Row as three modules: two elementwise launches fewer a step, and no pass of its own
     over pre and a in either direction.
 
-    Why one node and this order: a step's peak memory is where its last parameter gradient is allocated. fc2's
-    comes last here, beside a [..., F_r] and grad_y; fc1's, last in a graph of two nodes (the Row node runs first),
-    came beside the whole grad_pre, which for SwiGLU is [..., 2 F_r] (gate and up are one parameter, and both its
-    products read both halves), where LlamaMLP allocates its last, gate's, beside grad_gate [..., F] alone
-    (bench/NOTES.md, attempts 44 and 98). Saved tensors live to a node's end, unless its backward releases them
-    (ctx.maybe_clear_saved_tensors, AOTAutograd's way, a no-op for a graph kept by retain_graph): so they are
-    unpacked, released, and each dropped after its last use; saving them (not holding them on ctx) keeps
-    saved_tensors_hooks, and with them activation checkpointing and offloading, working on pre and a.
+    Why one node and a chosen order: a step's peak memory is where it allocates a weight gradient, the last above
+    all. fc2's last comes beside a [..., F_r] and grad_y; fc1's last (a graph of two nodes, whose Row node runs
+    first, has no other order) came beside the whole grad_pre, which for SwiGLU is [..., 2 F_r] (gate and up are
+    one parameter, and both its products read both halves), where LlamaMLP allocates its last, gate's, beside
+    grad_gate [..., F] alone. Over many tokens the activations outweigh the weight gradients, and fc2's gradients
+    first, a dropped before grad_pre is made, peak lower (bench/NOTES.md, attempts 44, 98 and 99). Saved tensors
+    live to a node's end, unless its backward releases them (ctx.maybe_clear_saved_tensors, AOTAutograd's way, a
+    no-op for a graph kept by retain_graph): so they are unpacked, released, and each dropped after its last use;
+    saving them (not holding them on ctx) keeps saved_tensors_hooks, and with them activation checkpointing and
+    offloading, working on pre and a.
     """
 
     tensors = 5
@@ -466,16 +468,41 @@ class _Mlp(_LayerFunction):
     @_first_order
     def backward(ctx, grad_y):
         x, w1, w2, a, pre = ctx.saved_tensors
-        if not torch.compiler.is_compiling():  # (a trace's graph frees what it no longer reads)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # (a trace's graph frees what it no longer reads)
             ctx.maybe_clear_saved_tensors()
         need = ctx.needs_input_grad
+        # (a trace keeps fc2's last: the compiled graph's schedule, not this order, decides its memory)
+        fc2_first = not compiling and _fc2_grads_first(
+            math.prod(pre.shape[:-1]), pre.shape[-1], w2.shape[-1], w2.shape[0], x, w1, need[3], ctx.seq is not None
+        )
         with _tuning(ctx.tuning):
+            if fc2_first:
+                grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=False)
+                del a
             grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre)
             del pre
             grads = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world, ctx.seq)
             del grad_pre
-            grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=False)
+            if not fc2_first:
+                grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=False)
         return *grads, grad_w2, grad_b2, None, None, None, None, None
+
+
+def _fc2_grads_first(rows: int, p: int, f: int, n: int, x, w1, w2_grad: bool, seq: bool) -> bool:
+    """Whether _Mlp's backward peaks lower with fc2's gradients first than last: the largest sum, in elements, of
+    what is alive as each tensor is allocated, in either order. rows: pre's rows (the gathered sequence's, with
+    sequence parallelism, `seq`); p: pre's width (F_r, or 2 F_r gated); f: a's (F_r); n: y's; x, w1: what backward
+    saved (x where w1 takes a gradient, w1 where x does); w2_grad: whether fc2's weight takes one. Ties keep fc2's
+    last."""
+    g_w1 = p * x.shape[-1] if x is not None else 0
+    # grad_x [rows, K]; with `seq`, x gathered again beside fc1's weight gradient, as large
+    g_x = (rows * w1.shape[-1] if w1 is not None else 0) + (rows * x.shape[-1] if seq and x is not None else 0)
+    g_w2 = n * f if w2_grad else 0
+    a, pre, g_y = rows * f if w2_grad else 0, rows * p, rows * n  # grad_pre: pre's size; a saved only for g_w2
+    last = max(a + 2 * pre + g_y, g_w1 + a + pre + g_y + g_x, g_w1 + g_w2 + a + g_y + g_x)
+    first = max(g_w2 + a + pre + g_y, g_w2 + 2 * pre + g_y, g_w2 + g_w1 + pre + g_y + g_x)
+    return first < last
 
 
 def _mlp_graph(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str, seq):

@@ -175,16 +175,18 @@ def test_parallel_mlp_saves_no_more_than_the_dense_mlp(device, monkeypatch, x_gr
     assert save_pre and not any(save_pre)
 
 
+@pytest.mark.parametrize("rows, fc2_first", [(6, False), (200, True)])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_parallel_mlp_drops_each_activation_after_its_last_use(device, monkeypatch, activation):
+def test_parallel_mlp_drops_each_activation_after_its_last_use(device, monkeypatch, activation, rows, fc2_first):
     """What the MLP saves of its own making, the activation a and the pre-activation (3 T x F of SwiGLU), and
-    grad_pre, which it makes in backward, are each freed after their last use: pre once grad_pre is made, before
-    fc1's gradients; grad_pre before fc2's weight gradient, the step's last product, which runs beside a alone (so
-    SwiGLU's last weight gradient is allocated beside T x F, as LlamaMLP's is). With retain_graph=True all of it
-    stays for the second backward, which gives the first's gradients again."""
+    grad_pre, which it makes in backward, are each freed after their last use: pre once grad_pre is made, grad_pre
+    once fc1's gradients are done, a once fc2's weight gradient is. Over few rows fc2's gradients run last, beside a
+    alone (so SwiGLU's last weight gradient is allocated beside T x F, as LlamaMLP's is); over many, where the
+    activations outweigh the weight gradients, first, so that a is gone before grad_pre is made. With
+    retain_graph=True a and pre stay for the second backward, which gives the first's gradients again."""
     torch.manual_seed(0)
     mlp = fused_tp.ParallelMLP(16, 12, 16, activation=activation, device=device)
-    x = torch.randn(6, 16, device=device, requires_grad=True)
+    x = torch.randn(rows, 16, device=device, requires_grad=True)
     made = []  # weak references to every saved tensor but the input and the parameters: a, then pre
 
     def pack(t):
@@ -193,7 +195,7 @@ def test_parallel_mlp_drops_each_activation_after_its_last_use(device, monkeypat
         return t
 
     real_grad_input, real_grad_params = fused_tp.kernels.ops.grad_input, fused_tp.kernels.ops.grad_params
-    grad_pre, alive_at = [], []  # alive_at: (a, pre, grad_pre) alive at each weight gradient's product
+    grad_pre, alive_at = [], []  # alive_at: (a, pre[, grad_pre once made]) alive at each weight gradient's product
 
     def grad_input(*args, **kw):
         out = real_grad_input(*args, **kw)
@@ -209,17 +211,35 @@ def test_parallel_mlp_drops_each_activation_after_its_last_use(device, monkeypat
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = mlp(x)
     assert len(made) == 2
+    # (fc1's gradients, fc2's) or (fc2's, fc1's), first with retain_graph, then without
+    kept, freed = (
+        ([(True, True), (True, True, True)], [(True, True), (False, False, True)])
+        if fc2_first
+        else ([(True, True, True), (True, True, False)], [(True, False, True), (True, False, False)])
+    )
     y.backward(torch.ones_like(y), retain_graph=True)
-    assert alive_at == [(True, True, True), (True, True, False)]  # a and pre kept for the second backward
+    assert alive_at == kept
     first = [t.grad.clone() for t in (x, *mlp.parameters())]
     for t in (x, *mlp.parameters()):
         t.grad = None
     grad_pre.clear(), alive_at.clear()
     y.backward(torch.ones_like(y))
-    assert alive_at == [(True, False, True), (True, False, False)]  # fc1's gradients, then fc2's
+    assert alive_at == freed
     assert all(r() is None for r in made)
     for before, t in zip(first, (x, *mlp.parameters())):
         assert torch.equal(t.grad, before)
+
+
+@pytest.mark.parametrize("tokens, fc2_first", [(512, False), (1024, False), (2048, False), (8192, True)])
+def test_parallel_mlp_backward_order_follows_the_sizes(tokens, fc2_first):
+    """The reckoning behind that order, at Llama-3-8B's SwiGLU MLP (4096 -> 14336) on one rank: fc2's gradients
+    last up to 2048 tokens, where the weight gradients outweigh the activations, first at 8192, as the H100's
+    measured step peaks say (bench/NOTES.md, attempts 98 and 99: 358 / 380 / 424 MiB at 512-2048 tokens, 1072
+    against 1184 at 8192)."""
+    from fused_tp.autograd import _fc2_grads_first
+
+    x, w1 = torch.empty(tokens, 4096, device="meta"), torch.empty(2 * 14336, 4096, device="meta")
+    assert _fc2_grads_first(tokens, 2 * 14336, 14336, 4096, x, w1, True, False) == fc2_first
 
 
 @pytest.mark.parametrize(
