@@ -387,7 +387,9 @@ class _RowParallelLinear(_LayerFunction):
     The bias is added inside the kernel on rank 0 only, so the sum carries it once. Its gradient is computed on
     every rank from the replicated grad_y, so the replicated bias stays identical under any optimizer: by the
     column-sum kernel (fuse_bias=False), never by the weight gradient's launch, whose config, and with it the order
-    of the sums, follows the rank's shard width (a rank with an empty shard makes none; tests/test_dist.py).
+    of the sums, follows the rank's shard width (a rank with an empty shard makes none; tests/test_dist.py). Alone
+    on its group (_alone) the rank has no replica to match, and the weight gradient's launch may write it, as the
+    column layer's does: over a few tokens one launch fewer a step (kernels/configs.py, ROW_SUM_MAX_K).
 
     With `scatter` (input_is_parallel=False), x is the replicated full input [..., K], of which forward takes its
     slice (a view); backward all-gathers grad_x [..., K] while wgrad computes, so every rank gets the full gradient.
@@ -402,7 +404,7 @@ class _RowParallelLinear(_LayerFunction):
         if scatter:  # the replicated full input: this rank's slice, a view
             x_shard = x_shard[..., slice(*shard_range(ctx.size, world, rank))]
         ctx.save_for_backward(x_shard if need_w else None, w_shard if need_x else None)
-        ctx.group, ctx.world, ctx.tuning = group, world, _current_tuning()
+        ctx.group, ctx.world, ctx.tuning, ctx.alone = group, world, _current_tuning(), _alone(group, world)
         return _row_forward(x_shard, w_shard, b, group, world, rank)
 
     @staticmethod
@@ -415,7 +417,7 @@ class _RowParallelLinear(_LayerFunction):
             gathering = None
             if grad_x is not None and ctx.size is not None:
                 gathering = _all_gather_last_dim(grad_x, ctx.group, ctx.world, ctx.size, async_op=True)
-            grad_w, grad_b = ops.grad_params(grad_y, x_shard, weight=need_w, bias=need_b, fuse_bias=False)
+            grad_w, grad_b = ops.grad_params(grad_y, x_shard, weight=need_w, bias=need_b, fuse_bias=ctx.alone)
         if gathering is not None:
             grad_x = gathering()
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -458,7 +460,7 @@ class _Mlp(_LayerFunction):
     def forward(ctx, x, w1, b1, w2, b2, group, world, rank, activation, seq):
         need = ctx.needs_input_grad
         ctx.group, ctx.world, ctx.activation, ctx.seq = group, world, activation, seq
-        ctx.tuning = _current_tuning()
+        ctx.tuning, ctx.alone = _current_tuning(), _alone(group, world)
         x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
         a, pre = ops.linear(x_full, w1, b1, activation, save_pre=True)
         ctx.save_for_backward(x if need[1] else None, w1 if need[0] else None, w2, a if need[3] else None, pre)
@@ -478,14 +480,14 @@ class _Mlp(_LayerFunction):
         )
         with _tuning(ctx.tuning):
             if fc2_first:
-                grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=False)
+                grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=ctx.alone)
                 del a
             grad_pre = ops.grad_input(grad_y, w2, ctx.activation, pre)
             del pre
             grads = _column_grads(grad_pre, x, w1, need[:3], ctx.group, ctx.world, ctx.seq)
             del grad_pre
             if not fc2_first:
-                grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=False)
+                grad_w2, grad_b2 = ops.grad_params(grad_y, a, weight=need[3], bias=need[4], fuse_bias=ctx.alone)
         return *grads, grad_w2, grad_b2, None, None, None, None, None
 
 
@@ -513,6 +515,13 @@ def _mlp_graph(x, w1, b1, w2, b2, group, world: int, rank: int, activation: str,
         return _apply(_Mlp, x, w1, b1, w2, b2, group, world, rank, activation, seq)
     x_full = x if seq is None else _seq_gather(x, seq[0], seq[1], group)
     return _apply(_RowParallelLinear, ops.linear(x_full, w1, b1, activation)[0], w2, b2, group, world, rank, False)
+
+
+def _alone(group, world: int) -> bool:
+    """Whether a row layer's rank is the only one of its group, so that no replica of its bias must match its bias
+    gradient's bits. Not `world` alone: with sequence parallelism the row Functions get world 1 (no all-reduce:
+    their caller reduce-scatters) on a larger group."""
+    return world == 1 and group_size_rank(group)[0] == 1
 
 
 def _row_forward(x_shard, w_shard, b, group, world: int, rank: int):

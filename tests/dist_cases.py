@@ -1104,6 +1104,32 @@ def sequence_parallel_step(kind, device, dense, x, grad_y, activation, seq_dim):
     return out
 
 
+def row_bias_launches(device):
+    """path_counts["row_sum"] (bias gradients written by a weight gradient's launch) over the backward of a
+    few-token step on this rank of the group, for a RowParallelLinear, its sequence-parallel form and a
+    sequence-parallel ParallelMLP, whose row parts get world size 1 from their callers: on every rank a row layer's
+    replicated bias takes its gradient from the column-sum kernel, so only ParallelMLP's fc1 (a column layer) may
+    count one. Uneven shards: each rank's weight gradient is of its own width."""
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(16, 3 * world + 1).to(device), nn.Linear(3 * world + 1, 16).to(device)
+    seq = dict(sequence_parallel=True)
+    tokens = 4 * world
+    row, seq_row = fused_tp.RowParallelLinear.from_linear(fc2), fused_tp.RowParallelLinear.from_linear(fc2, **seq)
+    cases = {
+        "row": (row, (tokens, row.weight.shape[1])),
+        "sequence-parallel row": (seq_row, (tokens, seq_row.weight.shape[1])),
+        "sequence-parallel ParallelMLP": (fused_tp.ParallelMLP.from_linears(fc1, fc2, **seq), (4, 16)),
+    }
+    counts = {}
+    for name, (layer, shape) in cases.items():
+        y = layer(torch.randn(shape, device=device, requires_grad=True))
+        before = fused_tp.path_counts.copy()
+        y.backward(torch.randn_like(y))
+        counts[name] = (fused_tp.path_counts - before)["row_sum"]
+    return counts
+
+
 def sequence_parallel_bad_calls(device):
     """(the error each rank raised) for a sequence shard of the wrong length on rank 0, then a sequence dim the
     input does not have; the group still works after both."""

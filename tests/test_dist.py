@@ -467,6 +467,16 @@ def test_sequence_parallel_mlp_matches_dense(
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_a_replicated_row_bias_takes_its_gradient_from_the_column_sum_kernel(rank_pools, device, world):
+    """A row layer's bias is replicated, and its gradient must have the same bits on every rank, whatever each
+    rank's shard width: the column-sum kernel writes it, never the weight gradient's launch as at world size 1
+    (tests/test_edges.py), sequence parallelism (whose row Functions are told world size 1) included."""
+    for rank, counts in enumerate(rank_pools(world).run(dist_cases.row_bias_launches, device)):
+        want = {"row": 0, "sequence-parallel row": 0, "sequence-parallel ParallelMLP": 1}  # the last: fc1's
+        assert counts == want, f"rank {rank}: {counts}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_sequence_parallel_bad_input_raises_the_same_error_on_every_rank(rank_pools, device, world):
     outs = rank_pools(world).run(dist_cases.sequence_parallel_bad_calls, device)
     for errors, group_ok in outs:

@@ -242,6 +242,33 @@ def test_parallel_mlp_backward_order_follows_the_sizes(tokens, fc2_first):
     assert _fc2_grads_first(tokens, 2 * 14336, 14336, 4096, x, w1, True, False) == fc2_first
 
 
+@pytest.mark.parametrize("kind", ["row", "parallel_mlp"])
+@pytest.mark.parametrize("tokens", [3, configs.ROW_SUM_MAX_K + 1])
+def test_a_row_layer_alone_on_its_group_takes_its_bias_gradient_from_the_weight_gradients_launch(device, kind, tokens):
+    """With no other rank, no replica of the row layer's bias must match its gradient's bits, so over at most
+    configs.ROW_SUM_MAX_K tokens the weight gradient's launch writes it (path_counts["row_sum"], one launch fewer),
+    as a column layer's does: RowParallelLinear's and ParallelMLP's fc2 (whose fc1 is a column layer), against the
+    float64 reference. On more ranks the column-sum kernel writes it (tests/test_dist.py)."""
+    gen = torch.Generator().manual_seed(0)
+    lin1, lin2 = nn.Linear(24, 40).to(device), nn.Linear(40, 24).to(device)
+    if kind == "row":
+        layer, row = fused_tp.RowParallelLinear.from_linear(lin2), 1
+        x = make_tensor((tokens, 40), "contiguous", torch.float32, device, gen)
+    else:
+        layer, row = fused_tp.ParallelMLP.from_linears(lin1, lin2), 2
+        x = make_tensor((tokens, 24), "contiguous", torch.float32, device, gen)
+    grad_y = make_tensor((tokens, 24), "contiguous", torch.float32, device, gen)
+    y = layer(x.requires_grad_())
+    before = kernels.path_counts.copy()
+    y.backward(grad_y)
+    counts = kernels.path_counts - before
+    # a row layer's launch, and ParallelMLP's fc1's as a column layer's
+    assert counts["row_sum"] == (row if tokens <= configs.ROW_SUM_MAX_K else 0), dict(counts)
+    g64 = grad_y.double().cpu()
+    bias = layer.bias if kind == "row" else layer.fc2.bias
+    assert_close("grad_b", bias.grad, g64.sum(0), g64.abs().sum(0), tol(torch.float32, tokens))
+
+
 @pytest.mark.parametrize(
     "kind", ["column", "column, gather_output", "row", "row, input_is_parallel=False", "parallel_mlp"]
 )
