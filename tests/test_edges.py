@@ -252,10 +252,10 @@ def test_a_row_layer_alone_on_its_group_takes_its_bias_gradient_from_the_weight_
     gen = torch.Generator().manual_seed(0)
     lin1, lin2 = nn.Linear(24, 40).to(device), nn.Linear(40, 24).to(device)
     if kind == "row":
-        layer, row = fused_tp.RowParallelLinear.from_linear(lin2), 1
+        layer, fused = fused_tp.RowParallelLinear.from_linear(lin2), 1
         x = make_tensor((tokens, 40), "contiguous", torch.float32, device, gen)
     else:
-        layer, row = fused_tp.ParallelMLP.from_linears(lin1, lin2), 2
+        layer, fused = fused_tp.ParallelMLP.from_linears(lin1, lin2), 2
         x = make_tensor((tokens, 24), "contiguous", torch.float32, device, gen)
     grad_y = make_tensor((tokens, 24), "contiguous", torch.float32, device, gen)
     y = layer(x.requires_grad_())
@@ -263,7 +263,7 @@ def test_a_row_layer_alone_on_its_group_takes_its_bias_gradient_from_the_weight_
     y.backward(grad_y)
     counts = kernels.path_counts - before
     # a row layer's launch, and ParallelMLP's fc1's as a column layer's
-    assert counts["row_sum"] == (row if tokens <= configs.ROW_SUM_MAX_K else 0), dict(counts)
+    assert counts["row_sum"] == (fused if tokens <= configs.ROW_SUM_MAX_K else 0), dict(counts)
     g64 = grad_y.double().cpu()
     bias = layer.bias if kind == "row" else layer.fc2.bias
     assert_close("grad_b", bias.grad, g64.sum(0), g64.abs().sum(0), tol(torch.float32, tokens))
