@@ -914,6 +914,31 @@ def test_descriptor_scratch_is_reused_per_stream():
     assert_close("y", y, *linear_reference(x, w), tol(torch.bfloat16, 64))
 
 
+def test_an_operator_reuses_the_kept_scratch_on_the_default_stream_only(device):
+    """The registered operators reuse the buffers eager launches keep (a split-K launch's counters; on sm_90 the
+    descriptors' scratch) on the device's default stream, where a compiled graph without CUDA graphs runs them.
+    Off it they take fresh ones, kept nowhere: torch.compile's CUDA graphs warm up and capture on a stream of their
+    own, into a private pool where a kept buffer would count as a leak (test_compile.py's reduce-overhead test)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = (make_tensor((64, 256), "contiguous", torch.float16, device, gen) for _ in range(2))
+    launch._kept.clear()
+    with configs.pin_config(configs.KernelConfig(64, 64, 64, num_warps=4, num_stages=2, split_k=2)):
+        y = torch.ops.fused_tp.linear(x, w, None, "")
+        kept = {key: id(buf) for key, buf in launch._kept.items()}
+        assert "counters" in {key[0] for key in kept}, kept
+        outs = [torch.ops.fused_tp.linear(x, w, None, "")]
+        assert {key: id(buf) for key, buf in launch._kept.items()} == kept, "the operator's buffers were not reused"
+        if device == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outs.append(torch.ops.fused_tp.linear(x, w, None, ""))
+            torch.cuda.current_stream().wait_stream(side)
+            assert {key: id(buf) for key, buf in launch._kept.items()} == kept, "a side stream's buffer was kept"
+    assert all(torch.equal(y, out) for out in outs)
+    assert_close("y", y, *linear_reference(x, w), tol(torch.float16, 256))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels on a GPU")
 def test_repeat_launches_call_the_compiled_kernel_directly():
     """After the first launch of a specialisation, launches skip Triton's argument binding and call the compiled

@@ -170,13 +170,17 @@ def _warn_untested_once() -> None:
 
 _kept: dict = {}  # (what, device index, stream) -> a buffer the launches on that stream reuse
 _reuse_scratch = True  # off while a registered operator runs (scratch_per_launch)
+_default_streams: dict = {}  # device index -> the handle of its default stream
 
 
 class scratch_per_launch:
-    """Launches inside take fresh scratch buffers each, kept nowhere. For the registered operators (ops.py):
-    torch.compile's CUDA graphs warm up with this thread's allocations routed to the graph's private pool, where
-    a buffer kept past the graph counts as a leak; eager launches, which skip the operators, keep reusing theirs.
-    A class, not a generator: it runs around every operator call."""
+    """Launches inside take fresh scratch buffers each, kept nowhere, unless they run on the device's default
+    stream. For the registered operators (ops.py): torch.compile's CUDA graphs warm up with this thread's
+    allocations routed to the graph's private pool, where a buffer kept past the graph counts as a leak, and they
+    warm up and capture on a stream of their own (torch._inductor.cudagraph_trees). On the default stream, where a
+    compiled graph without CUDA graphs runs, the operators reuse the kept buffers as eager launches do: a split-K
+    launch's zeroed counters and the descriptors' scratch cost it no allocation (bench/NOTES.md, attempt 102). A
+    class, not a generator: it runs around every operator call."""
 
     __slots__ = ("before",)
 
@@ -189,16 +193,25 @@ class scratch_per_launch:
         _reuse_scratch = self.before
 
 
+def _default_stream(index: int) -> int:
+    handle = _default_streams.get(index)
+    if handle is None:
+        handle = _default_streams[index] = torch.cuda.default_stream(index).cuda_stream
+    return handle
+
+
 def _kept_buffer(what: str, size: int, dtype: torch.dtype, device: torch.device, stream, zeroed: bool):
     """A buffer of at least `size` elements for launches on `stream`: one per (what, device, stream), reused.
 
     Launches on one stream run in order, so a kernel is done with the buffer before the next one uses it. Reuse
-    saves an allocation per launch (host time) and keeps scratch out of each step's peak memory. A stream being
-    captured into a CUDA graph gets its own buffer from the graph's pool, not kept here, and so does a launch from a
-    registered operator (scratch_per_launch). `zeroed`: a new buffer starts at zero (the kernels that use such a
-    buffer leave it at zero)."""
+    saves an allocation per launch (host time; a zeroed one, a fill launch too) and keeps scratch out of each
+    step's peak memory. A stream being captured into a CUDA graph gets its own buffer from the graph's pool, not
+    kept here, and so does a launch from a registered operator off the default stream (scratch_per_launch).
+    `zeroed`: a new buffer starts at zero (the kernels that use such a buffer leave it at zero)."""
     new = torch.zeros if zeroed else torch.empty
-    if not _reuse_scratch or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if device.type == "cuda" and (
+        torch._C._cuda_isCurrentStreamCapturing() or (not _reuse_scratch and stream != _default_stream(device.index))
+    ):
         return new(size, device=device, dtype=dtype)
     key = (what, device.index, stream)
     buf = _kept.get(key)

@@ -13,8 +13,9 @@
 Every output is a new contiguous tensor in the inputs' dtype. The fake implementations give those shapes from the
 inputs' alone, so a trace never runs a kernel. The real ones are matmul.py's functions, which plan the launch when
 they run, from the tensors they get (alignment included): a compiled graph takes the path eager code takes for the
-same tensors, an unaligned input included, and one graph serves every token count. They take a fresh descriptor
-scratch each launch (launch.scratch_per_launch), which CUDA graphs from torch.compile need.
+same tensors, an unaligned input included, and one graph serves every token count. Off the device's default
+stream, where torch.compile's CUDA graphs warm up and capture, they take fresh scratch (descriptors, split-K
+counters) each launch, kept nowhere (launch.scratch_per_launch); on it they reuse eager launches' buffers.
 
 Opaque operators defined with torch.library.Library, not triton_op: a triton_op's launcher runs once, at trace
 time, on FakeTensors, so every decision that depends on the token count (config, split-K, copies) would become a
