@@ -8,7 +8,11 @@ with from_linear(s) of the nn.Sequential(nn.Linear, nn.GELU(), nn.Linear) it is 
 inputs). Every model is compiled once per model shape and mode, torch.compile(mode=..., dynamic=True, fullgraph for
 fused_tp), then run at 16, 128, 1024 and 8192 tokens, forward under no_grad and forward + backward (bench_layers'
 steps); "reduce-overhead" replays inductor's CUDA graphs. Outputs and gradients are checked against the compiled
-baseline before timing; a step is timed with do_bench (median), interleaved with the baseline's. Writes
+baseline before timing; a step is timed with do_bench (median), interleaved with the baseline's. Each row also
+holds both sides' GPU time a step (its launches' sum, from torch.profiler: common.launch_profile) and the host's
+time to issue one (10 back to back, no synchronisation inside), and their ratio `gpu_ratio`: where a side's host time
+exceeds its GPU time the step is host-bound (`host_bound`), and `ratio` there measures the hosts (dynamo's guards,
+AOTAutograd's wrappers, inductor's CUDA-graph trees) more than the kernels. Writes
 bench/results/<gpu>/bench_compile_<dtype>[_quick | _<shapes>].json and .png; prints a markdown table.
 """
 
@@ -26,6 +30,7 @@ from common import (  # noqa: E402
     DTYPES,
     env,
     geomean,
+    launch_profile,
     markdown_table,
     plot_ratios,
     require_gpu,
@@ -97,6 +102,7 @@ def main():
                     for step, base, fused in (("forward", base_f, fused_f), ("forward+backward", base_fb, fused_fb)):
                         t = time_interleaved({"baseline": base, "fused_tp": fused})
                         (tb, sb), (tf, sf) = t["baseline"], t["fused_tp"]
+                        pb, pf = launch_profile(base), launch_profile(fused)
                         rows.append(
                             dict(
                                 layer=layer,
@@ -110,21 +116,33 @@ def main():
                                 fused_tp_ms=tf,
                                 ratio=tb / tf,
                                 spread=max(sb, sf),
+                                baseline_gpu_us=pb["gpu_us"],
+                                fused_tp_gpu_us=pf["gpu_us"],
+                                gpu_ratio=pb["gpu_us"] / pf["gpu_us"],
+                                baseline_host_us=pb["host_us"],
+                                fused_tp_host_us=pf["host_us"],
+                                host_bound=[p["host_us"] > p["gpu_us"] for p in (pb, pf)],
                                 err_vs_baseline=err,
                                 first_calls_s=first_s,
                                 **info,
                             )
                         )
                         print(
-                            f"{layer:>12} {mode:>15} {step:>16} {tokens:>5} {hidden:>5} {ffn:>5}  ratio {tb / tf:.3f}",
+                            f"{layer:>12} {mode:>15} {step:>16} {tokens:>5} {hidden:>5} {ffn:>5}  ratio {tb / tf:.3f}"
+                            f"  GPU {pb['gpu_us'] / pf['gpu_us']:.3f}  host / GPU us: baseline {pb['host_us']:.0f} / "
+                            f"{pb['gpu_us']:.0f}, fused_tp {pf['host_us']:.0f} / {pf['gpu_us']:.0f}",
                             flush=True,
                         )
 
     series = lambda r: f"{r['layer']} {r['mode']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
+    gpu = {s: geomean(r["gpu_ratio"] for r in rows if series(r) == s) for s in summary}
     subset = "_quick" if args.quick else "" if shapes == SHAPES else "_" + "_".join(args.shapes)
     out = results_dir(info["gpu"]) / f"bench_compile_{args.dtype}{subset}"
-    write(out.with_suffix(".json"), {"env": info, "summary_geomean_ratio": summary, "rows": rows})
+    write(
+        out.with_suffix(".json"),
+        {"env": info, "summary_geomean_ratio": summary, "summary_geomean_gpu_ratio": gpu, "rows": rows},
+    )
     for r in rows:
         r["series"] = series(r)
     plot_ratios(
@@ -138,10 +156,13 @@ def main():
     print(
         "\n"
         + markdown_table(
-            rows, ["layer", "mode", "step", "tokens", "hidden", "ffn", "baseline_ms", "fused_tp_ms", "ratio", "spread"]
+            rows,
+            ["layer", "mode", "step", "tokens", "hidden", "ffn", "baseline_ms", "fused_tp_ms", "ratio", "spread"]
+            + ["gpu_ratio", "baseline_host_us", "fused_tp_host_us"],
         )
     )
     print("\ngeometric mean of ratios (> 1 is faster):", ", ".join(f"{s} {g:.3f}" for s, g in summary.items()))
+    print("geometric mean of GPU-time ratios:", ", ".join(f"{s} {g:.3f}" for s, g in gpu.items()))
 
 
 if __name__ == "__main__":
