@@ -7,6 +7,8 @@
 # fetch takes at most 8 files). Copy the table back into your tree between calls.
 #   bash bench/decode_run.sh STEP [STEP ...]
 #     tune:bf16:1,4,8,16      tune --missing over the decode-buckets preset's shapes of those token counts
+#     retime:bf16:32,64,128   the same shapes, every bucket timed again whether it has an entry or not (after
+#                             configs.SPACE grew: bench/NOTES.md, attempt 104)
 #     retune:bf16:0.92        tune again (pinned splits included) the buckets that served the last decode bench's
 #                             rows below 0.92x at 32-128 tokens, where an entry is there already (tune:'s fill the rest),
 #                             but for those shapes a tune with the pinned-split stage timed (the tree's timings files
@@ -14,8 +16,9 @@
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
-  [[ $step =~ ^(tune:[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|bench:[a-z0-9]+)$ ]] ||
-    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retune:DTYPE:RATIO or bench:DTYPE, got $step" >&2; exit 2; }
+  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|bench:[a-z0-9]+)$ ]] ||
+    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO or bench:DTYPE, got $step" >&2
+      exit 2; }
 done
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/tune"
@@ -43,6 +46,7 @@ for step in "$@"; do
   start=$(date +%s)
   case $what in
     tune) tune "$dtype" "decode-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } --missing ;;
+    retime) tune "$dtype" "retime-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } ;;
     retune)
       python3 - "$slug" "$dtype" "$arg" "$OUT" > "$OUT/retune_$dtype.txt" <<'EOF'
 import glob, json, sys

@@ -598,8 +598,9 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     CPU under the interpreter, SHAPES=tiny): a tune: step writes the table into the tree it runs in and its timings,
     which name the splits they time, into the call's archive; a retune: step of the same call leaves out the bucket
     that tune timed with the pinned-split stage, a later call whose tree lacks those timings tunes it again, and once
-    they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83). A malformed step is
-    refused before any step runs."""
+    they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83); a retime: step times a
+    bucket that has an entry again, where tune: skips it (attempt 104). A malformed step is refused before any step
+    runs."""
     if device == "cuda":
         pytest.skip("on a GPU the script tunes for real, minutes a step")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -651,6 +652,15 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     assert third.returncode == 0, third.stderr
     assert files["./retune_bf16.txt"] == b""
 
+    # once the bucket has an entry, tune: skips it and retime: (after the space grew) times it again
+    fourth, files = call("tune:bf16:33", "retime:bf16:33")
+    assert fourth.returncode == 0, fourth.stderr
+    assert "./tune/timings_fwd_bf16_decode-33.json" not in files
+    retimed = json.loads(files["./tune/timings_fwd_bf16_retime-33.json"])
+    assert {(r["M"], r["K"], r["N"]) for r in retimed["rows"]} == {(33, 40, 17)}
+    (entry,) = json.loads(table.read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]["tma"].values()
+    assert entry["shape_MKN"] == [33, 40, 17]
+
 
 def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device, monkeypatch):
     """One stalled timing (a whole do_bench median read 4x slow, as on a busy host) neither costs the rule's config
@@ -659,9 +669,11 @@ def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device
     if device == "cuda":
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
 
-    # The interpreter's rule config is not among the candidates; on a GPU it is. Stand in the last candidate.
+    # The interpreter's rule config is not among the candidates; on a GPU it is. Stand in the last candidate that
+    # both operand paths time (operands no descriptor can address drop the configs with C through pointers), so
+    # that the stand-in is one config whichever path the shape takes.
     def rule_config(M, dtype, interpreted, tma, aux_tile=0):
-        return configs.candidates(20, 100, 48, dtype, tma)[-1]
+        return [c for c in configs.candidates(20, 100, 48, dtype, tma) if c.tma and c.tma_c][-1]
 
     monkeypatch.setattr(configs, "rule_config", rule_config)
     rules = {rule_config(20, torch.bfloat16, True, tma) for tma in (True, False)}

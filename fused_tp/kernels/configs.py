@@ -191,6 +191,15 @@ SPACE = (
     KernelConfig(64, 64, 64, num_warps=4, num_stages=3, tma_c=False),
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
+    # Deep pipelines for 64-row tiles over 32-128 tokens, C through pointers so the stages take all the shared
+    # memory: these launches stream the weight, and more loads in flight beat bigger ones. On the H100 the 64x64x128
+    # tile in 6 stages ran 128 x 14336 -> 4096 at 0.98x cuBLAS's time where 4 stages ran 0.88x (3 stages of a
+    # 64x64x256 tile, the same bytes, 0.89x), and 64 x 32 tiles in 4-8 stages lift the narrow shards (4096 -> 1536 at
+    # 128 tokens 0.77 -> 0.97x; bench/NOTES.md, attempt 104).
+    KernelConfig(64, 64, 128, num_warps=4, num_stages=6, persistent=False, tma_c=False),
+    KernelConfig(64, 64, 128, num_warps=4, num_stages=6, tma_c=False),
+    KernelConfig(64, 32, 256, num_warps=4, num_stages=4, tma_c=False),
+    KernelConfig(64, 32, 128, num_warps=4, num_stages=8, tma_c=False),
     # The GEMV form (BLOCK_M 1, for GEMV_MAX_ROWS rows): 4-16 weight rows (output columns) a program, one program
     # per tile, so that every SM streams the weight; the loads alone keep it in flight (one stage beat three). The
     # fastest of a probe at 1 token over 13 shards (bench/NOTES.md, attempt 38b), and a split one for narrow shards
