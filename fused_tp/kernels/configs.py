@@ -192,10 +192,10 @@ SPACE = (
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
     # Deep pipelines for 64-row tiles over 32-128 tokens, C through pointers so the stages take all the shared
-    # memory: these launches stream the weight, and more loads in flight beat bigger ones. On the H100 the 64x64x128
-    # tile in 6 stages ran 128 x 14336 -> 4096 at 0.98x cuBLAS's time where 4 stages ran 0.88x (3 stages of a
-    # 64x64x256 tile, the same bytes, 0.89x), and 64 x 32 tiles in 4-8 stages lift the narrow shards (4096 -> 1536 at
-    # 128 tokens 0.77 -> 0.97x; bench/NOTES.md, attempt 104).
+    # memory: these launches stream the weight, and how it is staged sets their pace. On the H100 the 64x64x128 tile
+    # in 6 stages ran 128 x 14336 -> 4096 at 0.98x cuBLAS's speed where 4 stages ran 0.88x, 3 stages of 64x64x256
+    # (the same bytes in flight) 0.89x and 12 of 64x64x64 0.73x; 64 x 32 tiles in 4-8 stages lift the narrow shards
+    # (4096 -> 1536 at 128 tokens 0.77 -> 0.97x; bench/NOTES.md, attempt 104).
     KernelConfig(64, 64, 128, num_warps=4, num_stages=6, persistent=False, tma_c=False),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=6, tma_c=False),
     KernelConfig(64, 32, 256, num_warps=4, num_stages=4, tma_c=False),
