@@ -191,11 +191,12 @@ SPACE = (
     KernelConfig(64, 64, 64, num_warps=4, num_stages=3, tma_c=False),
     KernelConfig(128, 128, 32, num_warps=8, num_stages=3, persistent=False),
     KernelConfig(64, 128, 32, num_warps=4, num_stages=4, persistent=False),
-    # Deep pipelines for 64-row tiles over 32-128 tokens, C through pointers so the stages take all the shared
-    # memory: these launches stream the weight, and how it is staged sets their pace. On the H100 the 64x64x128 tile
-    # in 6 stages ran 128 x 14336 -> 4096 at 0.98x cuBLAS's speed where 4 stages ran 0.88x, 3 stages of 64x64x256
-    # (the same bytes in flight) 0.89x and 12 of 64x64x64 0.73x; 64 x 32 tiles in 4-8 stages lift the narrow shards
-    # (4096 -> 1536 at 128 tokens 0.77 -> 0.97x; bench/NOTES.md, attempt 104).
+    # Deep pipelines for 64-row tiles over 32-128 tokens (C through pointers, as the table's 64 x 64 decode entries
+    # they deepen have it; pruning rule 3 keeps them to decode rows): these launches stream the weight, and how it is
+    # staged sets their pace. On the H100 the 64x64x128 tile in 6 stages ran 128 x 14336 -> 4096 at 0.98x cuBLAS's
+    # speed where 4 stages ran 0.88x, 3 stages of 64x64x256 (the same bytes in flight) 0.89x and 12 of 64x64x64
+    # 0.73x; 64 x 32 tiles in 4-8 stages lift the narrow shards (4096 -> 1536 at 128 tokens 0.77 -> 0.97x;
+    # bench/NOTES.md, attempt 104).
     KernelConfig(64, 64, 128, num_warps=4, num_stages=6, persistent=False, tma_c=False),
     KernelConfig(64, 64, 128, num_warps=4, num_stages=6, tma_c=False),
     KernelConfig(64, 32, 256, num_warps=4, num_stages=4, tma_c=False),
