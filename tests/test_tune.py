@@ -302,8 +302,13 @@ def test_pruning_rules():
     assert any(not c.tma for c in decode(True)), "decode tiles are timed through pointers too"
     assert all(c.tma for c in decode(False)), "where no descriptor can address the operands, tma=False is a copy"
     assert any(not c.tma_c for c in decode(True)) and all(c.tma_c for c in decode(False))
-    c_pointers = lambda M: [c for c in configs.candidates(M, 4096, 4096, torch.bfloat16, True) if not c.tma_c]  # noqa: E731
-    assert c_pointers(128) and not c_pointers(129), "C through pointers is timed for decode rows only"
+    c_pointers = lambda M, rows: [  # noqa: E731
+        c for c in configs.candidates(M, 4096, 4096, torch.bfloat16, True) if not c.tma_c and c.BLOCK_M in rows
+    ]
+    assert c_pointers(128, (64,)) and not c_pointers(129, (16, 32, 64)), (
+        "64-row tiles store C through pointers in decode"
+    )
+    assert c_pointers(8192, (128,)), "128-row tiles trade C's tile for a stage at every size"
     for dtype in (torch.float32, torch.float16):
         for tma in (True, False):
             assert configs.candidates(1, 1, 1, dtype, tma), "every launch needs a candidate"

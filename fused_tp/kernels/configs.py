@@ -201,6 +201,12 @@ SPACE = (
     KernelConfig(64, 64, 128, num_warps=4, num_stages=6, tma_c=False),
     KernelConfig(64, 32, 256, num_warps=4, num_stages=4, tma_c=False),
     KernelConfig(64, 32, 128, num_warps=4, num_stages=8, tma_c=False),
+    # The same trade for 128-row tiles at any size: C's tile given back as a pipeline stage (128x256x64 in 4 stages,
+    # 128x128x64 in 6; 196608 bytes each). On the H100 the 128 x 128 one ran 512 x 14336 -> 4096, a Row layer's
+    # forward at 512 tokens with 64 of the 128 x 256 tile's programs for 132 SMs, at 0.94x cuBLAS's speed against
+    # the table's 0.84x; the 128 x 256 one 512 x 4096 -> 14336 at 0.97x against 0.93x (bench/NOTES.md, attempt 106).
+    KernelConfig(128, 256, 64, num_warps=8, num_stages=4, tma_c=False),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=6, tma_c=False),
     # The GEMV form (BLOCK_M 1, for GEMV_MAX_ROWS rows): 4-16 weight rows (output columns) a program, one program
     # per tile, so that every SM streams the weight; the loads alone keep it in flight (one stage beat three). The
     # fastest of a probe at 1 token over 13 shards (bench/NOTES.md, attempt 38b), and a split one for narrow shards
@@ -249,10 +255,10 @@ def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:
 
 
 def decode_only(cfg: KernelConfig, M: int) -> bool:
-    """Pruning rule 3: the decode tiles, under wgmma's 64 rows or storing C through pointers, for up to
+    """Pruning rule 3: the decode tiles, under wgmma's 64 rows or 64-row ones storing C through pointers, for up to
     DECODE_MAX_ROWS rows only (none has won past 128 rows in any table, and at thousands of rows each costs a tune
     seconds); the GEMV form for up to GEMV_MAX_ROWS."""
-    decode = cfg.BLOCK_M < 64 or not cfg.tma_c
+    decode = cfg.BLOCK_M < 64 or (cfg.BLOCK_M == 64 and not cfg.tma_c)
     return not decode or M <= (GEMV_MAX_ROWS if cfg.BLOCK_M == 1 else DECODE_MAX_ROWS)
 
 
