@@ -13,11 +13,15 @@
 #                             rows below 0.92x at 32-128 tokens, where an entry is there already (tune:'s fill the rest),
 #                             but for those shapes a tune with the pinned-split stage timed (the tree's timings files
 #                             under bench/results/<gpu>/tune/ and this call's: copy a call's timings there too)
+#     stale:bf16              tune again the buckets whose entries were not timed from CUDA graphs: a speed-set tune's,
+#                             timed with the L2 flushed, which tune: skips (on the H100 the one-token 8192 -> 14336
+#                             and 14336 -> 8192 shards' buckets: 16- and 64-row tiles, 2-10% slower there than the
+#                             GEMV form the other one-token buckets run: bench/NOTES.md, session 40)
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
-  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|bench:[a-z0-9]+)$ ]] ||
-    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO or bench:DTYPE, got $step" >&2
+  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|(stale|bench):[a-z0-9]+)$ ]] ||
+    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO stale:DTYPE or bench:DTYPE, got $step" >&2
       exit 2; }
 done
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -71,6 +75,23 @@ print("".join(f"{m},{k},{n}\n" for m, k, n in sorted(picked.values())), end="")
 EOF
       if [ -s "$OUT/retune_$dtype.txt" ]; then tune "$dtype" retune --shapes "$OUT/retune_$dtype.txt"
       else echo "retune: no row below $arg whose entry a tune without pinned splits made"; fi ;;
+    stale)
+      python3 - "$table" "$dtype" "${SHAPES:-decode-buckets}" > "$OUT/stale_$dtype.txt" <<'EOF'
+import json, os, sys
+from fused_tp.shapes import PRESETS
+from fused_tp.kernels import tables
+path, dtype, preset = sys.argv[1:]
+timers = {}  # bucket: the timers its entries (either operand path) were timed with
+if os.path.exists(path):
+    for products in json.load(open(path))["gpus"].values():
+        for entries in products.get("fwd", {}).get(dtype, {}).values():
+            for key, entry in entries.items():
+                timers.setdefault(key, set()).add(entry.get("timer"))
+stale = [s for s in PRESETS[preset] if timers.get(tables.table_key(s[0], s[2], s[1]), {"graph"}) != {"graph"}]
+print("".join(f"{m},{k},{n}\n" for m, k, n in stale), end="")
+EOF
+      if [ -s "$OUT/stale_$dtype.txt" ]; then tune "$dtype" stale --shapes "$OUT/stale_$dtype.txt"
+      else echo "stale: every entry of those buckets was timed from CUDA graphs"; fi ;;
     bench)
       python3 bench/bench_linear.py --shapes decode --ops forward --dtype "$dtype" 2>&1 \
         | tail -60 > "$OUT/bench_linear_${dtype}_decode.log"

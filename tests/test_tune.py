@@ -604,8 +604,9 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     which name the splits they time, into the call's archive; a retune: step of the same call leaves out the bucket
     that tune timed with the pinned-split stage, a later call whose tree lacks those timings tunes it again, and once
     they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83); a retime: step times a
-    bucket that has an entry again, where tune: skips it (attempt 104). A malformed step is refused before any step
-    runs."""
+    bucket that has an entry again, where tune: skips it (attempt 104); a stale: step times again the buckets whose
+    entries were not timed from CUDA graphs, and only those (session 40). A malformed step is refused before any
+    step runs."""
     if device == "cuda":
         pytest.skip("on a GPU the script tunes for real, minutes a step")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -665,6 +666,21 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     assert {(r["M"], r["K"], r["N"]) for r in retimed["rows"]} == {(33, 40, 17)}
     (entry,) = json.loads(table.read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]["tma"].values()
     assert entry["shape_MKN"] == [33, 40, 17]
+
+    # stale: times again the buckets whose entry was not timed from CUDA graphs (on the CPU every entry says "flush"),
+    # and leaves out those without an entry (tune:'s) and those timed from graphs
+    fifth, files = call("stale:bf16")
+    assert fifth.returncode == 0, fifth.stderr
+    assert files["./stale_bf16.txt"] == b"33,40,17\n"
+    stale = json.loads(files["./tune/timings_fwd_bf16_stale.json"])
+    assert {(r["M"], r["K"], r["N"]) for r in stale["rows"]} == {(33, 40, 17)}
+    tuned = json.loads(table.read_text())
+    for entry in tuned["gpus"]["triton-interpreter"]["fwd"]["bf16"]["tma"].values():
+        entry["timer"] = "graph"
+    table.write_text(json.dumps(tuned))
+    sixth, files = call("stale:bf16")
+    assert sixth.returncode == 0, sixth.stderr
+    assert files["./stale_bf16.txt"] == b"" and "stale: every entry" in sixth.stdout
 
 
 def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device, monkeypatch):
