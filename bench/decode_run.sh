@@ -14,9 +14,10 @@
 #                             but for those shapes a tune with the pinned-split stage timed (the tree's timings files
 #                             under bench/results/<gpu>/tune/ and this call's: copy a call's timings there too)
 #     stale:bf16              tune again the buckets whose entries were not timed from CUDA graphs: a speed-set tune's,
-#                             timed with the L2 flushed, which tune: skips (on the H100 the one-token 8192 -> 14336
-#                             and 14336 -> 8192 shards' buckets: 16- and 64-row tiles, 2-10% slower there than the
-#                             GEMV form the other one-token buckets run: bench/NOTES.md, session 40)
+#                             timed with the L2 flushed, which tune: skips (on the H100, until session 41, the
+#                             one-token 8192 -> 14336 and 14336 -> 8192 shards' buckets: 16- and 64-row tiles, 2-10%
+#                             slower there than the GEMV form the other one-token buckets run: bench/NOTES.md,
+#                             sessions 40 and 41)
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
