@@ -14,7 +14,7 @@ Rounds alternate and every case runs in every round, because a host's speed swin
 changes to the launch path: ratios are taken within a round, and their median over rounds is reported, beside the
 ratio of each side's fastest round (best_ratio).
 
---stub-kernels replaces the two Triton kernels by functions that return at once (fused_tp's own Python alone; it
+--stub-kernels replaces the Triton kernels by functions that return at once (fused_tp's own Python alone; it
 runs on a CPU without Triton's interpreter doing the work): how the wrapper, not Triton's launcher, changed.
 Writes bench/results/<gpu or cpu>/bench_host[_stub].json and prints the rounds.
 """
@@ -140,7 +140,7 @@ def main():
     if device == "cpu":
         torch.backends.cuda.matmul.allow_tf32 = True  # only steers fused_tp's layout choice here (see above)
     if args.stub_kernels:
-        jit.matmul_kernel = jit.colsum_kernel = _Stub()
+        jit.matmul_kernel = jit.colsum_kernel = jit.pair_kernel = _Stub()
     elif device == "cpu":
         args.calls = min(args.calls, 20)  # the interpreter runs the kernels: its time says nothing about launches
     info = dict(

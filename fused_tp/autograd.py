@@ -327,7 +327,8 @@ class _ColumnParallelLinear(_LayerFunction):
     y_shard  [..., N_r]    forward:  y_shard = x @ w_shard.T + b_shard                  (no collective)
                            dgrad:    grad_x = all_reduce(grad_y_shard @ w_shard)
                            wgrad:    grad_w_shard = grad_y_shard.T @ x ;  grad_b_shard = grad_y_shard.sum(rows)
-    The all-reduce of grad_x runs while wgrad computes.
+    The all-reduce of grad_x runs while wgrad computes. Alone (world size 1, no all-reduce) a small layer's dgrad
+    and wgrad run as one launch (ops.grads).
 
     With `seq` = (dim, sizes, rank), sequence parallelism: x is this rank's share of the sequence, all-gathered
     along `dim` before the product; backward gathers it again (what forward saved is the share, not the
@@ -370,6 +371,8 @@ def _column_grads(grad_y_shard, x, w_shard, need, group, world, seq=None) -> tup
             grad_y_shard, x_full if x_full is not None else grad_y_shard, weight=need[1], bias=need[2]
         )
         return (scattering() if scattering is not None else None), grad_w, grad_b
+    if world == 1 and need[0] and need[1]:  # no all-reduce waits on grad_x alone: one launch where they pair
+        return ops.grads(grad_y_shard, w_shard, x, bias=need[2])
     summing = _all_reduce(ops.grad_input(grad_y_shard, w_shard), group, world, async_op=True) if need[0] else None
     grad_w, grad_b = ops.grad_params(grad_y_shard, x, weight=need[1], bias=need[2])
     return (summing() if summing is not None else None), grad_w, grad_b
@@ -389,7 +392,8 @@ class _RowParallelLinear(_LayerFunction):
     column-sum kernel (fuse_bias=False), never by the weight gradient's launch, whose config, and with it the order
     of the sums, follows the rank's shard width (a rank with an empty shard makes none; tests/test_dist.py). Alone
     on its group (_alone) the rank has no replica to match, and the weight gradient's launch may write it, as the
-    column layer's does: over a few tokens one launch fewer a step (kernels/configs.py, ROW_SUM_MAX_K).
+    column layer's does: over a few tokens one launch fewer a step (kernels/configs.py, ROW_SUM_MAX_K). No
+    collective waits on grad_x_shard, so a small layer's dgrad and wgrad run as one launch (ops.grads).
 
     With `scatter` (input_is_parallel=False), x is the replicated full input [..., K], of which forward takes its
     slice (a view); backward all-gathers grad_x [..., K] while wgrad computes, so every rank gets the full gradient.
@@ -413,6 +417,9 @@ class _RowParallelLinear(_LayerFunction):
         x_shard, w_shard = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         with _tuning(ctx.tuning):
+            if need_x and need_w and ctx.size is None:  # no all-gather waits on grad_x alone
+                grad_x, grad_w, grad_b = ops.grads(grad_y, w_shard, x_shard, bias=need_b, fuse_bias=ctx.alone)
+                return grad_x, grad_w, grad_b, None, None, None, None
             grad_x = ops.grad_input(grad_y, w_shard) if need_x else None
             gathering = None
             if grad_x is not None and ctx.size is not None:

@@ -102,6 +102,9 @@ def main() -> dict:
                 ),
             )
         )
+    pair_meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, UPCAST=False, INPUT_PRECISION="ieee", ROW_SUM=True)
+    pair_ptrs = {name: "*bf16" for name in ("a0", "b0", "c0", "a1", "b1", "sums1", "c1")}
+    out["paired backward"] = offset_types(ttir(jit.pair_kernel, pair_meta, pair_ptrs))
     out["column sum"] = offset_types(
         ttir(jit.colsum_kernel, dict(BLOCK_M=32, BLOCK_N=64), dict(g_ptr="*bf16", out_ptr="*fp32"))
     )

@@ -49,6 +49,8 @@ def test_the_operators_pass_opcheck(device, lead, K, N, dtype, has_bias, activat
         (torch.ops.fused_tp.bias_grad, (g,)),
         (torch.ops.fused_tp.grad_weight_bias, (g, x)),
         (torch.ops.fused_tp.grad_input, (g, w, "", None)),
+        (torch.ops.fused_tp.linear_grads, (g, w, x, has_bias, True)),
+        (torch.ops.fused_tp.linear_grads, (g, w, x, has_bias, False)),
     ]
     if activation:  # the derivative through the pre-activation of the layer before, [..., K] or gated [..., 2K]
         cases.append((torch.ops.fused_tp.grad_input, (g, w, activation, t(*lead, 4, unit * K))))
@@ -274,7 +276,7 @@ def test_the_rank_guard_and_autotuning_refuse_to_compile_on_a_group(rank_pools, 
 
 def test_operators_are_registered():
     # looked up by name: dir() of an op namespace lists only the operators looked up before (torch 2.11)
-    for name in ("linear", "linear_pre", "grad_input", "grad_weight", "bias_grad", "grad_weight_bias"):
+    for name in ("linear", "linear_pre", "grad_input", "grad_weight", "bias_grad", "grad_weight_bias", "linear_grads"):
         assert isinstance(getattr(torch.ops.fused_tp, name), torch._ops.OpOverloadPacket), name
 
 

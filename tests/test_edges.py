@@ -194,7 +194,9 @@ def test_parallel_mlp_drops_each_activation_after_its_last_use(device, monkeypat
             made.append(weakref.ref(t))
         return t
 
-    real_grad_input, real_grad_params = fused_tp.kernels.ops.grad_input, fused_tp.kernels.ops.grad_params
+    real_grad_input, real_grad_params, real_grads = (
+        getattr(fused_tp.kernels.ops, f) for f in ("grad_input", "grad_params", "grads")
+    )
     grad_pre, alive_at = [], []  # alive_at: (a, pre[, grad_pre once made]) alive at each weight gradient's product
 
     def grad_input(*args, **kw):
@@ -206,8 +208,13 @@ def test_parallel_mlp_drops_each_activation_after_its_last_use(device, monkeypat
         alive_at.append(tuple(r() is not None for r in made + grad_pre[:1]))  # (grad_input's second: grad_x)
         return real_grad_params(*args, **kw)
 
+    def grads(*args, **kw):  # over few rows fc1's grad_x and weight gradient, one launch: a weight gradient too
+        alive_at.append(tuple(r() is not None for r in made + grad_pre[:1]))
+        return real_grads(*args, **kw)
+
     monkeypatch.setattr(fused_tp.kernels.ops, "grad_input", grad_input)
     monkeypatch.setattr(fused_tp.kernels.ops, "grad_params", grad_params)
+    monkeypatch.setattr(fused_tp.kernels.ops, "grads", grads)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = mlp(x)
     assert len(made) == 2

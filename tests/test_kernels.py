@@ -35,6 +35,49 @@ def _assert_unmodified(before, *ts):
             assert torch.equal(t, saved[0]) and t.stride() == saved[1], "an argument was modified"
 
 
+@pytest.mark.parametrize("g_layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_small_layers_grad_input_and_weight_gradient_run_as_one_launch(device, g_layout, dtype, monkeypatch):
+    """matmul.paired_grads: over at most configs.ROW_SUM_MAX_K tokens into a weight gradient of at most
+    configs.PAIR_MAX_ELEMENTS, grad_x, grad_w and grad_b in one launch of the paired kernel (path_counts["pair"],
+    each product counted under its path), the bias gradient written by it (fuse_bias) or by the column-sum kernel;
+    each against the float64 reference, nothing it was given modified. Past either bound None: the caller launches
+    the products apart."""
+    gen = torch.Generator().manual_seed(0)
+    path = matmul.kernel_path(device)
+    weight = make_tensor((40, 24), "contiguous", dtype, device, gen)  # [N, K]
+    for tokens in (1, 5, configs.ROW_SUM_MAX_K, configs.ROW_SUM_MAX_K + 1):
+        grad_y = make_tensor((tokens, 40), g_layout, dtype, device, gen)
+        x = make_tensor((tokens, 24), "contiguous", dtype, device, gen)
+        for bias, fuse_bias in ((True, True), (True, False), (False, True)):
+            before_args, before = _clones(grad_y, weight, x), kernels.path_counts.copy()
+            grads = matmul.paired_grads(grad_y, weight, x, bias=bias, fuse_bias=fuse_bias)
+            counts = kernels.path_counts - before
+            _assert_unmodified(before_args, grad_y, weight, x)
+            if tokens > configs.ROW_SUM_MAX_K:
+                assert grads is None and not counts, dict(counts)
+                continue
+            grad_x, grad_w, grad_b = grads
+            column_sum = bias and not fuse_bias
+            assert counts["pair"] == 1 and counts[path] == 2 + column_sum, dict(counts)
+            assert counts["row_sum"] == (bias and fuse_bias), dict(counts)
+            ref, mag = linear_reference(grad_y, weight.t())
+            assert_close("grad_x", grad_x, ref, mag, tol(dtype, 40, tf32=_tf32(device)))
+            ref, mag = linear_reference(grad_y.t(), x.t())
+            assert_close("grad_w", grad_w, ref, mag, tol(dtype, tokens, tf32=_tf32(device)))
+            if bias:
+                g64 = grad_y.double().cpu()
+                assert_close("grad_b", grad_b, g64.sum(0), g64.abs().sum(0), tol(dtype, tokens))
+            else:
+                assert grad_b is None
+    monkeypatch.setattr(configs, "PAIR_MAX_ELEMENTS", 40 * 24 - 1)
+    plan.clear_caches()
+    try:
+        assert matmul.paired_grads(grad_y[:1], weight, x[:1]) is None
+    finally:
+        plan.clear_caches()  # no plan made under the patched bound outlives this test
+
+
 @pytest.mark.parametrize("g_layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_bias_gradient_over_a_few_tokens_comes_from_the_weight_gradients_launch(

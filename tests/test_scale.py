@@ -33,7 +33,7 @@ def ir_offsets():
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("variant", [*ir_offsets_script.VARIANTS, "column sum"])
+@pytest.mark.parametrize("variant", [*ir_offsets_script.VARIANTS, "paired backward", "column sum"])
 def test_every_pointer_offset_in_the_kernels_is_64_bit(ir_offsets, variant):
     types = ir_offsets[variant]
     if "descriptors" not in variant:

@@ -304,6 +304,14 @@ COLSUM_CONFIG = ColsumConfig(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 ROW_SUM_MAX_K = 128
 ROW_SUM_MAX_ELEMENTS = 2048 * 2048
 
+# A small layer's grad_input and weight gradient as one launch (plan.pair_plan), over at most ROW_SUM_MAX_K tokens into
+# a weight gradient of at most PAIR_MAX_ELEMENTS, both products with PAIR_CONFIG through pointers. On the H100
+# (bench/NOTES.md, attempt 112; GPU time from CUDA graphs, bf16, 1-128 tokens) 64 x 64 x 64 tiles made the pair
+# 0.32-0.93x the two launches' time up to 768 x 768 and 1.01-1.02x at 1024 x 512 and 1024 x 1024, where the rule's
+# 128-row tiles made it 1.04-1.24x; at 2048 x 2048 1.4-1.7x. The launch it spares is about 20 us of host time a step.
+PAIR_MAX_ELEMENTS = 768 * 768
+PAIR_CONFIG = KernelConfig(64, 64, 64, num_warps=4, num_stages=4, persistent=False, split_k=1, tma=False)
+
 
 def colsum_chunks(M: int, col_blocks: int, slots: int, cfg: ColsumConfig) -> int:
     """Row chunks of a column sum: enough programs for two per SM, no chunk under two row blocks."""

@@ -1,6 +1,7 @@
-"""The Triton kernels: one matmul kernel for the forward and both backward products of a linear layer, and a
-column-sum kernel for the bias gradient and the split-K partial sums. Nothing but kernel code: what to launch and how
-is plan.py's, the launch itself launch.py's.
+"""The Triton kernels: one matmul kernel for the forward and both backward products of a linear layer, a
+column-sum kernel for the bias gradient and the split-K partial sums, and a paired kernel that runs a small layer's
+two backward products as one launch, the matmul kernel's code on each of its grid's two rows. Nothing but kernel
+code: what to launch and how is plan.py's, the launch itself launch.py's.
 
     C[M, N] = A[M, K] @ B[K, N]  (+ bias[N] on the fp32 accumulator)  (then an optional activation epilogue)
 
@@ -370,6 +371,64 @@ def _activation_epilogue(acc, c_desc, aux_desc, m0, n0, ACT: tl.constexpr, AUX: 
 def _tile(ptr, offs_m, offs_n, stride_m, stride_n):
     """The pointers of an [M, N] tile, in int64 (see the operands' pointers)."""
     return ptr + offs_m[:, None].to(tl.int64) * stride_m + offs_n[None, :].to(tl.int64) * stride_n
+
+
+# The paired launch takes no split, no descriptors and no epilogue: plan.pair_plan sends it only small products
+# through pointers, which one program per tile covers.
+@triton.jit(do_not_specialize=["M0", "k_tiles0", "programs0", "M1", "K1", "k_tiles1", "programs1"])
+def pair_kernel(
+    a0,  # grad_y [M0, K0]            product 0, grad_input: c0 [M0, N0] = a0 @ b0
+    b0,  # weight read as [K0, N0]
+    c0,  # grad_x [M0, N0]
+    a1,  # grad_y.T read as [M1, K1]  product 1, the weight gradient: c1 [M1, N1] = a1 @ b1
+    b1,  # x [K1, N1]
+    sums1,  # [M1] a1's row sums, the bias gradient (ROW_SUM)
+    c1,  # grad_w [M1, N1]
+    M0,
+    N0,
+    K0,
+    stride_am0,
+    stride_ak0,
+    stride_bk0,
+    stride_bn0,
+    k_tiles0,
+    programs0,
+    M1,
+    N1,
+    K1,
+    stride_am1,
+    stride_ak1,
+    stride_bk1,
+    stride_bn1,
+    k_tiles1,
+    programs1,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ROW_SUM: tl.constexpr,
+):
+    """A layer's grad_input and weight gradient (with the bias gradient as A's row sums) in one launch, over a grid
+    of (programs, 2): the second grid dim picks the product, whose programs each run matmul_kernel's tiles as a
+    launch of it alone would; where one product has fewer programs than the grid's first dim, its extra programs
+    find no tile. A small layer's backward then costs the host one launch, not two (bench/NOTES.md, attempt 112).
+    C is contiguous in both (stride N)."""
+    if tl.program_id(1) == 0:
+        matmul_kernel(
+            a0, b0, c0, c0, c0, c0, c0, M0, N0, K0, stride_am0, stride_ak0, stride_bk0, stride_bn0, N0, 1, N0, 0, 0,
+            1, k_tiles0, programs0, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+            HAS_BIAS=False, UPCAST=UPCAST, INPUT_PRECISION=INPUT_PRECISION, TMA=False, TMA_C=False, HOST_DESC=False,
+            A_T=False, B_T=False, SPLIT=False, ACT=None, AUX="", GATED=False, ROW_SUM=False,
+        )  # fmt: skip
+    else:
+        matmul_kernel(
+            a1, b1, sums1, c1, c1, c1, c1, M1, N1, K1, stride_am1, stride_ak1, stride_bk1, stride_bn1, N1, 1, N1, 1,
+            0, 1, k_tiles1, programs1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+            HAS_BIAS=False, UPCAST=UPCAST, INPUT_PRECISION=INPUT_PRECISION, TMA=False, TMA_C=False, HOST_DESC=False,
+            A_T=False, B_T=False, SPLIT=False, ACT=None, AUX="", GATED=False, ROW_SUM=ROW_SUM,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "N", "rows_per_program"])

@@ -324,6 +324,44 @@ def grad_params_prechecked(
     return grad_w, grad_b
 
 
+def paired_grads(
+    grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, bias: bool = True, fuse_bias: bool = True
+) -> tuple | None:
+    """(grad_x, grad_w, grad_b) of a layer y = x @ weight.T (+ b) in one launch where plan.pair_plan pairs its
+    grad_input and weight gradient (few tokens, a small weight), else None: the caller launches them apart
+    (grad_input_prechecked, grad_params_prechecked), as it must where a collective waits on grad_x alone. For
+    arguments the layers pass (grad_y [..., N], weight [N, K], x [..., K]); grad_b None unless `bias`, written by
+    the pair's launch where fuse_bias (as grad_params_prechecked writes it), else by the column-sum kernel."""
+    row_sum = bias and fuse_bias
+    key, entry = _found("pair", grad_y, x, weight.shape, weight.stride(), weight.data_ptr() % 16, row_sum)
+    if key is None:  # a config chosen per launch (pinned, autotuned) is a single product's
+        return None
+    if entry is None:
+        matrix, tokens, g_strides = _matrix(grad_y)
+        x_matrix, _, x_strides = _matrix(x)
+        entry = False  # kept too, so that a layer whose products launch apart looks this up once a call
+        if matrix is grad_y and x_matrix is x:  # operands that need a copy first launch apart
+            aligned = (not grad_y.data_ptr() % 16, not weight.data_ptr() % 16, not x.data_ptr() % 16)
+            args = (tokens, *weight.shape, g_strides, weight.stride(), x_strides, grad_y.dtype, aligned)
+            p = plan.pair_plan(*args, grad_y.get_device(), key[9], row_sum)
+            entry = False if p is None else (p, tokens, g_strides)
+        if len(plan.calls) >= plan.PLAN_CACHE_SIZE:
+            plan.calls.clear()
+        plan.calls[key] = entry
+    if entry is False:
+        return None
+    p, tokens, (g_rows, g_cols) = entry
+    path_counts.update(p.counts)
+    N, K = weight.shape
+    dtype, device = grad_y.dtype, grad_y.device
+    grad_x = _out((*grad_y.shape[:-1], K), dtype, device, p.wide)
+    grad_w = _out((N, K), dtype, device, p.wide)
+    sums = _out((N,), dtype, device, p.wide) if p.row_sum else grad_w
+    launch(jit.pair_kernel, p.launch, (grad_y, weight, grad_x, grad_y, x, sums, grad_w))
+    grad_b = _rounded(sums, dtype) if p.row_sum else colsum(grad_y, tokens, (g_rows, g_cols)) if bias else None
+    return _rounded(grad_x, dtype), _rounded(grad_w, dtype), grad_b
+
+
 def colsum(g: torch.Tensor, M: int, strides: tuple[int, int]) -> torch.Tensor:
     """g viewed as [M, N] with `strides` -> its column sums [N], summed in fp32 in a fixed order, rounded once."""
     N = g.shape[-1]

@@ -9,6 +9,9 @@
     bias_grad(grad_y [..., N])                                grad_b [N]
     grad_weight_bias(grad_y [..., N], x [..., K])             (grad_w [N, K], grad_b [N]): over a few tokens one
                                                               launch (matmul.grad_params_prechecked), so one op
+    linear_grads(grad_y [..., N], weight [N, K], x [..., K], bias, fuse_bias)
+                                                              (grad_x, grad_w, grad_b [N] or [0] without bias):
+                                                              for a small layer one launch (matmul.paired_grads)
 
 Every output is a new contiguous tensor in the inputs' dtype. The fake implementations give those shapes from the
 inputs' alone, so a trace never runs a kernel. The real ones are matmul.py's functions, which plan the launch when
@@ -45,6 +48,9 @@ _lib.define("grad_input(Tensor grad_y, Tensor weight, str activation, Tensor? pr
 _lib.define("grad_weight(Tensor grad_y, Tensor x) -> Tensor")
 _lib.define("bias_grad(Tensor grad_y) -> Tensor")
 _lib.define("grad_weight_bias(Tensor grad_y, Tensor x) -> (Tensor, Tensor)")
+_lib.define(
+    "linear_grads(Tensor grad_y, Tensor weight, Tensor x, bool bias, bool fuse_bias) -> (Tensor, Tensor, Tensor)"
+)
 
 
 def _linear_impl(x, weight, bias, activation):
@@ -72,6 +78,20 @@ def _grad_weight_bias_impl(grad_y, x):
         return matmul.grad_params_prechecked(grad_y, x)
 
 
+def _linear_grads_impl(grad_y, weight, x, bias, fuse_bias):
+    with launch.scratch_per_launch():
+        grad_x, grad_w, grad_b = _grads(grad_y, weight, x, bias, fuse_bias)
+    return grad_x, grad_w, grad_b if grad_b is not None else grad_y.new_empty(0)
+
+
+def _grads(grad_y, weight, x, bias, fuse_bias):
+    grads = matmul.paired_grads(grad_y, weight, x, bias=bias, fuse_bias=fuse_bias)
+    if grads is None:
+        grad_w, grad_b = matmul.grad_params_prechecked(grad_y, x, bias=bias, fuse_bias=fuse_bias)
+        grads = matmul.grad_input_prechecked(grad_y, weight), grad_w, grad_b
+    return grads
+
+
 def _bias_grad_impl(grad_y):
     return matmul.grad_params_prechecked(grad_y, None, weight=False)[1]  # no descriptors: no scratch
 
@@ -83,6 +103,7 @@ for _name, _impl in (
     ("grad_weight", _grad_weight_impl),
     ("bias_grad", _bias_grad_impl),
     ("grad_weight_bias", _grad_weight_bias_impl),
+    ("linear_grads", _linear_grads_impl),
 ):
     for _key in ("CPU", "CUDA"):
         _lib.impl(_name, _impl, _key)
@@ -123,6 +144,12 @@ def _(grad_y, x):
     return grad_y.new_empty((grad_y.shape[-1], x.shape[-1])), grad_y.new_empty((grad_y.shape[-1],))
 
 
+@torch.library.register_fake("fused_tp::linear_grads", lib=_lib)
+def _(grad_y, weight, x, bias, fuse_bias):
+    n, k = weight.shape
+    return grad_y.new_empty((*grad_y.shape[:-1], k)), grad_y.new_empty((n, k)), grad_y.new_empty((n if bias else 0,))
+
+
 def linear(x, weight, bias, activation: str = "", save_pre: bool = False):
     """(y, pre or None) of matmul.linear_prechecked, through the operator while torch.compile traces."""
     if torch.compiler.is_compiling():
@@ -149,3 +176,13 @@ def grad_params(grad_y, x, *, weight: bool = True, bias: bool = True, fuse_bias:
             (torch.ops.fused_tp.bias_grad(grad_y) if bias else None),
         )
     return matmul.grad_params_prechecked(grad_y, x, weight=weight, bias=bias, fuse_bias=fuse_bias)
+
+
+def grads(grad_y, weight, x, *, bias: bool = True, fuse_bias: bool = True):
+    """(grad_x, grad_w, grad_b or None) of a layer whose grad_x no collective waits on alone: matmul.paired_grads's
+    one launch where it pairs them, else grad_input and grad_params apart; through the operator while torch.compile
+    traces, whose run makes the same choice, so a graph takes eager code's launches and bits."""
+    if torch.compiler.is_compiling():
+        grad_x, grad_w, grad_b = torch.ops.fused_tp.linear_grads(grad_y, weight, x, bias, fuse_bias)
+        return grad_x, grad_w, grad_b if bias else None
+    return _grads(grad_y, weight, x, bias, fuse_bias)

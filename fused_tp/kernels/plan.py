@@ -270,6 +270,58 @@ def matmul_plan(
     return MatmulPlan(dev.path, copy_a, copy_b, wide, splits, tiles, tuple(counts), spec, row_sum)
 
 
+class PairPlan(NamedTuple):
+    """grad_input and the weight gradient (its row sums, the bias gradient, where `row_sum`) in one launch of
+    jit.pair_kernel: see pair_plan. `counts`: the path_counts keys a run adds (each product's, and "pair")."""
+
+    launch: Launch
+    wide: bool
+    row_sum: bool
+    counts: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def pair_plan(
+    tokens: int,
+    N: int,
+    K: int,
+    g_strides: tuple[int, int],
+    w_strides: tuple[int, int],
+    x_strides: tuple[int, int],
+    dtype: torch.dtype,
+    aligned: tuple[bool, bool, bool],
+    device_index: int,
+    tf32: bool,
+    row_sum: bool,
+) -> PairPlan | None:
+    """The one launch of a layer's grad_input (grad_x [tokens, K] = grad_y [tokens, N] @ w [N, K]) and weight
+    gradient (grad_w [N, K] = grad_y.T @ x [tokens, K]; with `row_sum` also grad_y's column sums), or None where
+    the two launch apart. Paired over at most configs.ROW_SUM_MAX_K tokens into a weight gradient of at most
+    configs.PAIR_MAX_ELEMENTS: there a launch costs the host more than either product costs the GPU, and the pair
+    spares one. Both products take configs.PAIR_CONFIG (the interpreter's where interpreted), through pointers,
+    unsplit (the paired kernel has one config and no descriptors; tables key single products), each planned as
+    matmul_plan plans it alone with that config pinned. aligned: grad_y's, w's and x's 16-byte
+    alignment (the kernel is specialised on it)."""
+    dev = device(device_index)
+    if dev.path == "torch" or not tokens or not N or not K:
+        return None
+    if tokens > configs.ROW_SUM_MAX_K or N * K > configs.PAIR_MAX_ELEMENTS:
+        return None
+    cfg = configs.INTERPRETER_CONFIG if jit.INTERPRETED else configs.PAIR_CONFIG
+    pinned = (dataclasses.replace(cfg, tma=False, split_k=1), "pair")
+    rest = (None, "", "", device_index, tf32, pinned)  # no bias, no epilogue
+    g, w, x = aligned
+    dgrad = matmul_plan("dgrad", tokens, K, N, g_strides, w_strides, dtype, (g, w, True, True), *rest)
+    wgrad = matmul_plan("wgrad", N, K, tokens, g_strides[::-1], x_strides, dtype, (g, x, True, True), *rest, row_sum)
+    ints = []
+    for p in (dgrad, wgrad):
+        # (M, N, K, A's and B's strides) and the K-steps and programs of matmul_plan's integer arguments
+        ints += [*p.launch.ints[:7], *p.launch.ints[-2:]]
+    meta = {k: dgrad.launch.kwargs[k] for k in ("UPCAST", "INPUT_PRECISION", *pinned[0].meta())}
+    spec = Launch((max(ints[8], ints[17]), 2, 1), tuple(ints), {**meta, "ROW_SUM": wgrad.row_sum}, device_index)
+    return PairPlan(spec, dgrad.wide, wgrad.row_sum, (*dgrad.counts, *wgrad.counts, "pair"))
+
+
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def colsum_plan(
     M: int,
@@ -316,6 +368,6 @@ calls: dict = {}
 
 def clear_caches() -> None:
     """Forget every plan and device fact (tests that change a rule or the interpreter switch call it)."""
-    for cached in (device, matmul_plan, colsum_plan):
+    for cached in (device, matmul_plan, pair_plan, colsum_plan):
         cached.cache_clear()
     calls.clear()
