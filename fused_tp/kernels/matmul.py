@@ -343,11 +343,9 @@ def paired_grads(
         if matrix is grad_y and x_matrix is x:  # operands that need a copy first launch apart
             aligned = (not grad_y.data_ptr() % 16, not weight.data_ptr() % 16, not x.data_ptr() % 16)
             args = (tokens, *weight.shape, g_strides, weight.stride(), x_strides, grad_y.dtype, aligned)
-            p = plan.pair_plan(*args, grad_y.get_device(), key[9], row_sum)
+            p = plan.pair_plan(*args, grad_y.get_device(), key[9], row_sum)  # key[9]: TF32 (_found)
             entry = False if p is None else (p, tokens, g_strides)
-        if len(plan.calls) >= plan.PLAN_CACHE_SIZE:
-            plan.calls.clear()
-        plan.calls[key] = entry
+        _keep(key, entry)
     if entry is False:
         return None
     p, tokens, (g_rows, g_cols) = entry
@@ -407,6 +405,13 @@ def _found(product: str, a: torch.Tensor, b: torch.Tensor, *facts) -> tuple:
     return key, plan.calls.get(key)
 
 
+def _keep(key: tuple, entry) -> None:
+    """Keep what a launch derived under its key in plan.calls (emptied when full)."""
+    if len(plan.calls) >= plan.PLAN_CACHE_SIZE:
+        plan.calls.clear()
+    plan.calls[key] = entry
+
+
 def _matrix(t: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
     """(t, rows, (row stride, column stride)) of t [..., D] read as a matrix [rows, D]: t itself where its strides
     allow that without a copy (a view would cost a tensor's creation on every launch), else a contiguous copy."""
@@ -460,9 +465,7 @@ def _matmul(
         p = _autotuned(p, facts, a, b, bias, row_sum)
     call = (p, M, N, K, a_strides, b_strides, out_shape, pre_shape)
     if key is not None:
-        if len(plan.calls) >= plan.PLAN_CACHE_SIZE:
-            plan.calls.clear()
-        plan.calls[key] = call
+        _keep(key, call)
     return _run(call, a, b, bias, activation, aux, pre)
 
 
