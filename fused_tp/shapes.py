@@ -13,6 +13,9 @@ w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on 
     layers   bench_layers.py's 16- and 128-token layers, whose output widths no decode bucket of `speed` is near
     swiglu   the down projections (M, intermediate, hidden) of bench_layers.py's SwiGLU MLPs and of Llama-3-8B's at
              TP 4 and 8, for `tune --kernel dgrad_gated` (their grad_input runs SwiGLU's derivative)
+    small    small layers (16-128 tokens, 256-1024 features), for `tune --kernel dgrad` and `wgrad`: no table bucket
+             is near them, and the nearest one's tiles ran grad_input over 64-128 tokens into 512-1024 features at
+             2x the time of a 64 x 32 x 64 tile on the H200 (bench/NOTES.md, attempt 113)
     tiny     for the interpreter
 """
 
@@ -114,6 +117,11 @@ PRESETS = {
         (8192, 7168, 8192),
         (4096, 3584, 4096),
         (1024, 1792, 4096),
+    ],
+    "small": [
+        (m, k, n)
+        for m in (16, 64, 128)
+        for n, k in ((256, 256), (512, 512), (768, 768), (1024, 576), (576, 1024), (1024, 1024))
     ],
     "tiny": [(8, 16, 24), (33, 40, 17)],
 }

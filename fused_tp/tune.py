@@ -180,9 +180,9 @@ def copies_for(nbytes: int, timer: str, device) -> int:
 
 
 def timer_name(choice: str, preset: str) -> str:
-    """--timer's value: "auto" is "graph" for the decode presets (decode runs under CUDA graphs, and do_bench's L2
-    clearing costs such a product as much as its own time), "flush" for the rest."""
-    return ("graph" if preset.startswith("decode") else "flush") if choice == "auto" else choice
+    """--timer's value: "auto" is "graph" for the decode presets and `small` (decode runs under CUDA graphs, and
+    do_bench's L2 clearing costs such a product as much as its own time), "flush" for the rest."""
+    return ("graph" if preset.startswith("decode") or preset == "small" else "flush") if choice == "auto" else choice
 
 
 def _same(out):

@@ -864,9 +864,10 @@ def test_the_decode_set_is_the_projections_of_its_models_as_shards():
 
 
 def test_the_timer_follows_the_preset_and_cycles_through_operand_copies():
-    """--timer auto times the decode presets from CUDA graphs and the rest with do_bench's L2 flush; a graph timing
-    cycles through operand copies, one call after another."""
+    """--timer auto times the decode presets and the small layers from CUDA graphs and the rest with do_bench's L2
+    flush; a graph timing cycles through operand copies, one call after another."""
     assert tune.timer_name("auto", "decode") == tune.timer_name("auto", "decode-buckets") == "graph"
+    assert tune.timer_name("auto", "small") == "graph"
     assert tune.timer_name("auto", "speed") == tune.timer_name("flush", "decode") == "flush"
     assert tune.copies_for(10**9, "flush", "cpu") == 1
     turn = tune._cycling(lambda t: t, [(1,), (2,), (3,)])
