@@ -181,7 +181,7 @@ def copies_for(nbytes: int, timer: str, device) -> int:
 
 def timer_name(choice: str, preset: str) -> str:
     """--timer's value: "auto" is "graph" for the decode presets and `small` (decode runs under CUDA graphs, and
-    do_bench's L2 clearing costs such a product as much as its own time), "flush" for the rest."""
+    do_bench's L2 clearing costs a product that small as much as its own time), "flush" for the rest."""
     return ("graph" if preset.startswith("decode") or preset == "small" else "flush") if choice == "auto" else choice
 
 
