@@ -1,7 +1,7 @@
 """fused_tp's layers against the same built from nn.Linear, side by side, at world size 1.
 
-    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick | --mid] [--graphs] [--launches]
-                                 [--layers column row ...]
+    python bench/bench_layers.py [--dtype bf16|fp16|fp32] [--quick | --mid | --tokens 16 128 ...]
+                                 [--graphs] [--launches] [--layers column row ...]
 
 Cases: ColumnParallelLinear (hidden -> ffn), RowParallelLinear (ffn -> hidden), the Column -> GELU -> Row MLP as
 three modules ("mlp") and as one ParallelMLP, GELU in the kernels' epilogues ("parallel_mlp"), and Llama's gated
@@ -16,8 +16,9 @@ GPU's work of a step without the host's (what a decode loop or a training step u
 replayed outputs are checked too, and the peak memory is not measured. --launches profiles each eager step of
 both (common.launch_profile): its launches in order with their GPU times, the host's time to issue it, and the
 caching allocator's calls into the driver, which wait for the GPU; where a step's wall time is above its launches'
-sum, that says whether the host or the driver holds it. Writes
-bench/results/<gpu>/bench_layers_<dtype>[_quick|_mid][_<layers>][_graphs][_launches].json and .png (`--layers`
+sum, that says whether the host or the driver holds it. --tokens picks the cases of both sets with those token
+counts. Writes a .json and a .png named
+bench/results/<gpu>/bench_layers_<dtype>[_quick|_mid|_tokens<t>-...][_<layers>][_graphs][_launches] (`--layers`
 names the layers timed, all by default); prints a markdown table.
 """
 
@@ -166,6 +167,9 @@ def main():
     cases = p.add_mutually_exclusive_group()
     cases.add_argument("--quick", action="store_true", help=f"{len(QUICK)} cases instead of {len(CASES)}")
     cases.add_argument("--mid", action="store_true", help=f"the {len(MID)} mid-size cases (512-2048 tokens) instead")
+    cases.add_argument(
+        "--tokens", nargs="+", type=int, help="the cases of the default and mid-size sets with these token counts"
+    )
     p.add_argument("--graphs", action="store_true", help="time steps replayed from CUDA graphs, both providers")
     p.add_argument(
         "--launches", action="store_true", help="profile each eager step: its launches, host time, driver calls"
@@ -175,7 +179,14 @@ def main():
     require_gpu("bench_layers.py")
     dtype, info = DTYPES[args.dtype], env()
     rows = []
-    for tokens, hidden, ffn in QUICK if args.quick else MID if args.mid else CASES:
+    chosen = QUICK if args.quick else MID if args.mid else CASES
+    if args.tokens:
+        chosen = [case for case in CASES + MID if case[0] in args.tokens]
+        if not chosen:
+            raise SystemExit(
+                f"--tokens: no case has {args.tokens} tokens; the cases': {sorted({c[0] for c in CASES + MID})}"
+            )
+    for tokens, hidden, ffn in chosen:
         for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
             if layer not in args.layers:
                 continue
@@ -245,7 +256,15 @@ def main():
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
     some = "" if set(args.layers) == set(LAYERS) else "_" + "-".join(args.layers)
-    which = "_quick" if args.quick else "_mid" if args.mid else ""
+    which = (
+        "_quick"
+        if args.quick
+        else "_mid"
+        if args.mid
+        else "_tokens" + "-".join(map(str, args.tokens))
+        if args.tokens
+        else ""
+    )
     flags = "".join(f"_{flag}" for flag in ("graphs", "launches") if getattr(args, flag))
     name = f"bench_layers_{args.dtype}{which}{some}{flags}"
     out = results_dir(info["gpu"]) / name

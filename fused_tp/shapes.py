@@ -14,8 +14,9 @@ w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on 
     swiglu   the down projections (M, intermediate, hidden) of bench_layers.py's SwiGLU MLPs and of Llama-3-8B's at
              TP 4 and 8, for `tune --kernel dgrad_gated` (their grad_input runs SwiGLU's derivative)
     small    small layers (16-128 tokens, 256-1024 features), for `tune --kernel dgrad` and `wgrad`: no table bucket
-             is near them, and the nearest one's tiles ran grad_input over 64-128 tokens into 512-1024 features at
-             2x the time of a 64 x 32 x 64 tile on the H200 (bench/NOTES.md, attempt 113)
+             was near them, and the nearest one's tiles ran grad_input over 64-128 tokens into 512-1024 features at
+             2x the time of a 64 x 32 x 64 tile on the H200 (bench/NOTES.md, attempt 113); the H100's dgrad entries
+             for them brought it to torch's time (attempt 114)
     tiny     for the interpreter
 """
 
