@@ -8,8 +8,9 @@ the wall time of many back-to-back calls over their count is the host's cost of 
 `kernels.linear`, the registered operator `torch.ops.fused_tp.linear` (the dispatcher's cost), `kernels.grad_input`,
 `kernels.grad_params` (matmul + column sum); a one-token forward under no_grad of `nn.Linear` and of
 `ColumnParallelLinear.from_linear` of it; forward + backward of `nn.Linear`, Column, Row, and of the Linear -> GELU
--> Linear stack against ParallelMLP; and the single layers' steps with backward on the calling thread
-(`torch.autograd.set_multithreading_enabled(False)`, both sides). PAIRS lists the ratios the issue's goals bound.
+-> Linear stack against ParallelMLP and against the same as three fused_tp modules (Column -> GELU -> Row); and
+the single layers' steps with backward on the calling thread (`torch.autograd.set_multithreading_enabled(False)`,
+both sides). PAIRS lists the ratios the issue's goals bound, and the three modules' step, which no goal bounds.
 Rounds alternate and every case runs in every round, because a host's speed swings between rounds by more than most
 changes to the launch path: ratios are taken within a round, and their median over rounds is reported, beside the
 ratio of each side's fastest round (best_ratio).
@@ -68,6 +69,7 @@ PAIRS = [
     ("Column fwd+bwd", "nn.Linear fwd+bwd", 1.25),
     ("Row fwd+bwd", "nn.Linear fwd+bwd", 1.25),
     ("ParallelMLP fwd+bwd", "nn.Linear MLP fwd+bwd", 1.25),
+    ("Column -> GELU -> Row fwd+bwd", "nn.Linear MLP fwd+bwd", None),
     ("Column fwd+bwd, one thread", "nn.Linear fwd+bwd, one thread", 1.25),
     ("Row fwd+bwd, one thread", "nn.Linear fwd+bwd, one thread", 1.25),
     ("kernels.linear", "F.linear", None),
@@ -83,6 +85,7 @@ def cases(device: str, dtype: torch.dtype, width: int) -> dict:
     lin, lin2 = (nn.Linear(width, width, device=device, dtype=dtype) for _ in range(2))
     col, row = fused_tp.ColumnParallelLinear.from_linear(lin), fused_tp.RowParallelLinear.from_linear(lin)
     mlp, pmlp = nn.Sequential(lin, nn.GELU(), lin2), fused_tp.ParallelMLP.from_linears(lin, lin2)
+    modules = nn.Sequential(col, nn.GELU(), fused_tp.RowParallelLinear.from_linear(lin2))
     xg = x.clone().requires_grad_()
 
     def step(module):
@@ -123,6 +126,7 @@ def cases(device: str, dtype: torch.dtype, width: int) -> dict:
         "Row fwd+bwd": step(row),
         "nn.Linear MLP fwd+bwd": step(mlp),
         "ParallelMLP fwd+bwd": step(pmlp),
+        "Column -> GELU -> Row fwd+bwd": step(modules),
         "nn.Linear fwd+bwd, one thread": one_thread(step(lin)),
         "Column fwd+bwd, one thread": one_thread(step(col)),
         "Row fwd+bwd, one thread": one_thread(step(row)),
