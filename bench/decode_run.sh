@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A GPU's decode tables and decode bench, as steps run one after another in one device call (on the H100 a dtype's
-# every bucket took about 300 s of tuning and the bench about 190 s: bench/NOTES.md, attempt 80; split the steps over
-# calls to stay within a call's 10 minutes). Each tune starts from the tree's table for this GPU, adds or replaces
-# what it timed and writes the table back into the tree (fused_tp/kernels/tuned/<gpu>.json), so the next step and the
-# bench use it; the table, the tune's timings and logs and the bench's files go to $OUT/results.tgz (the device's
-# fetch takes at most 8 files). Copy the table back into your tree between calls.
+# A GPU's decode tables, its small layers' entries and the decode bench, as steps run one after another in one
+# device call (on the H100 a dtype's every decode bucket took about 300 s of tuning and the bench about 190 s:
+# bench/NOTES.md, attempt 80; split the steps over calls to stay within a call's 10 minutes). Each tune starts from
+# the tree's table for this GPU, adds or replaces what it timed and writes the table back into the tree
+# (fused_tp/kernels/tuned/<gpu>.json), so the next step and the bench use it; the table, the tune's timings and logs
+# and the bench's files go to $OUT/results.tgz (the device's fetch takes at most 8 files). Copy the table back into
+# your tree between calls.
 #   bash bench/decode_run.sh STEP [STEP ...]
 #     tune:bf16:1,4,8,16      tune --missing over the decode-buckets preset's shapes of those token counts
 #     retime:bf16:32,64,128   the same shapes, every bucket timed again whether it has an entry or not (after
@@ -18,11 +19,14 @@
 #                             one-token 8192 -> 14336 and 14336 -> 8192 shards' buckets: 16- and 64-row tiles, 2-10%
 #                             slower there than the GEMV form the other one-token buckets run: bench/NOTES.md,
 #                             sessions 40 and 41)
+#     small:bf16:dgrad        tune --kernel dgrad (or wgrad) --missing over the small preset's layers (16-128 tokens into
+#                             256-1024 features), whose buckets the decode and speed sets' entries are far from (on the
+#                             H100 grad_input's ran at 2.6x torch's time at 64-128 tokens until attempt 114 tuned them)
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
-  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|(stale|bench):[a-z0-9]+)$ ]] ||
-    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO stale:DTYPE or bench:DTYPE, got $step" >&2
+  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|small:[a-z0-9]+:(dgrad|wgrad)|(stale|bench):[a-z0-9]+)$ ]] ||
+    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO small:DTYPE:dgrad|wgrad stale:DTYPE or bench:DTYPE, got $step" >&2
       exit 2; }
 done
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -30,19 +34,19 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/tune"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
 # the GPU's table name as fused_tp names it (on the CPU with TRITON_INTERPRET=1: the interpreter's, a check of this
-# script, with SHAPES=tiny for tune: a preset in place of decode-buckets)
+# script, with SHAPES=tiny for tune: a preset in place of decode-buckets or small)
 slug=$(python3 -c "import torch; from fused_tp.kernels import plan, tables
 print(tables.gpu_slug(plan.device(torch.cuda.current_device() if torch.cuda.is_available() else -1).gpu))")
 table=fused_tp/kernels/tuned/$slug.json
-tune() {  # tune DTYPE TAG [tune args]: the fwd tune with the tree's table in --out, then the table back into the tree
-  local dtype=$1 tag=$2 work; shift 2
+tune() {  # tune KERNEL DTYPE TAG [tune args]: the tune with the tree's table in --out, then the table back into the tree
+  local kernel=$1 dtype=$2 tag=$3 work; shift 3
   work=$(mktemp -d); [ -f "$table" ] && cp "$table" "$work/"
   # the progress bar's lines left out of the log
-  python3 -m fused_tp tune --kernel fwd --dtype "$dtype" --timer graph --rep-ms 30 --out "$work" "$@" 2>&1 \
-    | grep -v 'config/s\]' > "$OUT/tune/tune_fwd_${dtype}_$tag.log"
-  tail -2 "$OUT/tune/tune_fwd_${dtype}_$tag.log"
+  python3 -m fused_tp tune --kernel "$kernel" --dtype "$dtype" --timer graph --rep-ms 30 --out "$work" "$@" 2>&1 \
+    | grep -Ev 'config/s\]|s/config\]' > "$OUT/tune/tune_${kernel}_${dtype}_$tag.log"
+  tail -2 "$OUT/tune/tune_${kernel}_${dtype}_$tag.log"
   [ -f "$work/$slug.json" ] && cp "$work/$slug.json" "$table" && cp "$table" "$OUT/"
-  for f in "$work"/timings_fwd_"$dtype".json "$work"/tune_fwd_"$dtype".png; do
+  for f in "$work"/timings_"$kernel"_"$dtype".json "$work"/tune_"$kernel"_"$dtype".png; do
     [ -f "$f" ] && b=$(basename "$f") && cp "$f" "$OUT/tune/${b%_"$dtype".*}_${dtype}_$tag.${b##*.}"
   done
 }
@@ -50,8 +54,8 @@ for step in "$@"; do
   IFS=: read -r what dtype arg <<< "$step"
   start=$(date +%s)
   case $what in
-    tune) tune "$dtype" "decode-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } --missing ;;
-    retime) tune "$dtype" "retime-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } ;;
+    tune) tune fwd "$dtype" "decode-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } --missing ;;
+    retime) tune fwd "$dtype" "retime-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } ;;
     retune)
       python3 - "$slug" "$dtype" "$arg" "$OUT" > "$OUT/retune_$dtype.txt" <<'EOF'
 import glob, json, sys
@@ -74,7 +78,7 @@ for r in bench["rows"]:
         picked[bucket] = max(picked.get(bucket, (0, 0, 0)), (r["M"], r["K"], r["N"]), key=lambda s: s[0] * s[1] * s[2])
 print("".join(f"{m},{k},{n}\n" for m, k, n in sorted(picked.values())), end="")
 EOF
-      if [ -s "$OUT/retune_$dtype.txt" ]; then tune "$dtype" retune --shapes "$OUT/retune_$dtype.txt"
+      if [ -s "$OUT/retune_$dtype.txt" ]; then tune fwd "$dtype" retune --shapes "$OUT/retune_$dtype.txt"
       else echo "retune: no row below $arg whose entry a tune without pinned splits made"; fi ;;
     stale)
       python3 - "$table" "$dtype" "${SHAPES:-decode-buckets}" > "$OUT/stale_$dtype.txt" <<'EOF'
@@ -91,8 +95,9 @@ if os.path.exists(path):
 stale = [s for s in PRESETS[preset] if timers.get(tables.table_key(s[0], s[2], s[1]), {"graph"}) != {"graph"}]
 print("".join(f"{m},{k},{n}\n" for m, k, n in stale), end="")
 EOF
-      if [ -s "$OUT/stale_$dtype.txt" ]; then tune "$dtype" stale --shapes "$OUT/stale_$dtype.txt"
+      if [ -s "$OUT/stale_$dtype.txt" ]; then tune fwd "$dtype" stale --shapes "$OUT/stale_$dtype.txt"
       else echo "stale: every entry of those buckets was timed from CUDA graphs"; fi ;;
+    small) tune "$arg" "$dtype" small --shapes "${SHAPES:-small}" --missing ;;
     bench)
       python3 bench/bench_linear.py --shapes decode --ops forward --dtype "$dtype" 2>&1 \
         | tail -60 > "$OUT/bench_linear_${dtype}_decode.log"

@@ -605,8 +605,8 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     that tune timed with the pinned-split stage, a later call whose tree lacks those timings tunes it again, and once
     they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83); a retime: step times a
     bucket that has an entry again, where tune: skips it (attempt 104); a stale: step times again the buckets whose
-    entries were not timed from CUDA graphs, and only those (session 40). A malformed step is refused before any
-    step runs."""
+    entries were not timed from CUDA graphs, and only those (session 40); a small: step tunes grad_input for the
+    buckets of its preset that have no entry (attempt 114). A malformed step is refused before any step runs."""
     if device == "cuda":
         pytest.skip("on a GPU the script tunes for real, minutes a step")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -681,6 +681,26 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     sixth, files = call("stale:bf16")
     assert sixth.returncode == 0, sixth.stderr
     assert files["./stale_bf16.txt"] == b"" and "stale: every entry" in sixth.stdout
+
+    # small: tunes grad_input (or the weight gradient) into the same table, the buckets of its preset without an
+    # entry (attempt 114), and leaves the forward's entries as they were; once they are there it times nothing
+    refused, files = call("small:bf16:fwd")
+    assert refused.returncode == 2 and "got small:bf16:fwd" in refused.stderr and not files
+    forward = json.loads(table.read_text())["gpus"]["triton-interpreter"]["fwd"]
+    seventh, files = call("small:bf16:dgrad")
+    assert seventh.returncode == 0, seventh.stderr
+    tuned = json.loads(table.read_text())["gpus"]["triton-interpreter"]
+    assert tuned["fwd"] == forward
+    entries = [e for route in tuned["dgrad"]["bf16"].values() for e in route.values()]
+    assert sorted(e["shape_MKN"] for e in entries) == sorted(map(list, shapes.PRESETS["tiny"]))
+    small = json.loads(files["./tune/timings_dgrad_bf16_small.json"])
+    assert {(r["product"], r["M"], r["K"], r["N"]) for r in small["rows"]} == {
+        ("dgrad", *s) for s in shapes.PRESETS["tiny"]
+    }
+    eighth, files = call("small:bf16:dgrad")
+    assert eighth.returncode == 0, eighth.stderr
+    assert "./tune/timings_dgrad_bf16_small.json" not in files
+    assert json.loads(table.read_text())["gpus"]["triton-interpreter"] == tuned
 
 
 def test_tune_times_the_contenders_again_and_keeps_each_minimum(tmp_path, device, monkeypatch):
