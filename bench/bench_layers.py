@@ -184,7 +184,7 @@ def main():
         chosen = [case for case in CASES + MID if case[0] in args.tokens]
         if not chosen:
             raise SystemExit(
-                f"--tokens: no case has {args.tokens} tokens; the cases': {sorted({c[0] for c in CASES + MID})}"
+                f"--tokens: no case has {args.tokens} tokens (theirs: {sorted({c[0] for c in CASES + MID})})"
             )
     for tokens, hidden, ffn in chosen:
         for layer, (base_mod, fused_mod, x, grad_y) in models(tokens, hidden, ffn, dtype).items():
@@ -256,15 +256,9 @@ def main():
     series = lambda r: f"{r['layer']} {r['step']}"  # noqa: E731
     summary = {s: geomean(r["ratio"] for r in rows if series(r) == s) for s in dict.fromkeys(map(series, rows))}
     some = "" if set(args.layers) == set(LAYERS) else "_" + "-".join(args.layers)
-    which = (
-        "_quick"
-        if args.quick
-        else "_mid"
-        if args.mid
-        else "_tokens" + "-".join(map(str, args.tokens))
-        if args.tokens
-        else ""
-    )
+    which = "_quick" if args.quick else "_mid" if args.mid else ""
+    if args.tokens:
+        which = "_tokens" + "-".join(map(str, args.tokens))
     flags = "".join(f"_{flag}" for flag in ("graphs", "launches") if getattr(args, flag))
     name = f"bench_layers_{args.dtype}{which}{some}{flags}"
     out = results_dir(info["gpu"]) / name
