@@ -20,8 +20,9 @@
 #                             slower there than the GEMV form the other one-token buckets run: bench/NOTES.md,
 #                             sessions 40 and 41)
 #     small:bf16:dgrad        tune --kernel dgrad (or wgrad) --missing over the small preset's layers (16-128 tokens into
-#                             256-1024 features), whose buckets the decode and speed sets' entries are far from (on the
-#                             H100 grad_input's ran at 2.6x torch's time at 64-128 tokens until attempt 114 tuned them)
+#                             256-1024 features; grad_input's at 64-128 only), whose buckets the decode and speed sets'
+#                             entries are far from (on the H100 grad_input's ran at 2.6x torch's time at 64-128 tokens
+#                             until attempt 114 tuned them)
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
@@ -97,7 +98,12 @@ print("".join(f"{m},{k},{n}\n" for m, k, n in stale), end="")
 EOF
       if [ -s "$OUT/stale_$dtype.txt" ]; then tune fwd "$dtype" stale --shapes "$OUT/stale_$dtype.txt"
       else echo "stale: every entry of those buckets was timed from CUDA graphs"; fi ;;
-    small) tune "$arg" "$dtype" small --shapes "${SHAPES:-small}" --missing ;;
+    # The entries serve only shapes within 1.6 log2 steps of their buckets (a factor of 3, never 4): on the H100 the
+    # weight gradient's, unlimited, were the nearest entry of 4-128-token Llama shards 4096-8192 wide and ran them up
+    # to 2.5x slower, while every shape they took within log2(3) ran 6-27% faster (session 51). grad_input's 16-token
+    # buckets are left out: on the H100 they timed no faster at the small layers than the 64-token entries.
+    small) tune "$arg" "$dtype" small --shapes "${SHAPES:-small}" --missing --reach 1.6 \
+             $([ "$arg" = dgrad ] && [ -z "${SHAPES:-}" ] && echo --tokens 64 128) ;;
     bench)
       python3 bench/bench_linear.py --shapes decode --ops forward --dtype "$dtype" 2>&1 \
         | tail -60 > "$OUT/bench_linear_${dtype}_decode.log"

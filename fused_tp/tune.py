@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "in the table in --out or the shipped ones (a table's new buckets, without re-tuning the rest)",
     )
     parser.add_argument(
+        "--reach",
+        type=float,
+        metavar="STEPS",
+        help="the new entries serve only shapes at most this many log2 steps (summed over M, N, K) from their "
+        "buckets: a preset's entries kept from the shapes far from it (tables.py)",
+    )
+    parser.add_argument(
         "--rep-ms",
         type=float,
         default=100,
@@ -275,6 +282,9 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     how = timer_name(getattr(args, "timer", "auto"), args.shapes) if device == "cuda" else "flush"
     if timer is None:  # on the CPU, the interpreter's wall clock
         timer = functools.partial(TIMERS[how], rep_ms=args.rep_ms) if device == "cuda" else autotune.timer
+    reach = getattr(args, "reach", None)
+    if reach is not None and not reach >= 0:
+        raise SystemExit(f"--reach: expected a number of log2 steps >= 0, got {reach}")
     dtype, shapes = DTYPES[args.dtype], load_shapes(args.shapes)
     if getattr(args, "tokens", None):
         shapes = [s for s in shapes if s[0] in args.tokens]
@@ -345,7 +355,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     best, _ = choose(rows, args.dtype)
     slots = plan.device(torch.cuda.current_device() if device == "cuda" else -1).slots
     rows += _pin_splits(best, calls, timer, slots, dtype.itemsize, NORM_CHECK[args.dtype])
-    table = _table(best, args.dtype)
+    table = _table(best, args.dtype, reach)
     written = {
         "timings": out_dir / f"timings_{args.kernel}_{args.dtype}.json",
         "table": out_dir / f"{tables.gpu_slug(gpu)}.json",
@@ -449,8 +459,8 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
     return chosen, _table(chosen, name)
 
 
-def _table(chosen: list[dict], name: str) -> dict:
-    """{product: {name: {path: {bucket: entry}}}} of the chosen rows."""
+def _table(chosen: list[dict], name: str, reach: float | None = None) -> dict:
+    """{product: {name: {path: {bucket: entry}}}} of the chosen rows, each serving within `reach` (None: any)."""
     table = {}
     for r in chosen:
         m, n, k = r["launch_mnk"]
@@ -461,6 +471,7 @@ def _table(chosen: list[dict], name: str) -> dict:
         if key not in entries or entries[key]["flops"] < flops:
             entries[key] = dict(
                 config=r["config"],
+                **({} if reach is None else {"reach": reach}),
                 shape_MKN=[r["M"], r["K"], r["N"]],
                 ms=r["ms"],
                 rule_ms=r["rule_ms"],

@@ -78,6 +78,25 @@ def test_buckets_and_the_nearest_entry(table_dir):
     assert pick(16, 8192, 14336, gpu="gpu y") is None
 
 
+def test_an_entry_with_a_reach_serves_only_the_shapes_within_it(table_dir):
+    """An entry with a reach (tune --reach: the small layers' entries) serves the shapes at most that many log2
+    steps from its bucket; beyond, the shape takes the entry it would take without it, or none (bench/NOTES.md,
+    session 51: small layers' entries ran Llama shards up to 2.5x slower than the entries they displaced)."""
+    near = {**_entry(A), "reach": 1.6}
+    _write(table_dir, {"g": {"wgrad": {"bf16": {"tma": {"1024x1024x64": near, "4096x2048x4096": _entry(B)}}}}})
+    pick = lambda M, N, K: tables.table_config("g", "wgrad", M, N, K, torch.bfloat16, True)  # noqa: E731
+    assert pick(1024, 1024, 64) == A  # its own bucket
+    assert pick(768, 1024, 128) == A  # log2(4/3) + 1 = 1.42 steps away
+    assert pick(1024, 1024, 192) == A  # log2(3) = 1.58
+    assert pick(4096, 1024, 64) == B  # 2 steps from A's bucket, 7 from B's: beyond A's reach, so B, the nearest left
+    _write(table_dir, {"g": {"wgrad": {"bf16": {"tma": {"1024x1024x64": near}}}}})
+    tables.tuned_table.cache_clear()
+    assert pick(4096, 1024, 64) is None and pick(1024, 1024, 64) == A
+    _write(table_dir, {"g": {"wgrad": {"bf16": {"tma": {"1024x1024x64": _entry(A)}}}}})  # no reach: any distance
+    tables.tuned_table.cache_clear()
+    assert pick(16384, 16384, 16384) == A
+
+
 def test_half_step_buckets_keep_narrow_shards_apart_and_old_entries_serving(table_dir):
     """Table buckets are powers of two and 1.5 times them: a shard between two powers of two takes its own half-step
     entry where the table has one, else, as when buckets were powers of two, the entry of the power above."""
@@ -124,6 +143,14 @@ def test_fp32_operands_take_the_table_of_their_precision(table_dir):
         (
             '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"ms": 1}}}}}}}',
             "expected an object with a 'config'",
+        ),
+        (
+            '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {}, "reach": -1}}}}}}}',
+            "g/fwd/bf16/tma/16x8x8: 'reach' must be a number >= 0, got -1",
+        ),
+        (
+            '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {}, "reach": "2"}}}}}}}',
+            "'reach' must be a number >= 0, got '2'",
         ),
         (
             '{"format": 1, "gpus": {"g": {"fwd": {"bf16": {"tma": {"16x8x8": {"config": {"BLOCK_Q": 64}}}}}}}}',
@@ -510,6 +537,31 @@ def test_tune_merges_into_the_table_it_finds_bucket_by_bucket(tmp_path, device):
     assert list(third) == [key_1, key_2] and third[key_2] == second[key_2]
 
 
+def test_tune_reach_goes_into_the_entries_it_writes(tmp_path, device):
+    """--reach STEPS is written into each entry the run makes (tables.py: the entry then serves only shapes within
+    it); a negative reach is refused before anything is timed."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("20, 48, 100\n")
+    timed = []
+
+    def fake_timer(fn):
+        timed.append(configs.pinned_config())
+        return 1.0
+
+    def run(reach):
+        args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path), reach=reach)
+        return tune.run(args, timer=fake_timer)
+
+    with pytest.raises(SystemExit, match="--reach: expected a number of log2 steps >= 0, got -1"):
+        run(-1.0)
+    assert not timed
+    routes = json.loads(run(1.6)["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]
+    entries = [entry for route in routes.values() for entry in route.values()]
+    assert entries and all(entry["reach"] == 1.6 for entry in entries)
+
+
 def test_tune_missing_times_only_the_buckets_the_table_lacks(tmp_path, table_dir, device, capsys):
     """--missing skips a shape whose bucket the shipped table or the one in --out already holds for its product,
     dtype and path (a table's new half-step buckets tuned without re-tuning the rest), and says how many; with
@@ -606,7 +658,8 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83); a retime: step times a
     bucket that has an entry again, where tune: skips it (attempt 104); a stale: step times again the buckets whose
     entries were not timed from CUDA graphs, and only those (session 40); a small: step tunes grad_input for the
-    buckets of its preset that have no entry (attempt 114). A malformed step is refused before any step runs."""
+    buckets of its preset that have no entry (attempt 114), entries of a limited reach (session 51). A malformed step is
+    refused before any step runs."""
     if device == "cuda":
         pytest.skip("on a GPU the script tunes for real, minutes a step")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -693,6 +746,7 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     assert tuned["fwd"] == forward
     entries = [e for route in tuned["dgrad"]["bf16"].values() for e in route.values()]
     assert sorted(e["shape_MKN"] for e in entries) == sorted(map(list, shapes.PRESETS["tiny"]))
+    assert all(e["reach"] == 1.6 for e in entries)  # kept from the shapes far from them (session 51)
     small = json.loads(files["./tune/timings_dgrad_bf16_small.json"])
     assert {(r["product"], r["M"], r["K"], r["N"]) for r in small["rows"]} == {
         ("dgrad", *s) for s in shapes.PRESETS["tiny"]

@@ -10,7 +10,13 @@ grid keeps: a bucket 1.5 x 2^k is log2(4/3) from 2^(k+1) and log2(3/2) from 2^k,
 of its own takes the entry of the power of two above it, as it did before.
 
 The file: {"format": 1, "gpus": {gpu name: {product: {dtype: {"tma" | "pointers": {"MxNxK" bucket:
-{"config": {KernelConfig fields}, ...measured fields, kept for people, ignored here}}}}}}}.
+{"config": {KernelConfig fields}, "reach": log2 steps (optional), ...measured fields, kept for people, ignored
+here}}}}}}}.
+
+An entry with a reach serves only the shapes at most that far from its bucket (log2 steps summed over M, N and K, as
+the nearest-bucket rule measures); one without serves whatever it is nearest. Small layers' entries carry one
+(`tune --reach`): tuned at 16-128 tokens into 256-1024 features, they were the nearest entry of Llama shards 4096-8192
+wide and ran there up to 2.5x slower than the entries they displaced (bench/NOTES.md, session 51).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import math
 import pathlib
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -49,7 +56,7 @@ def table_key(M: int, N: int, K: int) -> str:
 
 @functools.cache
 def tuned_table(gpu: str) -> dict:
-    """{(product, dtype name, path): {bucket (M, N, K): config}} for `gpu` from the tables in TABLE_DIR; empty if
+    """{(product, dtype name, path): {bucket (M, N, K): Entry}} for `gpu` from the tables in TABLE_DIR; empty if
     none names it. A malformed table raises ValueError naming its file and entry."""
     found = {}
     for path in sorted(TABLE_DIR.glob("*.json")):
@@ -58,7 +65,7 @@ def tuned_table(gpu: str) -> dict:
 
 
 def load_table(path: pathlib.Path) -> dict:
-    """{gpu: {(product, dtype, path): {bucket: config}}} of one tuned table file (the format above)."""
+    """{gpu: {(product, dtype, path): {bucket: Entry}}} of one tuned table file (the format above)."""
     try:
         data = json.loads(pathlib.Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -86,8 +93,19 @@ def load_table(path: pathlib.Path) -> dict:
                             raise ValueError(f"{where}: bucket {key!r} is not MxNxK")
                         if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
                             raise ValueError(f"{where}/{key}: expected an object with a 'config' object")
-                        table[tuple(map(int, dims))] = KernelConfig.from_dict(entry["config"], f"{where}/{key}")
+                        reach = entry.get("reach", math.inf)
+                        if isinstance(reach, bool) or not isinstance(reach, (int, float)) or not reach >= 0:
+                            raise ValueError(f"{where}/{key}: 'reach' must be a number >= 0, got {reach!r}")
+                        config = KernelConfig.from_dict(entry["config"], f"{where}/{key}")
+                        table[tuple(map(int, dims))] = Entry(config, float(reach))
     return out
+
+
+class Entry(NamedTuple):
+    """A table entry: its config, and how far (log2 steps) from its bucket it serves (math.inf: any distance)."""
+
+    config: KernelConfig
+    reach: float
 
 
 def _items(d, where: str):
@@ -112,15 +130,12 @@ def table_config(
     gpu: str, product: str, M: int, N: int, K: int, dtype: torch.dtype, tma: bool, tf32: bool = False
 ) -> KernelConfig | None:
     """The tuned config of the entry whose bucket is nearest (M, N, K)'s, in log2 steps summed over the three dims
-    (ties: the smaller bucket); None if the table has no entry for this product, dtype (table_dtype) and path.
-    A GEMV entry serves no more tokens than its bucket's: the form reads the weight tile once per row, so a config
-    timed at one row loses at two to the tiles (bench/NOTES.md, attempt 48)."""
-    entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"))
-    if entries:
-        rows = table_bucket(M)
-        entries = {b: cfg for b, cfg in entries.items() if cfg.BLOCK_M > 1 or b[0] >= rows}
-    if not entries:
-        return None
+    (ties: the smaller bucket), among those whose reach it is within; None if the table has none for this product,
+    dtype (table_dtype) and path. A GEMV entry serves no more tokens than its bucket's: the form reads the weight
+    tile once per row, so a config timed at one row loses at two to the tiles (bench/NOTES.md, attempt 48)."""
+    entries = tuned_table(gpu).get((product, table_dtype(dtype, tf32), "tma" if tma else "pointers"), {})
+    rows = table_bucket(M)
     want = [math.log2(max(b, 1)) for b in bucket_of(M, N, K)]
-    nearest = min(entries, key=lambda b: (sum(abs(math.log2(max(x, 1)) - w) for x, w in zip(b, want)), b))
-    return entries[nearest]
+    steps = {b: sum(abs(math.log2(max(x, 1)) - w) for x, w in zip(b, want)) for b in entries}
+    near = [b for b, e in entries.items() if (e.config.BLOCK_M > 1 or b[0] >= rows) and steps[b] <= e.reach]
+    return entries[min(near, key=lambda b: (steps[b], b))].config if near else None
