@@ -23,11 +23,15 @@
 #                             256-1024 features; grad_input's at 64-128 only), whose buckets the decode and speed sets'
 #                             entries are far from (on the H100 grad_input's ran at 2.6x torch's time at 64-128 tokens
 #                             until attempt 114 tuned them)
+#     compare:bf16:wgrad      bench/compare_tables.py --product fwd|dgrad|wgrad: the launches of the presets' layers
+#                             whose config the call's steps so far changed (the table as the call found it against the
+#                             tree's now), timed with both beside torch's (a new entry serves every launch it is the
+#                             nearest entry of, timed or not: session 51)
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
-  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|small:[a-z0-9]+:(dgrad|wgrad)|(stale|bench):[a-z0-9]+)$ ]] ||
-    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO small:DTYPE:dgrad|wgrad stale:DTYPE or bench:DTYPE, got $step" >&2
+  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|small:[a-z0-9]+:(dgrad|wgrad)|compare:[a-z0-9]+:(fwd|dgrad|wgrad)|(stale|bench):[a-z0-9]+)$ ]] ||
+    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO small:DTYPE:dgrad|wgrad compare:DTYPE:fwd|dgrad|wgrad stale:DTYPE or bench:DTYPE, got $step" >&2
       exit 2; }
 done
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -39,6 +43,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/tune"
 slug=$(python3 -c "import torch; from fused_tp.kernels import plan, tables
 print(tables.gpu_slug(plan.device(torch.cuda.current_device() if torch.cuda.is_available() else -1).gpu))")
 table=fused_tp/kernels/tuned/$slug.json
+before=$(mktemp)  # the table as the call found it, which compare: steps measure the call's changes against
+if [ -f "$table" ]; then cp "$table" "$before"; else echo '{"format": 1, "gpus": {}}' > "$before"; fi
 tune() {  # tune KERNEL DTYPE TAG [tune args]: the tune with the tree's table in --out, then the table back into the tree
   local kernel=$1 dtype=$2 tag=$3 work; shift 3
   work=$(mktemp -d); [ -f "$table" ] && cp "$table" "$work/"
@@ -104,6 +110,10 @@ EOF
     # buckets are left out: on the H100 they timed no faster at the small layers than the 64-token entries.
     small) tune "$arg" "$dtype" small --shapes "${SHAPES:-small}" --missing --reach 1.6 \
              $([ "$arg" = dgrad ] && [ -z "${SHAPES:-}" ] && echo --tokens 64 128) ;;
+    compare)
+      python3 bench/compare_tables.py --old "$before" --product "$arg" --dtype "$dtype" ${SHAPES:+--shapes $SHAPES} \
+        > "$OUT/compare_${dtype}_$arg.log" 2>&1
+      tail -3 "$OUT/compare_${dtype}_$arg.log" ;;
     bench)
       python3 bench/bench_linear.py --shapes decode --ops forward --dtype "$dtype" 2>&1 \
         | tail -60 > "$OUT/bench_linear_${dtype}_decode.log"

@@ -212,6 +212,47 @@ def test_decode_summary_finds_a_known_launch_cost(tmp_path):
     assert goals["geomean_by_tokens"]["16"] == pytest.approx(1 / 1.2)
 
 
+def test_compare_tables_lists_the_launches_whose_config_a_new_table_changes(tmp_path):
+    """bench/compare_tables.py --list: of the small preset's weight gradients, the launches whose table config
+    differs between two tables, with both configs: a new entry with a reach changes only the launches within it
+    (bench/NOTES.md, session 51), the same entry without one every launch it is nearest; a malformed table, or timing
+    another GPU's entries, exits naming its option."""
+    far = {"config": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}}
+    near = {"config": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}, "reach": 1.6}
+
+    def table(name, entries):
+        path = tmp_path / name
+        path.write_text(json.dumps({"format": 1, "gpus": {"g": {"wgrad": {"bf16": {"tma": entries}}}}}))
+        return str(path)
+
+    old = table("old.json", {"8192x8192x4096": far})
+    args = [sys.executable, "bench/compare_tables.py", "--old", old, "--gpu", "g", "--product", "wgrad", "--list"]
+
+    def listed(new):
+        out = subprocess.run([*args, "--new", new, "--shapes", "small"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.splitlines()
+
+    # 256 x 256 at 64 and 128 tokens: launches 256x256x64 (0 steps from the entry) and 256x256x128 (1 step); at 16
+    # tokens 2 steps, beyond the reach, as is every wider layer
+    got = listed(table("reach.json", {"8192x8192x4096": far, "256x256x64": near}))
+    assert got == [
+        "2 of 18 layers' wgrad launches take another config (g, bf16)",
+        "  64 x 256 -> 256: launch 256x256x64 tma: 128x128x64 w8 s3 -> 64x64x64 w4 s3",
+        "  128 x 256 -> 256: launch 256x256x128 tma: 128x128x64 w8 s3 -> 64x64x64 w4 s3",
+    ], got
+    unlimited = {**near}
+    del unlimited["reach"]
+    got = listed(table("any.json", {"8192x8192x4096": far, "256x256x64": unlimited}))
+    assert got[0] == "18 of 18 layers' wgrad launches take another config (g, bf16)", got
+    out = subprocess.run([*args, "--new", str(tmp_path / "none.json")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().startswith("--new: tuned table"), out.stderr[-3000:]
+    # timing runs only the entries of the machine's own launches (the interpreter's here: tests/test_tune.py's
+    # decode_run test times them); another GPU's it refuses, naming the option
+    out = subprocess.run(args[:-1], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().startswith("--gpu g: its entries can only be listed here"), out
+
+
 def test_a_steps_launches_are_read_off_device_events_by_position():
     """bench/common.py's per_launch, which bench_layers.py --launches reads a step's launches with: device events of
     four steps of three launches, out of order, give each launch's mean in launch order; steps that launched other

@@ -658,8 +658,9 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83); a retime: step times a
     bucket that has an entry again, where tune: skips it (attempt 104); a stale: step times again the buckets whose
     entries were not timed from CUDA graphs, and only those (session 40); a small: step tunes grad_input for the
-    buckets of its preset that have no entry (attempt 114), entries of a limited reach (session 51). A malformed step is
-    refused before any step runs."""
+    buckets of its preset that have no entry (attempt 114), entries of a limited reach (session 51), and a compare: step
+    then times the launches whose config the call changed, with both tables. A malformed step is refused before any
+    step runs."""
     if device == "cuda":
         pytest.skip("on a GPU the script tunes for real, minutes a step")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -740,8 +741,13 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     refused, files = call("small:bf16:fwd")
     assert refused.returncode == 2 and "got small:bf16:fwd" in refused.stderr and not files
     forward = json.loads(table.read_text())["gpus"]["triton-interpreter"]["fwd"]
-    seventh, files = call("small:bf16:dgrad")
+    seventh, files = call("small:bf16:dgrad", "compare:bf16:dgrad")
     assert seventh.returncode == 0, seventh.stderr
+    # compare: the launches whose config the call's tune changed (both of the preset's: the rule's before), each run
+    # with both tables (the interpreter's wall clock: a check of the script)
+    compared = files["./compare_bf16_dgrad.log"].decode()
+    assert "2 of 2 layers' dgrad launches take another config" in compared and "\n2 launches;" in compared, compared
+    assert compared.rstrip().endswith("a check of the script, not speed"), compared
     tuned = json.loads(table.read_text())["gpus"]["triton-interpreter"]
     assert tuned["fwd"] == forward
     entries = [e for route in tuned["dgrad"]["bf16"].values() for e in route.values()]
