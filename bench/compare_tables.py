@@ -39,14 +39,9 @@ from common import DTYPES, env, geomean, markdown_table, results_dir, write  # n
 from fused_tp import path_counts  # noqa: E402
 from fused_tp.kernels import autotune, configs, plan, tables  # noqa: E402
 from fused_tp.tolerance import NORM_CHECK, rel_err  # noqa: E402
-from fused_tp.tune import graph_timer, load_shapes, problem  # noqa: E402
+from fused_tp.tune import graph_timer, launch_dims, load_shapes, problem  # noqa: E402
 
 PRODUCTS = ("fwd", "dgrad", "wgrad")
-LAUNCH = {  # a layer's (tokens M, in-features K, out-features N) -> its product's launch (M, N, K), as tune's problem
-    "fwd": lambda M, K, N: (M, N, K),
-    "dgrad": lambda M, K, N: (M, K, N),
-    "wgrad": lambda M, K, N: (N, K, M),
-}
 SLOWER = 1.05  # a launch the new table runs more than this much slower is listed after the table
 
 
@@ -80,7 +75,7 @@ def table_dir_of(path: str, where: str, scratch: pathlib.Path) -> pathlib.Path:
 
 def changed(gpu, product, dtype, layers, old_dir, new_dir) -> list[dict]:
     """The layers whose launch takes another config from the new tables than from the old, on either operand path."""
-    launches = {layer: LAUNCH[product](*layer) for layer in layers}
+    launches = {layer: launch_dims(product, *layer) for layer in layers}
     picks = {}  # table: {layer: {tma: config}}
     for name, folder in (("old", old_dir), ("new", new_dir)):
         with using(folder):

@@ -211,6 +211,12 @@ class Problem(NamedTuple):
 CHECK_ROWS = 64  # rows (output features for the weight gradient) a check computes in float64
 
 
+def launch_dims(product: str, M: int, K: int, N: int) -> tuple[int, int, int]:
+    """The launch (M, N, K) of `product` (configs.PRODUCTS) for a layer of M tokens, K in-features, N out-features:
+    what a table's buckets key it by."""
+    return (M, N, K) if product == "fwd" else (N, K, M) if product == "wgrad" else (M, K, N)
+
+
 def problem(product: str, M: int, K: int, N: int, dtype, device, timer: str = "flush") -> Problem:
     """`product` (configs.PRODUCTS) of y[M, N] = x[M, K] @ w[N, K].T + b on N(0, 1) operands of `dtype` (the weight
     scaled by K^-1/2, so that outputs stay near 1 at any K), from a fixed seed. For a `timer` that needs them
@@ -222,11 +228,11 @@ def problem(product: str, M: int, K: int, N: int, dtype, device, timer: str = "f
     as_theirs = _same
     if product == "fwd":
         x, w, b = ops = rand(M, K), (rand(N, K) / K**0.5).to(dtype), rand(N)
-        ours, theirs, dims = kernels.linear, F.linear, (M, N, K)
+        ours, theirs = kernels.linear, F.linear
         check = lambda y: (y[s], x[s].double() @ w.double().T + b.double())  # noqa: E731
     elif product == "dgrad":
         g, w = ops = rand(M, N), (rand(N, K) / K**0.5).to(dtype)
-        ours, theirs, dims = kernels.grad_input, torch.matmul, (M, K, N)
+        ours, theirs = kernels.grad_input, torch.matmul
         check = lambda gx: (gx[s], g[s].double() @ w.double())  # noqa: E731
     elif product == "dgrad_gated":
         # SwiGLU's grad_pre [M, 2K] (interleaved (gate, up) pairs, as ParallelMLP holds them) from the down
@@ -235,7 +241,6 @@ def problem(product: str, M: int, K: int, N: int, dtype, device, timer: str = "f
         g, w, pre = rand(M, N), (rand(N, K) / K**0.5).to(dtype), rand(M, 2 * K)
         gate, up = pre[:, 0::2].contiguous(), pre[:, 1::2].contiguous()
         ops = g, w, pre, gate, up, F.silu(gate)
-        dims = (M, K, N)
 
         def ours(g, w, pre, *_):
             return kernels.grad_input(g, w, activation="swiglu", pre=pre)
@@ -248,11 +253,11 @@ def problem(product: str, M: int, K: int, N: int, dtype, device, timer: str = "f
         as_theirs = lambda gp: (gp[:, 0::2], gp[:, 1::2])  # noqa: E731
     else:
         g, x = ops = rand(M, N), rand(M, K)
-        ours, theirs, dims = kernels.grad_params, lambda g, x: (g.t() @ x, g.sum(0)), (N, K, M)
+        ours, theirs = kernels.grad_params, lambda g, x: (g.t() @ x, g.sum(0))
         check = lambda gw: (gw[0][s], g[:, s].double().T @ x.double())  # noqa: E731
     nbytes = sum(t.numel() for t in ops) * dtype.itemsize
     copies = [ops] + [tuple(t.clone() for t in ops) for _ in range(copies_for(nbytes, timer, device) - 1)]
-    return Problem(_cycling(ours, copies), _cycling(theirs, copies), dims, check, as_theirs)
+    return Problem(_cycling(ours, copies), _cycling(theirs, copies), launch_dims(product, M, K, N), check, as_theirs)
 
 
 def _cycling(fn, copies: list[tuple]) -> Callable:
