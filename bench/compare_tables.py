@@ -9,19 +9,26 @@ that cover three L2s as tune's graph timer does, beside torch's product, and che
 
     git show HEAD:fused_tp/kernels/tuned/<gpu>.json > old.json     # before the tune's table is copied in
     python bench/compare_tables.py --old old.json [--new NEW.json] [--product fwd|dgrad|wgrad] [--dtype bf16|fp16]
-                                   [--shapes decode speed mid layers swiglu small | FILE ..] [--list] [--gpu NAME]
+                                   [--shapes decode speed mid layers swiglu small grid | FILE ..] [--list] [--gpu NAME]
+                                   [--pin]
 
 --new defaults to the shipped tables (fused_tp/kernels/tuned/). --list prints the launches and both configs, for
 --gpu's entries (default: the visible GPU's), and times nothing. A timed run, of the visible GPU's entries, writes
-bench/results/<gpu>/compare_tables_<product>_<dtype>.json and prints a table, the geometric means against torch,
-and the launches the new table runs more than 5% slower. Without a GPU, Triton's interpreter runs the launches of
-the interpreter's entries (--gpu triton-interpreter), timed by the wall clock: a check of the script, nothing kept.
-"""
+bench/results/<gpu>/compare_tables_<product>_<dtype>.json and prints a table, the geometric means against torch, and
+the launches the new table runs more than 5% slower. --pin then keeps the old config at each of those launches: it
+writes an entry of reach 0 at the launch's bucket, with the config the old table ran there (its entry's, or the
+rule's), into the new table (--new, or the shipped table of this GPU), unless the new table has an entry of its own
+in that bucket (the tune timed that bucket: printed, not pinned). A tune's entries help most launches near them and
+slow a few (session 52: the H100's grad_input grid, 65 entries a dtype); a pin of reach 0 serves only the launches
+of its own bucket, which the old table served with that config, so it changes nothing else. Without a GPU, Triton's
+interpreter runs the launches of the interpreter's entries (--gpu triton-interpreter), timed by the wall clock: a
+check of the script, nothing kept."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -38,6 +45,7 @@ from common import DTYPES, env, geomean, markdown_table, results_dir, write  # n
 
 from fused_tp import path_counts  # noqa: E402
 from fused_tp.kernels import autotune, configs, plan, tables  # noqa: E402
+from fused_tp.kernels.jit import INTERPRETED  # noqa: E402
 from fused_tp.tolerance import NORM_CHECK, rel_err  # noqa: E402
 from fused_tp.tune import graph_timer, launch_dims, load_shapes, problem  # noqa: E402
 
@@ -102,6 +110,53 @@ def short(cfg) -> str:
     return f"{form} w{cfg.num_warps} s{cfg.num_stages}{extra}{f' split {cfg.split_k}' if cfg.split_k else ''}"
 
 
+def pin_entries(rows: list[dict], own: set) -> tuple[dict, list[dict]]:
+    """({path: {bucket key: entry}}, the rows not pinned) for the timed `rows` the new table ran more than SLOWER
+    slower: each an entry of reach 0 with the config the old table ran (`old_config_dict`), unless its bucket is in
+    `own` ({(path, bucket key)}: buckets the new table has an entry of its own in). Rows in one bucket and path share
+    the old table's config (its pick depends on the bucket alone), so the first one's timing is kept."""
+    pins, skipped = {}, []
+    for r in rows:
+        if r["new_over_old"] <= SLOWER:
+            continue
+        key = tables.table_key(*r["launch_mnk"])
+        if (r["path"], key) in own:
+            skipped.append(r)
+            continue
+        m, n, k = r["launch_mnk"]
+        pins.setdefault(r["path"], {}).setdefault(
+            key,
+            dict(
+                config=r["old_config_dict"],
+                reach=0,
+                shape_MKN=r["layer_MKN"],
+                ms=r["old_us"] / 1e3,
+                torch_ms=r["torch_us"] / 1e3,
+                ratio=r["torch_us"] / r["old_us"],
+                flops=2 * m * n * k,
+                timer="graph",
+                pinned=f"compare_tables.py: the new table's config ran {r['new_over_old']:.2f}x this time",
+            ),
+        )
+    return pins, skipped
+
+
+def write_pins(path: pathlib.Path, gpu: str, product: str, dtype: str, pins: dict) -> None:
+    """Adds `pins` ({path: {bucket key: entry}}) to the table file `path` under gpu / product / dtype, and checks
+    that the file still loads."""
+    data = json.loads(path.read_text()) if path.exists() else {"format": 1, "gpus": {}}
+    routes = data["gpus"].setdefault(gpu, {}).setdefault(product, {}).setdefault(dtype, {})
+    for route, entries in pins.items():
+        routes.setdefault(route, {}).update(entries)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    tables.load_table(path)
+
+
+def old_config(cfg, rows: int, dtype, tma: bool):
+    """The config the old table ran a launch of `rows` rows with: its entry's, or the rule's where it had none."""
+    return cfg if cfg is not None else configs.rule_config(rows, dtype, INTERPRETED, tma)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", required=True, help="the older table file")
@@ -109,15 +164,23 @@ def main():
     p.add_argument("--product", choices=PRODUCTS, default="fwd")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument(
-        "--shapes", nargs="+", default=["decode", "speed", "mid", "layers", "swiglu", "small"], help="presets or files"
+        "--shapes",
+        nargs="+",
+        default=["decode", "speed", "mid", "layers", "swiglu", "small", "grid"],
+        help="presets or files",
     )
     p.add_argument("--list", action="store_true", help="list the launches whose config changes; time nothing")
     p.add_argument("--gpu", help="whose entries to compare (default: the GPU's name)")
+    p.add_argument(
+        "--pin", action="store_true", help="keep the old config where the new table runs a launch over 5%% slower"
+    )
     p.add_argument("--rep-ms", type=float, default=30, help="each timing's budget in ms (tune's graph timer)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     here = plan.device(torch.cuda.current_device() if cuda else -1).gpu  # whose entries this machine's launches take
     gpu = args.gpu or here
+    if args.pin and args.list:
+        raise SystemExit("--pin: pins come from timings, which --list does not take")
     if gpu != here and not args.list:
         raise SystemExit(f"--gpu {gpu}: its entries can only be listed here (--list); launches here take {here}'s")
     dtype = DTYPES[args.dtype]
@@ -163,6 +226,7 @@ def main():
                     launch_mnk=r["launch_mnk"],
                     path="tma" if tma else "pointers",
                     old_config=short(r["picks"]["old"][tma]),
+                    old_config_dict=old_config(r["picks"]["old"][tma], r["launch_mnk"][0], dtype, tma).to_dict(),
                     new_config=short(r["picks"]["new"][tma]),
                     old_us=ms["old"] * 1e3,
                     new_us=ms["new"] * 1e3,
@@ -199,6 +263,21 @@ def main():
         )
         return
     info = dict(env(), product=args.product, dtype=args.dtype, shapes=args.shapes, old=args.old, new=args.new)
+    if args.pin:
+        table = pathlib.Path(args.new) if args.new else tables.TABLE_DIR / f"{tables.gpu_slug(gpu)}.json"
+        own = {
+            (route, tables.table_key(*b))
+            for (p_, d_, route), e in tables.load_table(table).get(gpu, {}).items()
+            if (p_, d_) == (args.product, args.dtype)
+            for b in e
+        }
+        pins, skipped = pin_entries(timed, own)
+        if pins:
+            write_pins(table, gpu, args.product, args.dtype, pins)
+        info["pinned"] = {route: sorted(entries) for route, entries in pins.items()}
+        print(f"pinned {sum(map(len, pins.values()))} buckets to the old table's config in {table}")
+        for r in skipped:
+            print(f"  not pinned: {r['layer_MKN']} launch {r['launch_mnk']}: the new table has its own entry there")
     path = results_dir(gpu) / f"compare_tables_{args.product}_{args.dtype}.json"
     write(path, {"env": info, "summary": summary, "rows": timed})
     print(f"wrote {path}")

@@ -23,15 +23,19 @@
 #                             256-1024 features; grad_input's at 64-128 only), whose buckets the decode and speed sets'
 #                             entries are far from (on the H100 grad_input's ran at 2.6x torch's time at 64-128 tokens
 #                             until attempt 114 tuned them)
-#     compare:bf16:wgrad      bench/compare_tables.py --product fwd|dgrad|wgrad: the launches of the presets' layers
-#                             whose config the call's steps so far changed (the table as the call found it against the
-#                             tree's now), timed with both beside torch's (a new entry serves every launch it is the
-#                             nearest entry of, timed or not: session 51)
+#     grid:bf16:dgrad         the same over the grid preset (32-512 tokens into 512-4096 features), with --reach 1.0:
+#                             on the H100 grad_input there ran at 1.2x torch's time on the entries of the buckets
+#                             around it (session 52); follow it with compare:DTYPE:dgrad, which pins what it slowed
+#     compare:bf16:wgrad      bench/compare_tables.py --product fwd|dgrad|wgrad --pin: the launches of the presets'
+#                             layers whose config the call's steps so far changed (the table as the call found it
+#                             against the tree's now), timed with both beside torch's (a new entry serves every launch
+#                             it is the nearest entry of, timed or not: session 51); where the new config ran a launch
+#                             over 5% slower, the old one is pinned in that launch's bucket (reach 0: session 52)
 #     bench:bf16              bench/bench_linear.py --shapes decode --ops forward
 set -u
 for step in "$@"; do  # every step's form checked before the first runs
-  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|small:[a-z0-9]+:(dgrad|wgrad)|compare:[a-z0-9]+:(fwd|dgrad|wgrad)|(stale|bench):[a-z0-9]+)$ ]] ||
-    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO small:DTYPE:dgrad|wgrad compare:DTYPE:fwd|dgrad|wgrad stale:DTYPE or bench:DTYPE, got $step" >&2
+  [[ $step =~ ^((tune|retime):[a-z0-9]+:[0-9,]+|retune:[a-z0-9]+:[0-9.]+|(small|grid):[a-z0-9]+:(dgrad|wgrad)|compare:[a-z0-9]+:(fwd|dgrad|wgrad)|(stale|bench):[a-z0-9]+)$ ]] ||
+    { echo "decode_run.sh: a step is tune:DTYPE:M,M,.. retime:DTYPE:M,M,.. retune:DTYPE:RATIO small:DTYPE:dgrad|wgrad grid:DTYPE:dgrad|wgrad compare:DTYPE:fwd|dgrad|wgrad stale:DTYPE or bench:DTYPE, got $step" >&2
       exit 2; }
 done
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -110,10 +114,16 @@ EOF
     # buckets are left out: on the H100 they timed no faster at the small layers than the 64-token entries.
     small) tune "$arg" "$dtype" small --shapes "${SHAPES:-small}" --missing --reach 1.6 \
              $([ "$arg" = dgrad ] && [ -z "${SHAPES:-}" ] && echo --tokens 64 128) ;;
+    # Entries serve a log2 step from their bucket at most: on the H100, with no reach, the grid's bf16 grad_input
+    # entries ran the launches they took within one step at 0.88x their time before (88 launches) and the farther
+    # ones at 1.02x (26, 8 of them over 5% slower: Llama shards 6144-8192 wide); fp16's farther ones gained (0.87x
+    # over 59), which one reach for both dtypes leaves out (session 52).
+    grid) tune "$arg" "$dtype" grid --shapes "${SHAPES:-grid}" --missing --reach 1.0 ;;
     compare)
-      python3 bench/compare_tables.py --old "$before" --product "$arg" --dtype "$dtype" ${SHAPES:+--shapes $SHAPES} \
+      python3 bench/compare_tables.py --old "$before" --product "$arg" --dtype "$dtype" ${SHAPES:+--shapes $SHAPES} --pin \
         > "$OUT/compare_${dtype}_$arg.log" 2>&1
-      tail -3 "$OUT/compare_${dtype}_$arg.log" ;;
+      tail -4 "$OUT/compare_${dtype}_$arg.log"
+      [ -f "$table" ] && cp "$table" "$OUT/" ;;
     bench)
       python3 bench/bench_linear.py --shapes decode --ops forward --dtype "$dtype" 2>&1 \
         | tail -60 > "$OUT/bench_linear_${dtype}_decode.log"

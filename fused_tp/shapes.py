@@ -17,6 +17,9 @@ w[N, K].T: one home, so that a table tuned on a preset and a bench reporting on 
              was near them, and the nearest one's tiles ran grad_input over 64-128 tokens into 512-1024 features at
              2x the time of a 64 x 32 x 64 tile on the H200 (bench/NOTES.md, attempt 113); the H100's dgrad entries
              for them brought it to torch's time (attempt 114)
+    grid     layers of 32-512 tokens into 512-4096 features, 80 of them, for `tune --kernel dgrad`: between `small`
+             and the decode and speed sets' buckets, whose entries ran grad_input there at 1.2x torch's time on the
+             H100 (bench/NOTES.md, session 52)
     tiny     for the interpreter
 """
 
@@ -123,6 +126,9 @@ PRESETS = {
         (m, k, n)
         for m in (16, 64, 128)
         for n, k in ((256, 256), (512, 512), (768, 768), (1024, 576), (576, 1024), (1024, 1024))
+    ],
+    "grid": [
+        (m, k, n) for m in (32, 64, 128, 256, 512) for k in (512, 1024, 2048, 4096) for n in (512, 1024, 2048, 4096)
     ],
     "tiny": [(8, 16, 24), (33, 40, 17)],
 }

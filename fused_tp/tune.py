@@ -187,9 +187,13 @@ def copies_for(nbytes: int, timer: str, device) -> int:
 
 
 def timer_name(choice: str, preset: str) -> str:
-    """--timer's value: "auto" is "graph" for the decode presets and `small` (decode runs under CUDA graphs, and
-    do_bench's L2 clearing costs a product that small as much as its own time), "flush" for the rest."""
-    return ("graph" if preset.startswith("decode") or preset == "small" else "flush") if choice == "auto" else choice
+    """--timer's value: "auto" is "graph" for the decode presets, `small` and `grid` (decode runs under CUDA graphs,
+    and do_bench's L2 clearing costs a product that small as much as its own time), "flush" for the rest."""
+    return (
+        ("graph" if preset.startswith("decode") or preset in ("small", "grid") else "flush")
+        if choice == "auto"
+        else choice
+    )
 
 
 def _same(out):
@@ -322,9 +326,22 @@ def _tune(args: argparse.Namespace, timer) -> dict:
             if tables.bucket_of(m, n, k) in have.get((product, args.dtype, route), ()):
                 skipped += 1
                 continue
-            for cfg in configs.candidates(m, n, k, dtype, route == "tma"):
-                if configs.fits(cfg, dtype.itemsize, route == "tma", AUX_TILES.get(product, 0)):
-                    work.append((product, (M, K, N), (m, n, k), route, ours, theirs, as_theirs, ref, cfg))
+            fit = functools.partial(
+                configs.fits, itemsize=dtype.itemsize, tma=route == "tma", aux_tile=AUX_TILES.get(product, 0)
+            )
+            mine = [cfg for cfg in configs.candidates(m, n, k, dtype, route == "tma") if fit(cfg)]
+            # The config the tables serve this launch now (a neighbour's entry, or its bucket's own under a re-time)
+            # is timed too, and is what a new config must beat (choose): without it, a tune over buckets that a
+            # neighbour's entry served well wrote entries slower than it (bench/NOTES.md, session 52).
+            served = tables.table_config(gpu, product, m, n, k, dtype, route == "tma", args.dtype == "tf32")
+            incumbent = None
+            if served is not None and fit(served):
+                own = tables.bucket_of(m, n, k) in tables.tuned_table(gpu).get((product, args.dtype, route), {})
+                incumbent = ("own" if own else "nearest", served)
+                mine += [] if served in mine else [served]
+            for cfg in mine:
+                mark = incumbent[0] if incumbent and cfg == incumbent[1] else None
+                work.append((product, (M, K, N), (m, n, k), route, ours, theirs, as_theirs, ref, cfg, mark))
     if skipped:
         print(
             f"tune: --missing: {skipped} of {len(products) * len(shapes)} shapes skipped, their buckets tuned already"
@@ -332,7 +349,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
     if not work:
         raise SystemExit("tune: --missing: every shape's bucket has an entry already; nothing to tune")
     rows, baselines, calls = [], {}, {}
-    for product, shape, dims, route, ours, theirs, as_theirs, ref, cfg in tqdm(work, desc="tune", unit="config"):
+    for product, shape, dims, route, ours, theirs, as_theirs, ref, cfg, mark in tqdm(work, desc="tune", unit="config"):
         if (product, shape) not in baselines:
             baselines[(product, shape)] = [timer(theirs)]
             calls[(product, shape)] = ours, theirs, as_theirs, ref
@@ -353,6 +370,7 @@ def _tune(args: argparse.Namespace, timer) -> dict:
                 rel_err=err,
                 passed_check=ms is not None,
                 timer=how,
+                **({"incumbent": mark} if mark else {}),
             )
         )
     _confirm(rows, calls, baselines, timer, args.dtype)
@@ -410,8 +428,9 @@ def _confirm(rows: list[dict], calls: dict, baselines: dict, timer, name: str) -
         by_shape.setdefault((r["product"], (r["M"], r["K"], r["N"])), []).append(r)
     for key, mine in by_shape.items():
         cands = [configs.KernelConfig(**r["config"]) for r in mine]
-        rule = _rule(mine[0], name)
-        again = autotune.contenders(cands, [r["ms_rounds"][0] if r["ms_rounds"] else None for r in mine], rule)
+        again = autotune.contenders(
+            cands, [r["ms_rounds"][0] if r["ms_rounds"] else None for r in mine], _baseline(mine, name)
+        )
         ours, theirs = calls[key][:2]
         for _ in range(autotune.CONFIRM_ROUNDS if again else 0):
             baselines[key].append(timer(theirs))
@@ -442,12 +461,23 @@ def _rule(row: dict, name: str) -> configs.KernelConfig:
     return configs.rule_config(m, DTYPES[name], INTERPRETED, row["path"] == "tma", AUX_TILES.get(row["product"], 0))
 
 
+def _baseline(mine: list[dict], name: str) -> configs.KernelConfig:
+    """What a shape's other configs must beat: the config the tables served it before the tune (its row marked
+    `incumbent`), else the rule's."""
+    served = next((r for r in mine if r.get("incumbent")), None)
+    return configs.KernelConfig(**served["config"]) if served else _rule(mine[0], name)
+
+
 def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
     """(the chosen row per product and shape, the tuned table {product: {name: {path: {bucket: entry}}}}), for
     operands of the table dtype `name`.
 
-    A config replaces the rule's (configs.rule_config, always among the candidates) only if it was faster by more
-    than autotune.MARGIN (`autotune.choose`; seen on the H100: bench/NOTES.md, attempt 11)."""
+    A config replaces the baseline (_baseline: the config the tables served the shape before, or the rule's,
+    configs.rule_config, always among the candidates) only if it was faster by more than autotune.MARGIN
+    (`autotune.choose`; seen on the H100: bench/NOTES.md, attempt 11). A row whose baseline won is marked `kept`
+    with where its config came from: its bucket's own entry, which _table leaves as it is, or the nearest entry,
+    which _table writes with a reach of 0, so that the bucket keeps that config whatever entries the tune adds
+    around it (session 52: nine such buckets, left without an entry, took a new neighbour's, up to 1.31x slower)."""
     by_shape = {}
     for r in rows:
         by_shape.setdefault((r["product"], r["M"], r["K"], r["N"]), []).append(r)
@@ -458,9 +488,11 @@ def choose(rows: list[dict], name: str) -> tuple[list[dict], dict]:
             continue
         rule = _rule(mine[0], name)
         cands = [configs.KernelConfig(**r["config"]) for r in timed]
-        pick = autotune.choose(cands, [r["ms"] for r in timed], rule)
+        pick = autotune.choose(cands, [r["ms"] for r in timed], _baseline(mine, name))
         by_rule = next((r for r in timed if r["config"] == rule.to_dict()), None)
-        chosen.append(dict(next(r for r in timed if r["config"] == pick.to_dict()), rule_ms=by_rule and by_rule["ms"]))
+        row = next(r for r in timed if r["config"] == pick.to_dict())
+        kept = {"kept": row["incumbent"]} if row.get("incumbent") else {}
+        chosen.append(dict(row, rule_ms=by_rule and by_rule["ms"], **kept))
     return chosen, _table(chosen, name)
 
 
@@ -468,6 +500,8 @@ def _table(chosen: list[dict], name: str, reach: float | None = None) -> dict:
     """{product: {name: {path: {bucket: entry}}}} of the chosen rows, each serving within `reach` (None: any)."""
     table = {}
     for r in chosen:
+        if r.get("kept") == "own":
+            continue  # the bucket's entry stays as it is, its reach too
         m, n, k = r["launch_mnk"]
         routes = table.setdefault(r["product"], {}).setdefault(name, {})
         entries = routes.setdefault(r["path"], {})
@@ -476,7 +510,7 @@ def _table(chosen: list[dict], name: str, reach: float | None = None) -> dict:
         if key not in entries or entries[key]["flops"] < flops:
             entries[key] = dict(
                 config=r["config"],
-                **({} if reach is None else {"reach": reach}),
+                **({"reach": 0} if r.get("kept") else {} if reach is None else {"reach": reach}),
                 shape_MKN=[r["M"], r["K"], r["N"]],
                 ms=r["ms"],
                 rule_ms=r["rule_ms"],

@@ -1,6 +1,7 @@
 """What a new user runs first: the demo on 2 ranks (through the interpreter on CPU), the example script under
 torchrun, the commands' help, and README's two commands, which are what CI runs."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -251,6 +252,60 @@ def test_compare_tables_lists_the_launches_whose_config_a_new_table_changes(tmp_
     # decode_run test times them); another GPU's it refuses, naming the option
     out = subprocess.run(args[:-1], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().startswith("--gpu g: its entries can only be listed here"), out
+
+
+def test_compare_tables_pins_the_old_config_where_the_new_table_ran_slower(tmp_path):
+    """bench/compare_tables.py --pin's entries, from timed rows: one of reach 0 with the old table's config at the
+    bucket of each launch the new table ran more than 5% slower (one per bucket and path, however many launches
+    share it), none where it ran within 5%, and none in a bucket the new table has an entry of its own in (printed
+    instead); written into the table file beside its entries, which still load, and the pin serves its own bucket
+    only (bench/NOTES.md, session 52)."""
+    spec = importlib.util.spec_from_file_location("fused_tp_bench_compare_tables", ROOT / "bench" / "compare_tables.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    old = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    old = {**old, "persistent": True, "split_k": None, "tma": True, "tma_c": True}
+
+    def row(launch, ratio, path="tma"):
+        return dict(
+            layer_MKN=list(launch),
+            launch_mnk=list(launch),
+            path=path,
+            old_config_dict=old,
+            old_us=20.0,
+            torch_us=19.0,
+            new_over_old=ratio,
+        )
+
+    rows = [
+        row((128, 6144, 4096), 1.21),
+        row((128, 6144, 4000), 1.10),  # the same bucket: its first row's timing kept
+        row((128, 7168, 4096), 1.05),  # within 5%: no pin
+        row((32, 512, 4096), 1.30),  # the new table's own bucket: not pinned
+        row((32, 512, 4096), 1.30, "pointers"),
+    ]
+    own = {("tma", compare.tables.table_key(32, 512, 4096))}
+    pins, skipped = compare.pin_entries(rows, own)
+    key = compare.tables.table_key(128, 6144, 4096)
+    assert sorted(pins) == ["pointers", "tma"] and sorted(pins["tma"]) == [key], pins
+    assert pins["tma"][key]["reach"] == 0 and pins["tma"][key]["config"] == old and pins["tma"][key]["ms"] == 0.02
+    assert [r["path"] for r in skipped] == ["tma"] and skipped[0]["launch_mnk"] == [32, 512, 4096]
+    near = {"config": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}}
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"format": 1, "gpus": {"g": {"dgrad": {"bf16": {"tma": {"128x4096x4096": near}}}}}}))
+    compare.write_pins(table, "g", "dgrad", "bf16", pins)
+    entries = compare.tables.load_table(table)["g"][("dgrad", "bf16", "tma")]
+    assert sorted(entries) == [(128, 4096, 4096), compare.tables.bucket_of(128, 6144, 4096)], entries
+    shipped = compare.tables.TABLE_DIR
+    compare.tables.TABLE_DIR = tmp_path
+    compare.tables.tuned_table.cache_clear()
+    try:
+        pick = functools.partial(compare.tables.table_config, "g", "dgrad", dtype=torch.bfloat16, tma=True)
+        assert pick(128, 6144, 4096).BLOCK_N == 128  # the pin, in its own bucket
+        assert pick(128, 7168, 4096).BLOCK_N == 64  # one bucket over: the nearest entry, as before the pin
+    finally:
+        compare.tables.TABLE_DIR = shipped
+        compare.tables.tuned_table.cache_clear()
 
 
 def test_a_steps_launches_are_read_off_device_events_by_position():

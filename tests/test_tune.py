@@ -494,14 +494,16 @@ def test_tune_tf32_writes_its_own_table_key_and_restores_the_tf32_setting(tmp_pa
 def test_a_gemv_winner_is_filed_under_the_path_its_operands_take(table_dir, tmp_path, device):
     """A GEMV config reads through pointers whatever the operands, but a launch looks its table up under the path
     its operands can take (descriptors here): a GEMV winner for one token is filed there, also when the table that
-    tune starts from already sends that shape to the GEMV form (the bug of session 14: bench/NOTES.md)."""
+    tune starts from already sends that shape to the GEMV form (the bug of session 14: bench/NOTES.md; here through
+    a neighbour's entry, whose config the tune then files in the shape's bucket, as it keeps any it was served)."""
     if device == "cuda":
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
     gemv = next(c for c in configs.SPACE if c.BLOCK_M == 1)
     shapes = tmp_path / "shapes.txt"
     shapes.write_text("1, 64, 40\n")
-    key = tables.table_key(1, 40, 64)
-    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {"tma": {key: _entry(gemv)}}}}})
+    key, neighbour = tables.table_key(1, 40, 64), tables.table_key(1, 56, 64)
+    assert key != neighbour
+    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {"tma": {neighbour: _entry(gemv)}}}}})
     fake_timer = lambda fn: 0.5 if configs.pinned_config() == gemv else 1.0  # noqa: E731
     args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path / "out"))
     table = json.loads(tune.run(args, timer=fake_timer)["table"].read_text())["gpus"]["triton-interpreter"]
@@ -560,6 +562,42 @@ def test_tune_reach_goes_into_the_entries_it_writes(tmp_path, device):
     routes = json.loads(run(1.6)["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]
     entries = [entry for route in routes.values() for entry in route.values()]
     assert entries and all(entry["reach"] == 1.6 for entry in entries)
+
+
+def test_tune_keeps_the_config_the_table_served_where_it_wins(tmp_path, table_dir, device):
+    """The config the tables serve a shape before the tune (a neighbour's entry, or its bucket's own) is timed with
+    the candidates and is what they must beat: where it wins, a neighbour's config is written into the shape's
+    bucket with a reach of 0 (the bucket keeps it whatever the tune adds around it), and a bucket's own entry is left
+    as it is (bench/NOTES.md, session 52); where a candidate beats it by the margin, the candidate is written."""
+    if device == "cuda":
+        pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
+    x, w = torch.randn(20, 48, dtype=torch.bfloat16), torch.randn(100, 48, dtype=torch.bfloat16)
+    route = "tma" if _takes_descriptors(x, w) else "pointers"
+    own = tables.table_key(20, 100, 48)
+    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {route: {own: _entry(A)}}}}})
+    tables.tuned_table.cache_clear()
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("20, 48, 100\n20, 48, 140\n")  # the entry's own bucket (128 features), a neighbour (192)
+
+    def run(served_ms, out):
+        def fake_timer(fn):
+            cfg = configs.pinned_config()
+            return 1.0 if cfg is None else served_ms if dataclasses.replace(cfg, split_k=None) == A else 1.0
+
+        args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(tmp_path / out))
+        return tune.run(args, timer=fake_timer)
+
+    written = run(0.5, "wins")
+    marks = {(r["N"], r["incumbent"]) for r in json.loads(written["timings"].read_text())["rows"] if "incumbent" in r}
+    assert marks == {(100, "own"), (140, "nearest")}, marks
+    entries = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"][route]
+    assert list(entries) == [tables.table_key(20, 140, 48)], entries
+    assert entries[tables.table_key(20, 140, 48)]["reach"] == 0
+    assert configs.KernelConfig(**entries[tables.table_key(20, 140, 48)]["config"]) == A
+    written = run(1.0 / (1 - autotune.MARGIN) + 0.01, "loses")  # every other config beats it by the margin
+    entries = json.loads(written["table"].read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"][route]
+    assert sorted(entries) == sorted([own, tables.table_key(20, 140, 48)]), entries
+    assert all("reach" not in e and configs.KernelConfig(**e["config"]) != A for e in entries.values()), entries
 
 
 def test_tune_missing_times_only_the_buckets_the_table_lacks(tmp_path, table_dir, device, capsys):
@@ -948,6 +986,7 @@ def test_the_timer_follows_the_preset_and_cycles_through_operand_copies():
     flush; a graph timing cycles through operand copies, one call after another."""
     assert tune.timer_name("auto", "decode") == tune.timer_name("auto", "decode-buckets") == "graph"
     assert tune.timer_name("auto", "small") == "graph"
+    assert tune.timer_name("auto", "grid") == "graph"
     assert tune.timer_name("auto", "speed") == tune.timer_name("flush", "decode") == "flush"
     assert tune.copies_for(10**9, "flush", "cpu") == 1
     turn = tune._cycling(lambda t: t, [(1,), (2,), (3,)])
