@@ -141,6 +141,18 @@ def pin_entries(rows: list[dict], own: set) -> tuple[dict, list[dict]]:
     return pins, skipped
 
 
+def own_buckets(path: pathlib.Path, gpu: str, product: str, dtype: str) -> set:
+    """{(operand path, bucket key)}: the buckets the table file `path` (if there) has entries in for gpu / product /
+    dtype."""
+    found = tables.load_table(path).get(gpu, {}) if path.exists() else {}
+    return {
+        (route, tables.table_key(*b))
+        for (p, d, route), entries in found.items()
+        if (p, d) == (product, dtype)
+        for b in entries
+    }
+
+
 def write_pins(path: pathlib.Path, gpu: str, product: str, dtype: str, pins: dict) -> None:
     """Adds `pins` ({path: {bucket key: entry}}) to the table file `path` under gpu / product / dtype, and checks
     that the file still loads."""
@@ -265,13 +277,7 @@ def main():
     info = dict(env(), product=args.product, dtype=args.dtype, shapes=args.shapes, old=args.old, new=args.new)
     if args.pin:
         table = pathlib.Path(args.new) if args.new else tables.TABLE_DIR / f"{tables.gpu_slug(gpu)}.json"
-        own = {
-            (route, tables.table_key(*b))
-            for (p_, d_, route), e in tables.load_table(table).get(gpu, {}).items()
-            if (p_, d_) == (args.product, args.dtype)
-            for b in e
-        }
-        pins, skipped = pin_entries(timed, own)
+        pins, skipped = pin_entries(timed, own_buckets(table, gpu, args.product, args.dtype))
         if pins:
             write_pins(table, gpu, args.product, args.dtype, pins)
         info["pinned"] = {route: sorted(entries) for route, entries in pins.items()}

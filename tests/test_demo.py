@@ -284,18 +284,23 @@ def test_compare_tables_pins_the_old_config_where_the_new_table_ran_slower(tmp_p
         row((32, 512, 4096), 1.30),  # the new table's own bucket: not pinned
         row((32, 512, 4096), 1.30, "pointers"),
     ]
-    own = {("tma", compare.tables.table_key(32, 512, 4096))}
+    near = {"config": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}}
+    table = tmp_path / "t.json"
+    own_key = compare.tables.table_key(32, 512, 4096)
+    new = {"tma": {"128x4096x4096": near, own_key: near}}
+    table.write_text(json.dumps({"format": 1, "gpus": {"g": {"dgrad": {"bf16": new}, "wgrad": {"bf16": new}}}}))
+    own = compare.own_buckets(table, "g", "dgrad", "bf16")
+    assert own == {("tma", "128x4096x4096"), ("tma", own_key)} and not compare.own_buckets(
+        tmp_path / "x", "g", "dgrad", "bf16"
+    )
     pins, skipped = compare.pin_entries(rows, own)
     key = compare.tables.table_key(128, 6144, 4096)
     assert sorted(pins) == ["pointers", "tma"] and sorted(pins["tma"]) == [key], pins
     assert pins["tma"][key]["reach"] == 0 and pins["tma"][key]["config"] == old and pins["tma"][key]["ms"] == 0.02
     assert [r["path"] for r in skipped] == ["tma"] and skipped[0]["launch_mnk"] == [32, 512, 4096]
-    near = {"config": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}}
-    table = tmp_path / "t.json"
-    table.write_text(json.dumps({"format": 1, "gpus": {"g": {"dgrad": {"bf16": {"tma": {"128x4096x4096": near}}}}}}))
     compare.write_pins(table, "g", "dgrad", "bf16", pins)
     entries = compare.tables.load_table(table)["g"][("dgrad", "bf16", "tma")]
-    assert sorted(entries) == [(128, 4096, 4096), compare.tables.bucket_of(128, 6144, 4096)], entries
+    assert sorted(entries) == sorted([(128, 4096, 4096), (32, 512, 4096), compare.tables.bucket_of(128, 6144, 4096)])
     shipped = compare.tables.TABLE_DIR
     compare.tables.TABLE_DIR = tmp_path
     compare.tables.tuned_table.cache_clear()
