@@ -256,8 +256,10 @@ def not_oversized(cfg: KernelConfig, M: int, N: int) -> bool:
 
 def decode_only(cfg: KernelConfig, M: int) -> bool:
     """Pruning rule 3: the decode tiles, under wgmma's 64 rows or 64-row ones storing C through pointers, for up to
-    DECODE_MAX_ROWS rows only (none has won past 128 rows in any table, and at thousands of rows each costs a tune
-    seconds); the GEMV form for up to GEMV_MAX_ROWS."""
+    DECODE_MAX_ROWS rows only (none had won past 128 rows in any tune, and at thousands of rows each costs a tune
+    seconds; but on the H100 a neighbour's 64 x 32 x 256 tile storing C through pointers ran grad_input at 256-512
+    tokens into 512-2048 features faster than any config this space keeps there, which tune now times as the config
+    the table served: bench/NOTES.md, session 52); the GEMV form for up to GEMV_MAX_ROWS."""
     decode = cfg.BLOCK_M < 64 or (cfg.BLOCK_M == 64 and not cfg.tma_c)
     return not decode or M <= (GEMV_MAX_ROWS if cfg.BLOCK_M == 1 else DECODE_MAX_ROWS)
 
