@@ -795,9 +795,11 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     assert {(r["product"], r["M"], r["K"], r["N"]) for r in small["rows"]} == {
         ("dgrad", *s) for s in shapes.PRESETS["tiny"]
     }
-    eighth, files = call("small:bf16:dgrad")
+    # grid: the same tune over its own preset (SHAPES=tiny here, every bucket tuned by now)
+    eighth, files = call("small:bf16:dgrad", "grid:bf16:dgrad")
     assert eighth.returncode == 0, eighth.stderr
-    assert "./tune/timings_dgrad_bf16_small.json" not in files
+    assert eighth.stdout.count("every shape's bucket has an entry already") == 2, eighth.stdout
+    assert not [f for f in files if f.startswith("./tune/timings_")], files
     assert json.loads(table.read_text())["gpus"]["triton-interpreter"] == tuned
 
 
