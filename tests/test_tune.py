@@ -564,6 +564,17 @@ def test_tune_reach_goes_into_the_entries_it_writes(tmp_path, device):
     assert entries and all(entry["reach"] == 1.6 for entry in entries)
 
 
+def _shipped_a_at_20x48x100(table_dir) -> tuple[str, str]:
+    """(operand path, bucket key): a shipped table with config A for 20 tokens through a 48 -> 100 bf16 forward,
+    under the path those operands take."""
+    x, w = torch.randn(20, 48, dtype=torch.bfloat16), torch.randn(100, 48, dtype=torch.bfloat16)
+    route = "tma" if _takes_descriptors(x, w) else "pointers"
+    key = tables.table_key(20, 100, 48)
+    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {route: {key: _entry(A)}}}}})
+    tables.tuned_table.cache_clear()
+    return route, key
+
+
 def test_tune_keeps_the_config_the_table_served_where_it_wins(tmp_path, table_dir, device):
     """The config the tables serve a shape before the tune (a neighbour's entry, or its bucket's own) is timed with
     the candidates and is what they must beat: where it wins, a neighbour's config is written into the shape's
@@ -571,11 +582,7 @@ def test_tune_keeps_the_config_the_table_served_where_it_wins(tmp_path, table_di
     as it is (bench/NOTES.md, session 52); where a candidate beats it by the margin, the candidate is written."""
     if device == "cuda":
         pytest.skip("the fake timer stands in for the interpreter's wall clock; on a GPU, tune times for real")
-    x, w = torch.randn(20, 48, dtype=torch.bfloat16), torch.randn(100, 48, dtype=torch.bfloat16)
-    route = "tma" if _takes_descriptors(x, w) else "pointers"
-    own = tables.table_key(20, 100, 48)
-    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {route: {own: _entry(A)}}}}})
-    tables.tuned_table.cache_clear()
+    route, own = _shipped_a_at_20x48x100(table_dir)
     shapes = tmp_path / "shapes.txt"
     shapes.write_text("20, 48, 100\n20, 48, 140\n")  # the entry's own bucket (128 features), a neighbour (192)
 
@@ -617,11 +624,7 @@ def test_tune_missing_times_only_the_buckets_the_table_lacks(tmp_path, table_dir
         args = argparse.Namespace(kernel="fwd", dtype="bf16", shapes=str(shapes), out=str(out), missing=True)
         return tune.run(args, timer=fake_timer)
 
-    x, w = torch.randn(20, 48, dtype=torch.bfloat16), torch.randn(100, 48, dtype=torch.bfloat16)
-    route = "tma" if _takes_descriptors(x, w) else "pointers"
-    shipped = tables.table_key(20, 100, 48)
-    _write(table_dir, {"triton-interpreter": {"fwd": {"bf16": {route: {shipped: _entry(A)}}}}})
-    tables.tuned_table.cache_clear()
+    route, _ = _shipped_a_at_20x48x100(table_dir)
     out = tmp_path / "out"
     written = run("20, 48, 100\n20, 48, 140\n", out)  # 100 and 140 features: buckets 128 and 192
     rows = json.loads(written["timings"].read_text())["rows"]
