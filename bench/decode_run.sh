@@ -40,12 +40,15 @@ for step in "$@"; do  # every step's form checked before the first runs
 done
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/tune"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
 # the GPU's table name as fused_tp names it (on the CPU with TRITON_INTERPRET=1: the interpreter's, a check of this
-# script, with SHAPES=tiny for tune: a preset in place of decode-buckets or small)
-slug=$(python3 -c "import torch; from fused_tp.kernels import plan, tables
-print(tables.gpu_slug(plan.device(torch.cuda.current_device() if torch.cuda.is_available() else -1).gpu))")
+# script, with SHAPES=tiny for tune: a preset in place of decode-buckets or small), and the versions, from one Python
+# (each import of torch costs seconds on a small CPU: tests/test_tune.py runs this script eight times)
+info=$(python3 -c "import torch, triton; from fused_tp.kernels import plan, tables
+print(tables.gpu_slug(plan.device(torch.cuda.current_device() if torch.cuda.is_available() else -1).gpu))
+print('torch', torch.__version__, 'triton', triton.__version__)")
+slug=${info%%$'\n'*}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  echo "${info#*$'\n'}"; } | tee "$OUT/env.txt"
 table=fused_tp/kernels/tuned/$slug.json
 before=$(mktemp)  # the table as the call found it, which compare: steps measure the call's changes against
 if [ -f "$table" ]; then cp "$table" "$before"; else echo '{"format": 1, "gpus": {}}' > "$before"; fi
