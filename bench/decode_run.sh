@@ -120,7 +120,10 @@ EOF
     # Entries serve a log2 step from their bucket at most: on the H100, with no reach, the grid's bf16 grad_input
     # entries ran the launches they took within one step at 0.88x their time before (88 launches) and the farther
     # ones at 1.02x (26, 8 of them over 5% slower: Llama shards 6144-8192 wide); fp16's farther ones gained (0.87x
-    # over 59), which one reach for both dtypes leaves out (session 52).
+    # over 59), which one reach for both dtypes leaves out (session 52). Widening a dtype's entries afterwards is a
+    # table edit and a compare_tables.py --pin against the table before it: on the H100 fp16's, with no reach, then
+    # ran 49 launches at 0.854x their time before (after 8 pins), bf16's at 0.985x over 13 (after 12 pins: not kept;
+    # attempts 120-121).
     grid) tune "$arg" "$dtype" grid --shapes "${SHAPES:-grid}" --missing --reach 1.0 ;;
     compare)
       python3 bench/compare_tables.py --old "$before" --product "$arg" --dtype "$dtype" ${SHAPES:+--shapes $SHAPES} --pin \
