@@ -3,9 +3,9 @@
 # device call (on the H100 a dtype's every decode bucket took about 300 s of tuning and the bench about 190 s:
 # bench/NOTES.md, attempt 80; split the steps over calls to stay within a call's 10 minutes). Each tune starts from
 # the tree's table for this GPU, adds or replaces what it timed and writes the table back into the tree
-# (fused_tp/kernels/tuned/<gpu>.json), so the next step and the bench use it; the table, the tune's timings and logs
-# and the bench's files go to $OUT/results.tgz (the device's fetch takes at most 8 files). Copy the table back into
-# your tree between calls.
+# (fused_tp/kernels/tuned/<gpu>.json), so the next step and the bench use it; the table, the tune's timings (gzipped,
+# as bench/results/<gpu>/tune/ keeps them) and logs and the bench's files go to $OUT/results.tgz (the device's fetch
+# takes at most 8 files). Copy the table back into your tree between calls.
 #   bash bench/decode_run.sh STEP [STEP ...]
 #     tune:bf16:1,4,8,16      tune --missing over the decode-buckets preset's shapes of those token counts
 #     retime:bf16:32,64,128   the same shapes, every bucket timed again whether it has an entry or not (after
@@ -60,9 +60,11 @@ tune() {  # tune KERNEL DTYPE TAG [tune args]: the tune with the tree's table in
     | grep -Ev 'config/s\]|s/config\]' > "$OUT/tune/tune_${kernel}_${dtype}_$tag.log"
   tail -2 "$OUT/tune/tune_${kernel}_${dtype}_$tag.log"
   [ -f "$work/$slug.json" ] && cp "$work/$slug.json" "$table" && cp "$table" "$OUT/"
-  for f in "$work"/timings_"$kernel"_"$dtype".json "$work"/tune_"$kernel"_"$dtype".png; do
-    [ -f "$f" ] && b=$(basename "$f") && cp "$f" "$OUT/tune/${b%_"$dtype".*}_${dtype}_$tag.${b##*.}"
-  done
+  # the timings gzipped, as the tree keeps them (about 14x smaller: the tree travels to the device within 64 MiB)
+  [ -f "$work/timings_${kernel}_$dtype.json" ] && gzip -9nc "$work/timings_${kernel}_$dtype.json" \
+    > "$OUT/tune/timings_${kernel}_${dtype}_$tag.json.gz"
+  [ -f "$work/tune_${kernel}_$dtype.png" ] && cp "$work/tune_${kernel}_$dtype.png" \
+    "$OUT/tune/tune_${kernel}_${dtype}_$tag.png"
 }
 for step in "$@"; do
   IFS=: read -r what dtype arg <<< "$step"
@@ -72,7 +74,7 @@ for step in "$@"; do
     retime) tune fwd "$dtype" "retime-${arg//,/-}" --shapes "${SHAPES:-decode-buckets}" --tokens ${arg//,/ } ;;
     retune)
       python3 - "$slug" "$dtype" "$arg" "$OUT" > "$OUT/retune_$dtype.txt" <<'EOF'
-import glob, json, sys
+import glob, gzip, json, sys
 from fused_tp.kernels import tables
 slug, dtype, below, out = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 bench = json.load(open(f"bench/results/{slug}/bench_linear_{dtype}_decode.json"))
@@ -80,8 +82,8 @@ have = set().union(*(v for k, v in tables.tuned_table(bench["env"]["gpu"]).items
 # the buckets a tune with the pinned-split stage timed already (this call's timings, or the tree's; the stage's own
 # rows mark the files written before their env said so), whose entries a re-tune would only time again
 split_era = set()
-for f in glob.glob(f"bench/results/{slug}/tune/timings_fwd_{dtype}*.json") + glob.glob(f"{out}/tune/timings_fwd_{dtype}_*.json"):
-    timings = json.load(open(f))
+for f in glob.glob(f"bench/results/{slug}/tune/timings_fwd_{dtype}*.json.gz") + glob.glob(f"{out}/tune/timings_fwd_{dtype}_*.json.gz"):
+    timings = json.load(gzip.open(f))
     rows = timings["rows"]
     if "splits_timed" in timings["env"] or any(r.get("stage") == "split" for r in rows):
         split_era |= {tables.bucket_of(r["M"], r["N"], r["K"]) for r in rows if r["product"] == "fwd"}

@@ -4,6 +4,7 @@ timer, its table then driving the kernels' first call; bench/decode_run.sh's ste
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import pathlib
@@ -694,14 +695,14 @@ def test_tune_pins_a_split_only_where_one_beats_the_rule_s_split(tmp_path, table
 def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_timed(tmp_path, device):
     """bench/decode_run.sh, the device sessions' decode workflow, run as they run it (a copy of the repository, on the
     CPU under the interpreter, SHAPES=tiny): a tune: step writes the table into the tree it runs in and its timings,
-    which name the splits they time, into the call's archive; a retune: step of the same call leaves out the bucket
-    that tune timed with the pinned-split stage, a later call whose tree lacks those timings tunes it again, and once
-    they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83); a retime: step times a
-    bucket that has an entry again, where tune: skips it (attempt 104); a stale: step times again the buckets whose
-    entries were not timed from CUDA graphs, and only those (session 40); a small: step tunes grad_input for the
-    buckets of its preset that have no entry (attempt 114), entries of a limited reach (session 51), and a compare: step
-    then times the launches whose config the call changed, with both tables. A malformed step is refused before any
-    step runs."""
+    which name the splits they time, gzipped as the tree keeps them, into the call's archive; a retune: step of the same
+    call leaves out the bucket that tune timed with the pinned-split stage, a later call whose tree lacks those timings
+    tunes it again, and once they are copied into the tree it leaves the bucket out again (bench/NOTES.md, attempt 83);
+    a retime: step times a bucket that has an entry again, where tune: skips it (attempt 104); a stale: step times again
+    the buckets whose entries were not timed from CUDA graphs, and only those (session 40); a small: step tunes
+    grad_input for the buckets of its preset that have no entry (attempt 114), entries of a limited reach (session 51),
+    and a compare: step then times the launches whose config the call changed, with both tables. A malformed step is
+    refused before any step runs."""
     if device == "cuda":
         pytest.skip("on a GPU the script tunes for real, minutes a step")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -737,7 +738,7 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     assert first.returncode == 0, first.stderr
     (entry,) = json.loads(table.read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]["tma"].values()
     assert entry["shape_MKN"] == [33, 40, 17]
-    timings = json.loads(files["./tune/timings_fwd_bf16_decode-33.json"])
+    timings = json.loads(gzip.decompress(files["./tune/timings_fwd_bf16_decode-33.json.gz"]))
     assert timings["env"]["splits_timed"] == list(tune.SPLITS_TIMED)
     assert files["./retune_bf16.txt"] == b""
     assert "retune: no row below 0.92" in first.stdout
@@ -745,10 +746,10 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     second, files = call("retune:bf16:0.92")
     assert second.returncode == 0, second.stderr
     assert files["./retune_bf16.txt"] == b"33,40,17\n"
-    assert "./tune/timings_fwd_bf16_retune.json" in files
+    assert "./tune/timings_fwd_bf16_retune.json.gz" in files
 
     (results / "tune").mkdir()
-    (results / "tune" / "timings_fwd_bf16_decode-33.json").write_text(json.dumps(timings))
+    (results / "tune" / "timings_fwd_bf16_decode-33.json.gz").write_bytes(gzip.compress(json.dumps(timings).encode()))
     third, files = call("retune:bf16:0.92")
     assert third.returncode == 0, third.stderr
     assert files["./retune_bf16.txt"] == b""
@@ -756,8 +757,8 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     # once the bucket has an entry, tune: skips it and retime: (after the space grew) times it again
     fourth, files = call("tune:bf16:33", "retime:bf16:33")
     assert fourth.returncode == 0, fourth.stderr
-    assert "./tune/timings_fwd_bf16_decode-33.json" not in files
-    retimed = json.loads(files["./tune/timings_fwd_bf16_retime-33.json"])
+    assert "./tune/timings_fwd_bf16_decode-33.json.gz" not in files
+    retimed = json.loads(gzip.decompress(files["./tune/timings_fwd_bf16_retime-33.json.gz"]))
     assert {(r["M"], r["K"], r["N"]) for r in retimed["rows"]} == {(33, 40, 17)}
     (entry,) = json.loads(table.read_text())["gpus"]["triton-interpreter"]["fwd"]["bf16"]["tma"].values()
     assert entry["shape_MKN"] == [33, 40, 17]
@@ -767,7 +768,7 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     fifth, files = call("stale:bf16")
     assert fifth.returncode == 0, fifth.stderr
     assert files["./stale_bf16.txt"] == b"33,40,17\n"
-    stale = json.loads(files["./tune/timings_fwd_bf16_stale.json"])
+    stale = json.loads(gzip.decompress(files["./tune/timings_fwd_bf16_stale.json.gz"]))
     assert {(r["M"], r["K"], r["N"]) for r in stale["rows"]} == {(33, 40, 17)}
     tuned = json.loads(table.read_text())
     for entry in tuned["gpus"]["triton-interpreter"]["fwd"]["bf16"]["tma"].values():
@@ -794,7 +795,7 @@ def test_decode_run_tunes_into_its_tree_and_retunes_only_what_no_split_stage_tim
     entries = [e for route in tuned["dgrad"]["bf16"].values() for e in route.values()]
     assert sorted(e["shape_MKN"] for e in entries) == sorted(map(list, shapes.PRESETS["tiny"]))
     assert all(e["reach"] == 1.6 for e in entries)  # kept from the shapes far from them (session 51)
-    small = json.loads(files["./tune/timings_dgrad_bf16_small.json"])
+    small = json.loads(gzip.decompress(files["./tune/timings_dgrad_bf16_small.json.gz"]))
     assert {(r["product"], r["M"], r["K"], r["N"]) for r in small["rows"]} == {
         ("dgrad", *s) for s in shapes.PRESETS["tiny"]
     }
