@@ -2,6 +2,8 @@
 skipped), and the test does what the all-reduce would. Column shards concatenated, and row partial sums with the
 bias once, equal the dense layer; gradients likewise. tests/test_dist.py runs the same with real collectives."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -38,6 +40,14 @@ def _leaf(t):
     return None if t is None else t.detach().clone().requires_grad_()
 
 
+def _ranks_of(world):
+    """The simulated ranks as ranks of one group of `world`. The Functions get world 1 (no collective) and no group,
+    which alone would make each rank its group's only one (autograd._alone): a rank with no replica to match, whose
+    row bias may take its gradient from the weight gradient's launch, in an order that follows its shard's width. A
+    rank of a larger group takes it from the column-sum kernel, the same bits on every rank; so do these."""
+    return mock.patch.object(fused_tp.autograd, "_alone", lambda group, _: world == 1)
+
+
 @given(world=worlds, M=dims, K=dims, N=dims, dtype=dtypes, has_bias=st.booleans(), seed=seeds)
 @example(world=4, M=5, K=7, N=3, dtype=torch.bfloat16, has_bias=True, seed=0)  # a rank with no output features
 def test_column_shards_equal_dense(device, world, M, K, N, dtype, has_bias, seed):
@@ -67,6 +77,7 @@ def test_column_shards_equal_dense(device, world, M, K, N, dtype, has_bias, seed
 
 @given(world=worlds, M=dims, K=dims, N=dims, dtype=dtypes, has_bias=st.booleans(), seed=seeds)
 @example(world=3, M=4, K=2, N=5, dtype=torch.float16, has_bias=True, seed=0)  # a rank with no input features
+@example(world=2, M=5, K=1, N=1, dtype=torch.float32, has_bias=True, seed=0)  # its bias gradient's bits (session 56)
 def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, seed):
     x, w, b, grad_y = _dense(M, K, N, dtype, has_bias, device, seed)
     partials, gxs, gws, gbs = [], [], [], []
@@ -74,8 +85,9 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
         x_r = _leaf(torch.tensor_split(x, world, 1)[rank])
         w_r = _leaf(torch.tensor_split(w, world, 1)[rank])
         b_r = _leaf(b)
-        p_r = _RowParallelLinear.apply(x_r, w_r, b_r, None, 1, rank, False)
-        p_r.backward(grad_y)
+        with _ranks_of(world):
+            p_r = _RowParallelLinear.apply(x_r, w_r, b_r, None, 1, rank, False)
+            p_r.backward(grad_y)
         partials.append(p_r.detach())
         gxs.append(x_r.grad)
         gws.append(w_r.grad)
@@ -111,6 +123,7 @@ def test_row_partial_sums_equal_dense(device, world, M, K, N, dtype, has_bias, s
 @example(world=4, M=5, K=7, F=3, dtype=torch.bfloat16, has_bias=True, activation="gelu", seed=0)  # an empty shard
 @example(world=3, M=4, K=9, F=7, dtype=torch.float32, has_bias=True, activation="swiglu", seed=0)  # uneven pairs
 @example(world=2, M=6, K=8, F=5, dtype=torch.bfloat16, has_bias=True, activation="geglu_tanh", seed=1)  # Gemma's gate
+@example(world=2, M=5, K=2, F=1, dtype=torch.float32, has_bias=True, activation="gelu", seed=0)  # fc2's bias gradient
 def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, activation, seed):
     """ParallelMLP's autograd graph (activation and its derivative in the kernels' epilogues): the ranks' output partial
     sums, with fc2's bias once, and their gradients equal the dense Linear -> activation -> Linear. SwiGLU's fc1 has
@@ -128,8 +141,9 @@ def test_fused_mlp_shards_equal_dense(device, world, M, K, F, dtype, has_bias, a
         x_r, b2_r = _leaf(x), _leaf(b2)
         w1_r, w2_r = _leaf(rows(w1, rank)), _leaf(torch.tensor_split(w2, world, 1)[rank])
         b1_r = _leaf(rows(b1, rank))
-        p_r = _mlp_graph(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation, None)
-        p_r.backward(grad_y)
+        with _ranks_of(world):
+            p_r = _mlp_graph(x_r, w1_r, b1_r, w2_r, b2_r, None, 1, rank, activation, None)
+            p_r.backward(grad_y)
         y = p_r.detach() if y is None else y + p_r.detach()  # what the forward's all-reduce does
         grad_x = x_r.grad if grad_x is None else grad_x + x_r.grad  # and the backward's
         gw1.append(w1_r.grad)
